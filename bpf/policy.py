@@ -1,0 +1,42 @@
+"""PodPolicy: one pod's interception rules, as the datapath needs them.
+
+The daemon builds a PodPolicy from a pod's annotations (istio-iptables is the
+oracle for their meaning) and ``maps`` encodes it into ``struct mb_pod_config``.
+It is deliberately library-free: CIDRs arrive already packed as 16-byte
+IPv6 (IPv4 as ``::ffff:a.b.c.d``) with a prefix length over 128 bits.
+
+Decision order, the same as istio-iptables' ISTIO_OUTPUT chain:
+
+outbound (an app's connect from this pod):
+  1. port in exclude_outbound_ports          -> not redirected
+  2. destination in exclude_outbound_cidrs   -> not redirected
+  3. port in include_outbound_ports          -> redirected (regardless of IP)
+  4. include_outbound_all, or destination in include_outbound_cidrs -> redirected
+  5. otherwise                               -> not redirected
+
+inbound (a connection to this pod's port P):
+  1. P == 15008 or P in exclude_inbound_ports (only consulted with "*") -> not redirected
+  2. include_inbound_all                     -> redirected
+  3. P in include_inbound_ports              -> redirected
+  4. otherwise                               -> not redirected
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: a CIDR as (16-byte network address, prefix length 0..128)
+Cidr = tuple[bytes, int]
+
+
+@dataclass(frozen=True)
+class PodPolicy:
+    include_inbound_all: bool = True
+    include_inbound_ports: frozenset[int] = field(default_factory=frozenset)
+    exclude_inbound_ports: frozenset[int] = field(default_factory=frozenset)
+    include_outbound_all: bool = True
+    include_outbound_cidrs: tuple[Cidr, ...] = ()
+    exclude_outbound_cidrs: tuple[Cidr, ...] = ()
+    include_outbound_ports: frozenset[int] = field(default_factory=frozenset)
+    exclude_outbound_ports: frozenset[int] = field(default_factory=frozenset)
+    #: the sidecar's status/health port, never captured inbound (0: none)
+    status_port: int = 0
