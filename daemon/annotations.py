@@ -1,0 +1,336 @@
+"""Pod -> (is it in the mesh?, its interception policy): pure functions.
+
+Two questions are answered here, from a pod in Kubernetes JSON (camelCase)
+form and the chosen mesh row (``merbridge.bpf.mesh``):
+
+* ``mesh_membership`` -- should merbridge intercept this pod at all?  For
+  Istio it follows istio-cni's checks (cni/pkg/plugin/plugin.go), with one
+  deliberate difference, see below.
+* ``pod_policy`` -- which ports and CIDRs to redirect, from the
+  ``traffic.sidecar.istio.io/*`` annotations, with istio-iptables as the
+  oracle for their meaning (an annotation means here exactly what the
+  equivalent iptables rule set would do).
+
+The istio-init difference: istio-cni skips a pod that carries an
+``istio-init`` init container, because istio-init already programs the same
+iptables rules and programming them twice would break the pod.  Merbridge
+does not program iptables at all: its eBPF hooks rewrite the connection
+before netfilter sees it, and istio-init's rules then see 127.0.0.1 and
+RETURN.  Skipping those pods would leave the most common Istio installation
+(init-container mode) with no acceleration, which is the opposite of the
+point, so such pods ARE enrolled (the reason string says iptables is also
+present).
+
+Errors: a malformed annotation raises ``AnnotationError`` naming the
+annotation and the value; a CNI ADD then fails, as it does with istio-cni.
+Lists longer than the datapath can hold are an error too, never truncated.
+netaddr is imported here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import netaddr
+
+from merbridge.bpf.mesh import Mesh
+from merbridge.bpf.policy import Cidr, PodPolicy
+
+# Sizes of the per-pod lists in struct mb_pod_config.
+# TODO(H1a): import these from merbridge.bpf.types once the datapath defines
+# them; until then this is the one place they are written in Python.
+try:  # pragma: no cover - depends on the teammate's module landing
+    from merbridge.bpf.types import MAX_CIDRS, MAX_PORTS  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    MAX_PORTS = 32
+    MAX_CIDRS = 16
+
+PREFIX = "traffic.sidecar.istio.io/"
+INCLUDE_OUTBOUND_IP_RANGES = PREFIX + "includeOutboundIPRanges"
+EXCLUDE_OUTBOUND_IP_RANGES = PREFIX + "excludeOutboundIPRanges"
+INCLUDE_INBOUND_PORTS = PREFIX + "includeInboundPorts"
+EXCLUDE_INBOUND_PORTS = PREFIX + "excludeInboundPorts"
+INCLUDE_OUTBOUND_PORTS = PREFIX + "includeOutboundPorts"
+EXCLUDE_OUTBOUND_PORTS = PREFIX + "excludeOutboundPorts"
+STATUS_PORT = "status.sidecar.istio.io/port"
+INJECT = "sidecar.istio.io/inject"
+STATUS = "sidecar.istio.io/status"
+INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
+
+#: interception modes Istio accepts; merbridge implements only REDIRECT
+_ISTIO_MODES = ("REDIRECT", "TPROXY", "NONE")
+
+#: Kuma and OSM name the same knobs differently; Linkerd reuses Istio's names
+#: (as upstream merbridge does).  Only the names differ, the syntax is shared.
+_ALIASES: dict[str, dict[str, str]] = {
+    "kuma": {
+        EXCLUDE_INBOUND_PORTS: "traffic.kuma.io/exclude-inbound-ports",
+        EXCLUDE_OUTBOUND_PORTS: "traffic.kuma.io/exclude-outbound-ports",
+    },
+    "osm": {
+        STATUS_PORT: "openservicemesh.io/port",
+        EXCLUDE_INBOUND_PORTS: "openservicemesh.io/inbound-port-exclusion-list",
+        EXCLUDE_OUTBOUND_PORTS: "openservicemesh.io/outbound-port-exclusion-list",
+        INCLUDE_INBOUND_PORTS: "openservicemesh.io/inbound-port-inclusion-list",
+        INCLUDE_OUTBOUND_PORTS: "openservicemesh.io/outbound-port-inclusion-list",
+        EXCLUDE_OUTBOUND_IP_RANGES: "openservicemesh.io/outbound-ip-range-exclusion-list",
+        INCLUDE_OUTBOUND_IP_RANGES: "openservicemesh.io/outbound-ip-range-inclusion-list",
+    },
+}
+
+#: opt-out switches of the other meshes: (key, values meaning "off")
+_OPT_OUT: dict[str, tuple[str, frozenset[str]]] = {
+    "linkerd": ("linkerd.io/inject", frozenset({"disabled"})),
+    "kuma": ("kuma.io/sidecar-injection", frozenset({"disabled", "false"})),
+    "osm": ("openservicemesh.io/sidecar-injection", frozenset({"disabled", "false", "no", "off"})),
+}
+
+
+class AnnotationError(ValueError):
+    """An annotation value istio-iptables would reject (fails the CNI ADD)."""
+
+    def __init__(self, annotation: str, value: str, why: str):
+        super().__init__(f"invalid annotation {annotation}={value!r}: {why}")
+        self.annotation = annotation
+        self.value = value
+
+
+@dataclass(frozen=True)
+class Membership:
+    in_mesh: bool
+    reason: str
+
+
+# --------------------------------------------------------------- helpers
+
+
+def _meta(pod: dict) -> dict:
+    return pod.get("metadata") or {}
+
+
+def _annotations(pod: dict) -> dict[str, str]:
+    return _meta(pod).get("annotations") or {}
+
+
+def _labels(pod: dict) -> dict[str, str]:
+    return _meta(pod).get("labels") or {}
+
+
+def _containers(pod: dict) -> list[dict]:
+    spec = pod.get("spec") or {}
+    # native sidecars (Kubernetes >= 1.28) put the proxy in initContainers
+    return list(spec.get("containers") or []) + list(spec.get("initContainers") or [])
+
+
+def _find_container(pod: dict, name: str) -> dict | None:
+    for c in _containers(pod):
+        if c.get("name") == name:
+            return c
+    return None
+
+
+def _env(container: dict, name: str) -> str | None:
+    for e in container.get("env") or []:
+        if e.get("name") == name:
+            return e.get("value", "")
+    return None
+
+
+def parse_bool(value: str) -> bool | None:
+    """Go's strconv.ParseBool: the accepted spellings, None for anything else."""
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if value in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    return None
+
+
+def _split(value: str) -> list[str]:
+    # Istio splits on commas; we also trim blanks around each item (upstream
+    # merbridge trimmed but then parsed the untrimmed text, losing items).
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+# --------------------------------------------------------------- membership
+
+
+def mesh_membership(pod: dict, mesh: Mesh, exclude_namespaces: Iterable[str] = ()) -> Membership:
+    """Decide whether merbridge intercepts ``pod``; the reason is for logs and status.
+
+    Raises AnnotationError only for an interceptionMode value Istio itself
+    rejects (istio-cni fails the ADD for it).
+    """
+    meta = _meta(pod)
+    namespace = meta.get("namespace") or "default"
+    if namespace in set(exclude_namespaces):
+        return Membership(False, f"namespace {namespace} is excluded")
+    sidecar = _find_container(pod, mesh.sidecar_container)
+    if mesh.name != "istio":
+        return _other_mesh_membership(pod, mesh, sidecar)
+
+    annotations, labels = _annotations(pod), _labels(pod)
+    has_init = _find_container(pod, "istio-init") is not None
+    if sidecar is None:
+        return Membership(False, "no istio-proxy container")
+    disable = _env(sidecar, "DISABLE_ENVOY")
+    if disable is not None and parse_bool(disable) is True:
+        return Membership(False, "istio-proxy has DISABLE_ENVOY=true")
+    args = sidecar.get("args") or []
+    if len(args) >= 2 and args[0] == "proxy" and args[1] != "sidecar":
+        return Membership(False, f"proxy type is {args[1]!r}, not 'sidecar'")
+    # a present label replaces the (deprecated) annotation outright; a value
+    # ParseBool rejects is ignored, exactly as istio-cni does
+    source, values = ("label", labels) if INJECT in labels else ("annotation", annotations)
+    if parse_bool(values.get(INJECT, "")) is False:
+        return Membership(False, f"{INJECT} {source} is {values[INJECT]!r}")
+    if STATUS not in annotations:
+        return Membership(False, f"no {STATUS} annotation (not injected)")
+    mode = annotations.get(INTERCEPTION_MODE, "REDIRECT").strip()
+    if mode not in _ISTIO_MODES:
+        raise AnnotationError(INTERCEPTION_MODE, mode, f"expected one of {', '.join(_ISTIO_MODES)}")
+    if mode != "REDIRECT":
+        return Membership(False, f"interceptionMode {mode} is not supported by merbridge "
+                                 "(REDIRECT only); the pod keeps its iptables interception")
+    reason = "istio sidecar injected"
+    if has_init:
+        reason += " (istio-init iptables also present; eBPF redirects first)"
+    return Membership(True, reason)
+
+
+def _other_mesh_membership(pod: dict, mesh: Mesh, sidecar: dict | None) -> Membership:
+    if sidecar is None:
+        return Membership(False, f"no {mesh.sidecar_container} container")
+    key, off = _OPT_OUT[mesh.name]
+    for values in (_labels(pod), _annotations(pod)):
+        if values.get(key, "").strip().lower() in off:
+            return Membership(False, f"{key} is {values[key]!r}")
+    return Membership(True, f"{mesh.name} sidecar injected")
+
+
+# --------------------------------------------------------------- policy
+
+
+def _ports(name: str, value: str, *, wildcard: bool = False) -> tuple[bool, frozenset[int]]:
+    """Parse a port list; with ``wildcard`` a lone ``*`` means all (returns True)."""
+    if wildcard and value.strip() == "*":
+        return True, frozenset()
+    ports = []
+    for item in _split(value):
+        # strconv.ParseUint(s, 10, 16): digits only, 0..65535
+        if not item.isdigit() or int(item) > 65535:
+            raise AnnotationError(name, value, f"{item!r} is not a port number (0-65535)")
+        ports.append(int(item))
+    if len(set(ports)) > MAX_PORTS:
+        raise AnnotationError(name, value, f"{len(set(ports))} ports; at most {MAX_PORTS} are supported")
+    return False, frozenset(ports)
+
+
+def pack_cidr(network: netaddr.IPNetwork) -> Cidr:
+    """A CIDR as the datapath stores it: 16 bytes, IPv4 as ::ffff:a.b.c.d/96+n."""
+    network = network.cidr  # clear host bits, as iptables -d does
+    if network.version == 4:
+        return (network.ip.ipv6(ipv4_compatible=False).packed, 96 + network.prefixlen)
+    return (network.ip.packed, network.prefixlen)
+
+
+def _cidrs(name: str, value: str, *, wildcard: bool) -> tuple[bool, tuple[Cidr, ...]]:
+    if wildcard and value.strip() == "*":
+        return True, ()
+    networks = []
+    for item in _split(value):
+        # netip.ParsePrefix needs an explicit prefix length; so do we
+        if "/" not in item:
+            raise AnnotationError(name, value, f"{item!r} is not a CIDR (like 10.0.0.0/8)")
+        try:
+            networks.append(netaddr.IPNetwork(item))
+        except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
+            raise AnnotationError(name, value, f"{item!r} is not a CIDR: {exc}") from None
+    merged = netaddr.IPSet(networks).iter_cidrs()  # sorted, de-duplicated, merged
+    if len(merged) > MAX_CIDRS:
+        raise AnnotationError(name, value, f"{len(merged)} CIDRs; at most {MAX_CIDRS} are supported")
+    return False, tuple(pack_cidr(n) for n in merged)
+
+
+def _get(annotations: dict[str, str], mesh: Mesh, key: str) -> tuple[str, str | None]:
+    name = _ALIASES.get(mesh.name, {}).get(key, key)
+    value = annotations.get(name)
+    return name, value
+
+
+def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
+    """The pod's interception rules; raises AnnotationError on a bad value."""
+    ann = _annotations(pod)
+
+    name, value = _get(ann, mesh, STATUS_PORT)
+    status_port = mesh.status_port
+    if value is not None:
+        _, parsed = _ports(name, value)
+        if len(parsed) != 1 or "," in value:
+            raise AnnotationError(name, value, "expected a single port number (0 = none)")
+        status_port = next(iter(parsed))
+
+    # inbound: default "*" (capture every port but the exclusions)
+    name, value = _get(ann, mesh, INCLUDE_INBOUND_PORTS)
+    in_all, in_ports = _ports(name, value, wildcard=True) if value is not None else (True, frozenset())
+    name, value = _get(ann, mesh, EXCLUDE_INBOUND_PORTS)
+    _, in_excl = _ports(name, value or "")
+    defaults_in = set(mesh.default_exclude_inbound_ports) | ({status_port} if status_port else set())
+    in_excl = frozenset(in_excl | defaults_in)
+    if len(in_excl) > MAX_PORTS:
+        raise AnnotationError(name, value or "", f"{len(in_excl)} ports with the {len(defaults_in)} "
+                                                  f"defaults; at most {MAX_PORTS} are supported")
+
+    # outbound: default "*" for the ranges; the port lists add to / cut from it
+    name, value = _get(ann, mesh, INCLUDE_OUTBOUND_IP_RANGES)
+    out_all, out_cidrs = _cidrs(name, value, wildcard=True) if value is not None else (True, ())
+    name, value = _get(ann, mesh, EXCLUDE_OUTBOUND_IP_RANGES)
+    excl_all, excl_cidrs = _cidrs(name, value or "", wildcard=True)
+    if excl_all:
+        # "*" excludes every destination, v4 and v6 alike
+        excl_cidrs = ((bytes(16), 0),)
+    name, value = _get(ann, mesh, INCLUDE_OUTBOUND_PORTS)
+    _, out_ports = _ports(name, value or "")
+    name, value = _get(ann, mesh, EXCLUDE_OUTBOUND_PORTS)
+    _, out_excl = _ports(name, value or "")
+    # applied to TCP and UDP alike by the datapath, as istio-iptables does
+    out_excl = frozenset(out_excl | set(mesh.default_exclude_outbound_ports))
+    if len(out_excl) > MAX_PORTS:
+        raise AnnotationError(name, value or "", f"{len(out_excl)} ports with the defaults; "
+                                                  f"at most {MAX_PORTS} are supported")
+
+    return PodPolicy(
+        include_inbound_all=in_all,
+        include_inbound_ports=in_ports,
+        exclude_inbound_ports=in_excl,
+        include_outbound_all=out_all,
+        include_outbound_cidrs=out_cidrs,
+        exclude_outbound_cidrs=excl_cidrs,
+        include_outbound_ports=out_ports,
+        exclude_outbound_ports=out_excl,
+        status_port=status_port,
+    )
+
+
+def pod_ips(pod: dict) -> list[str]:
+    """The pod's IPs (dual stack: status.podIPs, else status.podIP), normalised."""
+    status: dict[str, Any] = pod.get("status") or {}
+    raw = [entry.get("ip", "") for entry in status.get("podIPs") or []]
+    if not raw and status.get("podIP"):
+        raw = [status["podIP"]]
+    ips = []
+    for ip in raw:
+        try:
+            text = str(netaddr.IPAddress(ip))
+        except (netaddr.AddrFormatError, ValueError, TypeError):
+            continue  # never produced by a kubelet; ignore rather than guess
+        if text not in ips:
+            ips.append(text)
+    return ips
+
+
+def pack_ip(ip: str) -> bytes:
+    """An address as every map key stores it: 16 bytes, IPv4-mapped for IPv4."""
+    addr = netaddr.IPAddress(ip)
+    if addr.version == 4:
+        addr = addr.ipv6(ipv4_compatible=False)
+    return addr.packed
