@@ -1,0 +1,526 @@
+"""The pod registry: the one place that decides and records what is enrolled.
+
+CNI mode: ``add``/``delete``/``check``/``gc``/``status`` implement the daemon
+side of the chained plugin's commands. An ADD for a pod in the mesh writes
+``mb_mark_pod_ips[key] = pod IP`` and ``mb_local_pods[ip] = policy``, opens the
+39807 marker listener in the pod netns with ``SO_MARK = key`` and attaches XDP
+to the pod's veth pair; it is all-or-nothing (an undo stack rolls back every
+step done so far). The mark key is chosen once per container, kept in the
+registry and persisted (``state.py``), so DEL removes exactly what ADD wrote.
+
+Legacy mode (``--cni-mode=false``): ``on_pod_event`` keeps ``mb_local_pods``
+equal to the in-mesh pods of the pod source. In CNI mode the same events
+re-write the policy of enrolled pods and clean up pods whose DEL never came.
+
+Collaborators are injected so that the state machine runs without root in
+unit tests: ``maps`` (``local_pods``/``mark_pod_ips`` with put/get/delete/items),
+``podnet`` (see ``PodNet``) and ``lookup(namespace, name) -> pod | None``.
+
+Errors: every failure surfaces as ``PodError(code, msg, details)`` with a CNI
+code (11 try again later, 50 not ready, 999 internal, 100+ ours); the CNI
+server turns it into the plugin's error reply.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+from merbridge.bpf.mesh import Mesh
+from merbridge.daemon import annotations
+from merbridge.daemon.state import ADDING, ENROLLED, Record, StateStore
+
+log = logging.getLogger(__name__)
+
+# CNI codes (the spec's, and ours from 100 up)
+TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50
+INTERNAL = 999
+INVALID_ANNOTATIONS = 101
+NO_POD_IP = 102
+NOT_ENROLLED = 103
+
+
+class PodError(Exception):
+    def __init__(self, code: int, msg: str, details: str = ""):
+        super().__init__(f"{msg}: {details}" if details else msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+class PodNet(Protocol):
+    """Per-pod network plumbing (``podnet.py`` in production, a fake in unit tests)."""
+
+    def open_marker(self, netns: str, key: int) -> Any: ...      # returns an object with close()
+    def marker_ok(self, marker: Any, key: int) -> bool: ...
+    def attach_xdp(self, netns: str, ifname: str) -> None: ...
+    def detach_xdp(self, netns: str, ifname: str) -> None: ...   # idempotent
+    def xdp_attached(self, netns: str, ifname: str) -> bool: ...
+    def tx_checksum_off(self, netns: str, ifname: str) -> None: ...
+    def addresses(self, netns: str, ifname: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """What a CNI request tells us about one container's attachment."""
+
+    container_id: str
+    netns: str = ""
+    ifname: str = "eth0"
+    namespace: str = ""
+    name: str = ""
+    uid: str = ""
+    ips: tuple[str, ...] = ()
+
+
+def pod_meta(pod: dict) -> tuple[str, str, str]:
+    md = pod.get("metadata") or {}
+    return md.get("namespace") or "default", md.get("name") or "", md.get("uid") or ""
+
+
+def allocate_key(container_id: str, used: set[int]) -> int:
+    """A non-zero 32-bit mark key for a container: FNV-1a of its id, probed past collisions.
+
+    Only the first choice is derived from the id; the key actually used is
+    whatever this returns, recorded and persisted, so ADD and DEL always agree
+    (upstream hashed two different strings and leaked every entry).
+    """
+    h = 0x811C9DC5
+    for b in container_id.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    for _ in range(len(used) + 1):
+        if h and h not in used:
+            return h
+        h = (h + 1) & 0xFFFFFFFF
+    raise PodError(INTERNAL, "no free mark key")  # unreachable: used is finite
+
+
+def netns_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class Registry:
+    def __init__(self, *, mesh: Mesh, maps: Any, podnet: PodNet | None,
+                 lookup: Callable[[str, str], dict | None],
+                 store: StateStore | None = None, cni_mode: bool = True,
+                 exclude_namespaces: Iterable[str] = (), hardware_checksum: bool = False,
+                 add_wait: float = 5.0, metrics: Any = None):
+        self.mesh, self.maps, self.podnet, self.lookup = mesh, maps, podnet, lookup
+        self.store, self.cni_mode = store, cni_mode
+        self.exclude_namespaces = tuple(exclude_namespaces)
+        self.hardware_checksum, self.add_wait, self.metrics = hardware_checksum, add_wait, metrics
+        self.records: dict[str, Record] = {}
+        self.markers: dict[str, Any] = {}            # container id -> open marker socket
+        self.legacy: dict[tuple[str, str], tuple[str, ...]] = {}  # (ns, name) -> ips written
+        self.ready = False
+        self._lock = threading.RLock()               # records, markers, keys, maps
+        self._ctr_locks: dict[str, threading.Lock] = {}
+        self._pod_seen = threading.Condition()
+
+    # -- helpers ---------------------------------------------------------
+    def _container_lock(self, cid: str) -> threading.Lock:
+        with self._lock:
+            return self._ctr_locks.setdefault(cid, threading.Lock())
+
+    def _save(self) -> None:
+        if self.store is not None:
+            self.store.save(self.records)
+
+    def _count(self, what: str, result: str) -> None:
+        if self.metrics is not None:
+            try:
+                self.metrics.cni_request(what, result)
+            except Exception:  # metrics never break the datapath
+                log.debug("metrics failed", exc_info=True)
+
+    def _policy(self, pod: dict):
+        try:
+            return annotations.pod_policy(pod, self.mesh)
+        except ValueError as exc:
+            ns, name, _ = pod_meta(pod)
+            raise PodError(INVALID_ANNOTATIONS, f"invalid annotations on pod {ns}/{name}",
+                           str(exc)) from exc
+
+    def _in_mesh(self, pod: dict) -> bool:
+        try:
+            return annotations.mesh_membership(pod, self.mesh, self.exclude_namespaces).in_mesh
+        except ValueError as exc:
+            ns, name, _ = pod_meta(pod)
+            raise PodError(INVALID_ANNOTATIONS, f"invalid annotations on pod {ns}/{name}",
+                           str(exc)) from exc
+
+    def _wait_for_pod(self, att: Attachment) -> dict:
+        deadline = time.monotonic() + self.add_wait
+        with self._pod_seen:
+            while True:
+                pod = self.lookup(att.namespace, att.name)
+                if pod is not None and (not att.uid or not pod_meta(pod)[2]
+                                        or pod_meta(pod)[2] == att.uid):
+                    return pod
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PodError(TRY_AGAIN_LATER, "pod not known yet",
+                                   f"{att.namespace}/{att.name} is not in the pod source "
+                                   f"after {self.add_wait:g}s")
+                self._pod_seen.wait(min(left, 0.2))
+
+    def _primary_ip(self, ips: tuple[str, ...]) -> str:
+        v4 = [ip for ip in ips if ":" not in ip]
+        return (v4 or list(ips))[0]
+
+    # -- CNI commands ----------------------------------------------------
+    def add(self, att: Attachment) -> None:
+        if not att.container_id or not att.netns:
+            raise PodError(INTERNAL, "ADD needs a container id and a netns")
+        with self._container_lock(att.container_id):
+            try:
+                self._add(att)
+            except PodError as exc:
+                self._count("add", "error")
+                log.warning("ADD %s (%s/%s) failed: %s", att.container_id, att.namespace,
+                            att.name, exc)
+                raise
+            self._count("add", "ok")
+
+    def _add(self, att: Attachment) -> None:
+        old = self.records.get(att.container_id)
+        if old is not None:
+            if old.netns == att.netns and old.ifname == att.ifname and old.phase == ENROLLED:
+                self._ensure(old)          # idempotent ADD: repair whatever is missing
+                return
+            self._withdraw(old)            # a changed attachment replaces the old one
+        pod = self._wait_for_pod(att)
+        if not self._in_mesh(pod):
+            log.info("ADD %s: pod %s/%s is not in the mesh", att.container_id,
+                     att.namespace, att.name)
+            return
+        policy = self._policy(pod)
+        ips = tuple(att.ips) or tuple(annotations.pod_ips(pod)) or tuple(
+            self.podnet.addresses(att.netns, att.ifname))
+        if not ips:
+            raise PodError(NO_POD_IP, "pod has no IP address",
+                           f"no IP in prevResult, pod status or {att.ifname} of {att.netns}")
+        rec = Record(container_id=att.container_id, netns=att.netns, ifname=att.ifname,
+                     namespace=att.namespace, name=att.name,
+                     uid=att.uid or pod_meta(pod)[2], ips=ips, phase=ADDING,
+                     netns_id=netns_id(att.netns))
+        with self._lock:
+            rec.key = allocate_key(att.container_id, self._keys_in_use())
+            self.records[rec.container_id] = rec
+            self._save()                   # the key is known before it is written anywhere
+        undo: list[Callable[[], None]] = []
+        try:
+            self._apply(rec, policy, undo)
+            with self._lock:
+                rec.phase = ENROLLED
+                self._save()
+        except Exception as exc:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception:
+                    log.exception("rollback step failed for %s", rec.container_id)
+            with self._lock:
+                self.records.pop(rec.container_id, None)
+                self.markers.pop(rec.container_id, None)
+                self._save()
+            if isinstance(exc, PodError):
+                raise
+            raise PodError(INTERNAL, f"enrolling {att.namespace}/{att.name} failed",
+                           f"{type(exc).__name__}: {exc}") from exc
+        log.info("enrolled %s/%s container %s ips %s key %#x", rec.namespace, rec.name,
+                 rec.container_id, ",".join(rec.ips), rec.key)
+
+    def _keys_in_use(self) -> set[int]:
+        used = {r.key for r in self.records.values()}
+        try:
+            used.update(int(k) for k, _ in self.maps.mark_pod_ips.items())
+        except Exception:
+            log.debug("cannot list mark_pod_ips", exc_info=True)
+        return used
+
+    def _apply(self, rec: Record, policy, undo: list) -> None:
+        """Create every piece of an enrolment, pushing its undo first-in-last-out."""
+        with self._lock:
+            self.maps.mark_pod_ips.put(rec.key, self._primary_ip(rec.ips))
+            undo.append(lambda: self._quiet(self.maps.mark_pod_ips.delete, rec.key))
+            for ip in rec.ips:
+                self.maps.local_pods.put(ip, policy)
+                undo.append(lambda ip=ip: self._quiet(self.maps.local_pods.delete, ip))
+        marker = self.podnet.open_marker(rec.netns, rec.key)
+        undo.append(marker.close)
+        self.markers[rec.container_id] = marker
+        undo.append(lambda: self.markers.pop(rec.container_id, None))
+        undo.append(lambda: self.podnet.detach_xdp(rec.netns, rec.ifname))
+        self.podnet.attach_xdp(rec.netns, rec.ifname)
+        if not self.hardware_checksum:
+            self.podnet.tx_checksum_off(rec.netns, rec.ifname)
+
+    @staticmethod
+    def _quiet(fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except KeyError:
+            pass
+
+    def _ensure(self, rec: Record, policy=None) -> None:
+        """Make an enrolled container's pieces present again (idempotent ADD, restart)."""
+        with self._lock:
+            self.maps.mark_pod_ips.put(rec.key, self._primary_ip(rec.ips))
+            for ip in rec.ips:
+                if policy is not None:
+                    self.maps.local_pods.put(ip, policy)
+                elif self.maps.local_pods.get(ip) is None:
+                    self.maps.local_pods.put(ip, self._fallback_policy(rec))
+        marker = self.markers.get(rec.container_id)
+        if marker is None or not self.podnet.marker_ok(marker, rec.key):
+            if marker is not None:
+                marker.close()
+            self.markers[rec.container_id] = self.podnet.open_marker(rec.netns, rec.key)
+        if not self.podnet.xdp_attached(rec.netns, rec.ifname):
+            self.podnet.attach_xdp(rec.netns, rec.ifname)
+        if not self.hardware_checksum:
+            self.podnet.tx_checksum_off(rec.netns, rec.ifname)
+
+    def _fallback_policy(self, rec: Record):
+        pod = self.lookup(rec.namespace, rec.name)
+        if pod is not None:
+            try:
+                return self._policy(pod)
+            except PodError:
+                log.error("pod %s/%s: bad annotations, using the mesh defaults",
+                          rec.namespace, rec.name)
+        return annotations.pod_policy({"metadata": {"namespace": rec.namespace,
+                                                    "name": rec.name}}, self.mesh)
+
+    def delete(self, att: Attachment) -> None:
+        with self._container_lock(att.container_id):
+            rec = self.records.get(att.container_id)
+            if rec is None:
+                self._count("del", "ok")
+                return                     # nothing of ours: DEL is idempotent
+            try:
+                self._withdraw(rec)
+            except PodError:
+                self._count("del", "error")
+                raise
+            self._count("del", "ok")
+
+    def _withdraw(self, rec: Record) -> None:
+        errors = []
+        marker = self.markers.pop(rec.container_id, None)
+        if marker is not None:
+            marker.close()
+        if self._same_netns(rec):
+            try:
+                self.podnet.detach_xdp(rec.netns, rec.ifname)
+            except Exception as exc:
+                if self._same_netns(rec):  # gone meanwhile: nothing left to detach
+                    errors.append(f"detach XDP in {rec.netns}: {exc}")
+        with self._lock:
+            for fn, arg in [(self.maps.mark_pod_ips.delete, rec.key)] + [
+                    (self.maps.local_pods.delete, ip) for ip in rec.ips
+                    if not self._ip_used_elsewhere(ip, rec.container_id)]:
+                try:
+                    self._quiet(fn, arg)
+                except Exception as exc:
+                    errors.append(f"delete map entry {arg}: {exc}")
+            forget = getattr(self.maps, "forget_ips", None)
+            if forget is not None:
+                try:
+                    forget(rec.ips)
+                except Exception as exc:
+                    errors.append(f"flow state of {rec.ips}: {exc}")
+            if errors:
+                raise PodError(INTERNAL, f"removing container {rec.container_id}",
+                               "; ".join(errors))
+            self.records.pop(rec.container_id, None)
+            self._save()
+        log.info("withdrew %s/%s container %s", rec.namespace, rec.name, rec.container_id)
+
+    def _ip_used_elsewhere(self, ip: str, cid: str) -> bool:
+        return any(ip in r.ips for c, r in self.records.items() if c != cid)
+
+    def _same_netns(self, rec: Record) -> bool:
+        now = netns_id(rec.netns)
+        return now is not None and (rec.netns_id is None or now == rec.netns_id)
+
+    def check(self, att: Attachment) -> None:
+        with self._container_lock(att.container_id):
+            rec = self.records.get(att.container_id)
+            if rec is None:
+                pod = self.lookup(att.namespace, att.name)
+                if pod is not None and self._in_mesh(pod):
+                    raise PodError(NOT_ENROLLED, "pod is in the mesh but not enrolled",
+                                   f"{att.namespace}/{att.name} container {att.container_id}")
+                return
+            problems = self._problems(rec)
+            if problems:
+                raise PodError(NOT_ENROLLED, f"enrolment of {rec.namespace}/{rec.name} is "
+                               "incomplete", "; ".join(problems))
+
+    def _problems(self, rec: Record) -> list[str]:
+        out = []
+        if rec.phase != ENROLLED:
+            out.append(f"phase is {rec.phase}")
+        if not self._same_netns(rec):
+            return out + [f"netns {rec.netns} is gone"]
+        if self.maps.mark_pod_ips.get(rec.key) != self._primary_ip(rec.ips):
+            out.append(f"mark_pod_ips[{rec.key:#x}] is not {self._primary_ip(rec.ips)}")
+        out += [f"local_pods has no {ip}" for ip in rec.ips
+                if self.maps.local_pods.get(ip) is None]
+        marker = self.markers.get(rec.container_id)
+        if marker is None or not self.podnet.marker_ok(marker, rec.key):
+            out.append("marker listener is not open")
+        if not self.podnet.xdp_attached(rec.netns, rec.ifname):
+            out.append(f"XDP is not attached to {rec.ifname}")
+        return out
+
+    def gc(self, valid: Iterable[tuple[str, str]]) -> None:
+        keep = {cid for cid, _ in valid}
+        errors = []
+        for cid in [c for c in list(self.records) if c not in keep]:
+            try:
+                self.delete(Attachment(container_id=cid))
+            except PodError as exc:
+                errors.append(f"{cid}: {exc}")
+        if errors:
+            raise PodError(INTERNAL, "GC could not remove everything", "; ".join(errors))
+
+    def restore(self, records: dict[str, Record]) -> None:
+        """Adopt the persisted records after a restart and rebuild what died with the
+        old process (marker sockets; XDP or map entries if they were removed).
+
+        Records whose netns is gone are withdrawn; ones left half-added by a killed
+        daemon are completed when their netns still exists (the runtime may DEL
+        them later, which is fine). Map entries no record explains are removed.
+        """
+        with self._lock:
+            self.records = dict(records)
+        for rec in list(records.values()):
+            with self._container_lock(rec.container_id):
+                try:
+                    if not self._same_netns(rec):
+                        log.info("restore: netns of %s/%s (%s) is gone", rec.namespace,
+                                 rec.name, rec.container_id)
+                        self._withdraw(rec)
+                        continue
+                    pod = self.lookup(rec.namespace, rec.name)
+                    policy = None
+                    if pod is not None:
+                        try:
+                            policy = self._policy(pod)
+                        except PodError as exc:
+                            log.error("restore: %s; keeping the pinned policy", exc)
+                    self._ensure(rec, policy)
+                    with self._lock:
+                        rec.phase = ENROLLED
+                except Exception:
+                    log.exception("restore of %s/%s (%s) failed", rec.namespace, rec.name,
+                                  rec.container_id)
+        with self._lock:
+            keys = {r.key for r in self.records.values()}
+            ips = {ip for r in self.records.values() for ip in r.ips}
+            for key, _ in list(self.maps.mark_pod_ips.items()):
+                if key not in keys:
+                    self._quiet(self.maps.mark_pod_ips.delete, key)
+            for ip, _ in list(self.maps.local_pods.items()):
+                if ip not in ips:
+                    self._quiet(self.maps.local_pods.delete, ip)
+            self._save()
+
+    def shutdown(self) -> None:
+        """Close every marker listener and detach every XDP program; the records
+        stay on disk so the next daemon re-enrols the pods that still run."""
+        self.ready = False
+        for cid, rec in list(self.records.items()):
+            with self._container_lock(cid):
+                marker = self.markers.pop(cid, None)
+                if marker is not None:
+                    marker.close()
+                if self._same_netns(rec):
+                    try:
+                        self.podnet.detach_xdp(rec.netns, rec.ifname)
+                    except Exception:
+                        log.exception("detach XDP of %s", cid)
+
+    def status(self) -> None:
+        if not self.ready:
+            raise PodError(NOT_AVAILABLE, "merbridge daemon is not ready")
+
+    # -- pod source events -------------------------------------------------
+    def on_pod_event(self, event: str, pod: dict) -> None:
+        with self._pod_seen:
+            self._pod_seen.notify_all()
+        try:
+            if self.cni_mode:
+                self._cni_event(event, pod)
+            else:
+                self._legacy_event(event, pod)
+        except Exception:
+            log.exception("pod event %s for %s/%s failed", event, *pod_meta(pod)[:2])
+
+    def _matching(self, pod: dict) -> list[Record]:
+        ns, name, uid = pod_meta(pod)
+        return [r for r in self.records.values() if r.namespace == ns and r.name == name
+                and (not uid or not r.uid or r.uid == uid)]
+
+    def _cni_event(self, event: str, pod: dict) -> None:
+        for rec in self._matching(pod):
+            if event == "DELETED":
+                self.delete(Attachment(container_id=rec.container_id))
+            elif rec.phase == ENROLLED:
+                try:
+                    policy = self._policy(pod)
+                except PodError as exc:
+                    log.error("%s; keeping the previous policy", exc)
+                    continue
+                with self._lock:
+                    for ip in rec.ips:
+                        if self.maps.local_pods.get(ip) != policy:
+                            self.maps.local_pods.put(ip, policy)
+
+    def _legacy_event(self, event: str, pod: dict) -> None:
+        ns, name, _ = pod_meta(pod)
+        ips: tuple[str, ...] = ()
+        policy = None
+        try:
+            if event != "DELETED" and self._in_mesh(pod):
+                ips = tuple(annotations.pod_ips(pod))
+                policy = self._policy(pod)
+        except PodError as exc:
+            log.error("%s; leaving the pod as it is", exc)
+            return
+        with self._lock:
+            old = self.legacy.get((ns, name), ())
+            for ip in old:
+                if ip not in ips:
+                    self._quiet(self.maps.local_pods.delete, ip)
+            for ip in ips:
+                if self.maps.local_pods.get(ip) != policy:
+                    self.maps.local_pods.put(ip, policy)
+            if ips:
+                self.legacy[(ns, name)] = ips
+            else:
+                self.legacy.pop((ns, name), None)
+
+    def resync_legacy(self, pods: Iterable[dict]) -> None:
+        """Make mb_local_pods exactly the in-mesh pods of a full snapshot."""
+        seen = set()
+        for pod in pods:
+            seen.add(pod_meta(pod)[:2])
+            self._legacy_event("ADDED", pod)
+        wanted = {ip for ips in self.legacy.values() for ip in ips}
+        with self._lock:
+            for key in [k for k in self.legacy if k not in seen]:
+                for ip in self.legacy.pop(key):
+                    self._quiet(self.maps.local_pods.delete, ip)
+            for ip, _ in list(self.maps.local_pods.items()):
+                if ip not in wanted:
+                    self._quiet(self.maps.local_pods.delete, ip)

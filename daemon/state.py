@@ -1,0 +1,130 @@
+"""The daemon's persisted record of enrolled containers.
+
+The pinned maps survive a daemon restart, but the facts needed to undo or
+rebuild an enrolment do not live in them: which mark key belongs to which
+container, which netns and interface it was attached in, and which pod it is.
+This module keeps those facts in one JSON file in the state directory
+(``--state-dir``, default ``/var/run/merbridge``), written atomically
+(temporary file, fsync, rename) so that a ``kill -9`` at any moment leaves
+either the old or the new file, never half of one.
+
+A record is written *before* the first kernel object of an ADD is created
+(``phase="adding"``) and switched to ``"enrolled"`` when the ADD is complete,
+so a restarted daemon knows every mark key it may have handed out.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "enrolled.json"
+FORMAT_VERSION = 1
+
+ADDING = "adding"
+ENROLLED = "enrolled"
+
+
+@dataclass
+class Record:
+    """One container enrolled (or being enrolled) by a CNI ADD."""
+
+    container_id: str
+    netns: str
+    ifname: str
+    namespace: str
+    name: str
+    uid: str = ""
+    ips: tuple[str, ...] = ()
+    #: key of the pod's entry in mb_mark_pod_ips, and the SO_MARK of its 39807 listener
+    key: int = 0
+    phase: str = ADDING
+    #: (st_dev, st_ino) of the netns file at ADD time: a reused path is not the same pod
+    netns_id: tuple[int, int] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["ips"] = list(self.ips)
+        data["netns_id"] = list(self.netns_id) if self.netns_id else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Record:
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["ips"] = tuple(kwargs.get("ips") or ())
+        nid = kwargs.get("netns_id")
+        kwargs["netns_id"] = tuple(nid) if nid else None
+        rec = cls(**kwargs)
+        if not rec.container_id or not isinstance(rec.key, int):
+            raise ValueError(f"bad state record {data!r}")
+        return rec
+
+
+class StateStore:
+    """The state file in ``state_dir``: load() once at start, save() after each change."""
+
+    def __init__(self, state_dir: str | os.PathLike):
+        self.dir = Path(state_dir)
+        self.path = self.dir / STATE_FILE
+
+    def load(self) -> dict[str, Record]:
+        """Records by container id; a missing file is an empty state.
+
+        A file that cannot be parsed is moved aside (``.corrupt``) rather than
+        trusted or silently overwritten, and the daemon starts empty: the
+        reconcile pass then rebuilds what it can from the pod source.
+        """
+        try:
+            raw = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            data = json.loads(raw)
+            if data.get("version") != FORMAT_VERSION:
+                raise ValueError(f"unknown state format {data.get('version')!r}")
+            records = [Record.from_json(r) for r in data.get("containers", [])]
+        except (ValueError, TypeError, AttributeError) as exc:
+            aside = self.path.with_suffix(".corrupt")
+            log.error("state file %s is unreadable (%s); moved to %s", self.path, exc, aside)
+            os.replace(self.path, aside)
+            return {}
+        return {r.container_id: r for r in records}
+
+    def save(self, records: dict[str, Record]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        body = json.dumps(
+            {"version": FORMAT_VERSION,
+             "containers": [records[c].to_json() for c in sorted(records)]},
+            indent=1, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(prefix=".enrolled.", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        # make the rename itself durable
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def remove(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,505 @@
+"""The pod registry's state machine against in-memory maps and a fake podnet.
+
+Everything the registry writes is observable here: the dict-backed maps, the
+fake podnet's open listeners and XDP attachments, and the state file.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from merbridge.bpf.mesh import MESHES
+from merbridge.bpf.policy import PodPolicy
+from merbridge.daemon import annotations
+from merbridge.daemon.pods import (INTERNAL, INVALID_ANNOTATIONS, NOT_AVAILABLE, NOT_ENROLLED,
+                                   TRY_AGAIN_LATER, Attachment, PodError, Registry,
+                                   allocate_key)
+from merbridge.daemon.state import ENROLLED, StateStore
+
+ISTIO = MESHES["istio"]
+
+
+class FakeMap:
+    def __init__(self):
+        self.d = {}
+
+    def put(self, k, v):
+        self.d[k] = v
+
+    def get(self, k):
+        return self.d.get(k)
+
+    def delete(self, k):
+        del self.d[k]
+
+    def items(self):
+        return list(self.d.items())
+
+
+class FakeMaps:
+    def __init__(self):
+        self.local_pods = FakeMap()
+        self.mark_pod_ips = FakeMap()
+        self.forgotten = []
+
+    def forget_ips(self, ips):
+        self.forgotten.extend(ips)
+
+
+class Marker:
+    def __init__(self, net, netns, key):
+        self.net, self.netns, self.key, self.closed = net, netns, key, False
+
+    def close(self):
+        self.closed = True
+        self.net.listeners.pop(self.netns, None)
+
+
+class FakePodNet:
+    """Per netns: one marker listener and an XDP flag; ``fail`` names a method to break."""
+
+    def __init__(self):
+        self.listeners, self.xdp, self.csum_off = {}, set(), set()
+        self.fail = None
+
+    def _maybe_fail(self, what):
+        if self.fail == what:
+            raise OSError(f"injected failure in {what}")
+
+    def open_marker(self, netns, key):
+        self._maybe_fail("open_marker")
+        if netns in self.listeners:
+            raise OSError("EADDRINUSE")
+        m = self.listeners[netns] = Marker(self, netns, key)
+        return m
+
+    def marker_ok(self, marker, key):
+        return not marker.closed and marker.key == key
+
+    def attach_xdp(self, netns, ifname):
+        self._maybe_fail("attach_xdp")
+        self.xdp.add((netns, ifname))
+
+    def detach_xdp(self, netns, ifname):
+        self.xdp.discard((netns, ifname))
+
+    def xdp_attached(self, netns, ifname):
+        return (netns, ifname) in self.xdp
+
+    def tx_checksum_off(self, netns, ifname):
+        self._maybe_fail("tx_checksum_off")
+        self.csum_off.add((netns, ifname))
+
+    def addresses(self, netns, ifname):
+        return []
+
+
+def meshed_pod(name="web", ns="default", ip="10.240.0.5", uid="u-1", ann=None):
+    return {
+        "metadata": {"name": name, "namespace": ns, "uid": uid,
+                     "annotations": {"sidecar.istio.io/status": "{}", **(ann or {})}},
+        "spec": {"containers": [{"name": "app"}, {"name": "istio-proxy",
+                                                  "args": ["proxy", "sidecar"]}]},
+        "status": {"podIP": ip, "podIPs": [{"ip": ip}]} if ip else {},
+    }
+
+
+def plain_pod(name="plain", ns="default", ip="10.240.0.9"):
+    return {"metadata": {"name": name, "namespace": ns},
+            "spec": {"containers": [{"name": "app"}]}, "status": {"podIP": ip}}
+
+
+@pytest.fixture
+def world(tmp_path):
+    pods: dict = {}
+    maps, net = FakeMaps(), FakePodNet()
+    store = StateStore(tmp_path / "state")
+    for ns in ("ns-a", "ns-b", "ns-c"):
+        (tmp_path / ns).write_text("")
+
+    def make(**kw):
+        kw.setdefault("add_wait", 0.3)
+        return Registry(mesh=ISTIO, maps=maps, podnet=net,
+                        lookup=lambda ns, name: pods.get((ns, name)), store=store, **kw)
+
+    class W:
+        pass
+    w = W()
+    w.pods, w.maps, w.net, w.store, w.make, w.dir = pods, maps, net, store, make, tmp_path
+    w.reg = make()
+    return w
+
+
+def att(w, cid="c1", netns="ns-a", name="web", ips=("10.240.0.5",), ifname="eth0"):
+    return Attachment(container_id=cid, netns=str(w.dir / netns), ifname=ifname,
+                      namespace="default", name=name, ips=tuple(ips))
+
+
+def assert_nothing_left(w):
+    assert w.maps.local_pods.d == {}
+    assert w.maps.mark_pod_ips.d == {}
+    assert w.net.listeners == {}
+    assert w.net.xdp == set()
+    assert w.reg.records == {}
+    assert w.store.load() == {}
+
+
+def test_add_enrols_everything_and_del_removes_it(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    a = att(w)
+    w.reg.add(a)
+    rec = w.reg.records["c1"]
+    assert rec.key != 0 and rec.phase == ENROLLED
+    assert w.maps.mark_pod_ips.d == {rec.key: "10.240.0.5"}
+    assert w.maps.local_pods.d == {"10.240.0.5": annotations.pod_policy(meshed_pod(), ISTIO)}
+    assert w.net.listeners[a.netns].key == rec.key
+    assert w.net.xdp == {(a.netns, "eth0")}
+    assert w.net.csum_off == {(a.netns, "eth0")}
+    assert w.store.load()["c1"].key == rec.key
+    w.reg.check(a)
+    w.reg.delete(a)
+    assert_nothing_left(w)
+    assert w.maps.forgotten == ["10.240.0.5"]
+
+
+def test_del_uses_the_key_add_chose_even_after_restart(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    w.reg.add(att(w))
+    key = w.reg.records["c1"].key
+    # a new daemon process: same pinned maps, records from the state file only
+    reg2 = w.make()
+    reg2.restore(w.store.load())
+    assert reg2.records["c1"].key == key
+    assert w.maps.mark_pod_ips.d == {key: "10.240.0.5"}
+    reg2.delete(att(w))
+    assert w.maps.mark_pod_ips.d == {} and w.maps.local_pods.d == {}
+
+
+def test_keys_are_unique_and_nonzero():
+    used = set()
+    for i in range(2000):
+        k = allocate_key(f"container-{i}", used)
+        assert k and k not in used and k <= 0xFFFFFFFF
+        used.add(k)
+    first = allocate_key("x", set())
+    assert allocate_key("x", {first}) != first
+
+
+def test_key_collision_with_a_leftover_map_entry_is_avoided(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    taken = allocate_key("c1", set())
+    w.maps.mark_pod_ips.put(taken, "10.9.9.9")
+    w.reg.add(att(w))
+    assert w.reg.records["c1"].key != taken
+
+
+def test_add_twice_is_idempotent_and_repairs(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    a = att(w)
+    w.reg.add(a)
+    key = w.reg.records["c1"].key
+    w.net.detach_xdp(a.netns, "eth0")           # something removed a piece
+    w.reg.add(a)
+    assert w.reg.records["c1"].key == key
+    assert w.net.xdp == {(a.netns, "eth0")}
+    assert len(w.maps.mark_pod_ips.d) == 1
+    w.reg.check(a)
+
+
+def test_del_of_unknown_container_succeeds(world):
+    world.reg.delete(att(world, cid="never-added"))
+    world.reg.delete(att(world, cid="never-added"))
+
+
+def test_del_twice_and_del_after_netns_gone(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    a = att(w)
+    w.reg.add(a)
+    (w.dir / "ns-a").unlink()                   # the runtime already tore the netns down
+    w.reg.delete(a)
+    w.reg.delete(a)
+    assert w.maps.local_pods.d == {} and w.maps.mark_pod_ips.d == {}
+    assert w.net.listeners == {} and w.reg.records == {}
+
+
+def test_add_of_unknown_pod_is_try_again_after_the_wait(world):
+    w = world
+    t0 = time.monotonic()
+    with pytest.raises(PodError) as exc:
+        w.reg.add(att(w))
+    assert exc.value.code == TRY_AGAIN_LATER
+    assert time.monotonic() - t0 >= 0.3
+    assert_nothing_left(w)
+
+
+def test_add_waits_for_a_pod_that_arrives_late(world):
+    w = world
+    reg = w.make(add_wait=5)
+    pod = meshed_pod()
+
+    def arrive():
+        time.sleep(0.2)
+        w.pods[("default", "web")] = pod
+        reg.on_pod_event("ADDED", pod)
+    threading.Thread(target=arrive).start()
+    reg.add(att(w))
+    assert "c1" in reg.records
+
+
+def test_add_for_a_recreated_pod_waits_for_the_new_uid(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod(uid="old")
+    a = Attachment(container_id="c1", netns=str(w.dir / "ns-a"), namespace="default",
+                   name="web", uid="new", ips=("10.240.0.5",))
+    with pytest.raises(PodError) as exc:
+        w.reg.add(a)
+    assert exc.value.code == TRY_AGAIN_LATER
+
+
+def test_pod_outside_the_mesh_is_left_alone(world):
+    w = world
+    w.pods[("default", "plain")] = plain_pod()
+    a = att(w, name="plain", ips=("10.240.0.9",))
+    w.reg.add(a)
+    assert_nothing_left(w)
+    w.reg.check(a)
+    w.reg.delete(a)
+
+
+def test_invalid_annotation_fails_add_and_writes_nothing(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod(
+        ann={"traffic.sidecar.istio.io/excludeInboundPorts": "80,notaport"})
+    with pytest.raises(PodError) as exc:
+        w.reg.add(att(w))
+    assert exc.value.code == INVALID_ANNOTATIONS
+    assert "excludeInboundPorts" in str(exc.value)
+    assert_nothing_left(w)
+
+
+@pytest.mark.parametrize("step", ["open_marker", "attach_xdp", "tx_checksum_off", "put"])
+def test_failure_at_each_step_rolls_everything_back(world, step):
+    w = world
+    w.pods[("default", "web")] = meshed_pod(ip="10.240.0.5")
+    if step == "put":
+        def broken(k, v):
+            if k == "10.240.0.6":          # the second IP: the first entries are written
+                raise OSError("map full")
+            FakeMap.put(w.maps.local_pods, k, v)
+        w.maps.local_pods.put = broken
+    else:
+        w.net.fail = step
+    with pytest.raises(PodError) as exc:
+        w.reg.add(att(w, ips=("10.240.0.5", "10.240.0.6")))
+    assert exc.value.code == INTERNAL
+    assert_nothing_left(w)
+    # and the container can be added once the fault is gone
+    w.net.fail = None
+    if step == "put":
+        del w.maps.local_pods.put
+    w.reg.add(att(w, ips=("10.240.0.5", "10.240.0.6")))
+    assert len(w.maps.local_pods.d) == 2
+
+
+def test_hardware_checksum_leaves_offload_alone(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    reg = w.make(hardware_checksum=True)
+    reg.add(att(w))
+    assert w.net.csum_off == set()
+
+
+def test_check_reports_each_missing_piece(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    a = att(w)
+    w.reg.add(a)
+    w.net.detach_xdp(a.netns, "eth0")
+    w.maps.local_pods.d.clear()
+    with pytest.raises(PodError) as exc:
+        w.reg.check(a)
+    assert exc.value.code == NOT_ENROLLED
+    assert "XDP" in exc.value.details and "local_pods" in exc.value.details
+    # CHECK for an in-mesh pod the registry never enrolled is an error too
+    with pytest.raises(PodError):
+        w.reg.check(att(w, cid="other"))
+
+
+def test_gc_removes_only_containers_not_listed(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    w.pods[("default", "api")] = meshed_pod(name="api", ip="10.240.0.7", uid="u-2")
+    w.reg.add(att(w, cid="c1"))
+    w.reg.add(att(w, cid="c2", netns="ns-b", name="api", ips=("10.240.0.7",)))
+    w.reg.gc([("c2", "eth0")])
+    assert set(w.reg.records) == {"c2"}
+    assert list(w.maps.local_pods.d) == ["10.240.0.7"]
+    assert set(w.net.listeners) == {str(w.dir / "ns-b")}
+
+
+def test_gc_keeps_going_and_reports_errors(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    w.pods[("default", "api")] = meshed_pod(name="api", ip="10.240.0.7", uid="u-2")
+    w.reg.add(att(w, cid="c1"))
+    w.reg.add(att(w, cid="c2", netns="ns-b", name="api", ips=("10.240.0.7",)))
+    real_delete = FakeMap.delete
+
+    def broken(k):
+        if k == "10.240.0.5":
+            raise OSError("EPERM")
+        real_delete(w.maps.local_pods, k)
+    w.maps.local_pods.delete = broken
+    with pytest.raises(PodError) as exc:
+        w.reg.gc([])
+    assert "c1" in exc.value.details
+    assert set(w.reg.records) == {"c1"}          # c2 was still removed
+
+
+def test_status_until_ready(world):
+    with pytest.raises(PodError) as exc:
+        world.reg.status()
+    assert exc.value.code == NOT_AVAILABLE
+    world.reg.ready = True
+    world.reg.status()
+
+
+def test_parallel_adds_and_a_del_racing_its_add(world):
+    w = world
+    for i in range(8):
+        (w.dir / f"ns-p{i}").write_text("")
+        w.pods[("default", f"p{i}")] = meshed_pod(name=f"p{i}", ip=f"10.240.1.{i}", uid=f"u{i}")
+    atts = [att(w, cid=f"c{i}", netns=f"ns-p{i}", name=f"p{i}", ips=(f"10.240.1.{i}",))
+            for i in range(8)]
+    threads = [threading.Thread(target=w.reg.add, args=(a,)) for a in atts]
+    threads += [threading.Thread(target=w.reg.delete, args=(atts[0],))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    enrolled = set(w.reg.records)
+    # c0's DEL ran before or after its ADD: either way the maps agree with the registry
+    assert enrolled >= {f"c{i}" for i in range(1, 8)}
+    assert set(w.maps.local_pods.d) == {ip for r in w.reg.records.values() for ip in r.ips}
+    assert set(w.maps.mark_pod_ips.d) == {r.key for r in w.reg.records.values()}
+    assert len(w.net.listeners) == len(enrolled)
+    assert set(w.store.load()) == enrolled
+
+
+def test_cni_mode_pod_update_rewrites_policy_and_delete_cleans_up(world):
+    w = world
+    pod = meshed_pod()
+    w.pods[("default", "web")] = pod
+    w.reg.add(att(w))
+    changed = meshed_pod(ann={"traffic.sidecar.istio.io/excludeOutboundPorts": "5432"})
+    w.reg.on_pod_event("MODIFIED", changed)
+    assert 5432 in w.maps.local_pods.d["10.240.0.5"].exclude_outbound_ports
+    bad = meshed_pod(ann={"traffic.sidecar.istio.io/excludeOutboundPorts": "x"})
+    w.reg.on_pod_event("MODIFIED", bad)          # logged; the previous policy stays
+    assert 5432 in w.maps.local_pods.d["10.240.0.5"].exclude_outbound_ports
+    w.reg.on_pod_event("DELETED", meshed_pod(uid="someone-else"))
+    assert "c1" in w.reg.records
+    w.reg.on_pod_event("DELETED", changed)       # the DEL never came
+    assert_nothing_left(w)
+
+
+def test_restore_drops_records_whose_netns_is_gone_and_stale_entries(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    w.pods[("default", "api")] = meshed_pod(name="api", ip="10.240.0.7", uid="u-2")
+    w.reg.add(att(w, cid="c1"))
+    w.reg.add(att(w, cid="c2", netns="ns-b", name="api", ips=("10.240.0.7",)))
+    key2 = w.reg.records["c2"].key
+    w.maps.mark_pod_ips.put(12345, "10.250.0.1")   # leaked by someone long ago
+    w.maps.local_pods.put("10.250.0.1", PodPolicy())
+    # kill -9: the process and its sockets die; pins and XDP stay
+    w.net.listeners.clear()
+    (w.dir / "ns-a").unlink()
+    reg2 = w.make()
+    reg2.restore(w.store.load())
+    assert set(reg2.records) == {"c2"}
+    assert w.maps.mark_pod_ips.d == {key2: "10.240.0.7"}
+    assert set(w.maps.local_pods.d) == {"10.240.0.7"}
+    assert w.net.listeners[str(w.dir / "ns-b")].key == key2
+    reg2.check(att(w, cid="c2", netns="ns-b", name="api"))
+    assert set(w.store.load()) == {"c2"}
+
+
+def test_restore_completes_a_half_done_add(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    w.net.fail = "attach_xdp"
+    # simulate a kill -9 between the state write and the XDP attach: the record
+    # is on disk as "adding" and the maps have entries
+    orig_apply = Registry._apply
+
+    def dying(self, rec, policy, undo):
+        try:
+            orig_apply(self, rec, policy, undo)
+        except OSError:
+            raise SystemExit("killed")            # no rollback runs for a killed process
+    w.reg._apply = dying.__get__(w.reg)
+    with pytest.raises(SystemExit):
+        w.reg._add(att(w))
+    assert w.store.load()["c1"].phase == "adding"
+    w.net.fail = None
+    w.net.listeners.clear()
+    reg2 = w.make()
+    reg2.restore(w.store.load())
+    reg2.check(att(w))
+
+
+def test_shutdown_closes_listeners_detaches_xdp_and_keeps_records(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    w.reg.add(att(w))
+    w.reg.ready = True
+    w.reg.shutdown()
+    assert w.net.listeners == {} and w.net.xdp == set()
+    assert set(w.store.load()) == {"c1"}
+    with pytest.raises(PodError):
+        w.reg.status()
+
+
+# ---------------------------------------------------------------- legacy mode
+
+def test_legacy_mode_follows_pod_events(world):
+    w = world
+    reg = w.make(cni_mode=False)
+    pod = meshed_pod()
+    reg.on_pod_event("ADDED", plain_pod())
+    reg.on_pod_event("ADDED", meshed_pod(ip=None))     # no IP yet: nothing to write
+    assert w.maps.local_pods.d == {}
+    reg.on_pod_event("MODIFIED", pod)
+    assert set(w.maps.local_pods.d) == {"10.240.0.5"}
+    upd = meshed_pod(ann={"traffic.sidecar.istio.io/includeInboundPorts": "8080"})
+    reg.on_pod_event("MODIFIED", upd)
+    assert w.maps.local_pods.d["10.240.0.5"].include_inbound_ports == frozenset({8080})
+    moved = meshed_pod(ip="10.240.0.8")
+    reg.on_pod_event("MODIFIED", moved)
+    assert set(w.maps.local_pods.d) == {"10.240.0.8"}
+    left = meshed_pod(ip="10.240.0.8", ann={"sidecar.istio.io/inject": "false"})
+    left["metadata"]["labels"] = {"sidecar.istio.io/inject": "false"}
+    reg.on_pod_event("MODIFIED", left)
+    assert w.maps.local_pods.d == {}
+    reg.on_pod_event("ADDED", moved)
+    reg.on_pod_event("DELETED", moved)
+    assert w.maps.local_pods.d == {}
+    assert w.maps.mark_pod_ips.d == {} and w.net.listeners == {}
+
+
+def test_legacy_resync_removes_what_the_snapshot_does_not_have(world):
+    w = world
+    reg = w.make(cni_mode=False, exclude_namespaces=("kube-system",))
+    w.maps.local_pods.put("10.250.0.1", PodPolicy())      # from a previous daemon
+    reg.on_pod_event("ADDED", meshed_pod(name="gone", ip="10.240.0.2"))
+    reg.resync_legacy([meshed_pod(), plain_pod(),
+                       meshed_pod(name="sys", ns="kube-system", ip="10.240.0.3")])
+    assert set(w.maps.local_pods.d) == {"10.240.0.5"}
