@@ -1,0 +1,310 @@
+"""Chain merbridge-cni into the node's primary CNI configuration, and undo it.
+
+Pure part: ``insert_plugin`` / ``remove_plugin`` transform a parsed config
+(``.conflist`` or single-plugin ``.conf``) and are golden-file tested.
+
+IO part: ``Installer`` picks the file kubelet would use (the lexically first
+valid ``.conf``/``.conflist``/``.json`` in the conf dir), copies the plugin
+executable into the bin dir, and writes the chained config.  Every write is
+atomic (temporary file in the same directory, then rename) and keeps the
+file's mode, so the container runtime never reads half a file.
+
+Uninstall order matters (istio/istio#20238): a config that names a plugin
+whose binary is gone fails every pod ADD and DEL on the node.  So the config
+entry is removed FIRST and the binary SECOND.  The file we changed is
+restored byte for byte when nobody else touched it since, including renaming
+a ``.conf`` we had to turn into a ``.conflist`` back to its old name.
+
+``watch()`` re-applies when the primary CNI rewrites its file (inotify; no
+polling and no busy loop, unlike upstream's sleepCheckInstall) and waits,
+without spinning, when no config exists yet.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+from merbridge.daemon import inotify
+
+log = logging.getLogger(__name__)
+
+PLUGIN_TYPE = "merbridge-cni"
+CONF_EXTENSIONS = (".conf", ".conflist", ".json")
+#: name and version istio-cni gives a wrapped .conf when the original has none
+DEFAULT_NETWORK_NAME = "k8s-pod-network"
+DEFAULT_CNI_VERSION = "0.3.1"
+
+
+class InstallError(Exception):
+    """The CNI configuration could not be read or written."""
+
+
+# ------------------------------------------------------------------ pure
+
+
+def plugin_entry(socket_path: str, mode: str = "istio", log_level: str = "info") -> dict:
+    """The conflist entry the daemon chains in (read by merbridge-cni's netconf parser)."""
+    return {"type": PLUGIN_TYPE, "socketPath": socket_path, "mode": mode, "logLevel": log_level}
+
+
+def is_conflist(config: dict) -> bool:
+    return isinstance(config.get("plugins"), list)
+
+
+def insert_plugin(config: dict, entry: dict) -> dict:
+    """Return ``config`` with ``entry`` chained last (idempotent).
+
+    Any existing merbridge-cni entry is removed first so a restart never leaves
+    two (istio/istio#28258).  A single-plugin ``.conf`` becomes a conflist
+    carrying the original's name and cniVersion.
+    """
+    if entry.get("type") != PLUGIN_TYPE:
+        raise ValueError(f"entry must have type {PLUGIN_TYPE!r}")
+    if is_conflist(config):
+        new = remove_plugin(config)
+    elif "type" in config:
+        new = {"name": config.get("name") or DEFAULT_NETWORK_NAME,
+               "cniVersion": config.get("cniVersion") or DEFAULT_CNI_VERSION,
+               "plugins": [copy.deepcopy(config)]}
+    else:
+        raise InstallError("not a CNI config: neither 'plugins' nor 'type'")
+    new["plugins"].append(copy.deepcopy(entry))
+    return new
+
+
+def remove_plugin(config: dict) -> dict:
+    """Return ``config`` without any merbridge-cni entry (a no-op for a .conf)."""
+    new = copy.deepcopy(config)
+    if is_conflist(new):
+        new["plugins"] = [p for p in new["plugins"]
+                          if not (isinstance(p, dict) and p.get("type") == PLUGIN_TYPE)]
+    return new
+
+
+def has_plugin(config: dict) -> bool:
+    return is_conflist(config) and any(isinstance(p, dict) and p.get("type") == PLUGIN_TYPE
+                                       for p in config["plugins"])
+
+
+def dumps(config: dict) -> bytes:
+    """Our canonical serialisation (stable, so re-applying writes nothing)."""
+    return (json.dumps(config, indent=2) + "\n").encode()
+
+
+# ------------------------------------------------------------------ IO
+
+
+def atomic_write(path: str, data: bytes, mode: int | None = None) -> None:
+    """Write via a hidden temp file (no CNI extension) and rename over ``path``."""
+    directory = os.path.dirname(path) or "."
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o644
+    fd, tmp = tempfile.mkstemp(prefix=".merbridge-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _load(path: str) -> dict | None:
+    """A config file's JSON if it looks like a CNI config, else None."""
+    try:
+        with open(path, "rb") as f:
+            config = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or not (is_conflist(config) or "type" in config):
+        return None
+    return config
+
+
+def find_primary_config(conf_dir: str) -> str | None:
+    """The file kubelet/libcni would pick: lexically first valid config."""
+    try:
+        names = sorted(os.listdir(conf_dir))
+    except FileNotFoundError:
+        return None
+    for name in names:
+        if name.startswith(".") or not name.endswith(CONF_EXTENSIONS):
+            continue
+        path = os.path.join(conf_dir, name)
+        if os.path.isfile(path) and _load(path) is not None:
+            return path
+    return None
+
+
+@dataclass
+class _Changed:
+    """What we did to one file, so uninstall can undo exactly that."""
+    path: str               # the file as it is now (maybe renamed to .conflist)
+    original_path: str      # the file as we found it
+    original: bytes | None  # its bytes (None: we found our own entry already there)
+    written: bytes          # what we wrote
+
+
+@dataclass
+class Installer:
+    cni_bin_dir: str
+    cni_conf_dir: str
+    plugin_source_path: str
+    entry: dict
+    binary_name: str = PLUGIN_TYPE
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._changed: _Changed | None = None
+        self._lock = threading.Lock()
+        self._ino: inotify.Inotify | None = None
+        self._stop = threading.Event()
+
+    @property
+    def binary_path(self) -> str:
+        return os.path.join(self.cni_bin_dir, self.binary_name)
+
+    # -- install ---------------------------------------------------------
+
+    def install(self) -> str | None:
+        """Copy the binary and chain the entry; the config path, or None if none exists yet."""
+        with self._lock:
+            self._install_binary()
+            path = find_primary_config(self.cni_conf_dir)
+            if path is None:
+                log.info("no CNI config in %s yet; waiting for the primary CNI", self.cni_conf_dir)
+                return None
+            self._install_config(path)
+            self.ready.set()
+            return self._changed.path if self._changed else path
+
+    def _install_binary(self) -> None:
+        with open(self.plugin_source_path, "rb") as f:
+            data = f.read()
+        try:
+            with open(self.binary_path, "rb") as f:
+                if f.read() == data:
+                    return
+        except FileNotFoundError:
+            pass
+        os.makedirs(self.cni_bin_dir, exist_ok=True)
+        atomic_write(self.binary_path, data, 0o755)
+        log.info("installed CNI plugin binary path=%s", self.binary_path)
+
+    def _install_config(self, path: str) -> None:
+        with open(path, "rb") as f:
+            current = f.read()
+        config = json.loads(current)
+        new = dumps(insert_plugin(config, self.entry))
+        target = path if is_conflist(config) else os.path.splitext(path)[0] + ".conflist"
+        if target == path and new == current:
+            return  # already ours, nothing to do (also ends our own inotify echo)
+        if has_plugin(config) and self._changed and self._changed.path == path:
+            original, original_path = self._changed.original, self._changed.original_path
+        elif has_plugin(config):
+            original, original_path = None, path  # left by an earlier run
+        else:
+            original, original_path = current, path  # the primary CNI's own bytes
+        mode = os.stat(path).st_mode & 0o7777
+        atomic_write(target, new, mode)
+        if target != path:
+            os.unlink(path)  # a .conf would sort first and hide our .conflist
+        self._changed = _Changed(target, original_path, original, new)
+        log.info("chained %s into CNI config path=%s", PLUGIN_TYPE, target)
+
+    # -- uninstall -------------------------------------------------------
+
+    def uninstall(self) -> None:
+        """Remove our entry (restoring the original bytes if untouched), then the binary."""
+        with self._lock:
+            self._uninstall_config()
+            try:
+                os.unlink(self.binary_path)
+                log.info("removed CNI plugin binary path=%s", self.binary_path)
+            except FileNotFoundError:
+                pass
+            self.ready.clear()
+
+    def _uninstall_config(self) -> None:
+        changed = self._changed
+        paths = [changed.path] if changed else []
+        # also clean any other file that carries our entry (e.g. after a restart)
+        try:
+            names = sorted(os.listdir(self.cni_conf_dir))
+        except FileNotFoundError:
+            names = []
+        paths += [os.path.join(self.cni_conf_dir, n) for n in names
+                  if n.endswith(CONF_EXTENSIONS) and not n.startswith(".")]
+        seen = set()
+        for path in paths:
+            if path in seen:
+                continue
+            seen.add(path)
+            try:
+                with open(path, "rb") as f:
+                    current = f.read()
+            except FileNotFoundError:
+                continue
+            if changed and path == changed.path and current == changed.written and changed.original is not None:
+                # untouched since we wrote it: put the exact original back
+                atomic_write(changed.original_path, changed.original, os.stat(path).st_mode & 0o7777)
+                if changed.original_path != path:
+                    os.unlink(path)
+                log.info("restored original CNI config path=%s", changed.original_path)
+                continue
+            config = _load(path)
+            if config is not None and has_plugin(config):
+                atomic_write(path, dumps(remove_plugin(config)))
+                log.info("removed %s from CNI config path=%s", PLUGIN_TYPE, path)
+        self._changed = None
+
+    # -- watch -----------------------------------------------------------
+
+    def watch(self) -> None:
+        """Install, then re-install whenever the conf or bin dir changes; until stop()."""
+        os.makedirs(self.cni_conf_dir, exist_ok=True)
+        os.makedirs(self.cni_bin_dir, exist_ok=True)
+        with inotify.Inotify() as ino:
+            self._ino = ino
+            ino.add_watch(self.cni_conf_dir)
+            ino.add_watch(self.cni_bin_dir, inotify.IN_DELETE | inotify.IN_MOVED_FROM)
+            try:
+                while not self._stop.is_set():
+                    try:
+                        self.install()
+                    except (OSError, ValueError, InstallError) as exc:
+                        log.error("CNI install failed (will retry on the next change): %s", exc)
+                    # block until something changes in either directory
+                    while not self._stop.is_set() and not self._relevant(ino.read()):
+                        pass
+            finally:
+                self._ino = None
+
+    def _relevant(self, events: list[inotify.Event]) -> bool:
+        for ev in events:
+            if ev.mask & inotify.IN_Q_OVERFLOW or not ev.name:
+                return True
+            if ev.name == self.binary_name or (ev.name.endswith(CONF_EXTENSIONS) and not ev.name.startswith(".")):
+                return True
+        return False
+
+    def stop(self) -> None:
+        """Make watch() return (from another thread)."""
+        self._stop.set()
+        if self._ino is not None:
+            self._ino.wake()

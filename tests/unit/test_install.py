@@ -1,0 +1,209 @@
+"""CNI config chaining: golden files for the pure part, real files and inotify for the rest."""
+import json
+import os
+import pathlib
+import shutil
+import threading
+import time
+
+import pytest
+
+from merbridge.daemon import inotify, install
+
+TESTDATA = pathlib.Path(__file__).parent / "testdata"
+ENTRY = install.plugin_entry("/var/run/merbridge-cni.sock", "istio")
+INPUTS = sorted(p.name for p in TESTDATA.iterdir()
+                if p.suffix in (".conf", ".conflist") and not p.name.endswith(".golden"))
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_insert_matches_golden(name):
+    config = json.loads((TESTDATA / name).read_bytes())
+    got = install.dumps(install.insert_plugin(config, ENTRY))
+    assert got == (TESTDATA / (name + ".golden")).read_bytes()
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_insert_is_idempotent_and_removable(name):
+    config = json.loads((TESTDATA / name).read_bytes())
+    once = install.insert_plugin(config, ENTRY)
+    assert install.insert_plugin(once, ENTRY) == once
+    assert [p["type"] for p in once["plugins"]].count("merbridge-cni") == 1
+    assert once["plugins"][-1] == ENTRY
+    removed = install.remove_plugin(once)
+    assert not install.has_plugin(removed)
+    if install.is_conflist(config):
+        assert removed == install.remove_plugin(config)
+    else:
+        assert removed["plugins"] == [config]
+
+
+def test_insert_rejects_non_config_and_wrong_entry():
+    with pytest.raises(install.InstallError):
+        install.insert_plugin({"foo": 1}, ENTRY)
+    with pytest.raises(ValueError):
+        install.insert_plugin({"type": "bridge"}, {"type": "other"})
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    conf, bindir, src = tmp_path / "net.d", tmp_path / "bin", tmp_path / "merbridge-cni-src"
+    conf.mkdir()
+    bindir.mkdir()
+    src.write_bytes(b"#!/usr/bin/python3\nprint('plugin')\n")
+    return conf, bindir, src
+
+
+def make(dirs):
+    conf, bindir, src = dirs
+    return install.Installer(str(bindir), str(conf), str(src), ENTRY)
+
+
+def test_install_uninstall_conflist_byte_identical(dirs):
+    conf, bindir, _ = dirs
+    original = (TESTDATA / "calico.conflist").read_bytes()
+    target = conf / "10-calico.conflist"
+    target.write_bytes(original)
+    target.chmod(0o600)
+    inst = make(dirs)
+    assert inst.install() == str(target)
+    chained = json.loads(target.read_bytes())
+    assert chained["plugins"][-1]["type"] == "merbridge-cni"
+    assert target.stat().st_mode & 0o777 == 0o600          # mode kept
+    assert (bindir / "merbridge-cni").stat().st_mode & 0o777 == 0o755
+    assert inst.ready.is_set()
+    # a second install writes nothing (same inode, no temp files left)
+    inode = target.stat().st_ino
+    inst.install()
+    assert target.stat().st_ino == inode
+    assert sorted(os.listdir(conf)) == ["10-calico.conflist"]
+    inst.uninstall()
+    assert target.read_bytes() == original
+    assert not (bindir / "merbridge-cni").exists()
+
+
+def test_uninstall_removes_entry_before_binary(dirs):
+    conf, bindir, _ = dirs
+    (conf / "10-calico.conflist").write_bytes((TESTDATA / "calico.conflist").read_bytes())
+    inst = make(dirs)
+    inst.install()
+    with inotify.Inotify() as ino:
+        wd_conf = ino.add_watch(str(conf))
+        wd_bin = ino.add_watch(str(bindir))
+        inst.uninstall()
+        events = ino.read(1) + ino.read(0.1)
+    order = [("conf" if e.wd == wd_conf else "bin", e.name) for e in events
+             if e.mask & (inotify.IN_MOVED_TO | inotify.IN_DELETE)]
+    assert order == [("conf", "10-calico.conflist"), ("bin", "merbridge-cni")]
+
+
+def test_conf_is_converted_and_restored(dirs):
+    conf, _, _ = dirs
+    original = (TESTDATA / "bridge.conf").read_bytes()
+    (conf / "10-bridge.conf").write_bytes(original)
+    inst = make(dirs)
+    assert inst.install() == str(conf / "10-bridge.conflist")
+    assert sorted(os.listdir(conf)) == ["10-bridge.conflist"]
+    assert (conf / "10-bridge.conflist").read_bytes() == (TESTDATA / "bridge.conf.golden").read_bytes()
+    inst.uninstall()
+    assert sorted(os.listdir(conf)) == ["10-bridge.conf"]
+    assert (conf / "10-bridge.conf").read_bytes() == original
+
+
+def test_picks_lexically_first_valid_config(dirs):
+    conf, _, _ = dirs
+    (conf / "00-broken.conf").write_text("{not json")
+    (conf / "01-notcni.json").write_text('{"hello": 1}')
+    (conf / "05-a.conflist").write_bytes((TESTDATA / "calico.conflist").read_bytes())
+    (conf / "10-b.conf").write_bytes((TESTDATA / "bridge.conf").read_bytes())
+    (conf / "ZZZ-merbridge-cni-kubeconfig").write_text("apiVersion: v1")
+    assert install.find_primary_config(str(conf)) == str(conf / "05-a.conflist")
+    make(dirs).install()
+    assert install.has_plugin(json.loads((conf / "05-a.conflist").read_bytes()))
+    assert (conf / "10-b.conf").read_bytes() == (TESTDATA / "bridge.conf").read_bytes()
+
+
+def test_restart_cleans_entry_left_by_earlier_run(dirs):
+    conf, bindir, _ = dirs
+    first = make(dirs)
+    (conf / "10-calico.conflist").write_bytes((TESTDATA / "calico.conflist").read_bytes())
+    first.install()          # then the daemon is SIGKILLed: no uninstall
+    second = make(dirs)
+    second.install()
+    second.uninstall()
+    config = json.loads((conf / "10-calico.conflist").read_bytes())
+    assert not install.has_plugin(config)
+    assert config == json.loads((TESTDATA / "calico.conflist").read_bytes())
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def chained(path):
+    try:
+        return install.has_plugin(json.loads(path.read_bytes()))
+    except (OSError, ValueError):
+        return False
+
+
+def test_watch_waits_then_reapplies_after_primary_rewrites(dirs):
+    conf, bindir, _ = dirs
+    inst = make(dirs)
+    thread = threading.Thread(target=inst.watch, daemon=True)
+    thread.start()
+    try:
+        # no config yet: the watcher waits, without spinning
+        time.sleep(0.3)
+        assert not inst.ready.is_set()
+        cpu_before = time.process_time()
+        time.sleep(0.5)
+        assert time.process_time() - cpu_before < 0.2
+        # the primary CNI writes its config: we chain in
+        target = conf / "10-calico.conflist"
+        primary = (TESTDATA / "calico.conflist").read_bytes()
+        install.atomic_write(str(target), primary)
+        assert inst.ready.wait(5)
+        assert wait_for(lambda: chained(target))
+        # the primary CNI rewrites its file (dropping us): re-applied
+        rewritten = primary.replace(b'"mtu": 1440', b'"mtu": 1400')
+        install.atomic_write(str(target), rewritten)
+        assert wait_for(lambda: chained(target) and b"1400" in target.read_bytes())
+        # the binary disappears: copied back
+        (bindir / "merbridge-cni").unlink()
+        assert wait_for(lambda: (bindir / "merbridge-cni").exists())
+    finally:
+        inst.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+    inst.uninstall()
+    # the restore gives back the primary's LATEST bytes
+    assert target.read_bytes() == rewritten
+    assert not (bindir / "merbridge-cni").exists()
+
+
+def test_uninstall_keeps_changes_the_primary_made_after_us(dirs):
+    conf, _, _ = dirs
+    target = conf / "10-calico.conflist"
+    target.write_bytes((TESTDATA / "calico.conflist").read_bytes())
+    inst = make(dirs)
+    inst.install()
+    config = json.loads(target.read_bytes())
+    config["plugins"].insert(1, {"type": "tuning"})     # someone else edits, keeping us
+    target.write_text(json.dumps(config))
+    inst.uninstall()
+    after = json.loads(target.read_bytes())
+    assert [p["type"] for p in after["plugins"]] == ["calico", "tuning", "portmap", "bandwidth"]
+
+
+def test_missing_plugin_source_is_a_clear_error(dirs, tmp_path):
+    conf, bindir, _ = dirs
+    inst = install.Installer(str(bindir), str(conf), str(tmp_path / "nope"), ENTRY)
+    with pytest.raises(FileNotFoundError):
+        inst.install()
+    assert os.listdir(bindir) == []
