@@ -1,0 +1,271 @@
+"""``merbridge run``: wire the datapath, the pod source, the registry and the CNI
+server together, and take them apart again on SIGTERM.
+
+Start-up order (each step only when the previous one succeeded):
+
+1. lock the pin dir and the state dir (flock): a second daemon on the same pins
+   refuses to start instead of fighting the first over attachments;
+2. load the datapath, reusing pins left by a previous (maybe killed) daemon,
+   and attach it to the cgroup (the loader never attaches twice);
+3. metrics/health endpoint;
+4. the pod source (Kubernetes informer, or ``--pods-dir`` manifests) and its
+   first full listing;
+5. legacy mode: ``mb_local_pods`` := the in-mesh pods of that listing.
+   CNI mode: the CNI server, then ``restore`` (re-open the marker listeners and
+   re-check XDP of every container in the state file; drop those whose netns is
+   gone), then install the plugin into the CNI config;
+6. only then ready (health and the CNI STATUS command say so).
+
+Shutdown (SIGTERM/SIGINT): not ready; remove our conflist entry, then the
+plugin binary (a config naming a missing plugin breaks every pod on the node);
+detach the cgroup programs; close the marker listeners and detach XDP; remove
+the pins; close the CNI socket. The state file stays, so the next daemon
+re-enrols pods that are still running. After ``kill -9`` nothing of this runs:
+pins, attachments and XDP stay in the kernel and keep intercepting, and the next
+start adopts them.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import signal
+import threading
+from contextlib import ExitStack
+from typing import Any
+
+from merbridge.bpf import mesh as meshes
+from merbridge.daemon import pods as podreg
+from merbridge.daemon.state import StateStore
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "daemon.lock"
+
+
+class DaemonError(RuntimeError):
+    """Start-up cannot continue; the message says why and what to do."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived while start() was still waiting."""
+
+
+def _dir_lock(path: str, what: str, pid_file: str | None = None) -> int:
+    """flock(LOCK_EX|LOCK_NB) on a directory (bpffs allows no regular files)."""
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        holder = ""
+        if pid_file:
+            try:
+                with open(pid_file) as f:
+                    holder = f" (pid {f.read().strip()})"
+            except OSError:
+                pass
+        raise DaemonError(f"another merbridge daemon{holder} is running with {what} {path}; "
+                          "stop it first, or give this one other --bpffs-path/--state-dir "
+                          "directories") from None
+    return fd
+
+
+class Daemon:
+    """One daemon instance; ``start()`` returns when it is ready, ``stop()`` undoes it."""
+
+    def __init__(self, config: Any, stopping: threading.Event | None = None):
+        self.cfg = config
+        self.stopping = stopping or threading.Event()
+        self._created_pins = False
+        self.mesh = meshes.get(config.mesh)
+        self.ready = threading.Event()
+        self.stack = ExitStack()
+        self.registry: podreg.Registry | None = None
+        self.datapath = self.source = self.server = self.installer = self.metrics = None
+        self._installer_thread: threading.Thread | None = None
+
+    # -- start -----------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._start()
+        except Interrupted:
+            self.stop()
+            raise
+        except BaseException:
+            # pins that were there before us keep running pods intercepted: keep them
+            self.stop(unpin=self._created_pins)
+            raise
+
+    def _wait(self, event: threading.Event, what: str) -> None:
+        while not event.wait(0.2):
+            if self.stopping.is_set():
+                raise Interrupted(f"stopped while waiting for {what}")
+
+    def _start(self) -> None:
+        cfg = self.cfg
+        pid_file = os.path.join(cfg.state_dir, LOCK_FILE)
+        for path, what in ((cfg.state_dir, "state dir"), (cfg.bpffs_path, "pin dir")):
+            fd = _dir_lock(path, what, pid_file)
+            self.stack.callback(os.close, fd)
+        with open(pid_file, "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+        from merbridge.bpf import loader
+        self._created_pins = not any(os.scandir(cfg.bpffs_path))
+        self.datapath = loader.Datapath(cfg.bpffs_path, self.mesh, cni_mode=cfg.cni_mode)
+        self.datapath.load()
+        self.datapath.attach(cfg.cgroup_path)
+        log.info("datapath loaded and attached pins=%s cgroup=%s", cfg.bpffs_path,
+                 cfg.cgroup_path)
+
+        from merbridge.daemon import metrics
+        self.metrics = metrics.start(cfg, ready=self.ready.is_set)
+
+        store = StateStore(cfg.state_dir)
+        podnet = None
+        if cfg.cni_mode:
+            from merbridge.daemon import podnet as podnet_mod
+            podnet = podnet_mod.PodNet(self.datapath)
+        self.source = self._pod_source()
+        self.registry = podreg.Registry(
+            mesh=self.mesh, maps=self.datapath.maps, podnet=podnet, lookup=self.source.get,
+            store=store, cni_mode=cfg.cni_mode, exclude_namespaces=cfg.exclude_namespaces,
+            hardware_checksum=cfg.hardware_checksum, metrics=self.metrics)
+        self.source.start(self.registry.on_pod_event)
+        self._wait(self.source.synced, "the first pod listing")
+        if cfg.cni_mode:
+            self._start_cni(store)
+        else:
+            self.registry.resync_legacy(self.source.snapshot())
+        self.registry.ready = True
+        self.ready.set()
+        log.info("merbridge ready mode=%s cni_mode=%s", self.mesh.name, cfg.cni_mode)
+
+    def _pod_source(self):
+        cfg = self.cfg
+        if cfg.pods_dir:
+            from merbridge.daemon import podsdir
+            return podsdir.PodsDir(cfg.pods_dir)
+        from merbridge.daemon import k8s
+        return k8s.PodSource(kubeconfig=cfg.kubeconfig, node_name=cfg.node_name)
+
+    def _start_cni(self, store: StateStore) -> None:
+        cfg = self.cfg
+        from merbridge.daemon import cniserver, install
+        self.server = cniserver.CniServer(cfg.socket_path, Handler(self.registry))
+        self.server.start()
+        self.registry.restore(store.load())
+        self.installer = install.Installer(
+            cni_bin_dir=cfg.cni_bin_dir, cni_conf_dir=cfg.cni_conf_dir,
+            plugin_source_path=cniserver.plugin_executable(),
+            entry=install.plugin_entry(cfg.socket_path, self.mesh.name))
+        self._installer_thread = threading.Thread(target=self.installer.watch,
+                                                  name="cni-installer", daemon=True)
+        self._installer_thread.start()
+        # ready only once the plugin is chained in; a node without a primary CNI
+        # config yet keeps us not-ready (and kubelet keeps the node NotReady too)
+        self._wait(self.installer.ready, f"a primary CNI config in {cfg.cni_conf_dir}")
+
+    # -- stop ------------------------------------------------------------
+    def stop(self, unpin: bool = True) -> None:
+        """Undo start(), each step independent of the others' success."""
+        self.ready.clear()
+        if self.registry is not None:
+            self.registry.ready = False
+        steps = []
+        if self.installer is not None:
+            steps += [("stop the CNI installer", self._stop_installer),
+                      ("uninstall the CNI plugin", self.installer.uninstall)]
+        if self.datapath is not None:
+            steps.append(("detach the cgroup programs", self.datapath.detach))
+        if self.registry is not None:
+            steps.append(("close listeners and detach XDP", self.registry.shutdown))
+        if self.source is not None:
+            steps.append(("stop the pod source", self.source.stop))
+        if self.datapath is not None and unpin:
+            steps.append(("remove the pins", self.datapath.unpin))
+        if self.server is not None:
+            steps.append(("close the CNI socket", self.server.stop))
+        if self.metrics is not None:
+            steps.append(("stop metrics", self.metrics.stop))
+        for what, fn in steps:
+            try:
+                fn()
+            except Exception:
+                log.exception("shutdown: failed to %s", what)
+        self.stack.close()
+        log.info("merbridge stopped")
+
+    def _stop_installer(self) -> None:
+        self.installer.stop()
+        if self._installer_thread is not None:
+            self._installer_thread.join(timeout=5)
+
+
+class Handler:
+    """The CNI server's handler: protocol requests -> registry calls."""
+
+    def __init__(self, registry: podreg.Registry):
+        self.registry = registry
+
+    # filled in against cniserver's handler contract
+    def add(self, req) -> None:
+        self.registry.add(_attachment(req))
+
+    def delete(self, req) -> None:
+        self.registry.delete(_attachment(req))
+
+    def check(self, req) -> None:
+        self.registry.check(_attachment(req))
+
+    def gc(self, req) -> None:
+        self.registry.gc((a.container_id, a.ifname) for a in req.attachments)
+
+    def status(self, req=None) -> None:
+        self.registry.status()
+
+
+def _attachment(req) -> podreg.Attachment:
+    # prevResult addresses arrive as "addr/prefix"; the maps want bare addresses
+    ips = tuple(dict.fromkeys(ip.split("/", 1)[0] for ip in (req.ips or ())))
+    return podreg.Attachment(container_id=req.container_id, netns=req.netns or "",
+                             ifname=req.ifname or "eth0", namespace=req.pod_namespace,
+                             name=req.pod_name, uid=req.pod_uid or "", ips=ips)
+
+
+def run(config: Any) -> int:
+    """Run until SIGTERM/SIGINT; the exit status for the CLI."""
+    stopping = threading.Event()
+    got: list[int] = []
+
+    def on_signal(signum, _frame):
+        got.append(signum)
+        stopping.set()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    daemon = Daemon(config, stopping)
+    try:
+        try:
+            daemon.start()
+        except Interrupted:
+            log.info("stopped before becoming ready")
+            return 0
+        except DaemonError as exc:
+            log.error("%s", exc)
+            return 1
+        except Exception as exc:
+            log.debug("start-up failed", exc_info=True)
+            log.error("cannot start: %s: %s", type(exc).__name__, exc)
+            return 1
+        while not stopping.wait(1):
+            pass
+        log.info("received %s, shutting down", signal.Signals(got[0]).name)
+        daemon.stop()
+        return 0
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
