@@ -157,17 +157,19 @@ class Registry:
 
     def _wait_for_pod(self, att: Attachment) -> dict:
         deadline = time.monotonic() + self.add_wait
-        with self._pod_seen:
-            while True:
-                pod = self.lookup(att.namespace, att.name)
-                if pod is not None and (not att.uid or not pod_meta(pod)[2]
-                                        or pod_meta(pod)[2] == att.uid):
-                    return pod
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PodError(TRY_AGAIN_LATER, "pod not known yet",
-                                   f"{att.namespace}/{att.name} is not in the pod source "
-                                   f"after {self.add_wait:g}s")
+        while True:
+            # the lookup runs outside the condition: a source may hold its own lock
+            # while it delivers the event that notifies us
+            pod = self.lookup(att.namespace, att.name)
+            if pod is not None and (not att.uid or not pod_meta(pod)[2]
+                                    or pod_meta(pod)[2] == att.uid):
+                return pod
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PodError(TRY_AGAIN_LATER, "pod not known yet",
+                               f"{att.namespace}/{att.name} is not in the pod source "
+                               f"after {self.add_wait:g}s")
+            with self._pod_seen:
                 self._pod_seen.wait(min(left, 0.2))
 
     def _primary_ip(self, ips: tuple[str, ...]) -> str:

@@ -503,3 +503,19 @@ def test_legacy_resync_removes_what_the_snapshot_does_not_have(world):
     reg.resync_legacy([meshed_pod(), plain_pod(),
                        meshed_pod(name="sys", ns="kube-system", ip="10.240.0.3")])
     assert set(w.maps.local_pods.d) == {"10.240.0.5"}
+
+
+# ---------------------------------------------------------------- runtime lock
+
+def test_a_second_daemon_on_the_same_directory_is_refused(tmp_path):
+    import os
+    from merbridge.daemon.runtime import DaemonError, _dir_lock
+    pid_file = tmp_path / "daemon.lock"
+    pid_file.write_text("4242\n")
+    fd = _dir_lock(str(tmp_path / "pins"), "pin dir", str(pid_file))
+    try:
+        with pytest.raises(DaemonError, match=r"pid 4242.*pin dir"):
+            _dir_lock(str(tmp_path / "pins"), "pin dir", str(pid_file))
+    finally:
+        os.close(fd)
+    os.close(_dir_lock(str(tmp_path / "pins"), "pin dir"))   # free again once released
