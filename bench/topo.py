@@ -1,0 +1,142 @@
+"""The benchmark topology, built one way per interception mode.
+
+Two "nodes" (network namespaces with a bridge, joined by a link), three pods
+from ``merbridge.daemon.lab``: ``cli`` and ``srv`` on node 0 (same-node) and
+``srvx`` on node 1 (cross-node). ``srv``/``srvx`` run a fast HTTP app
+(haproxy ``http-request return``) on 8080 whose body names the peer it saw.
+
+Modes:
+- ``direct``: no sidecars, no interception.
+- ``iptables``: haproxy sidecars (UID 1337) in every pod plus Istio's
+  REDIRECT rule set in every pod netns (``Pod.apply_istio_iptables``).
+- ``ebpf-cni`` / ``ebpf-legacy``: the same sidecars, no iptables; merbridge's
+  datapath loaded once per node (its own pin dir), attached to that node's pod
+  cgroups, pods registered the way the daemon does (``ebpf.py``).
+- ``ebpf-cni-nosockmap``: CNI mode with sk_msg redirection switched off.
+
+A fresh topology per (repetition, mode) keeps modes from leaking state into
+each other (conntrack, nat tables, sockets in TIME_WAIT).
+"""
+from __future__ import annotations
+
+import time
+
+from common import BenchError, log
+from merbridge.daemon.lab import Lab
+
+APP_PORT = 8080
+PASSTHROUGH = "127.0.0.6"
+
+MODES = ("direct", "iptables", "ebpf-cni", "ebpf-legacy", "ebpf-cni-nosockmap")
+DEFAULT_MODES = ("direct", "iptables", "ebpf-cni", "ebpf-legacy")
+
+_GET = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+data = b""
+while True:
+    c = s.recv(4096)
+    if not c:
+        break
+    data += c
+print(data.decode(errors="replace").split("\r\n\r\n", 1)[-1].strip())
+"""
+
+
+class Topology:
+    """A lab in one mode; ``with Topology(mode) as t: t.cli ... t.url(...)``."""
+
+    def __init__(self, mode: str, nodes: int = 2):
+        if mode not in MODES:
+            raise BenchError(f"unknown mode {mode!r} (one of {', '.join(MODES)})")
+        self.mode = mode
+        self.nodes = nodes
+        self.lab: Lab | None = None
+        self.datapath = None  # ebpf.MeshDatapath
+        self.setup_s = 0.0
+
+    # -- building ---------------------------------------------------------
+    def __enter__(self) -> "Topology":
+        t0 = time.perf_counter()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        self.setup_s = time.perf_counter() - t0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        self.lab = Lab(prefix="mbb", nodes_count=self.nodes)
+        self.cli = self.lab.add_pod("cli", node=0)
+        self.srv = self.lab.add_pod("srv", node=0)
+        self.srvx = self.lab.add_pod("srvx", node=1) if self.nodes == 2 else None
+        self.servers = [p for p in (self.srv, self.srvx) if p is not None]
+        for p in self.servers:
+            p.start_http_app(APP_PORT)
+        if self.mode == "direct":
+            return
+        for p in self.pods():
+            p.start_sidecar("tcp")
+        if self.mode == "iptables":
+            for p in self.pods():
+                p.apply_istio_iptables()
+        else:
+            import ebpf  # only the eBPF modes need bcc and the loader
+            self.datapath = ebpf.MeshDatapath(self.lab, cni_mode=self.mode.startswith("ebpf-cni"),
+                                              sockmap=not self.mode.endswith("nosockmap"))
+            self.datapath.setup()
+
+    def pods(self):
+        return [p for p in (self.cli, self.srv, self.srvx) if p is not None]
+
+    def target(self, where: str):
+        if where == "same":
+            return self.srv
+        if where == "cross":
+            if self.srvx is None:
+                raise BenchError("cross-node needs two nodes")
+            return self.srvx
+        raise BenchError(f"bad placement {where!r}")
+
+    def url(self, where: str) -> str:
+        return f"http://{self.target(where).ip4}:{APP_PORT}/"
+
+    def check(self) -> dict:
+        """One request per placement; the peer the app saw proves whether the
+        sidecars carried it (127.0.0.6) or not (the client's own IP)."""
+        want = self.cli.ip4 if self.mode == "direct" else PASSTHROUGH
+        seen = {}
+        for where in ("same", "cross") if self.srvx else ("same",):
+            res = self.cli.run(["/usr/bin/python3", "-I", "-c", _GET, self.target(where).ip4,
+                                str(APP_PORT)], uid=1000, timeout=20)
+            body = res.stdout.strip()
+            seen[where] = body
+            if not (body.endswith(f"peer={want}") or body.endswith(f"peer=::ffff:{want}")):
+                raise BenchError(f"{self.mode}/{where}: app saw {body or res.stderr.strip()!r}, "
+                                 f"expected peer={want}")
+        return seen
+
+    def counters(self) -> dict:
+        return self.datapath.counters() if self.datapath else {}
+
+    def close(self) -> None:
+        errors = []
+        if self.datapath is not None:
+            try:
+                self.datapath.close()
+            except Exception as e:  # keep tearing down
+                errors.append(f"datapath: {e}")
+            self.datapath = None
+        if self.lab is not None:
+            try:
+                self.lab.close()
+            except Exception as e:
+                errors.append(f"lab: {e}")
+            self.lab = None
+        if errors:
+            log("cleanup problems: " + "; ".join(errors))
