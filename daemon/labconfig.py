@@ -1,0 +1,152 @@
+"""Text the lab feeds to its tools: haproxy configs and istio-iptables rules.
+
+Pure functions (no root, no I/O) so the exact rule set and the sidecar's log
+format are unit-tested; ``merbridge.daemon.lab`` runs them in pod namespaces.
+
+The sidecar stand-in is haproxy: it asks the kernel for a connection's
+original destination itself (getsockopt SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST,
+falling back to getsockname), and ``server orig 0.0.0.0:0`` connects to that
+address and port. Its log line records the destination it saw per connection,
+which is what the tests compare against.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
+
+from merbridge.bpf.mesh import MESHES
+
+ISTIO = MESHES["istio"]
+
+# One line per connection, logged as soon as the server side is connected
+# (option logasap). %[dst]/%[dst_port] are the frontend connection's
+# destination, which haproxy fills from SO_ORIGINAL_DST when the kernel (or our
+# getsockopt hook) answers it.
+LOG_FORMAT = ("mb fe=%ft src=%ci sport=%cp dst=%[dst] dport=%[dst_port] "
+              "bsrc=%bi bsport=%bp server=%si sdport=%sp term=%ts")
+
+
+def sidecar(mode: str = "tcp", out_port: int = ISTIO.out_port, in_port: int = ISTIO.in_port,
+            passthrough4: str = ISTIO.inbound_passthrough_ip, threads: int = 1) -> str:
+    """The IPv4 half of an Envoy-like sidecar: outbound on 127.0.0.1, inbound on
+    0.0.0.0, inbound passthrough from 127.0.0.6 (so iptables' ISTIO_OUTPUT does
+    not loop it back to the inbound port), and a guard against self-loops: a
+    connection made straight to the proxy port has no original destination.
+    haproxy 2.6 reads SO_ORIGINAL_DST only for IPv4; ``sidecar6.py`` serves IPv6."""
+    if mode not in ("tcp", "http"):
+        raise ValueError(f"sidecar mode must be tcp or http, not {mode!r}")
+    return f"""\
+global
+    maxconn 4096
+    nbthread {threads}
+    log stdout format raw local0
+defaults
+    mode {mode}
+    log global
+    option logasap
+    log-format "{LOG_FORMAT}"
+    timeout connect 3s
+    timeout client 60s
+    timeout server 60s
+frontend outbound4
+    bind 127.0.0.1:{out_port}
+    tcp-request connection reject if {{ dst_port {out_port} }}
+    default_backend orig
+backend orig
+    server orig 0.0.0.0:0
+frontend inbound4
+    bind 0.0.0.0:{in_port}
+    tcp-request connection reject if {{ dst_port {in_port} }}
+    default_backend passthrough4
+backend passthrough4
+    server orig 0.0.0.0:0 source {passthrough4}
+"""
+
+
+def http_app(port: int, threads: int = 1) -> str:
+    """A fast HTTP app for load tests: answers ``peer=<src>`` on [::]:port (v4+v6)."""
+    return f"""\
+global
+    maxconn 4096
+    nbthread {threads}
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 60s
+    timeout server 60s
+frontend app
+    bind [::]:{port} v4v6
+    http-request return status 200 content-type text/plain lf-string "peer=%[src]\\n"
+"""
+
+
+def parse_log_line(line: str) -> dict | None:
+    """A sidecar log line as a dict (``fe dir src sport dst dport bsrc bsport
+    server sdport term``; ports are ints), or None for any other line."""
+    if not line.startswith("mb "):
+        return None
+    out: dict = {}
+    for tok in line.split()[1:]:
+        key, _, val = tok.partition("=")
+        if key in ("sport", "dport", "bsport", "sdport"):
+            try:
+                out[key] = int(val)
+            except ValueError:
+                out[key] = None
+        else:
+            out[key] = val
+    # "dir": outbound/inbound whichever half (haproxy v4, sidecar6 v6) logged it
+    out["dir"] = out.get("fe", "").rstrip("46")
+    for key in ("src", "dst", "bsrc", "server"):
+        if key in out and out[key].startswith("::ffff:"):
+            out[key] = out[key][7:]
+    return out
+
+
+def istio_iptables(version: int, uid: int = ISTIO.proxy_uid, gid: int = ISTIO.proxy_gid,
+                   out_port: int = ISTIO.out_port, in_port: int = ISTIO.in_port,
+                   exclude_inbound_ports: Iterable[int] = (15020, 15021, 15090),
+                   exclude_outbound_ports: Iterable[int] = ISTIO.default_exclude_outbound_ports,
+                   exclude_outbound_cidrs: Iterable[str] = (),
+                   capture_inbound: bool = True, capture_outbound: bool = True) -> str:
+    """istio-iptables' REDIRECT-mode nat table (CNI plugin defaults), for
+    ``iptables-restore`` (version 4) or ``ip6tables-restore`` (version 6).
+
+    Order follows istio's capture/run.go: inbound RETURNs for 15008 and excluded
+    ports, then outbound: excluded ports, the inbound-passthrough source, the
+    proxy UID then GID rules (proxy -> own pod IP over lo goes to the inbound
+    port), loopback, excluded CIDRs, and finally everything else to 15001."""
+    if version not in (4, 6):
+        raise ValueError("version must be 4 or 6")
+    lo_dst = "127.0.0.1/32" if version == 4 else "::1/128"
+    passthrough = (f"{ISTIO.inbound_passthrough_ip}/32" if version == 4 else "::6/128")
+    rules = ["*nat", ":ISTIO_INBOUND - [0:0]", ":ISTIO_IN_REDIRECT - [0:0]",
+             ":ISTIO_OUTPUT - [0:0]", ":ISTIO_REDIRECT - [0:0]",
+             f"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {out_port}",
+             f"-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {in_port}"]
+    if capture_inbound:
+        rules.append("-A PREROUTING -p tcp -j ISTIO_INBOUND")
+        for port in (15008, *exclude_inbound_ports):
+            rules.append(f"-A ISTIO_INBOUND -p tcp --dport {int(port)} -j RETURN")
+        rules.append("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT")
+    rules.append("-A OUTPUT -j ISTIO_OUTPUT")
+    for port in exclude_outbound_ports:
+        rules.append(f"-A ISTIO_OUTPUT -p tcp --dport {int(port)} -j RETURN")
+        rules.append(f"-A ISTIO_OUTPUT -p udp --dport {int(port)} -j RETURN")
+    rules.append(f"-A ISTIO_OUTPUT -o lo -s {passthrough} -j RETURN")
+    for kind, ident in (("uid", uid), ("gid", gid)):
+        rules += [
+            f"-A ISTIO_OUTPUT -o lo ! -d {lo_dst} -p tcp ! --dport 15008 "
+            f"-m owner --{kind}-owner {ident} -j ISTIO_IN_REDIRECT",
+            f"-A ISTIO_OUTPUT -o lo -m owner ! --{kind}-owner {ident} -j RETURN",
+            f"-A ISTIO_OUTPUT -m owner --{kind}-owner {ident} -j RETURN",
+        ]
+    rules.append(f"-A ISTIO_OUTPUT -d {lo_dst} -j RETURN")
+    for cidr in exclude_outbound_cidrs:
+        net = ipaddress.ip_network(cidr, strict=False)
+        if net.version == version:
+            rules.append(f"-A ISTIO_OUTPUT -d {net} -j RETURN")
+    if capture_outbound:
+        rules.append("-A ISTIO_OUTPUT -j ISTIO_REDIRECT")
+    rules.append("COMMIT")
+    return "\n".join(rules) + "\n"

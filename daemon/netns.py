@@ -1,0 +1,636 @@
+"""Network-namespace plumbing: the only module that talks netlink (pyroute2).
+
+Everything here works on *named* network namespaces (``/var/run/netns/NAME``)
+without ever moving a long-lived thread into one: netlink sockets are opened
+inside a namespace by pyroute2's short-lived helper process, and programs run
+in a namespace through ``nsenter --net=...`` (never ``ip netns exec``, which
+remounts /sys and would hide bpffs and the cgroup v2 tree).
+
+Used by the test/demo lab (``merbridge.daemon.lab``) and by the daemon's CNI
+path. Functions take ``ns=None`` to mean the caller's own namespace.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import uuid
+from typing import Sequence
+
+from pyroute2 import IPRoute, netns as _netns
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+
+NETNS_DIR = "/var/run/netns"
+
+
+class NetnsError(RuntimeError):
+    """A namespace operation failed; the message says which and why."""
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(netns_path(name))
+
+
+def create_netns(name: str) -> None:
+    """Create the named namespace; it must not exist yet (never adopt a stranger's)."""
+    if "/" in name or not name:
+        raise NetnsError(f"bad netns name {name!r}")
+    if netns_exists(name):
+        raise NetnsError(f"netns {name} already exists")
+    _netns.create(name)
+    # pyroute2 leaves a new namespace with lo down; nothing works without it.
+    link_up(name, "lo")
+
+
+def remove_netns(name: str) -> None:
+    """Remove the named namespace (its interfaces go with it); missing is fine."""
+    if netns_exists(name):
+        _netns.remove(name)
+
+
+def _ipr(ns: str | None) -> IPRoute:
+    # flags=0: never create a namespace by accident when a name is mistyped;
+    # groups=0: a configuration socket needs no broadcast subscriptions.
+    if ns is None:
+        return IPRoute(groups=0)
+    if not netns_exists(ns):
+        raise NetnsError(f"netns {ns} does not exist")
+    return IPRoute(netns=ns, flags=0, groups=0)
+
+
+def link_index(ns: str | None, ifname: str) -> int:
+    with _ipr(ns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetnsError(f"no interface {ifname} in netns {ns or '(current)'}")
+    return found[0]
+
+
+def link_exists(ns: str | None, ifname: str) -> bool:
+    with _ipr(ns) as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def link_up(ns: str | None, ifname: str) -> None:
+    with _ipr(ns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise NetnsError(f"no interface {ifname} in netns {ns or '(current)'}")
+        ipr.link("set", index=idx[0], state="up")
+
+
+def delete_link(ns: str | None, ifname: str) -> bool:
+    """Delete an interface (a veth takes its peer with it). Returns False if absent."""
+    with _ipr(ns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return False
+        ipr.link("del", index=idx[0])
+        return True
+
+
+def create_veth(name: str, peer: str, ns: str | None = None,
+                peer_ns: str | None = None) -> None:
+    """Create a veth pair ``name`` (in ``ns``) <-> ``peer`` (in ``peer_ns``).
+
+    Both ends are born under unique temporary names in the caller's namespace,
+    moved, then renamed inside their target namespace: names like ``eth0``
+    exist in every namespace, so the final name can only be taken there.
+    """
+    tag = uuid.uuid4().hex[:8]
+    tmp_a, tmp_b = f"mbv{tag}a", f"mbv{tag}b"
+    with IPRoute(groups=0) as ipr:
+        ipr.link("add", ifname=tmp_a, kind="veth", peer={"ifname": tmp_b})
+        try:
+            for tmp, target_ns in ((tmp_a, ns), (tmp_b, peer_ns)):
+                if target_ns is not None:
+                    ipr.link("set", index=ipr.link_lookup(ifname=tmp)[0],
+                             net_ns_fd=target_ns)
+            for tmp, final, target_ns in ((tmp_a, name, ns), (tmp_b, peer, peer_ns)):
+                with _ipr(target_ns) as nsr:
+                    nsr.link("set", index=nsr.link_lookup(ifname=tmp)[0], ifname=final)
+        except Exception:
+            # Deleting either end removes the pair, wherever it went.
+            for tmp, target_ns in ((tmp_a, ns), (tmp_b, peer_ns), (tmp_a, None)):
+                try:
+                    if target_ns is None or netns_exists(target_ns):
+                        if delete_link(target_ns, tmp):
+                            break
+                except NetlinkError:
+                    pass
+            raise
+
+
+def create_bridge(ns: str | None, name: str) -> None:
+    with _ipr(ns) as ipr:
+        ipr.link("add", ifname=name, kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
+
+
+def enslave(ns: str | None, ifname: str, bridge: str) -> None:
+    with _ipr(ns) as ipr:
+        master = ipr.link_lookup(ifname=bridge)
+        port = ipr.link_lookup(ifname=ifname)
+        if not master or not port:
+            raise NetnsError(f"enslave {ifname} to {bridge}: interface missing in {ns}")
+        ipr.link("set", index=port[0], master=master[0])
+
+
+def add_address(ns: str | None, ifname: str, cidr: str) -> None:
+    """Add ``a.b.c.d/n`` or ``v6/n``. IPv6 gets IFA_F_NODAD so it is usable at once
+    (duplicate address detection would otherwise keep it 'tentative' ~1-2 s)."""
+    iface = ipaddress.ip_interface(cidr)
+    kwargs = {}
+    if iface.version == 6:
+        kwargs["flags"] = IFA_F_NODAD
+    with _ipr(ns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise NetnsError(f"no interface {ifname} in netns {ns or '(current)'}")
+        ipr.addr("add", index=idx[0], address=str(iface.ip),
+                 prefixlen=iface.network.prefixlen, **kwargs)
+
+
+def add_route(ns: str | None, dst: str, gateway: str | None = None,
+              ifname: str | None = None) -> None:
+    """Add a route; ``dst`` may be ``default``/``default6`` or a CIDR."""
+    if dst in ("default", "default4"):
+        dst = "0.0.0.0/0"
+    elif dst == "default6":
+        dst = "::/0"
+    net = ipaddress.ip_network(dst, strict=False)
+    spec: dict = {"dst": str(net.network_address), "dst_len": net.prefixlen,
+                  "family": 10 if net.version == 6 else 2}
+    if gateway:
+        spec["gateway"] = gateway
+    with _ipr(ns) as ipr:
+        if ifname:
+            idx = ipr.link_lookup(ifname=ifname)
+            if not idx:
+                raise NetnsError(f"no interface {ifname} in netns {ns}")
+            spec["oif"] = idx[0]
+        ipr.route("add", **spec)
+
+
+def addresses(ns: str | None, ifname: str) -> list[str]:
+    """The interface's addresses as ``addr/prefixlen`` strings."""
+    with _ipr(ns) as ipr:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise NetnsError(f"no interface {ifname} in netns {ns}")
+        return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in ipr.get_addr(index=idx[0])]
+
+
+def links(ns: str | None) -> list[str]:
+    with _ipr(ns) as ipr:
+        return [link.get("IFLA_IFNAME") for link in ipr.get_links()]
+
+
+def set_sysctl(ns: str | None, key: str, value: str | int) -> None:
+    """Write a sysctl (``net.ipv4.ip_forward``) as seen from inside ``ns``.
+
+    /proc/sys/net resolves to the namespace of the process that opens the
+    file, so a short-lived child that entered the namespace writes it.
+    """
+    path = "/proc/sys/" + key.replace(".", "/")
+    res = run(["sh", "-c", 'printf "%s\\n" "$1" > "$0"', path, str(value)], ns=ns)
+    if res.returncode != 0:
+        raise NetnsError(f"sysctl {key}={value} in {ns}: {res.stderr.strip()}")
+
+
+def get_sysctl(ns: str | None, key: str) -> str:
+    res = run(["cat", "/proc/sys/" + key.replace(".", "/")], ns=ns)
+    if res.returncode != 0:
+        raise NetnsError(f"sysctl {key} in {ns}: {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
+def command(argv: Sequence[str], ns: str | None = None, cgroup: str | None = None,
+            uid: int | None = None, gid: int | None = None) -> list[str]:
+    """The argv that runs ``argv`` inside netns ``ns`` and cgroup directory
+    ``cgroup``, as ``uid``/``gid`` (supplementary groups cleared).
+
+    Order matters: a tiny sh first joins the cgroup with its own pid (which the
+    final program keeps through exec, so it starts inside the cgroup), then
+    nsenter (needs root) enters the namespace, then setpriv drops privileges.
+    """
+    out: list[str] = []
+    if cgroup is not None:
+        procs = os.path.join(cgroup, "cgroup.procs")
+        if not os.path.exists(procs):
+            raise NetnsError(f"{cgroup} is not a cgroup v2 directory")
+        out += ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs]
+    if ns is not None:
+        if not netns_exists(ns):
+            raise NetnsError(f"netns {ns} does not exist")
+        out += ["nsenter", f"--net={netns_path(ns)}", "--"]
+    if uid is not None or gid is not None:
+        uid = uid if uid is not None else os.getuid()
+        gid = gid if gid is not None else uid
+        out += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+    return out + list(argv)
+
+
+def spawn(argv: Sequence[str], ns: str | None = None, cgroup: str | None = None,
+          uid: int | None = None, gid: int | None = None, **popen) -> subprocess.Popen:
+    """Start ``argv`` in ``ns``/``cgroup`` as ``uid``; the Popen's pid is the program's."""
+    return subprocess.Popen(command(argv, ns, cgroup, uid, gid), **popen)
+
+
+def run(argv: Sequence[str], ns: str | None = None, cgroup: str | None = None,
+        uid: int | None = None, gid: int | None = None, timeout: float = 30,
+        input: str | bytes | None = None, text: bool = True) -> subprocess.CompletedProcess:
+    """Run ``argv`` to completion in ``ns``/``cgroup``; output is captured."""
+    return subprocess.run(command(argv, ns, cgroup, uid, gid), capture_output=True,
+                          timeout=timeout, input=input, text=text, check=False)
+
+
+def listening(ns: str | None, proto: str = "tcp") -> set[tuple[str, int]]:
+    """Listening sockets in ``ns`` as (address, port), from ``ss`` -- never by
+    connecting, since a proxy's own port must not be probed (self-loop)."""
+    flag = "-Hltn" if proto == "tcp" else "-Hlun"
+    res = run(["ss", flag], ns=ns)
+    if res.returncode != 0:
+        raise NetnsError(f"ss in {ns}: {res.stderr.strip()}")
+    out = set()
+    for line in res.stdout.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        addr, _, port = fields[3].rpartition(":")
+        addr = addr.strip("[]").split("%")[0]
+        out.add((addr, int(port)))
+    return out
+
+
+
+# ---- CNI-mode pod plumbing (H4) ----
+#
+# The daemon's per-pod work in CNI mode: a marker listener inside the pod
+# netns, XDP on the pod's veth pair, tx checksum offload off. Pod namespaces
+# arrive as *paths* (CNI_NETNS: /var/run/netns/NAME or /proc/PID/ns/net), so
+# these functions take paths, unlike the name-based lab helpers above.
+#
+# Anything that must run *inside* a pod netns (creating the listener socket,
+# ethtool ioctls) runs on a fresh thread that setns()es and then exits: setns
+# with CLONE_NEWNET moves only the calling thread, so no long-lived daemon
+# thread ever sits in a pod netns. Netlink work uses pyroute2's
+# IPRoute(netns=path), which opens its socket in a short-lived child.
+
+import socket as _socket
+import stat as _stat
+import threading as _threading
+from dataclasses import dataclass as _dataclass
+from fcntl import ioctl as _ioctl
+
+from pyroute2.ethtool import Ethtool as _Ethtool
+
+from merbridge.bpf.mesh import MARK_LISTENER_PORT
+
+_NS_GET_NSTYPE = 0xB703          # linux/nsfs.h: _IO(0xb7, 0x3)
+_CLONE_NEWNET = 0x40000000       # os.CLONE_NEWNET needs Python 3.12
+XDP_MODES = {"generic": 1 << 1, "native": 1 << 2}   # XDP_FLAGS_SKB_MODE / DRV_MODE
+_XDP_ATTACHED_FLAGS = {1: 1 << 2, 2: 1 << 1}        # IFLA_XDP_ATTACHED -> flags
+# tx checksum features that leave a CHECKSUM_PARTIAL seed for later; the XDP
+# egress rewrite needs every pod-sent segment to carry a finished checksum.
+TX_CHECKSUM_FEATURES = ("tx-checksum-ipv4", "tx-checksum-ip-generic", "tx-checksum-ipv6")
+
+
+class PodNetnsError(NetnsError):
+    """A pod netns path or interface was refused, or pod plumbing failed."""
+
+
+def _check_ifname(ifname: str) -> None:
+    if (not isinstance(ifname, str) or not 0 < len(ifname) < 16
+            or any(c in ifname for c in "/\0 \t\n:") or ifname in (".", "..")):
+        raise PodNetnsError(f"bad interface name {ifname!r}")
+
+
+def _open_netns(path: str, allow_own: bool = False) -> int:
+    """Open ``path`` as a network namespace and return the fd (O_CLOEXEC).
+
+    Refuses relative or non-normalised paths, anything that is not an nsfs
+    network namespace (a regular file, a directory, another namespace type)
+    and, unless ``allow_own``, the daemon's own netns: enrolling it would put
+    XDP and a marker on the node itself.
+    """
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise PodNetnsError(f"bad netns path {path!r}")
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        raise PodNetnsError(f"netns path must be absolute and normalised: {path!r}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as e:
+        raise PodNetnsError(f"cannot open netns {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            raise PodNetnsError(f"{path} is not a network namespace file")
+        try:
+            nstype = _ioctl(fd, _NS_GET_NSTYPE)
+        except OSError:
+            raise PodNetnsError(f"{path} is not a namespace (not on nsfs)") from None
+        if nstype != _CLONE_NEWNET:
+            raise PodNetnsError(f"{path} is a namespace, but not a network namespace")
+        own = os.stat("/proc/self/ns/net")
+        if not allow_own and (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            raise PodNetnsError(f"{path} is the daemon's own network namespace")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_pod_netns(path: str) -> str:
+    """Validate a pod netns path (see ``_open_netns``); returns it unchanged."""
+    os.close(_open_netns(path))
+    return path
+
+
+def _in_netns(path: str | None, fn, allow_own: bool = False):
+    """Run ``fn()`` on a new thread inside netns ``path`` and return its result.
+
+    The thread enters the namespace, runs ``fn`` and exits; it is never
+    reused, so it does not need to find its way back. ``path=None`` runs
+    ``fn`` here, in the caller's netns.
+    """
+    if path is None:
+        return fn()
+    fd = _open_netns(path, allow_own)
+    box: dict = {}
+
+    def body() -> None:
+        try:
+            _netns.setns(fd)  # this thread only; it exits afterwards
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    try:
+        t = _threading.Thread(target=body, name="mb-netns-worker", daemon=True)
+        t.start()
+        t.join()
+    finally:
+        os.close(fd)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _ipr_path(path: str | None, allow_own: bool = False) -> IPRoute:
+    if path is None:
+        return IPRoute(groups=0)
+    check = _open_netns(path, allow_own)
+    os.close(check)
+    # flags=0: pyroute2 must never create a namespace at a mistyped path
+    return IPRoute(netns=path, flags=0, groups=0)
+
+
+# ---- marker listener ---------------------------------------------------------
+
+def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_PORT,
+                         family: str = "dual") -> _socket.socket:
+    """Listen on ``port`` inside the pod netns with ``SO_MARK = mark``.
+
+    The connect hooks find this socket with ``bpf_sk_lookup_tcp`` in the
+    connecting socket's netns and read its mark: the pod's key in
+    ``mb_mark_pod_ips``. ``family="dual"`` (default) is one ``[::]`` socket
+    with IPV6_V6ONLY off, which IPv4 lookups of ``0.0.0.0:port`` find too;
+    ``"ipv4"`` binds ``0.0.0.0`` only (for a netns without IPv6).
+
+    The caller keeps the socket open for as long as the pod is enrolled (it
+    is never accepted on); closing it removes the marker.
+    """
+    if not isinstance(mark, int) or not 0 < mark < 1 << 32:
+        raise PodNetnsError(f"mark must be a non-zero 32-bit integer, got {mark!r}")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise PodNetnsError(f"bad port {port!r}")
+    if family not in ("dual", "ipv4"):
+        raise PodNetnsError(f"family must be 'dual' or 'ipv4', got {family!r}")
+
+    def make() -> _socket.socket:
+        fam = _socket.AF_INET6 if family == "dual" else _socket.AF_INET
+        s = _socket.socket(fam, _socket.SOCK_STREAM)
+        try:
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_MARK, mark)
+            if fam == _socket.AF_INET6:
+                s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0)
+                s.bind(("::", port))
+            else:
+                s.bind(("0.0.0.0", port))
+            s.listen(1)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    try:
+        return _in_netns(netns_path, make)
+    except OSError as e:
+        raise PodNetnsError(
+            f"marker listener on port {port} in {netns_path}: {e.strerror or e}") from None
+
+
+# ---- XDP on the pod's veth pair ---------------------------------------------
+
+@_dataclass(frozen=True)
+class XdpAttachment:
+    """Where the pod's XDP programs went (for detach and for tests)."""
+    netns: str              # pod netns path
+    ifname: str             # pod-side interface
+    ifindex: int
+    peer_netns: str | None  # None: the daemon's own (node) netns
+    peer_ifname: str
+    peer_ifindex: int
+    mode: str               # "native" | "generic"
+
+
+def _link(ipr: IPRoute, **match):
+    try:
+        found = ipr.get_links(**match)
+    except NetlinkError as e:
+        if e.code == 19:  # ENODEV
+            return None
+        raise
+    return found[0] if found else None
+
+
+def _veth_kind(link) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info else None
+
+
+def _find_peer(netns_path: str, ifname: str, peer_netns: str | None):
+    """(pod link index, peer index, peer name), verified from both sides.
+
+    The pod side names its peer by IFLA_LINK (an index in another netns,
+    IFLA_LINK_NETNSID). We look that index up in ``peer_netns`` and accept it
+    only if it is a veth pointing back at the pod link and the nsid really
+    denotes ``peer_netns``, so an unrelated veth with a colliding index in
+    the node netns is never touched.
+    """
+    with _ipr_path(netns_path) as ipr:
+        pod = _link(ipr, ifname=ifname)
+        if pod is None:
+            raise PodNetnsError(f"no interface {ifname} in {netns_path}")
+        if _veth_kind(pod) != "veth":
+            raise PodNetnsError(f"{ifname} in {netns_path} is not a veth")
+        pod_idx, peer_idx = pod["index"], pod.get_attr("IFLA_LINK")
+        nsid = pod.get_attr("IFLA_LINK_NETNSID")
+        peer_fd = os.open(peer_netns or "/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            want = ipr.get_netnsid(fd=peer_fd)
+        finally:
+            os.close(peer_fd)
+    if nsid is None or not want or want.get("nsid") != nsid:
+        raise PodNetnsError(
+            f"the peer of {ifname} in {netns_path} is not in {peer_netns or 'the node netns'}")
+    with _ipr_path(peer_netns, allow_own=True) as ipr:
+        peer = _link(ipr, index=peer_idx)
+    if peer is None or _veth_kind(peer) != "veth" or peer.get_attr("IFLA_LINK") != pod_idx:
+        raise PodNetnsError(f"cannot find the host-side peer of {ifname} in {netns_path}")
+    return pod_idx, peer_idx, peer.get_attr("IFLA_IFNAME")
+
+
+def _set_xdp(path: str | None, index: int, fd: int, flags: int, allow_own: bool) -> None:
+    with _ipr_path(path, allow_own) as ipr:
+        ipr.link("set", index=index,
+                 xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
+
+
+def _clear_xdp(path: str | None, index: int, allow_own: bool) -> None:
+    """Remove whatever XDP program is attached to ``index``, if any."""
+    with _ipr_path(path, allow_own) as ipr:
+        link = _link(ipr, index=index)
+        if link is None:
+            return
+        xdp = link.get_attr("IFLA_XDP")
+        attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else 0
+        if attached in _XDP_ATTACHED_FLAGS:
+            ipr.link("set", index=index, xdp={"attrs": [
+                ("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", _XDP_ATTACHED_FLAGS[attached])]})
+
+
+def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
+               mode: str = "native", peer_netns: str | None = None) -> XdpAttachment:
+    """Attach ``ingress_fd`` to the pod's ``ifname`` and ``egress_fd`` to its
+    host-side veth peer, which lives in ``peer_netns`` (None: this process's
+    netns, the node's in production).
+
+    A program already attached to either interface is replaced (after a
+    daemon restart that is our own old one: netlink XDP attachments outlive
+    the process that made them). The egress side goes first so that no SYN
+    is redirected before its reply can be rewritten back; if the ingress
+    attach fails the egress one is removed again.
+    """
+    _check_ifname(ifname)
+    if mode not in XDP_MODES:
+        raise PodNetnsError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
+    pod_idx, peer_idx, peer_name = _find_peer(netns_path, ifname, peer_netns)
+    try:
+        _set_xdp(peer_netns, peer_idx, egress_fd, XDP_MODES[mode], True)
+        _set_xdp(netns_path, pod_idx, ingress_fd, XDP_MODES[mode], False)
+    except NetlinkError as e:
+        _clear_xdp(peer_netns, peer_idx, True)
+        raise PodNetnsError(
+            f"attach XDP ({mode}) to {ifname} in {netns_path}: {os.strerror(e.code)}") from None
+    return XdpAttachment(netns_path, ifname, pod_idx, peer_netns, peer_name, peer_idx, mode)
+
+
+def detach_xdp(netns_path: str, ifname: str, peer_netns: str | None = None) -> bool:
+    """Remove XDP from the pod's interface and its peer. Idempotent: a pod
+    netns or interface that is already gone (CNI DEL after teardown) is fine.
+    Returns False when there was nothing left to detach."""
+    _check_ifname(ifname)
+    if not os.path.exists(netns_path):
+        return False
+    try:
+        pod_idx, peer_idx, _ = _find_peer(netns_path, ifname, peer_netns)
+    except PodNetnsError:
+        if not _path_link_exists(netns_path, ifname):
+            return False
+        # the peer cannot be proven ours: clear only the pod side
+        with _ipr_path(netns_path) as ipr:
+            link = _link(ipr, ifname=ifname)
+        if link is not None:
+            _clear_xdp(netns_path, link["index"], False)
+        return True
+    _clear_xdp(netns_path, pod_idx, False)
+    _clear_xdp(peer_netns, peer_idx, True)
+    return True
+
+
+def _path_link_exists(path: str, ifname: str) -> bool:
+    with _ipr_path(path) as ipr:
+        return _link(ipr, ifname=ifname) is not None
+
+
+def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) -> tuple[int, str]:
+    """(program id, "native"/"generic"/"") attached to ``ifname``; (0, "") if none."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path, allow_own) as ipr:
+        link = _link(ipr, ifname=ifname)
+    if link is None:
+        raise PodNetnsError(f"no interface {ifname} in {netns_path}")
+    xdp = link.get_attr("IFLA_XDP")
+    if not xdp or not xdp.get_attr("IFLA_XDP_ATTACHED"):
+        return 0, ""
+    mode = {1: "native", 2: "generic"}.get(xdp.get_attr("IFLA_XDP_ATTACHED"), "other")
+    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, mode
+
+
+# ---- tx checksum offload -----------------------------------------------------
+
+def tx_checksum(netns_path: str | None, ifname: str) -> dict[str, bool]:
+    """The state of the interface's tx checksum features (those it has)."""
+    _check_ifname(ifname)
+
+    def get() -> dict[str, bool]:
+        with _Ethtool() as et:
+            feats = et.get_features(ifname).features
+        return {n: bool(feats[n].enable) for n in TX_CHECKSUM_FEATURES
+                if n in feats and feats[n].available}
+
+    try:
+        return _in_netns(netns_path, get)
+    except OSError as e:
+        raise PodNetnsError(f"ethtool {ifname} in {netns_path}: {e.strerror or e}") from None
+
+
+def set_tx_checksum(netns_path: str, ifname: str, enabled: bool) -> dict[str, bool]:
+    """Turn the tx checksum offloads of ``ifname`` in the pod netns on or off
+    (``ethtool -K IF tx on|off``) and return the resulting state.
+
+    Off is what CNI mode needs unless the operator vouches for the hardware
+    (``--hardware-checksum``): with offload on, the pod's segments leave with a
+    pseudo-header seed in the checksum field, the XDP egress rewrite patches
+    that seed, and the checksum completed later is wrong. The kernel also
+    drops TSO with tx checksumming, which is the price.
+    """
+    _check_ifname(ifname)
+
+    def toggle() -> dict[str, bool]:
+        with _Ethtool() as et:
+            fs = et.get_features(ifname)
+            for name in TX_CHECKSUM_FEATURES:
+                f = fs.features.get(name)
+                if f is not None and f.available:
+                    f.enable = bool(enabled)
+            et.set_features(ifname, fs)
+            feats = et.get_features(ifname).features
+        return {n: bool(feats[n].enable) for n in TX_CHECKSUM_FEATURES
+                if n in feats and feats[n].available}
+
+    try:
+        state = _in_netns(netns_path, toggle)
+    except OSError as e:
+        raise PodNetnsError(f"ethtool -K {ifname} tx in {netns_path}: {e.strerror or e}") from None
+    if any(v != bool(enabled) for v in state.values()):
+        raise PodNetnsError(f"{ifname} in {netns_path} refused tx checksum {enabled}: {state}")
+    return state
