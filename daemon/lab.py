@@ -266,20 +266,23 @@ class Sidecar:
     procs: list[subprocess.Popen]
     log_path: str
 
-    def entries(self) -> list[dict]:
-        """One dict per logged connection: ``dir`` (outbound/inbound), ``fe``
-        (outbound4/inbound4/outbound6/inbound6), ``src``/``sport``, ``dst``/
-        ``dport`` (the original destination the proxy saw, i.e. the
-        SO_ORIGINAL_DST answer), ``bsrc``/``bsport`` (its upstream source),
-        ``server``/``sdport`` and ``term`` (``reject`` for a self-loop guard hit)."""
+    def entries(self, since: int = 0) -> list[dict]:
+        """One dict per logged connection (from the ``since``-th on): ``dir``
+        (outbound/inbound), ``fe`` (outbound4/inbound4/outbound6/inbound6),
+        ``src``/``sport``, ``dst``/``dport`` (the original destination the proxy
+        saw, i.e. the SO_ORIGINAL_DST answer), ``bsrc``/``bsport`` (its upstream
+        source), ``server``/``sdport`` and ``term`` (``reject``: self-loop guard)."""
         with open(self.log_path, errors="replace") as f:
-            return [e for e in map(labconfig.parse_log_line, f) if e]
+            return [e for e in map(labconfig.parse_log_line, f) if e][since:]
 
-    def wait_entries(self, count: int = 1, timeout: float = 5, **match) -> list[dict]:
-        """Wait for at least ``count`` entries whose fields equal ``match``."""
+    def wait_entries(self, count: int = 1, timeout: float = 5, since: int = 0,
+                     **match) -> list[dict]:
+        """Wait for at least ``count`` entries (from the ``since``-th on) whose
+        fields equal ``match``; returns those found by then."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [e for e in self.entries() if all(e.get(k) == v for k, v in match.items())]
+            found = [e for e in self.entries(since)
+                     if all(e.get(k) == v for k, v in match.items())]
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)

@@ -88,9 +88,15 @@ def test_pod_run_as_uid_in_netns_and_cgroup(lab):
     assert netns.get_sysctl(lab.nodes[0].ns, "net.ipv4.ip_forward") == "0"
 
 
+@pytest.mark.parametrize("nodes", [1, 2], ids=["same-node", "cross-node"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_istio_iptables_oracle_app_to_app(lab, family):
-    a, b = lab.add_pod("a"), lab.add_pod("b")
+def test_istio_iptables_oracle_app_to_app(family, nodes):
+    with Lab("mbt", nodes_count=nodes) as lab:
+        _app_to_app(lab, family)
+
+
+def _app_to_app(lab, family):
+    a, b = lab.add_pod("a"), lab.add_pod("b", node=len(lab.nodes) - 1)
     b.start_app(8080)
     sa, sb = a.start_sidecar(), b.start_sidecar()
     a.apply_istio_iptables()
