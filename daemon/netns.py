@@ -296,7 +296,8 @@ from merbridge.bpf.mesh import MARK_LISTENER_PORT
 _NS_GET_NSTYPE = 0xB703          # linux/nsfs.h: _IO(0xb7, 0x3)
 _CLONE_NEWNET = 0x40000000       # os.CLONE_NEWNET needs Python 3.12
 XDP_MODES = {"generic": 1 << 1, "native": 1 << 2}   # XDP_FLAGS_SKB_MODE / DRV_MODE
-_XDP_ATTACHED_FLAGS = {1: 1 << 2, 2: 1 << 1}        # IFLA_XDP_ATTACHED -> flags
+# IFLA_XDP_ATTACHED, as pyroute2 decodes it -> (our mode name, XDP flags)
+_XDP_ATTACHED = {"xdp": ("native", 1 << 2), "xdpgeneric": ("generic", 1 << 1)}
 # tx checksum features that leave a CHECKSUM_PARTIAL seed for later; the XDP
 # egress rewrite needs every pod-sent segment to carry a finished checksum.
 TX_CHECKSUM_FEATURES = ("tx-checksum-ipv4", "tx-checksum-ip-generic", "tx-checksum-ipv6")
@@ -511,10 +512,10 @@ def _clear_xdp(path: str | None, index: int, allow_own: bool) -> None:
         if link is None:
             return
         xdp = link.get_attr("IFLA_XDP")
-        attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else 0
-        if attached in _XDP_ATTACHED_FLAGS:
+        attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
+        if attached in _XDP_ATTACHED:
             ipr.link("set", index=index, xdp={"attrs": [
-                ("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", _XDP_ATTACHED_FLAGS[attached])]})
+                ("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", _XDP_ATTACHED[attached][1])]})
 
 
 def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
@@ -581,7 +582,7 @@ def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) ->
     xdp = link.get_attr("IFLA_XDP")
     if not xdp or not xdp.get_attr("IFLA_XDP_ATTACHED"):
         return 0, ""
-    mode = {1: "native", 2: "generic"}.get(xdp.get_attr("IFLA_XDP_ATTACHED"), "other")
+    mode = _XDP_ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED"), ("other", 0))[0]
     return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, mode
 
 
