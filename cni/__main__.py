@@ -1,0 +1,4 @@
+"""``python -m merbridge.cni``: run the plugin (same as ``merbridge-cni``)."""
+from merbridge.cni.main import main
+
+main()

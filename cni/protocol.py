@@ -1,0 +1,265 @@
+"""The plugin <-> daemon wire contract (HTTP/1.1 over the daemon's unix socket).
+
+This module is the whole contract; the daemon imports it and nothing else from
+``merbridge.cni``. Requests and replies are JSON objects, each mirrored by a
+frozen dataclass with ``to_json``/``from_json``. ``from_json`` checks every
+type and size and raises ``ProtocolError`` (a ValueError); unknown fields are
+ignored, so a plugin and a daemon one release apart still understand each other.
+
+Endpoints:
+
+==========================  ==============  =========================================
+``POST /v1/cni/add``        ``CniRequest``  200 ``AddReply``; else ``ErrorReply``
+``POST /v1/cni/del``        ``CniRequest``  200 ``AddReply`` (empty); else ``ErrorReply``
+``POST /v1/cni/check``      ``CniRequest``  200 ``AddReply`` (empty); else ``ErrorReply``
+``POST /v1/cni/gc``         ``CniRequest``  200 ``AddReply`` (empty); else ``ErrorReply``
+``GET  /v1/status``         (none)          200 or 503 ``StatusReply``
+==========================  ==============  =========================================
+
+An ``ErrorReply`` carries a CNI code (spec codes, or ours from 100) which the
+plugin re-emits to the runtime unchanged.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass, field
+
+API = "/v1"
+PATHS = {"ADD": API + "/cni/add", "DEL": API + "/cni/del",
+         "CHECK": API + "/cni/check", "GC": API + "/cni/gc"}
+COMMAND_OF_PATH = {path: command for command, path in PATHS.items()}
+STATUS_PATH = API + "/status"
+CONTENT_TYPE = "application/json"
+
+#: caps that bound what either side must buffer or trust
+MAX_BODY = 1 << 20
+MAX_STR = 1024
+MAX_PATH = 4096
+MAX_IPS = 64
+MAX_INTERFACES = 64
+MAX_ATTACHMENTS = 8192
+MAX_RESULT_KEYS = 64
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this contract."""
+
+
+def _str(obj: dict, key: str, limit: int = MAX_STR, required: bool = False) -> str:
+    value = obj.get(key, "")
+    if not isinstance(value, str):
+        raise ProtocolError(f"{key!r} must be a string")
+    if len(value) > limit:
+        raise ProtocolError(f"{key!r} longer than {limit} characters")
+    if "\0" in value:
+        raise ProtocolError(f"{key!r} contains NUL")
+    if required and not value:
+        raise ProtocolError(f"{key!r} is required")
+    return value
+
+
+def _list(obj: dict, key: str, limit: int) -> list:
+    value = obj.get(key, [])
+    if not isinstance(value, list):
+        raise ProtocolError(f"{key!r} must be a list")
+    if len(value) > limit:
+        raise ProtocolError(f"{key!r} has more than {limit} items")
+    return value
+
+
+def _object(data: bytes) -> dict:
+    if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_BODY:
+        raise ProtocolError(f"body must be at most {MAX_BODY} bytes")
+    try:
+        obj = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(f"body is not UTF-8 JSON: {str(e)[:200]}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("body must be a JSON object")
+    return obj
+
+
+def _dump(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
+
+
+def normalize_ip(text: str) -> str:
+    """``"10.0.0.2/24"`` -> itself; ``"fd00:0::2/64"`` -> ``"fd00::2/64"``; ProtocolError if bad."""
+    if not isinstance(text, str) or "/" not in text or len(text) > 64:
+        raise ProtocolError(f"ip {str(text)[:64]!r} must be 'address/prefix'")
+    try:
+        return str(ipaddress.ip_interface(text))
+    except ValueError:
+        raise ProtocolError(f"ip {text[:64]!r} is not a valid 'address/prefix'") from None
+
+
+@dataclass(frozen=True)
+class Interface:
+    """An interface of the pod (``prevResult.interfaces`` entries with a sandbox)."""
+
+    name: str
+    sandbox: str = ""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A (container id, ifname) pair the runtime still considers valid (GC)."""
+
+    container_id: str
+    ifname: str
+
+
+@dataclass(frozen=True)
+class CniRequest:
+    """One CNI command forwarded by the plugin.
+
+    ``command`` is ADD, DEL, CHECK or GC. ADD and CHECK need ``container_id``,
+    ``netns`` and ``ifname``; DEL needs ``container_id`` and ``ifname`` (the
+    netns may already be gone); GC needs only ``attachments`` (possibly empty:
+    then nothing is still valid).
+    """
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    pod_namespace: str = ""
+    pod_name: str = ""
+    pod_uid: str = ""
+    #: pod addresses from prevResult, "addr/prefix", both families
+    ips: tuple = ()
+    interfaces: tuple = ()
+    cni_version: str = ""
+    #: the network (conflist) name
+    network: str = ""
+    attachments: tuple = ()
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.command not in PATHS:
+            raise ProtocolError(f"unknown command {str(self.command)[:20]!r}")
+        d = self.to_dict()
+        for key in ("container_id", "ifname", "pod_namespace", "pod_name", "pod_uid",
+                    "cni_version", "network"):
+            _str(d, key)
+        _str(d, "netns", MAX_PATH)
+        if self.command in ("ADD", "CHECK", "DEL"):
+            _str(d, "container_id", required=True)
+            _str(d, "ifname", required=True)
+        if self.command in ("ADD", "CHECK"):
+            _str(d, "netns", MAX_PATH, required=True)
+        if len(self.ips) > MAX_IPS or len(self.interfaces) > MAX_INTERFACES \
+                or len(self.attachments) > MAX_ATTACHMENTS:
+            raise ProtocolError("too many ips, interfaces or attachments")
+        for ip in self.ips:
+            if normalize_ip(ip) != ip:
+                raise ProtocolError(f"ip {ip!r} is not normalized")
+        for iface in self.interfaces:
+            if not isinstance(iface, Interface):
+                raise ProtocolError("interfaces must be Interface objects")
+            _str({"name": iface.name}, "name")
+            _str({"sandbox": iface.sandbox}, "sandbox", MAX_PATH)
+        for att in self.attachments:
+            if not isinstance(att, Attachment):
+                raise ProtocolError("attachments must be Attachment objects")
+            _str({"container_id": att.container_id}, "container_id", required=True)
+            _str({"ifname": att.ifname}, "ifname")
+
+    def to_dict(self) -> dict:
+        return {"command": self.command, "container_id": self.container_id,
+                "netns": self.netns, "ifname": self.ifname,
+                "pod_namespace": self.pod_namespace, "pod_name": self.pod_name,
+                "pod_uid": self.pod_uid, "ips": list(self.ips),
+                "interfaces": [{"name": i.name, "sandbox": i.sandbox}
+                               for i in self.interfaces if isinstance(i, Interface)],
+                "cni_version": self.cni_version, "network": self.network,
+                "attachments": [{"container_id": a.container_id, "ifname": a.ifname}
+                                for a in self.attachments if isinstance(a, Attachment)]}
+
+    def to_json(self) -> bytes:
+        return _dump(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: bytes, command: str | None = None) -> CniRequest:
+        """Decode and validate; ``command`` (from the URL) must match the body's."""
+        obj = _object(data)
+        cmd = _str(obj, "command", 16, required=True)
+        if command is not None and cmd != command:
+            raise ProtocolError(f"command {cmd!r} posted to the {command} endpoint")
+        ips = tuple(normalize_ip(ip) for ip in _list(obj, "ips", MAX_IPS))
+        ifaces = []
+        for i in _list(obj, "interfaces", MAX_INTERFACES):
+            if not isinstance(i, dict):
+                raise ProtocolError("each interface must be an object")
+            ifaces.append(Interface(_str(i, "name"), _str(i, "sandbox", MAX_PATH)))
+        atts = []
+        for a in _list(obj, "attachments", MAX_ATTACHMENTS):
+            if not isinstance(a, dict):
+                raise ProtocolError("each attachment must be an object")
+            atts.append(Attachment(_str(a, "container_id", required=True), _str(a, "ifname")))
+        return cls(command=cmd, container_id=_str(obj, "container_id"),
+                   netns=_str(obj, "netns", MAX_PATH), ifname=_str(obj, "ifname"),
+                   pod_namespace=_str(obj, "pod_namespace"), pod_name=_str(obj, "pod_name"),
+                   pod_uid=_str(obj, "pod_uid"), ips=ips, interfaces=tuple(ifaces),
+                   cni_version=_str(obj, "cni_version"), network=_str(obj, "network"),
+                   attachments=tuple(atts))
+
+
+@dataclass(frozen=True)
+class AddReply:
+    """Success. ``result`` holds extras from the daemon (e.g. the mark key), for logs only:
+    the plugin always prints ``prevResult`` unchanged."""
+
+    result: dict = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return _dump({"result": self.result})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> AddReply:
+        obj = _object(data)
+        result = obj.get("result", {})
+        if not isinstance(result, dict) or len(result) > MAX_RESULT_KEYS:
+            raise ProtocolError(f"'result' must be an object of at most {MAX_RESULT_KEYS} keys")
+        return cls(result)
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """Failure, with the CNI code the plugin passes on."""
+
+    code: int
+    msg: str
+    details: str = ""
+
+    def to_json(self) -> bytes:
+        return _dump({"code": self.code, "msg": self.msg, "details": self.details})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ErrorReply:
+        obj = _object(data)
+        code = obj.get("code")
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 < code <= 0xFFFF:
+            raise ProtocolError("'code' must be a positive integer")
+        return cls(code, _str(obj, "msg", required=True), _str(obj, "details", MAX_PATH))
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    """``GET /v1/status``: whether the daemon can service ADD now."""
+
+    ready: bool
+    detail: str = ""
+
+    def to_json(self) -> bytes:
+        return _dump({"ready": self.ready, "detail": self.detail})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> StatusReply:
+        obj = _object(data)
+        if not isinstance(obj.get("ready"), bool):
+            raise ProtocolError("'ready' must be a boolean")
+        return cls(obj["ready"], _str(obj, "detail", MAX_PATH))
