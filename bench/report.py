@@ -1,0 +1,245 @@
+"""Turn a results dict (bench.py) into the markdown report, the target
+verdicts and the PNG plots. Pure function of the JSON: ``bench/run --report
+DIR`` re-renders an old run."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+from common import summarize
+
+EBPF_MODES = ("ebpf-cni", "ebpf-legacy")
+LABEL = {"direct": "direct (no sidecar)", "iptables": "iptables + sidecars",
+         "ebpf-cni": "eBPF CNI mode + sidecars", "ebpf-legacy": "eBPF legacy mode + sidecars",
+         "ebpf-cni-nosockmap": "eBPF CNI mode, sk_msg off"}
+CONN = {False: "keep-alive", True: "Connection: close"}
+
+
+def _group(runs, keys):
+    g = defaultdict(list)
+    for r in runs:
+        g[tuple(r[k] for k in keys)].append(r)
+    return g
+
+
+def load_summary(results: dict) -> dict:
+    """(mode, where, close, conns) -> {rps, p50_us, p99_us: summarize()}."""
+    out = {}
+    for key, rs in _group(results.get("load", {}).get("runs", []),
+                          ("mode", "where", "close", "conns")).items():
+        out[key] = {m: summarize(r[m] for r in rs) for m in ("rps", "p50_us", "p99_us")}
+        out[key]["errors"] = sum(r.get("errors", 0) for r in rs)
+    return out
+
+
+def targets(results: dict) -> list[dict]:
+    """Every target of the brief, with the figures it was judged on."""
+    rows = []
+    s = load_summary(results)
+    for mode in EBPF_MODES:
+        for (m, where, close, conns), v in sorted(s.items(), key=lambda kv: str(kv[0])):
+            if m != mode or ("iptables", where, close, conns) not in s:
+                continue
+            base = s[("iptables", where, close, conns)]
+            if not base["rps"]["median"] or not base["p99_us"]["median"]:
+                continue
+            rr = v["rps"]["median"] / base["rps"]["median"]
+            pr = v["p99_us"]["median"] / base["p99_us"]["median"]
+            rows.append({"target": f"{mode} vs iptables, {where}-node, {CONN[close]}, c={conns}",
+                         "kind": "load", "mode": mode, "where": where, "close": close,
+                         "conns": conns, "rps_ratio": rr, "p99_ratio": pr,
+                         "met": rr >= 1.3 and pr <= 0.8,
+                         "value": f"req/s x{rr:.2f} (>=1.3), p99 x{pr:.2f} (<=0.8)"})
+    c = results.get("connect") or {}
+    if c.get("delta_ns") is not None:
+        rows.append({"target": "hooks add <= 1 us per connect()", "kind": "connect",
+                     "met": c["delta_ns"] <= 1000,
+                     "value": f"{c['delta_ns']:.0f} ns (p50 of {c.get('samples', '?')} connects)"})
+    cni = results.get("cni") or {}
+    if cni.get("ratio_add_p50") is not None:
+        rows.append({"target": "CNI ADD p50 <= 1.5x bridge alone", "kind": "cni",
+                     "met": cni["ratio_add_p50"] <= 1.5,
+                     "value": f"x{cni['ratio_add_p50']:.2f}"})
+    d = results.get("daemon") or {}
+    if d.get("ready_s") is not None:
+        rows.append({"target": "daemon ready <= 5 s", "kind": "daemon",
+                     "met": d["ready_s"] <= 5, "value": f"{d['ready_s']:.2f} s"})
+    if d.get("rss_mb") is not None:
+        rows.append({"target": "daemon RSS <= 150 MB", "kind": "daemon",
+                     "met": d["rss_mb"] <= 150, "value": f"{d['rss_mb']:.0f} MB"})
+    return rows
+
+
+def _f(x, nd=0):
+    if x is None:
+        return "–"
+    return f"{x:,.{nd}f}".replace(",", " ")
+
+
+def _ms(st):
+    if not st or st.get("median") is None:
+        return "–"
+    sp = st.get("spread_pct")
+    return f"{_f(st['median'])} ({_f(sp, 0)} %)" if sp is not None else _f(st["median"])
+
+
+def markdown(results: dict, img_prefix: str = "") -> str:
+    m = results.get("machine", {})
+    cfg = results.get("config", {})
+    L = []
+    L.append("# Benchmark: eBPF interception vs Istio's iptables\n")
+    L.append(f"Run `{cfg.get('argv', 'bench/run')}` from {results.get('started', '?')} to "
+             f"{results.get('finished', '?')}.\n")
+    L.append("| machine | |\n|---|---|")
+    for k in ("kernel", "cpu_model", "cores", "mem_gb", "loadavg_at_start", "wrk", "haproxy",
+              "iperf3", "commit"):
+        L.append(f"| {k} | {m.get(k, '?')} |")
+    L.append("")
+    L.append(f"Repetitions: {cfg.get('reps')}, modes interleaved (order rotated every "
+             f"repetition), wrk -t1 -d{cfg.get('duration')}s per point, fresh topology per "
+             "mode and repetition. Figures are medians; (x %) is the spread, "
+             "(max-min)/median over the repetitions.\n")
+
+    tg = targets(results)
+    if tg:
+        L.append("## Targets\n")
+        L.append("| target | figure | met |\n|---|---|---|")
+        for t in tg:
+            L.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")
+        L.append("")
+
+    s = load_summary(results)
+    if s:
+        L.append("## Saturation (wrk, HTTP through both sidecars)\n")
+        if img_prefix is not None:
+            L.append(f"![req/s]({img_prefix}bench-rps.png) ![p99]({img_prefix}bench-p99.png)\n")
+        L.append("| placement | connection | conns | mode | req/s | p50 µs | p99 µs | errors |")
+        L.append("|---|---|---:|---|---:|---:|---:|---:|")
+        order = {mo: i for i, mo in enumerate(LABEL)}
+        for key in sorted(s, key=lambda k: (k[1] != "same", k[2], k[3], order.get(k[0], 9))):
+            mode, where, close, conns = key
+            v = s[key]
+            L.append(f"| {where}-node | {CONN[close]} | {conns} | {mode} | {_ms(v['rps'])} | "
+                     f"{_ms(v['p50_us'])} | {_ms(v['p99_us'])} | {v['errors']} |")
+        L.append("")
+
+    lat = results.get("latency", {}).get("runs", [])
+    if lat:
+        L.append("## Fixed rate (wrk with a Lua delay: 16 connections, one request per "
+                 f"connection every {results['latency'].get('interval_ms')} ms, ~1000 req/s)\n")
+        L.append("| placement | mode | achieved req/s | p50 µs | p90 µs | p99 µs | p99.9 µs |")
+        L.append("|---|---|---:|---:|---:|---:|---:|")
+        for (mode, where), rs in sorted(_group(lat, ("mode", "where")).items(),
+                                        key=lambda kv: (kv[0][1], kv[0][0])):
+            L.append(f"| {where}-node | {mode} | {_ms(summarize(r['rps'] for r in rs))} | "
+                     + " | ".join(_ms(summarize(r[k] for r in rs))
+                                  for k in ("p50_us", "p90_us", "p99_us", "p999_us")) + " |")
+        L.append("")
+
+    bulk = results.get("bulk", {}).get("runs", [])
+    if bulk:
+        L.append("## Bulk transfer (iperf3, same node, through both sidecars) and socket memory\n")
+        L.append("Peak of `ss -tm` sums (r = receive queue, t = transmit queue, bytes) in the "
+                 "client and server pods, sampled every 100 ms.\n")
+        L.append("| mode | sender Gbit/s | receiver Gbit/s | client r | client t | server r | "
+                 "server t |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for (mode,), rs in sorted(_group(bulk, ("mode",)).items()):
+            cells = [_ms({**summarize(r[k] for r in rs), "spread_pct": None})
+                     if "gbps" not in k else f"{summarize(r[k] for r in rs)['median']:.2f}"
+                     for k in ("sender_gbps", "receiver_gbps", "peak_client_rmem",
+                               "peak_client_wmem", "peak_server_rmem", "peak_server_wmem")]
+            L.append(f"| {mode} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    c = results.get("connect")
+    if c:
+        L.append("## Per-connect cost of the hooks\n")
+        L.append(c.get("method", ""))
+        L.append("\n| case | p50 ns | p90 ns | p99 ns | mean ns |\n|---|---:|---:|---:|---:|")
+        for case, st in c.get("cases", {}).items():
+            L.append(f"| {case} | {_f(st.get('p50'))} | {_f(st.get('p90'))} | "
+                     f"{_f(st.get('p99'))} | {_f(st.get('mean'))} |")
+        if c.get("prog_stats"):
+            L.append("\nbpf_stats (kernel.bpf_stats_enabled=1 during the redirected run):\n")
+            L.append("| program | runs | ns per run |\n|---|---:|---:|")
+            for p in c["prog_stats"]:
+                per = p["run_time_ns"] / p["run_cnt"] if p.get("run_cnt") else None
+                L.append(f"| {p['name']} ({p.get('type')}) | {p.get('run_cnt')} | {_f(per)} |")
+        L.append("")
+
+    cni = results.get("cni")
+    if cni:
+        L.append("## CNI ADD/DEL latency (cnitool, wall time per invocation)\n")
+        L.append("| chain | op | p50 ms | p99 ms | n |\n|---|---|---:|---:|---:|")
+        for chain, ops in cni.get("chains", {}).items():
+            for op, st in ops.items():
+                L.append(f"| {chain} | {op} | {_f(st.get('p50'), 1)} | {_f(st.get('p99'), 1)} | "
+                         f"{st.get('n')} |")
+        L.append("")
+
+    d = results.get("daemon")
+    if d:
+        L.append("## Daemon\n")
+        L.append("| figure | value |\n|---|---|")
+        for k, v in d.items():
+            if isinstance(v, (int, float, str)):
+                L.append(f"| {k} | {_f(v, 2) if isinstance(v, float) else v} |")
+        L.append("")
+
+    errs = results.get("errors") or {}
+    if errs:
+        L.append("## Suites that did not run\n")
+        for k, v in errs.items():
+            L.append(f"- **{k}**: {v}")
+        L.append("")
+    notes = results.get("notes")
+    if notes:
+        L.append("## Notes\n")
+        L.extend(f"- {n}" for n in notes)
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def plots(results: dict, outdir: str) -> list[str]:
+    """bench-rps.png and bench-p99.png: one panel per placement x connection
+    style, x = connections, one line per mode. Empty list without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    s = load_summary(results)
+    if not s:
+        return []
+    made = []
+    panels = sorted({(k[1], k[2]) for k in s}, key=lambda p: (p[0] != "same", p[1]))
+    for metric, fname, ylabel in (("rps", "bench-rps.png", "req/s"),
+                                  ("p99_us", "bench-p99.png", "p99 latency (µs)")):
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), dpi=80,
+                                 squeeze=False)
+        for ax, (where, close) in zip(axes[0], panels):
+            for mode in LABEL:
+                pts = sorted((k[3], v[metric]) for k, v in s.items()
+                             if k[0] == mode and k[1] == where and k[2] == close)
+                if not pts:
+                    continue
+                xs = [p[0] for p in pts]
+                ys = [p[1]["median"] for p in pts]
+                lo = [p[1]["median"] - p[1]["min"] for p in pts]
+                hi = [p[1]["max"] - p[1]["median"] for p in pts]
+                ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, label=mode)
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{where}-node, {CONN[close]}", fontsize=8)
+            ax.set_xlabel("connections", fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0][0].set_ylabel(ylabel, fontsize=7)
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        path = os.path.join(outdir, fname)
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    return made
