@@ -176,6 +176,8 @@ def markdown(results: dict, img_prefix: str = "") -> str:
             for op, st in ops.items():
                 L.append(f"| {chain} | {op} | {_f(st.get('p50'), 1)} | {_f(st.get('p99'), 1)} | "
                          f"{st.get('n')} |")
+        for n in cni.get("notes", []):
+            L.append(f"\n{n}")
         L.append("")
 
     d = results.get("daemon")

@@ -1,0 +1,161 @@
+"""CNI ADD/DEL latency through the real cnitool.
+
+Chains compared, same node namespace, same pods:
+- ``bridge``: bridge + host-local alone (Debian's plugins);
+- ``bridge+merbridge``: the same conflist after a running ``merbridge run
+  --cni-mode=true`` installed ``merbridge-cni`` into it, so every ADD/DEL also
+  goes to the daemon over its unix socket (mark key, marker listener, XDP).
+
+Per chain: N sequential ADD then DEL (wall time of each cnitool process,
+which includes cnitool's own start-up, identical for both chains), then 50
+concurrent ADDs and 50 concurrent DELs. cnitool runs inside a node netns we
+create (the bridge plugin puts the bridge in its caller's netns); libcni's
+result cache files for our uniquely named network are removed afterwards.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+
+from common import BenchError, log, percentiles
+from merbridge.daemon import netns
+
+LIBCNI_CACHE = "/var/lib/cni/results"
+
+
+class CniNode:
+    """A node netns, a conf dir with a bridge conflist, pods to ADD."""
+
+    def __init__(self, workdir: str, tag: str):
+        self.name = f"mbb-{uuid.uuid4().hex[:8]}"
+        self.dir = os.path.join(workdir, f"cni-{tag}")
+        self.conf_dir = os.path.join(self.dir, "net.d")
+        self.bin_dir = os.path.join(self.dir, "bin")
+        os.makedirs(self.conf_dir)
+        os.makedirs(self.bin_dir)
+        self.node_ns = f"{self.name}-node"
+        self.pods: list[str] = []
+        netns.create_netns(self.node_ns)
+        conf = {
+            "cniVersion": "1.0.0", "name": self.name,
+            "plugins": [{
+                "type": "bridge", "bridge": "mbbcni0", "isGateway": True, "ipMasq": False,
+                "ipam": {"type": "host-local", "dataDir": os.path.join(self.dir, "ipam"),
+                         "ranges": [[{"subnet": "10.232.0.0/16"}]]},
+            }],
+        }
+        self.conflist = os.path.join(self.conf_dir, "10-bench.conflist")
+        with open(self.conflist, "w") as f:
+            json.dump(conf, f, indent=1)
+
+    def new_pod(self, i: int) -> str:
+        ns = f"{self.name}-p{i}"
+        netns.create_netns(ns)
+        self.pods.append(ns)
+        return ns
+
+    def cnitool(self, op: str, pod_ns: str, pod_name: str) -> tuple[float, subprocess.CompletedProcess]:
+        env = dict(os.environ, NETCONFPATH=self.conf_dir,
+                   CNI_PATH=f"/usr/lib/cni:{self.bin_dir}",
+                   CNI_ARGS=(f"IgnoreUnknown=1;K8S_POD_NAMESPACE=bench;K8S_POD_NAME={pod_name};"
+                             f"K8S_POD_INFRA_CONTAINER_ID={pod_ns}"))
+        argv = netns.command(["cnitool", op, self.name, netns.netns_path(pod_ns)], ns=self.node_ns)
+        t0 = time.perf_counter()
+        res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        return time.perf_counter() - t0, res
+
+    def close(self) -> None:
+        for ns in self.pods + [self.node_ns]:
+            try:
+                netns.remove_netns(ns)
+            except Exception as e:  # keep going: every namespace must go
+                log(f"cni cleanup: {ns}: {e}")
+        for path in glob.glob(os.path.join(LIBCNI_CACHE, f"{self.name}-*")):
+            os.unlink(path)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _measure(node: CniNode, n_seq: int, n_conc: int) -> dict:
+    def check(op, res, pod):
+        if res.returncode != 0:
+            raise BenchError(f"cnitool {op} {pod}: rc={res.returncode} "
+                             f"{(res.stderr or res.stdout).strip()[-400:]}")
+
+    add, dele = [], []
+    for i in range(n_seq):
+        pod = node.new_pod(i)
+        dt, res = node.cnitool("add", pod, f"seq-{i}")
+        check("add", res, pod)
+        add.append(dt * 1000)
+        dt, res = node.cnitool("del", pod, f"seq-{i}")
+        check("del", res, pod)
+        dele.append(dt * 1000)
+    pods = [node.new_pod(1000 + i) for i in range(n_conc)]
+    out = {"add": percentiles(add), "del": percentiles(dele)}
+    for op in ("add", "del"):
+        times: list[float] = []
+        errors: list[str] = []
+
+        def one(pod: str, i: int) -> None:
+            dt, res = node.cnitool(op, pod, f"conc-{i}")
+            if res.returncode != 0:
+                errors.append((res.stderr or res.stdout).strip()[-200:])
+            times.append(dt * 1000)
+
+        threads = [threading.Thread(target=one, args=(p, i)) for i, p in enumerate(pods)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        st = percentiles(times)
+        st["wall_ms"] = wall * 1000
+        st["errors"] = len(errors)
+        if errors:
+            st["first_error"] = errors[0]
+        out[f"{op} x{n_conc} concurrent"] = st
+    return out
+
+
+def run(a, workdir: str) -> dict:
+    if shutil.which("cnitool") is None:
+        raise BenchError("cnitool not found (scripts/prepare-host builds it)")
+    n_seq = 10 if a.quick else 100
+    n_conc = 10 if a.quick else 50
+    chains = {}
+    node = CniNode(workdir, "bridge")
+    try:
+        log(f"cni: bridge + host-local, {n_seq} sequential, {n_conc} concurrent")
+        chains["bridge"] = _measure(node, n_seq, n_conc)
+    finally:
+        node.close()
+    notes = []
+    try:
+        import daemonctl
+        node = CniNode(workdir, "chained")
+        try:
+            with daemonctl.Daemon(workdir, cni_mode=True, cni_conf_dir=node.conf_dir,
+                                  cni_bin_dir=node.bin_dir, pods=n_seq + n_conc) as d:
+                d.wait_cni_installed(node.conflist)
+                log(f"cni: bridge + host-local + merbridge-cni -> daemon")
+                chains["bridge+merbridge"] = _measure(node, n_seq, n_conc)
+                chains["bridge+merbridge"]["daemon_enrolled"] = d.enrolled_count()
+        finally:
+            node.close()
+    except (BenchError, ImportError) as e:
+        notes.append(f"chained merbridge-cni not measured: {e}")
+    out = {"chains": {c: {op: st for op, st in v.items() if isinstance(st, dict)}
+                      for c, v in chains.items()},
+           "sequential": n_seq, "concurrent": n_conc, "notes": notes}
+    b = chains.get("bridge", {}).get("add", {}).get("p50")
+    m = chains.get("bridge+merbridge", {}).get("add", {}).get("p50")
+    if b and m:
+        out["ratio_add_p50"] = m / b
+    return out
