@@ -635,3 +635,22 @@ def set_tx_checksum(netns_path: str, ifname: str, enabled: bool) -> dict[str, bo
     if any(v != bool(enabled) for v in state.values()):
         raise PodNetnsError(f"{ifname} in {netns_path} refused tx checksum {enabled}: {state}")
     return state
+
+
+def pod_addresses(netns_path: str, ifname: str) -> list[str]:
+    """The global (non link-local) IPs of ``ifname`` in the pod netns, IPv4 first."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path) as ipr:
+        link = _link(ipr, ifname=ifname)
+        if link is None:
+            raise PodNetnsError(f"no interface {ifname} in {netns_path}")
+        found = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=link["index"])]
+    ips = [ipaddress.ip_address(a) for a in found if a]
+    ips = [ip for ip in ips if not ip.is_link_local]
+    return [str(ip) for ip in sorted(ips, key=lambda ip: ip.version)]
+
+
+def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
+    """Name of the host-side veth peer of the pod's ``ifname`` (in ``peer_netns``)."""
+    _check_ifname(ifname)
+    return _find_peer(netns_path, ifname, peer_netns)[2]

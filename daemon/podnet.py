@@ -1,0 +1,118 @@
+"""Per-pod network plumbing of CNI mode: marker listener, XDP, tx checksum.
+
+``PodNet`` is the production implementation of the pod registry's ``PodNet``
+protocol (``merbridge.daemon.pods``). It only orchestrates; the kernel work is
+done by ``merbridge.daemon.netns`` (the pyroute2 module) and the XDP programs
+come from the loader (``merbridge.bpf.loader.Datapath.xdp_programs()``), so
+this module imports no third-party library.
+
+Enrolling a pod's netns, in the order the registry calls it:
+
+1. ``open_marker(netns, key)``: a listener on 39807 inside the pod netns with
+   ``SO_MARK = key`` (the pod's key in ``mb_mark_pod_ips``). The registry keeps
+   the returned socket open while the pod is enrolled.
+2. ``attach_xdp(netns, ifname)``: tx checksum offload off on the pod interface
+   first (unless ``hardware_checksum``: without it the egress rewrite corrupts
+   the checksum the kernel completes later), then the egress program on the
+   host-side veth peer, then the ingress program on the pod interface.
+3. ``tx_checksum_off(netns, ifname)``: idempotent; already done by step 2.
+
+Withdrawing: close the marker socket, ``detach_xdp(netns, ifname)`` (a netns or
+interface that is already gone is fine).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Callable
+
+from merbridge.bpf.mesh import MARK_LISTENER_PORT
+from merbridge.daemon import netns
+
+PodNetError = netns.PodNetnsError
+
+#: "auto": native (driver) XDP, falling back to generic when the interface
+#: refuses native mode (e.g. an MTU too large for single-buffer veth XDP).
+XDP_MODES = ("auto", "native", "generic")
+
+
+def prog_id(fd: int) -> int:
+    """The kernel id of the BPF program behind ``fd`` (from /proc fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+    raise PodNetError(f"fd {fd} is not a BPF program")
+
+
+class PodNet:
+    """Pod plumbing for the registry.
+
+    ``xdp_programs`` returns the (ingress fd, egress fd) pair, normally
+    ``Datapath.xdp_programs``; it is called lazily, so the registry can be built
+    before the programs are loaded. ``peer_netns`` is where the host-side
+    veth peers live: None for the daemon's own netns (the node's, in
+    production); tests pass their "node" netns path.
+    """
+
+    def __init__(self, xdp_programs: Callable[[], tuple[int, int]], *,
+                 xdp_mode: str = "auto", hardware_checksum: bool = False,
+                 peer_netns: str | None = None, port: int = MARK_LISTENER_PORT,
+                 listener_family: str = "dual"):
+        if xdp_mode not in XDP_MODES:
+            raise PodNetError(f"xdp mode must be one of {', '.join(XDP_MODES)}, got {xdp_mode!r}")
+        self._xdp_programs = xdp_programs
+        self.xdp_mode, self.hardware_checksum = xdp_mode, hardware_checksum
+        self.peer_netns, self.port, self.listener_family = peer_netns, port, listener_family
+
+    # -- marker listener ---------------------------------------------------
+    def open_marker(self, netns_path: str, key: int) -> socket.socket:
+        return netns.open_marker_listener(netns_path, key, self.port, self.listener_family)
+
+    def marker_ok(self, marker: socket.socket, key: int) -> bool:
+        """Still open, still listening, still carrying ``key``."""
+        try:
+            return (marker.fileno() >= 0
+                    and marker.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+                    and marker.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == key)
+        except OSError:
+            return False
+
+    # -- XDP -----------------------------------------------------------------
+    def attach_xdp(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
+        if not self.hardware_checksum:
+            netns.set_tx_checksum(netns_path, ifname, False)
+        ingress, egress = self._xdp_programs()
+        modes = ("native", "generic") if self.xdp_mode == "auto" else (self.xdp_mode,)
+        for i, mode in enumerate(modes):
+            try:
+                return netns.attach_xdp(netns_path, ifname, ingress, egress, mode=mode,
+                                        peer_netns=self.peer_netns)
+            except PodNetError:
+                if i == len(modes) - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def detach_xdp(self, netns_path: str, ifname: str) -> None:
+        netns.detach_xdp(netns_path, ifname, peer_netns=self.peer_netns)
+
+    def xdp_attached(self, netns_path: str, ifname: str) -> bool:
+        """Are *our current* programs on both ends? (After a daemon restart the
+        previous daemon's programs may still be attached; they are replaced.)"""
+        if not os.path.exists(netns_path):
+            return False
+        try:
+            ingress, egress = (prog_id(fd) for fd in self._xdp_programs())
+            pod_id, _ = netns.xdp_prog_id(netns_path, ifname)
+            att_peer = netns.peer_of(netns_path, ifname, self.peer_netns)
+            peer_id, _ = netns.xdp_prog_id(self.peer_netns, att_peer, allow_own=True)
+        except PodNetError:
+            return False
+        return pod_id == ingress and peer_id == egress
+
+    # -- checksums, addresses ---------------------------------------------------
+    def tx_checksum_off(self, netns_path: str, ifname: str) -> None:
+        netns.set_tx_checksum(netns_path, ifname, False)
+
+    def addresses(self, netns_path: str, ifname: str) -> list[str]:
+        return netns.pod_addresses(netns_path, ifname)
