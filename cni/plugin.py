@@ -109,7 +109,9 @@ class Plugin:
                 return None
             try:
                 req = self._request(cmd, conf, pod)
-            except CniError:  # a broken prevResult must not stop the teardown
+            except CniError as e:  # a broken prevResult must not stop the teardown
+                self.log.warning(f"DEL {cmd.container_id}: {e}; forwarding without "
+                                 "prevResult, reporting success anyway")
                 conf.prev_result = None
                 req = self._request(cmd, conf, pod)
             self._call(conf, req)
