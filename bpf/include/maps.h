@@ -1,0 +1,90 @@
+/* maps.h: every map of the datapath, declared once.
+ *
+ * Each program in bpf/progs/ is compiled by bcc as its own object; all of them
+ * include this file, so they all name the same maps. Every map is pinned under
+ * MB_PIN_DIR (-DMB_PIN_DIR="..." from bpf/loader.py): the first object to load
+ * creates and pins a map, later objects (and a restarted daemon) reuse the pin.
+ * Names are mirrored as constants in bpf/types.py.
+ */
+#ifndef MERBRIDGE_MAPS_H
+#define MERBRIDGE_MAPS_H
+
+#include "merbridge.h"
+
+#ifndef MB_PIN_DIR
+#error "MB_PIN_DIR must be given as -DMB_PIN_DIR=\"/sys/fs/bpf/...\""
+#endif
+
+#define MB_PIN(name) MB_PIN_DIR "/" #name
+
+/* bcc's BPF_SOCKHASH cannot be pinned; this is the same table layout with the
+ * "type:pin path" section that BPF_TABLE_PINNED uses. The member names are
+ * what bcc's rewriter keys on (sock_hash_update, msg_redirect_hash). */
+#define MB_SOCKHASH_PINNED(_name, _key_type, _max_entries)                     \
+	struct _name##_table_t {                                                 \
+		_key_type key;                                                       \
+		int leaf;                                                            \
+		int (*update)(_key_type *, int *);                                   \
+		int (*delete)(_key_type *);                                          \
+		int (*sock_hash_update)(void *, void *, u64);                        \
+		int (*msg_redirect_hash)(void *, void *, u64);                       \
+		int (*sk_redirect_hash)(void *, void *, u64);                        \
+		u32 max_entries;                                                     \
+	};                                                                       \
+	__attribute__((section("maps/sockhash:" MB_PIN(_name))))                 \
+	struct _name##_table_t _name = {.max_entries = (_max_entries)};          \
+	BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
+
+/* Socket cookie -> original destination of a connect that was rewritten
+ * (flag REDIRECT/INBOUND) or that should teach the netns its IP (LEARN).
+ * Written by connect4/connect6; read and deleted by sockops when the
+ * connection is established. LRU: connects that never establish age out. */
+BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst,
+		 MB_MAX_CONNS, MB_PIN(mb_cookie_orig_dst));
+
+/* 4-tuple of the connecting socket -> original destination.
+ * Written by sockops (ACTIVE_ESTABLISHED, from mb_cookie_orig_dst) and by the
+ * XDP program (key {client ip, client port, pod ip, MB_IN_PORT}, flag XDP).
+ * Read by getsockopt (SO_ORIGINAL_DST, reversed tuple of the accepted socket)
+ * and XDP. Deleted by sockops when the accepting socket closes (non-XDP
+ * entries), by the daemon (maps.pair_orig_dst.delete_ip) when a pod goes. */
+BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_origin, mb_pair_orig_dst,
+		 MB_MAX_CONNS, MB_PIN(mb_pair_orig_dst));
+
+/* 4-tuple -> local socket, for sk_msg shortcuts between two local sockets.
+ * Written by sockops (both ends of an intercepted local connection); read by
+ * redir.c (sk_msg, attached to this map). The kernel drops closed sockets. */
+MB_SOCKHASH_PINNED(mb_sock_pair, struct mb_pair, MB_MAX_CONNS);
+
+/* Pod IP -> interception policy of a mesh pod on this node.
+ * Written by the daemon (maps.local_pods); read by connect4/6 (the own pod's
+ * outbound policy, a target pod's inbound policy) and XDP. */
+BPF_TABLE_PINNED("hash", struct mb_addr, struct mb_pod_config, mb_local_pods,
+		 MB_MAX_PODS, MB_PIN(mb_local_pods));
+
+/* SO_MARK of a pod's marker listener (port MB_MARK_PORT) -> pod IP.
+ * Written by the daemon on CNI ADD (maps.mark_pod_ips); read by connect4/6 in
+ * CNI mode to learn the caller's pod IP. */
+BPF_TABLE_PINNED("hash", u32, struct mb_addr, mb_mark_pod_ips,
+		 MB_MAX_PODS, MB_PIN(mb_mark_pod_ips));
+
+/* Legacy mode feedback: network namespace cookie -> that netns' pod IP.
+ * Written by sockops when a connection of a mesh netns that connect4/6 marked
+ * LEARN establishes with a non-loopback local address; read by connect4/6.
+ * Keyed by netns (not by pid as upstream's process_ip) so every process of
+ * the pod benefits from one learned connection. */
+BPF_TABLE_PINNED("lru_hash", u64, struct mb_addr, mb_netns_ip,
+		 MB_MAX_PODS, MB_PIN(mb_netns_ip));
+
+/* Runtime settings, index MB_SET_*. Written by the daemon (maps.settings);
+ * read by redir.c. Index MB_SET_LEGACY_SEQ is connect4/6's 127.128.x.y
+ * sequence (atomic add). */
+BPF_TABLE_PINNED("array", u32, u64, mb_settings, MB_N_SETTINGS,
+		 MB_PIN(mb_settings));
+
+/* Per-CPU event counters, index MB_C_*. Written by every program; read by
+ * maps.counters() (status, metrics, tests). */
+BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS,
+		 MB_PIN(mb_counters));
+
+#endif /* MERBRIDGE_MAPS_H */

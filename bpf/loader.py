@@ -1,0 +1,307 @@
+"""Compile, load, pin and attach the datapath: the only module importing bcc.
+
+    with Datapath("/sys/fs/bpf/merbridge", mesh.get("istio"), cni_mode=True) as dp:
+        dp.load()                      # compiles bpf/progs/*.c, creates or reuses the pins
+        dp.attach("/sys/fs/cgroup/unified/kubepods")
+        dp.maps.local_pods.put("10.0.0.5", PodPolicy())
+    # leaving the block closes our fds; the programs stay attached and the maps
+    # pinned, so traffic keeps flowing while the daemon restarts.
+    dp.detach(); dp.unpin()            # uninstall
+
+Each program is its own bcc object compiled from one file with -D flags from
+bpf/mesh.py (never by editing C text). All of them name the maps of
+include/maps.h, which bcc opens from MB_PIN_DIR or creates and pins there, so
+every object, and every later daemon, shares the same kernel maps. Attaching
+over an earlier attachment of ours replaces it in place (see sysbpf).
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import struct
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Iterable
+
+from bcc import BPF, BPFAttachType, BPFProgType
+from bcc import table as bcc_table
+from bcc.libbcc import lib as bcclib
+
+from merbridge.bpf import sysbpf
+from merbridge.bpf import types as t
+from merbridge.bpf.maps import Maps
+from merbridge.bpf.mesh import MARK_LISTENER_PORT, Mesh
+
+_PKG = files("merbridge.bpf")
+INCLUDE_DIR = str(_PKG / "include")
+PROGS_DIR = str(_PKG / "progs")
+BPFFS_MAGIC_FS = "bpf"
+
+
+class DatapathError(RuntimeError):
+    """A load/attach/pin problem, with a message meant for the operator."""
+
+
+@dataclass(frozen=True)
+class Prog:
+    source: str          # file in bpf/progs/
+    func: str            # C function == kernel program name (<= 15 chars)
+    prog_type: int
+    attach_type: int
+    target: str          # "cgroup" or "sockhash"
+
+
+PROGRAMS: tuple[Prog, ...] = (
+    Prog("connect4.c", "mb_connect4", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET4_CONNECT, "cgroup"),
+    Prog("connect6.c", "mb_connect6", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET6_CONNECT, "cgroup"),
+    Prog("sockops.c", "mb_sockops", BPFProgType.SOCK_OPS,
+         BPFAttachType.CGROUP_SOCK_OPS, "cgroup"),
+    Prog("getsockopt.c", "mb_getsockopt", BPFProgType.CGROUP_SOCKOPT,
+         BPFAttachType.CGROUP_GETSOCKOPT, "cgroup"),
+    Prog("redir.c", "mb_msg_redir", BPFProgType.SK_MSG,
+         BPFAttachType.SK_MSG_VERDICT, "sockhash"),
+)
+CGROUP_ATTACH_TYPES = {p.attach_type: p.func for p in PROGRAMS if p.target == "cgroup"}
+OUR_NAMES = {p.func for p in PROGRAMS}
+
+# ---- XDP (owned by H4) ------------------------------------------------------
+# bpf/progs/xdp.c is not attached to a cgroup but to pod interfaces by the
+# daemon (pyroute2 in daemon/netns.py). H4: compile it here with the same
+# cflags (self.cflags()) in a method such as ``load_xdp() -> prog fd`` so it
+# shares the pinned maps; keep it out of PROGRAMS (attach() is cgroup-only).
+# -----------------------------------------------------------------------------
+
+
+def _in_bpffs(path: str) -> bool:
+    path = os.path.realpath(path)
+    best = ("", "")
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mnt = left.split()[4]
+            fstype = right.split()[0]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+                best = (mnt, fstype)
+    return best[1] == BPFFS_MAGIC_FS
+
+
+class BccBackend:
+    """maps.MapBackend over a bcc table (per-CPU values are summed)."""
+
+    def __init__(self, table) -> None:
+        self.t = table
+        self.percpu = isinstance(table, (bcc_table.PerCpuArray, bcc_table.PerCpuHash))
+
+    def _key(self, key: bytes):
+        return self.t.Key.from_buffer_copy(key)
+
+    def _val(self, v) -> bytes:
+        if self.percpu:
+            return struct.pack("=Q", sum(int(x.value if hasattr(x, "value") else x) for x in v))
+        return bytes(v)
+
+    def get(self, key: bytes) -> bytes | None:
+        try:
+            return self._val(self.t[self._key(key)])
+        except KeyError:
+            return None
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.t[self._key(key)] = self.t.Leaf.from_buffer_copy(value)
+
+    def delete(self, key: bytes) -> bool:
+        try:
+            del self.t[self._key(key)]
+            return True
+        except KeyError:
+            return False
+
+    def items(self) -> Iterable[tuple[bytes, bytes]]:
+        return [(bytes(k), self._val(v)) for k, v in self.t.items()]
+
+
+def _maps_of(bpf: BPF, closer=None) -> Maps:
+    backends = {name: BccBackend(bpf.get_table(name))
+                for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
+    return Maps(backends, closer)
+
+
+class Datapath:
+    def __init__(self, pin_dir: str, mesh: Mesh, cni_mode: bool, debug: bool = False) -> None:
+        self.pin_dir = os.path.abspath(pin_dir)
+        self.mesh = mesh
+        self.cni_mode = cni_mode
+        self.debug = debug
+        self._objs: dict[str, BPF] = {}
+        self._fns: dict[str, BPF.Function] = {}
+        self._created_dir = False
+        self._cgroups: list[str] = []
+        self._maps: Maps | None = None
+
+    # ---- build --------------------------------------------------------------
+    def cflags(self) -> list[str]:
+        m = self.mesh
+        return [
+            f"-I{INCLUDE_DIR}",
+            f'-DMB_PIN_DIR="{self.pin_dir}"',
+            f"-DMB_OUT_PORT={m.out_port}", f"-DMB_IN_PORT={m.in_port}",
+            f"-DMB_PROXY_UID={m.proxy_uid}", f"-DMB_PROXY_GID={m.proxy_gid}",
+            f"-DMB_MESH={m.code}", f"-DMB_CNI_MODE={int(self.cni_mode)}",
+            f"-DMB_DEBUG={int(self.debug)}", f"-DMB_MARK_PORT={MARK_LISTENER_PORT}",
+            "-Wno-unused-function",
+        ]
+
+    def load(self) -> "Datapath":
+        if self._objs:
+            return self
+        parent = os.path.dirname(self.pin_dir)
+        if not os.path.isdir(self.pin_dir):
+            if not os.path.isdir(parent) or not _in_bpffs(parent):
+                raise DatapathError(f"{parent} is not a directory on a bpf filesystem "
+                                    "(mount -t bpf bpf <dir>)")
+            os.mkdir(self.pin_dir, 0o700)
+            self._created_dir = True
+        elif not _in_bpffs(self.pin_dir):
+            raise DatapathError(f"{self.pin_dir} is not on a bpf filesystem")
+        try:
+            for p in PROGRAMS:
+                src = os.path.join(PROGS_DIR, p.source)
+                b = BPF(src_file=src.encode(), cflags=self.cflags())
+                kw = {"attach_type": p.attach_type} if p.target == "cgroup" else {}
+                self._fns[p.func] = b.load_func(p.func.encode(), p.prog_type, **kw)
+                self._objs[p.func] = b
+        except Exception as e:
+            self.close()
+            raise DatapathError(f"loading the datapath failed: {e}") from e
+        return self
+
+    @property
+    def maps(self) -> Maps:
+        if not self._objs:
+            raise DatapathError("load() first")
+        if self._maps is None:
+            self._maps = _maps_of(next(iter(self._objs.values())))
+        return self._maps
+
+    def _sockhash_fd(self) -> int:
+        b = self._objs["mb_msg_redir"]
+        fd = bcclib.bpf_table_fd(b.module, t.MAP_SOCK_PAIR.encode())
+        if fd < 0:
+            raise DatapathError("sockhash mb_sock_pair not found")
+        return fd
+
+    # ---- attach ---------------------------------------------------------------
+    def attach(self, cgroup_path: str) -> None:
+        """Attach every cgroup program to cgroup_path and sk_msg to the sockhash.
+        Re-attaching (same or a new process) replaces our earlier programs."""
+        if not self._objs:
+            self.load()
+        fd = _open_cgroup(cgroup_path)
+        try:
+            for p in PROGRAMS:
+                if p.target == "cgroup":
+                    sysbpf.attach_replace(fd, self._fns[p.func].fd, p.attach_type, p.func)
+        except OSError as e:
+            raise DatapathError(f"attaching to {cgroup_path} failed: {e}") from e
+        finally:
+            os.close(fd)
+        # a map holds one verdict program; attaching swaps it atomically
+        BPF.attach_func(self._fns["mb_msg_redir"], self._sockhash_fd(),
+                        BPFAttachType.SK_MSG_VERDICT)
+        if cgroup_path not in self._cgroups:
+            self._cgroups.append(cgroup_path)
+
+    def detach(self, cgroup_path: str | None = None) -> None:
+        """Detach our programs from cgroup_path (default: every cgroup attach()ed
+        by this object) and the sk_msg program from the sockhash."""
+        for path in [cgroup_path] if cgroup_path else list(self._cgroups):
+            detach_cgroup(path)
+            if path in self._cgroups:
+                self._cgroups.remove(path)
+        detach_sockhash(self.pin_dir)
+
+    # ---- teardown -----------------------------------------------------------------
+    def unpin(self) -> None:
+        """Remove our pins, and the pin dir if this object created it or it is empty."""
+        remove_pins(self.pin_dir, rmdir=True)
+
+    def close(self) -> None:
+        if self._maps is not None:
+            self._maps = None
+        for b in self._objs.values():
+            b.cleanup()
+        self._objs.clear()
+        self._fns.clear()
+
+    def __enter__(self) -> "Datapath":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---- module-level helpers (no programs needed) -----------------------------------
+def _open_cgroup(path: str) -> int:
+    if not os.path.isfile(os.path.join(path, "cgroup.procs")):
+        raise DatapathError(f"{path} is not a cgroup v2 directory")
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def attached(cgroup_path: str) -> list[sysbpf.Attached]:
+    """Our programs attached to cgroup_path (one entry per program)."""
+    fd = _open_cgroup(cgroup_path)
+    try:
+        return [a for at in CGROUP_ATTACH_TYPES for a in sysbpf.query(fd, at)
+                if a.name in OUR_NAMES]
+    finally:
+        os.close(fd)
+
+
+def detach_cgroup(cgroup_path: str) -> int:
+    """Detach every program of ours from cgroup_path; returns how many."""
+    fd = _open_cgroup(cgroup_path)
+    try:
+        return sum(sysbpf.detach_named(fd, at, OUR_NAMES) for at in CGROUP_ATTACH_TYPES)
+    finally:
+        os.close(fd)
+
+
+def detach_sockhash(pin_dir: str) -> int:
+    path = os.path.join(pin_dir, t.MAP_SOCK_PAIR)
+    if not os.path.exists(path):
+        return 0
+    fd = sysbpf.obj_get(path)
+    try:
+        return sysbpf.detach_named(fd, BPFAttachType.SK_MSG_VERDICT, OUR_NAMES)
+    finally:
+        os.close(fd)
+
+
+def remove_pins(pin_dir: str, rmdir: bool = True) -> None:
+    for name in t.ALL_MAPS:
+        try:
+            os.unlink(os.path.join(pin_dir, name))
+        except FileNotFoundError:
+            pass
+    if rmdir:
+        try:
+            os.rmdir(pin_dir)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+_MAPS_ONLY = '#include "maps.h"\n'
+
+
+def open_maps(pin_dir: str) -> Maps:
+    """Typed handles on the maps pinned in pin_dir, without loading programs.
+    Raises DatapathError if the datapath is not installed there."""
+    missing = [n for n in t.ALL_MAPS if not os.path.exists(os.path.join(pin_dir, n))]
+    if missing:
+        raise DatapathError(f"no datapath pinned in {pin_dir} (missing {', '.join(missing)})")
+    cflags = [f"-I{INCLUDE_DIR}", f'-DMB_PIN_DIR="{os.path.abspath(pin_dir)}"',
+              "-Wno-unused-function"]
+    b = BPF(text=_MAPS_ONLY.encode(), cflags=cflags)
+    return _maps_of(b, closer=b.cleanup)

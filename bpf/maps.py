@@ -1,0 +1,289 @@
+"""Typed handles on the datapath's pinned maps.
+
+The loader hands each map in as a ``MapBackend`` (bytes in, bytes out); this
+module encodes and decodes the structs of ``bpf/types.py`` on top of it. It
+never imports bcc, so unit tests drive it with ``DictBackend`` and the daemon
+uses the same code against the kernel.
+
+    maps.local_pods.put("10.0.0.5", PodPolicy(...))   # PolicyTooLarge on overflow
+    maps.mark_pod_ips.put(7, "10.0.0.5")
+    maps.pair_orig_dst.delete_ip("10.0.0.5")
+    maps.counters()["redirect_out"]
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import struct
+from typing import Iterable, Iterator, Protocol
+
+from merbridge.bpf import types as t
+from merbridge.bpf.policy import Cidr, PodPolicy
+
+
+class PolicyTooLarge(ValueError):
+    """A PodPolicy does not fit struct mb_pod_config's bounded lists."""
+
+
+class MapBackend(Protocol):
+    def get(self, key: bytes) -> bytes | None: ...
+    def put(self, key: bytes, value: bytes) -> None: ...
+    def delete(self, key: bytes) -> bool: ...
+    def items(self) -> Iterable[tuple[bytes, bytes]]: ...
+
+
+class DictBackend:
+    """An in-memory MapBackend for tests (and a model of the semantics)."""
+
+    def __init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.data.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.data[bytes(key)] = bytes(value)
+
+    def delete(self, key: bytes) -> bool:
+        return self.data.pop(key, None) is not None
+
+    def items(self) -> Iterable[tuple[bytes, bytes]]:
+        return list(self.data.items())
+
+
+# ---- policy encoding ------------------------------------------------------
+def _ports(name: str, ports: Iterable[int], limit: int) -> list[int]:
+    out = sorted(set(ports))
+    if len(out) > limit:
+        raise PolicyTooLarge(f"{name}: {len(out)} ports, the datapath holds at most {limit}"
+                             " (MB_MAX_PORTS in bpf/include/merbridge.h)")
+    for p in out:
+        if not 0 < p < 65536:
+            raise PolicyTooLarge(f"{name}: port {p} is outside 1..65535")
+    return out
+
+
+def _cidrs(name: str, cidrs: Iterable[Cidr], limit: int) -> list[Cidr]:
+    out = list(dict.fromkeys(cidrs))
+    if len(out) > limit:
+        raise PolicyTooLarge(f"{name}: {len(out)} CIDRs, the datapath holds at most {limit}"
+                             " (MB_MAX_CIDRS in bpf/include/merbridge.h)")
+    for net, plen in out:
+        if len(net) != 16 or not 0 <= plen <= 128:
+            raise PolicyTooLarge(f"{name}: bad CIDR ({net!r}, {plen}); want 16 bytes and 0..128")
+    return out
+
+
+def _masked(net: bytes, plen: int) -> bytes:
+    n = int.from_bytes(net, "big")
+    mask = ((1 << 128) - 1) ^ ((1 << (128 - plen)) - 1) if plen else 0
+    return (n & mask).to_bytes(16, "big")
+
+
+def encode_policy(policy: PodPolicy) -> t.MbPodConfig:
+    """PodPolicy -> struct mb_pod_config. Raises PolicyTooLarge (a ValueError)."""
+    c = t.MbPodConfig()
+    if not 0 <= policy.status_port < 65536:
+        raise PolicyTooLarge(f"status_port {policy.status_port} is outside 0..65535")
+    c.status_port = policy.status_port
+    c.flags = ((t.MB_POD_F_INCLUDE_IN_ALL if policy.include_inbound_all else 0)
+               | (t.MB_POD_F_INCLUDE_OUT_ALL if policy.include_outbound_all else 0))
+    for field, src in (("include_in_ports", policy.include_inbound_ports),
+                       ("exclude_in_ports", policy.exclude_inbound_ports),
+                       ("include_out_ports", policy.include_outbound_ports),
+                       ("exclude_out_ports", policy.exclude_outbound_ports)):
+        ports = _ports(field, src, t.MB_MAX_PORTS)
+        setattr(c, "n_" + field, len(ports))
+        arr = getattr(c, field)
+        for i, p in enumerate(ports):
+            arr[i] = p
+    for field, src in (("include_out_cidrs", policy.include_outbound_cidrs),
+                       ("exclude_out_cidrs", policy.exclude_outbound_cidrs)):
+        cidrs = _cidrs(field, src, t.MB_MAX_CIDRS)
+        setattr(c, "n_" + field, len(cidrs))
+        arr = getattr(c, field)
+        for i, (net, plen) in enumerate(cidrs):
+            arr[i].net = t.MbAddr.from_buffer_copy(_masked(net, plen))
+            arr[i].prefixlen = plen
+    return c
+
+
+def decode_policy(c: t.MbPodConfig) -> PodPolicy:
+    """struct mb_pod_config -> PodPolicy (inverse of encode_policy)."""
+    def ports(field: str) -> frozenset[int]:
+        return frozenset(getattr(c, field)[: getattr(c, "n_" + field)])
+
+    def cidrs(field: str) -> tuple[Cidr, ...]:
+        arr = getattr(c, field)
+        return tuple((bytes(arr[i].net), arr[i].prefixlen)
+                     for i in range(getattr(c, "n_" + field)))
+
+    return PodPolicy(
+        include_inbound_all=bool(c.flags & t.MB_POD_F_INCLUDE_IN_ALL),
+        include_inbound_ports=ports("include_in_ports"),
+        exclude_inbound_ports=ports("exclude_in_ports"),
+        include_outbound_all=bool(c.flags & t.MB_POD_F_INCLUDE_OUT_ALL),
+        include_outbound_cidrs=cidrs("include_out_cidrs"),
+        exclude_outbound_cidrs=cidrs("exclude_out_cidrs"),
+        include_outbound_ports=ports("include_out_ports"),
+        exclude_outbound_ports=ports("exclude_out_ports"),
+        status_port=c.status_port,
+    )
+
+
+# ---- handles ------------------------------------------------------------------
+class LocalPods:
+    """mb_local_pods: pod IP -> policy. Written by the daemon."""
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def put(self, ip: str, policy: PodPolicy) -> None:
+        value = encode_policy(policy)  # validate before touching the map
+        self.b.put(t.addr_pack(ip), bytes(value))
+
+    def get(self, ip: str) -> PodPolicy | None:
+        raw = self.b.get(t.addr_pack(ip))
+        return None if raw is None else decode_policy(t.MbPodConfig.from_buffer_copy(raw))
+
+    def delete(self, ip: str) -> bool:
+        return self.b.delete(t.addr_pack(ip))
+
+    def items(self) -> list[tuple[str, PodPolicy]]:
+        return [(t.addr_unpack(k), decode_policy(t.MbPodConfig.from_buffer_copy(v)))
+                for k, v in self.b.items()]
+
+
+class MarkPodIps:
+    """mb_mark_pod_ips: marker listener SO_MARK -> pod IP. Written by the daemon."""
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    @staticmethod
+    def _key(key: int) -> bytes:
+        if not 0 <= key < 2**32:
+            raise ValueError(f"mark {key} is outside 0..2^32-1")
+        return struct.pack("=I", key)
+
+    def put(self, key: int, ip: str) -> None:
+        self.b.put(self._key(key), t.addr_pack(ip))
+
+    def get(self, key: int) -> str | None:
+        raw = self.b.get(self._key(key))
+        return None if raw is None else t.addr_unpack(raw)
+
+    def delete(self, key: int) -> bool:
+        return self.b.delete(self._key(key))
+
+    def items(self) -> list[tuple[int, str]]:
+        return [(struct.unpack("=I", k)[0], t.addr_unpack(v)) for k, v in self.b.items()]
+
+
+class _Origins:
+    """A map whose values are struct mb_origin."""
+    key_type: type[ct.Structure] | None = None
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def raw_items(self) -> Iterator[tuple[bytes, t.MbOrigin]]:
+        for k, v in self.b.items():
+            yield k, t.MbOrigin.from_buffer_copy(v)
+
+
+class PairOrigDst(_Origins):
+    """mb_pair_orig_dst: connecting 4-tuple -> original destination."""
+
+    def items(self) -> list[tuple[t.MbPair, t.MbOrigin]]:
+        return [(t.MbPair.from_buffer_copy(k), o) for k, o in self.raw_items()]
+
+    def put(self, pair: t.MbPair, origin: t.MbOrigin) -> None:
+        self.b.put(bytes(pair), bytes(origin))
+
+    def delete(self, pair: t.MbPair) -> bool:
+        return self.b.delete(bytes(pair))
+
+    def delete_ip(self, ip: str) -> int:
+        """Remove every entry whose tuple or origin mentions ip; returns the count."""
+        raw = t.addr_pack(ip)
+        doomed = [k for k, o in self.raw_items()
+                  if raw in (k[0:16], k[16:32], bytes(o.addr))]
+        return sum(self.b.delete(k) for k in doomed)
+
+
+class CookieOrigDst(_Origins):
+    """mb_cookie_orig_dst: socket cookie -> original destination (short-lived)."""
+
+    def items(self) -> list[tuple[int, t.MbOrigin]]:
+        return [(struct.unpack("=Q", k)[0], o) for k, o in self.raw_items()]
+
+
+class NetnsIp:
+    """mb_netns_ip: netns cookie -> learned pod IP (legacy mode feedback)."""
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def items(self) -> list[tuple[int, str]]:
+        return [(struct.unpack("=Q", k)[0], t.addr_unpack(v)) for k, v in self.b.items()]
+
+
+class Settings:
+    """mb_settings: u64 knobs at MB_SET_* indexes."""
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def get(self, idx: int) -> int:
+        raw = self.b.get(struct.pack("=I", idx))
+        return 0 if raw is None else struct.unpack("=Q", raw)[0]
+
+    def set(self, idx: int, value: int) -> None:
+        if not 0 <= idx < t.MB_N_SETTINGS:
+            raise ValueError(f"setting index {idx} is outside 0..{t.MB_N_SETTINGS - 1}")
+        self.b.put(struct.pack("=I", idx), struct.pack("=Q", value))
+
+
+class Maps:
+    """All typed handles; built by loader.Datapath.maps or loader.open_maps."""
+
+    def __init__(self, backends: dict[str, MapBackend], closer=None) -> None:
+        self.backends = backends
+        self.local_pods = LocalPods(backends[t.MAP_LOCAL_PODS])
+        self.mark_pod_ips = MarkPodIps(backends[t.MAP_MARK_POD_IPS])
+        self.pair_orig_dst = PairOrigDst(backends[t.MAP_PAIR_ORIG_DST])
+        self.cookie_orig_dst = CookieOrigDst(backends[t.MAP_COOKIE_ORIG_DST])
+        self.netns_ip = NetnsIp(backends[t.MAP_NETNS_IP])
+        self.settings = Settings(backends[t.MAP_SETTINGS])
+        self._closer = closer
+
+    def counters(self) -> dict[str, int]:
+        """Counter name -> value summed over CPUs (backend values are already summed)."""
+        out = {name: 0 for name in t.COUNTERS.values()}
+        for k, v in self.backends[t.MAP_COUNTERS].items():
+            idx = struct.unpack("=I", k)[0]
+            value = struct.unpack("=Q", v)[0]
+            if idx in t.COUNTERS:
+                out[t.COUNTERS[idx]] = value
+            elif value:  # e.g. the XDP slots, named by xdp.c's owner
+                out[f"c{idx}"] = value
+        return out
+
+    def dump(self) -> dict[str, object]:
+        """A JSON-friendly view of every map (for ``merbridge maps dump``)."""
+        def origin(o: t.MbOrigin) -> dict[str, object]:
+            return {"addr": str(o.addr), "port": o.port_host, "flags": o.flags, "pid": o.pid}
+        return {
+            t.MAP_LOCAL_PODS: {ip: repr(p) for ip, p in self.local_pods.items()},
+            t.MAP_MARK_POD_IPS: {str(k): ip for k, ip in self.mark_pod_ips.items()},
+            t.MAP_PAIR_ORIG_DST: {str(p): origin(o) for p, o in self.pair_orig_dst.items()},
+            t.MAP_COOKIE_ORIG_DST: {str(c): origin(o) for c, o in self.cookie_orig_dst.items()},
+            t.MAP_NETNS_IP: {str(c): ip for c, ip in self.netns_ip.items()},
+            t.MAP_SETTINGS: {str(i): self.settings.get(i) for i in range(t.MB_N_SETTINGS)},
+            t.MAP_COUNTERS: self.counters(),
+        }
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+            self._closer = None

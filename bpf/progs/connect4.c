@@ -1,0 +1,107 @@
+/* connect4.c: cgroup/connect4 (BPF_CGROUP_INET4_CONNECT), program mb_connect4.
+ *
+ * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
+ * Reads:   mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy): the caller's
+ *          pod IP; mb_local_pods: the caller's and the target's policy;
+ *          mb_settings: the legacy destination sequence (atomic add).
+ * Writes:  mb_cookie_orig_dst (socket cookie -> original destination, for
+ *          sockops), mb_counters.
+ * Why: this replaces istio-iptables' nat OUTPUT chain for IPv4 TCP. An app's
+ * connect from a mesh pod goes to the sidecar's outbound listener
+ * 127.0.0.1:MB_OUT_PORT; the proxy's connect to a local mesh pod goes to that
+ * pod's MB_IN_PORT (the decision is connect.h:mb_decide). The source is bound
+ * to the pod IP when known, so the rewritten 4-tuple is unique on the node;
+ * otherwise the destination is spread over 127.128.0.0/12 (the "quadruple
+ * conflict" of the node-global pair maps).
+ */
+#include "connect.h"
+#include "maps.h"
+
+static __always_inline void mb_count(u32 idx)
+{
+	u64 *v = mb_counters.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
+
+int mb_connect4(struct bpf_sock_addr *ctx)
+{
+	struct mb_addr dst, src, self_ip = {};
+	struct mb_conn c = {};
+	struct mb_verdict v = {};
+	struct mb_addr *ip;
+	u64 probe, ugid, cookie;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	probe = mb_mesh_probe(ctx);
+	if (!probe) {
+		mb_count(MB_C_BYPASS_NOT_MESH);
+		return 1;
+	}
+#if MB_CNI_MODE
+	u32 mark = (u32)(probe - 1);
+	ip = mb_mark_pod_ips.lookup(&mark);
+#else
+	u64 netns = bpf_get_netns_cookie(ctx);
+	ip = mb_netns_ip.lookup(&netns);
+#endif
+	mb_addr_from_v4(&dst, ctx->user_ip4);
+	mb_addr_from_v4(&src, ctx->sk->src_ip4);
+	c.dst = &dst;
+	c.src = &src;
+	c.port = bpf_ntohs((u16)ctx->user_port);
+	c.self_ip = &self_ip;
+	if (ip) {
+		self_ip = *ip;
+		c.ip_known = 1;
+		c.own = mb_local_pods.lookup(&self_ip);
+	}
+	ugid = bpf_get_current_uid_gid();
+	c.is_proxy = (u32)ugid == MB_PROXY_UID || (u32)(ugid >> 32) == MB_PROXY_GID;
+	if (c.is_proxy)
+		c.target = mb_local_pods.lookup(&dst);
+
+	mb_decide(&c, &v);
+	mb_count(v.counter);
+	if (v.flags) {
+		struct mb_origin o = {};
+
+		o.addr = dst;
+		o.port = bpf_htons(c.port);
+		o.flags = v.flags;
+		o.pid = bpf_get_current_pid_tgid() >> 32;
+		cookie = bpf_get_socket_cookie(ctx);
+		mb_cookie_orig_dst.update(&cookie, &o);
+	}
+	if (v.act == MB_ACT_IN) {
+		ctx->user_port = bpf_htons(MB_IN_PORT);
+		return 1;
+	}
+	if (v.act != MB_ACT_OUT)
+		return 1;
+
+	ctx->user_port = bpf_htons(MB_OUT_PORT);
+	if (c.ip_known && mb_addr_is_v4(&self_ip)) {
+		struct sockaddr_in sa = {};
+
+		sa.sin_family = AF_INET;
+		sa.sin_addr.s_addr = self_ip.ip[3];
+		if (bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+			mb_count(MB_C_BIND_POD_IP);
+			ctx->user_ip4 = bpf_htonl(0x7f000001);
+			return 1;
+		}
+		mb_count(MB_C_BIND_FAILED);
+	}
+	u32 idx = MB_SET_LEGACY_SEQ;
+	u64 *seq = mb_settings.lookup(&idx);
+	u64 n = 0;
+
+	if (seq)
+		n = __sync_fetch_and_add(seq, 1);
+	mb_count(MB_C_LEGACY_DST);
+	ctx->user_ip4 = mb_legacy_dst4(n);
+	return 1;
+}

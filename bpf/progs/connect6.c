@@ -1,0 +1,127 @@
+/* connect6.c: cgroup/connect6 (BPF_CGROUP_INET6_CONNECT), program mb_connect6.
+ *
+ * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
+ * Reads:   mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy), mb_local_pods,
+ *          mb_settings (legacy destination sequence).
+ * Writes:  mb_cookie_orig_dst, mb_counters.
+ * Why: the IPv6 twin of connect4.c (same decision, connect.h:mb_decide). An
+ * app's connect goes to [::1]:MB_OUT_PORT; a dual-stack socket connecting to
+ * an IPv4-mapped address goes to ::ffff:127.0.0.1 instead, because the
+ * connection will really be IPv4. The source is bound to the pod IP of the
+ * same family when known. Without one, an IPv4-mapped destination uses the
+ * 127.128.0.0/12 scheme; a pure IPv6 one has no spare loopback addresses and
+ * stays unbound (see docs/datapath.md, quadruple conflict).
+ */
+#include "connect.h"
+#include "maps.h"
+
+static __always_inline void mb_count(u32 idx)
+{
+	u64 *v = mb_counters.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
+
+int mb_connect6(struct bpf_sock_addr *ctx)
+{
+	struct mb_addr dst, src, self_ip = {};
+	struct mb_conn c = {};
+	struct mb_verdict v = {};
+	struct mb_addr *ip;
+	u64 probe, ugid, cookie;
+	int mapped;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	probe = mb_mesh_probe(ctx);
+	if (!probe) {
+		mb_count(MB_C_BYPASS_NOT_MESH);
+		return 1;
+	}
+#if MB_CNI_MODE
+	u32 mark = (u32)(probe - 1);
+	ip = mb_mark_pod_ips.lookup(&mark);
+#else
+	u64 netns = bpf_get_netns_cookie(ctx);
+	ip = mb_netns_ip.lookup(&netns);
+#endif
+	dst.ip[0] = ctx->user_ip6[0];
+	dst.ip[1] = ctx->user_ip6[1];
+	dst.ip[2] = ctx->user_ip6[2];
+	dst.ip[3] = ctx->user_ip6[3];
+	src.ip[0] = ctx->sk->src_ip6[0];
+	src.ip[1] = ctx->sk->src_ip6[1];
+	src.ip[2] = ctx->sk->src_ip6[2];
+	src.ip[3] = ctx->sk->src_ip6[3];
+	mapped = mb_addr_is_v4(&dst);
+	c.dst = &dst;
+	c.src = &src;
+	c.port = bpf_ntohs((u16)ctx->user_port);
+	c.self_ip = &self_ip;
+	if (ip) {
+		self_ip = *ip;
+		c.ip_known = 1;
+		c.own = mb_local_pods.lookup(&self_ip);
+	}
+	ugid = bpf_get_current_uid_gid();
+	c.is_proxy = (u32)ugid == MB_PROXY_UID || (u32)(ugid >> 32) == MB_PROXY_GID;
+	if (c.is_proxy)
+		c.target = mb_local_pods.lookup(&dst);
+
+	mb_decide(&c, &v);
+	mb_count(v.counter);
+	if (v.flags) {
+		struct mb_origin o = {};
+
+		o.addr = dst;
+		o.port = bpf_htons(c.port);
+		o.flags = v.flags;
+		o.pid = bpf_get_current_pid_tgid() >> 32;
+		cookie = bpf_get_socket_cookie(ctx);
+		mb_cookie_orig_dst.update(&cookie, &o);
+	}
+	if (v.act == MB_ACT_IN) {
+		ctx->user_port = bpf_htons(MB_IN_PORT);
+		return 1;
+	}
+	if (v.act != MB_ACT_OUT)
+		return 1;
+
+	ctx->user_port = bpf_htons(MB_OUT_PORT);
+	if (c.ip_known && mb_addr_is_v4(&self_ip) == mapped) {
+		struct sockaddr_in6 sa = {};
+
+		sa.sin6_family = AF_INET6;
+		sa.sin6_addr.in6_u.u6_addr32[0] = self_ip.ip[0];
+		sa.sin6_addr.in6_u.u6_addr32[1] = self_ip.ip[1];
+		sa.sin6_addr.in6_u.u6_addr32[2] = self_ip.ip[2];
+		sa.sin6_addr.in6_u.u6_addr32[3] = self_ip.ip[3];
+		if (bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+			mb_count(MB_C_BIND_POD_IP);
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
+			ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+			return 1;
+		}
+		mb_count(MB_C_BIND_FAILED);
+	}
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	if (!mapped) {
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+		return 1;
+	}
+	u32 idx = MB_SET_LEGACY_SEQ;
+	u64 *seq = mb_settings.lookup(&idx);
+	u64 n = 0;
+
+	if (seq)
+		n = __sync_fetch_and_add(seq, 1);
+	mb_count(MB_C_LEGACY_DST);
+	ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+	ctx->user_ip6[3] = mb_legacy_dst4(n);
+	return 1;
+}

@@ -1,0 +1,161 @@
+"""ctypes mirrors of bpf/include/merbridge.h, map names, and address helpers.
+
+Each class here must match one struct in ``bpf/include/merbridge.h`` field for
+field; ``tests/unit/test_layout.py`` compiles the header with gcc and compares
+sizes, offsets and constants, so a drifted mirror fails a test instead of
+corrupting a map. Standard library only: this module is imported by the
+daemon and by unit tests without bcc.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+
+# ---- constants mirrored from merbridge.h ----------------------------------
+MB_MAX_CONNS = 65535
+MB_MAX_PODS = 1024
+MB_N_SETTINGS = 16
+MB_N_COUNTERS = 32
+MB_MAX_PORTS = 32
+MB_MAX_CIDRS = 16
+MB_SO_ORIGINAL_DST = 80
+MB_PAGE_SIZE = 4096
+MB_SKMSG_MAX_QUEUE_DEFAULT = 4 << 20
+
+MB_ORIGIN_F_REDIRECT = 0x01
+MB_ORIGIN_F_LEARN = 0x02
+MB_ORIGIN_F_INBOUND = 0x04
+MB_ORIGIN_F_XDP = 0x08
+
+MB_POD_F_INCLUDE_IN_ALL = 0x01
+MB_POD_F_INCLUDE_OUT_ALL = 0x02
+
+MB_SET_SKMSG_OFF = 0
+MB_SET_SKMSG_MAX_QUEUE = 1
+MB_SET_LEGACY_SEQ = 2
+
+#: counter index -> name (``MB_C_<NAME>`` in merbridge.h, lower case here)
+COUNTERS: dict[int, str] = {
+    0: "redirect_out",
+    1: "redirect_in",
+    2: "bypass_not_mesh",
+    3: "bypass_proxy",
+    4: "bypass_loopback",
+    5: "bypass_policy",
+    6: "bypass_passthrough",
+    7: "bind_pod_ip",
+    8: "bind_failed",
+    9: "legacy_dst",
+    10: "pair_recorded",
+    11: "sockhash_add",
+    12: "sockhash_failed",
+    13: "learned_ip",
+    14: "getsockopt_answer",
+    15: "getsockopt_miss",
+    16: "getsockopt_large",
+    17: "msg_redirect",
+    18: "msg_pass",
+    19: "msg_backpressure",
+    20: "pair_deleted",
+}
+#: first counter index reserved for bpf/progs/xdp.c (24..31)
+MB_C_XDP_FIRST = 24
+
+# ---- map names (maps.h); each is also the pin file name under the pin dir --
+MAP_COOKIE_ORIG_DST = "mb_cookie_orig_dst"
+MAP_PAIR_ORIG_DST = "mb_pair_orig_dst"
+MAP_SOCK_PAIR = "mb_sock_pair"
+MAP_LOCAL_PODS = "mb_local_pods"
+MAP_MARK_POD_IPS = "mb_mark_pod_ips"
+MAP_NETNS_IP = "mb_netns_ip"
+MAP_SETTINGS = "mb_settings"
+MAP_COUNTERS = "mb_counters"
+ALL_MAPS = (MAP_COOKIE_ORIG_DST, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
+            MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS)
+
+
+class MbAddr(ct.Structure):
+    """Must match struct mb_addr in bpf/include/merbridge.h (16 bytes, network order)."""
+    _fields_ = [("ip", ct.c_uint32 * 4)]
+
+    @classmethod
+    def of(cls, ip: str | bytes) -> "MbAddr":
+        return cls.from_buffer_copy(ip if isinstance(ip, bytes) else addr_pack(ip))
+
+    def __str__(self) -> str:
+        return addr_unpack(bytes(self))
+
+
+class MbOrigin(ct.Structure):
+    """Must match struct mb_origin in bpf/include/merbridge.h."""
+    _fields_ = [("addr", MbAddr), ("pid", ct.c_uint32), ("port", ct.c_uint16),
+                ("flags", ct.c_uint16)]
+
+    @property
+    def port_host(self) -> int:
+        return socket.ntohs(self.port)
+
+
+class MbPair(ct.Structure):
+    """Must match struct mb_pair in bpf/include/merbridge.h (ports in network order)."""
+    _fields_ = [("sip", MbAddr), ("dip", MbAddr), ("sport", ct.c_uint16),
+                ("dport", ct.c_uint16)]
+
+    @classmethod
+    def of(cls, sip: str, sport: int, dip: str, dport: int) -> "MbPair":
+        return cls(MbAddr.of(sip), MbAddr.of(dip), socket.htons(sport), socket.htons(dport))
+
+    def __str__(self) -> str:
+        return (f"{self.sip}:{socket.ntohs(self.sport)} -> "
+                f"{self.dip}:{socket.ntohs(self.dport)}")
+
+
+class MbCidr(ct.Structure):
+    """Must match struct mb_cidr in bpf/include/merbridge.h."""
+    _fields_ = [("net", MbAddr), ("prefixlen", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
+
+
+class MbPodConfig(ct.Structure):
+    """Must match struct mb_pod_config in bpf/include/merbridge.h (ports in host order)."""
+    _fields_ = [
+        ("status_port", ct.c_uint16),
+        ("flags", ct.c_uint8),
+        ("n_include_in_ports", ct.c_uint8),
+        ("n_exclude_in_ports", ct.c_uint8),
+        ("n_include_out_ports", ct.c_uint8),
+        ("n_exclude_out_ports", ct.c_uint8),
+        ("n_include_out_cidrs", ct.c_uint8),
+        ("n_exclude_out_cidrs", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+        ("include_in_ports", ct.c_uint16 * MB_MAX_PORTS),
+        ("exclude_in_ports", ct.c_uint16 * MB_MAX_PORTS),
+        ("include_out_ports", ct.c_uint16 * MB_MAX_PORTS),
+        ("exclude_out_ports", ct.c_uint16 * MB_MAX_PORTS),
+        ("include_out_cidrs", MbCidr * MB_MAX_CIDRS),
+        ("exclude_out_cidrs", MbCidr * MB_MAX_CIDRS),
+    ]
+
+
+#: mirror class -> C struct name, for the layout tests
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "mb_addr": MbAddr, "mb_origin": MbOrigin, "mb_pair": MbPair,
+    "mb_cidr": MbCidr, "mb_pod_config": MbPodConfig,
+}
+
+
+# ---- addresses ---------------------------------------------------------------
+def addr_pack(ip: str) -> bytes:
+    """'10.0.0.1' -> ::ffff:10.0.0.1 as 16 bytes; IPv6 as is. ValueError if invalid."""
+    a = ipaddress.ip_address(ip.strip())
+    if a.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + a.packed
+    return a.packed
+
+
+def addr_unpack(raw: bytes) -> str:
+    """16 bytes -> '10.0.0.1' for IPv4-mapped, else the IPv6 text form."""
+    if len(raw) != 16:
+        raise ValueError(f"address must be 16 bytes, got {len(raw)}")
+    a = ipaddress.IPv6Address(raw)
+    return str(a.ipv4_mapped) if a.ipv4_mapped is not None else str(a)

@@ -1,0 +1,85 @@
+"""The ctypes mirrors in bpf/types.py match bpf/include/merbridge.h.
+
+gcc compiles a small program against the header that prints sizeof/offsetof
+of every mirrored struct and the value of every shared constant as JSON; the
+test compares that with the mirrors. No root, no bcc.
+"""
+import ctypes as ct
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from merbridge.bpf import types as t
+
+INCLUDE = Path(t.__file__).parent / "include"
+HEADER = INCLUDE / "merbridge.h"
+
+
+def _constants() -> dict[str, int]:
+    """Every MB_* name types.py mirrors as a module constant, plus the counters."""
+    names = {n: getattr(t, n) for n in dir(t)
+             if n.startswith("MB_") and isinstance(getattr(t, n), int)}
+    for idx, name in t.COUNTERS.items():
+        names[f"MB_C_{name.upper()}"] = idx
+    return names
+
+
+def _program(consts: dict[str, int]) -> str:
+    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "merbridge.h"',
+             'int main(void) {', 'printf("{");']
+    first = True
+    for cname, cls in t.MIRRORS.items():
+        items = [f'\\"size\\": %zu', *[f'\\"{f}\\": %zu' for f, *_ in cls._fields_]]
+        args = [f"sizeof(struct {cname})",
+                *[f"offsetof(struct {cname}, {f})" for f, *_ in cls._fields_]]
+        sep = "" if first else ","
+        first = False
+        lines.append(f'printf("{sep}\\"{cname}\\": {{{", ".join(items)}}}", {", ".join(args)});')
+    for name in consts:
+        lines.append(f'printf(",\\"{name}\\": %lld", (long long)({name}));')
+    lines += ['printf("}\\n");', "return 0; }"]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def c_view(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.fail("gcc is required (Debian package gcc)")
+    d = tmp_path_factory.mktemp("layout")
+    consts = _constants()
+    (d / "layout.c").write_text(_program(consts))
+    subprocess.run(["gcc", "-Wall", "-Werror", f"-I{INCLUDE}", "-o", str(d / "layout"),
+                    str(d / "layout.c")], check=True)
+    out = subprocess.run([str(d / "layout")], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("cname", sorted(t.MIRRORS))
+def test_struct_layout(c_view, cname):
+    cls = t.MIRRORS[cname]
+    want = {"size": ct.sizeof(cls), **{f: getattr(cls, f).offset for f, *_ in cls._fields_}}
+    assert c_view[cname] == want
+
+
+def test_constants(c_view):
+    consts = _constants()
+    assert {n: c_view[n] for n in consts} == consts
+
+
+def test_every_header_constant_is_mirrored():
+    """A new MB_ constant or counter in the header must show up in types.py."""
+    text = HEADER.read_text()
+    defined = set(re.findall(r"#define (MB_[A-Z0-9_]+) ", text))
+    config = {"MB_OUT_PORT", "MB_IN_PORT", "MB_PROXY_UID", "MB_PROXY_GID", "MB_MESH",
+              "MB_CNI_MODE", "MB_DEBUG", "MB_MARK_PORT", "MB_HBONE_PORT"}  # -D flags
+    missing = defined - config - set(_constants())
+    assert not missing
+
+
+def test_counter_names_unique():
+    assert len(set(t.COUNTERS.values())) == len(t.COUNTERS)
+    assert max(t.COUNTERS) < t.MB_C_XDP_FIRST < t.MB_N_COUNTERS
