@@ -333,12 +333,12 @@ class Registry:
                     self._quiet(fn, arg)
                 except Exception as exc:
                     errors.append(f"delete map entry {arg}: {exc}")
-            forget = getattr(self.maps, "forget_ips", None)
-            if forget is not None:
+            flows = getattr(self.maps, "pair_orig_dst", None)
+            for ip in rec.ips if flows is not None else ():
                 try:
-                    forget(rec.ips)
+                    flows.delete_ip(ip)    # recorded original destinations of its flows
                 except Exception as exc:
-                    errors.append(f"flow state of {rec.ips}: {exc}")
+                    errors.append(f"flow state of {ip}: {exc}")
             if errors:
                 raise PodError(INTERNAL, f"removing container {rec.container_id}",
                                "; ".join(errors))

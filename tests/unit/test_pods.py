@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from merbridge.bpf import maps
+from merbridge.bpf import types as bpftypes
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import annotations
@@ -21,31 +23,17 @@ from merbridge.daemon.state import ENROLLED, StateStore
 ISTIO = MESHES["istio"]
 
 
-class FakeMap:
-    def __init__(self):
-        self.d = {}
-
-    def put(self, k, v):
-        self.d[k] = v
-
-    def get(self, k):
-        return self.d.get(k)
-
-    def delete(self, k):
-        del self.d[k]
-
-    def items(self):
-        return list(self.d.items())
+def real_maps():
+    """The datapath's typed map handles over in-memory backends (the MapBackend seam)."""
+    return maps.Maps({name: maps.DictBackend() for name in bpftypes.ALL_MAPS})
 
 
-class FakeMaps:
-    def __init__(self):
-        self.local_pods = FakeMap()
-        self.mark_pod_ips = FakeMap()
-        self.forgotten = []
+def lp(w):
+    return dict(w.maps.local_pods.items())
 
-    def forget_ips(self, ips):
-        self.forgotten.extend(ips)
+
+def mk(w):
+    return dict(w.maps.mark_pod_ips.items())
 
 
 class Marker:
@@ -114,7 +102,7 @@ def plain_pod(name="plain", ns="default", ip="10.240.0.9"):
 @pytest.fixture
 def world(tmp_path):
     pods: dict = {}
-    maps, net = FakeMaps(), FakePodNet()
+    maps, net = real_maps(), FakePodNet()
     store = StateStore(tmp_path / "state")
     for ns in ("ns-a", "ns-b", "ns-c"):
         (tmp_path / ns).write_text("")
@@ -138,8 +126,8 @@ def att(w, cid="c1", netns="ns-a", name="web", ips=("10.240.0.5",), ifname="eth0
 
 
 def assert_nothing_left(w):
-    assert w.maps.local_pods.d == {}
-    assert w.maps.mark_pod_ips.d == {}
+    assert lp(w) == {}
+    assert mk(w) == {}
     assert w.net.listeners == {}
     assert w.net.xdp == set()
     assert w.reg.records == {}
@@ -153,16 +141,20 @@ def test_add_enrols_everything_and_del_removes_it(world):
     w.reg.add(a)
     rec = w.reg.records["c1"]
     assert rec.key != 0 and rec.phase == ENROLLED
-    assert w.maps.mark_pod_ips.d == {rec.key: "10.240.0.5"}
-    assert w.maps.local_pods.d == {"10.240.0.5": annotations.pod_policy(meshed_pod(), ISTIO)}
+    assert mk(w) == {rec.key: "10.240.0.5"}
+    assert lp(w) == {"10.240.0.5": annotations.pod_policy(meshed_pod(), ISTIO)}
     assert w.net.listeners[a.netns].key == rec.key
     assert w.net.xdp == {(a.netns, "eth0")}
     assert w.net.csum_off == {(a.netns, "eth0")}
     assert w.store.load()["c1"].key == rec.key
     w.reg.check(a)
+    # a flow the datapath recorded for this pod, and one of another pod
+    origin = bpftypes.MbOrigin(bpftypes.MbAddr.of("10.96.0.10"), 0, 80, 0)
+    w.maps.pair_orig_dst.put(bpftypes.MbPair.of("10.240.0.5", 40000, "127.0.0.1", 15001), origin)
+    w.maps.pair_orig_dst.put(bpftypes.MbPair.of("10.240.0.77", 40000, "127.0.0.1", 15001), origin)
     w.reg.delete(a)
     assert_nothing_left(w)
-    assert w.maps.forgotten == ["10.240.0.5"]
+    assert [str(p.sip) for p, _ in w.maps.pair_orig_dst.items()] == ["10.240.0.77"]
 
 
 def test_del_uses_the_key_add_chose_even_after_restart(world):
@@ -174,9 +166,9 @@ def test_del_uses_the_key_add_chose_even_after_restart(world):
     reg2 = w.make()
     reg2.restore(w.store.load())
     assert reg2.records["c1"].key == key
-    assert w.maps.mark_pod_ips.d == {key: "10.240.0.5"}
+    assert mk(w) == {key: "10.240.0.5"}
     reg2.delete(att(w))
-    assert w.maps.mark_pod_ips.d == {} and w.maps.local_pods.d == {}
+    assert mk(w) == {} and lp(w) == {}
 
 
 def test_keys_are_unique_and_nonzero():
@@ -208,7 +200,7 @@ def test_add_twice_is_idempotent_and_repairs(world):
     w.reg.add(a)
     assert w.reg.records["c1"].key == key
     assert w.net.xdp == {(a.netns, "eth0")}
-    assert len(w.maps.mark_pod_ips.d) == 1
+    assert len(mk(w)) == 1
     w.reg.check(a)
 
 
@@ -225,7 +217,7 @@ def test_del_twice_and_del_after_netns_gone(world):
     (w.dir / "ns-a").unlink()                   # the runtime already tore the netns down
     w.reg.delete(a)
     w.reg.delete(a)
-    assert w.maps.local_pods.d == {} and w.maps.mark_pod_ips.d == {}
+    assert lp(w) == {} and mk(w) == {}
     assert w.net.listeners == {} and w.reg.records == {}
 
 
@@ -292,7 +284,7 @@ def test_failure_at_each_step_rolls_everything_back(world, step):
         def broken(k, v):
             if k == "10.240.0.6":          # the second IP: the first entries are written
                 raise OSError("map full")
-            FakeMap.put(w.maps.local_pods, k, v)
+            maps.LocalPods.put(w.maps.local_pods, k, v)
         w.maps.local_pods.put = broken
     else:
         w.net.fail = step
@@ -305,7 +297,7 @@ def test_failure_at_each_step_rolls_everything_back(world, step):
     if step == "put":
         del w.maps.local_pods.put
     w.reg.add(att(w, ips=("10.240.0.5", "10.240.0.6")))
-    assert len(w.maps.local_pods.d) == 2
+    assert len(lp(w)) == 2
 
 
 def test_hardware_checksum_leaves_offload_alone(world):
@@ -322,7 +314,7 @@ def test_check_reports_each_missing_piece(world):
     a = att(w)
     w.reg.add(a)
     w.net.detach_xdp(a.netns, "eth0")
-    w.maps.local_pods.d.clear()
+    [w.maps.local_pods.delete(ip) for ip in lp(w)]
     with pytest.raises(PodError) as exc:
         w.reg.check(a)
     assert exc.value.code == NOT_ENROLLED
@@ -340,7 +332,7 @@ def test_gc_removes_only_containers_not_listed(world):
     w.reg.add(att(w, cid="c2", netns="ns-b", name="api", ips=("10.240.0.7",)))
     w.reg.gc([("c2", "eth0")])
     assert set(w.reg.records) == {"c2"}
-    assert list(w.maps.local_pods.d) == ["10.240.0.7"]
+    assert list(lp(w)) == ["10.240.0.7"]
     assert set(w.net.listeners) == {str(w.dir / "ns-b")}
 
 
@@ -350,7 +342,7 @@ def test_gc_keeps_going_and_reports_errors(world):
     w.pods[("default", "api")] = meshed_pod(name="api", ip="10.240.0.7", uid="u-2")
     w.reg.add(att(w, cid="c1"))
     w.reg.add(att(w, cid="c2", netns="ns-b", name="api", ips=("10.240.0.7",)))
-    real_delete = FakeMap.delete
+    real_delete = maps.LocalPods.delete
 
     def broken(k):
         if k == "10.240.0.5":
@@ -387,8 +379,8 @@ def test_parallel_adds_and_a_del_racing_its_add(world):
     enrolled = set(w.reg.records)
     # c0's DEL ran before or after its ADD: either way the maps agree with the registry
     assert enrolled >= {f"c{i}" for i in range(1, 8)}
-    assert set(w.maps.local_pods.d) == {ip for r in w.reg.records.values() for ip in r.ips}
-    assert set(w.maps.mark_pod_ips.d) == {r.key for r in w.reg.records.values()}
+    assert set(lp(w)) == {ip for r in w.reg.records.values() for ip in r.ips}
+    assert set(mk(w)) == {r.key for r in w.reg.records.values()}
     assert len(w.net.listeners) == len(enrolled)
     assert set(w.store.load()) == enrolled
 
@@ -400,10 +392,10 @@ def test_cni_mode_pod_update_rewrites_policy_and_delete_cleans_up(world):
     w.reg.add(att(w))
     changed = meshed_pod(ann={"traffic.sidecar.istio.io/excludeOutboundPorts": "5432"})
     w.reg.on_pod_event("MODIFIED", changed)
-    assert 5432 in w.maps.local_pods.d["10.240.0.5"].exclude_outbound_ports
+    assert 5432 in lp(w)["10.240.0.5"].exclude_outbound_ports
     bad = meshed_pod(ann={"traffic.sidecar.istio.io/excludeOutboundPorts": "x"})
     w.reg.on_pod_event("MODIFIED", bad)          # logged; the previous policy stays
-    assert 5432 in w.maps.local_pods.d["10.240.0.5"].exclude_outbound_ports
+    assert 5432 in lp(w)["10.240.0.5"].exclude_outbound_ports
     w.reg.on_pod_event("DELETED", meshed_pod(uid="someone-else"))
     assert "c1" in w.reg.records
     w.reg.on_pod_event("DELETED", changed)       # the DEL never came
@@ -425,8 +417,8 @@ def test_restore_drops_records_whose_netns_is_gone_and_stale_entries(world):
     reg2 = w.make()
     reg2.restore(w.store.load())
     assert set(reg2.records) == {"c2"}
-    assert w.maps.mark_pod_ips.d == {key2: "10.240.0.7"}
-    assert set(w.maps.local_pods.d) == {"10.240.0.7"}
+    assert mk(w) == {key2: "10.240.0.7"}
+    assert set(lp(w)) == {"10.240.0.7"}
     assert w.net.listeners[str(w.dir / "ns-b")].key == key2
     reg2.check(att(w, cid="c2", netns="ns-b", name="api"))
     assert set(w.store.load()) == {"c2"}
@@ -476,23 +468,23 @@ def test_legacy_mode_follows_pod_events(world):
     pod = meshed_pod()
     reg.on_pod_event("ADDED", plain_pod())
     reg.on_pod_event("ADDED", meshed_pod(ip=None))     # no IP yet: nothing to write
-    assert w.maps.local_pods.d == {}
+    assert lp(w) == {}
     reg.on_pod_event("MODIFIED", pod)
-    assert set(w.maps.local_pods.d) == {"10.240.0.5"}
+    assert set(lp(w)) == {"10.240.0.5"}
     upd = meshed_pod(ann={"traffic.sidecar.istio.io/includeInboundPorts": "8080"})
     reg.on_pod_event("MODIFIED", upd)
-    assert w.maps.local_pods.d["10.240.0.5"].include_inbound_ports == frozenset({8080})
+    assert lp(w)["10.240.0.5"].include_inbound_ports == frozenset({8080})
     moved = meshed_pod(ip="10.240.0.8")
     reg.on_pod_event("MODIFIED", moved)
-    assert set(w.maps.local_pods.d) == {"10.240.0.8"}
+    assert set(lp(w)) == {"10.240.0.8"}
     left = meshed_pod(ip="10.240.0.8", ann={"sidecar.istio.io/inject": "false"})
     left["metadata"]["labels"] = {"sidecar.istio.io/inject": "false"}
     reg.on_pod_event("MODIFIED", left)
-    assert w.maps.local_pods.d == {}
+    assert lp(w) == {}
     reg.on_pod_event("ADDED", moved)
     reg.on_pod_event("DELETED", moved)
-    assert w.maps.local_pods.d == {}
-    assert w.maps.mark_pod_ips.d == {} and w.net.listeners == {}
+    assert lp(w) == {}
+    assert mk(w) == {} and w.net.listeners == {}
 
 
 def test_legacy_resync_removes_what_the_snapshot_does_not_have(world):
@@ -502,7 +494,7 @@ def test_legacy_resync_removes_what_the_snapshot_does_not_have(world):
     reg.on_pod_event("ADDED", meshed_pod(name="gone", ip="10.240.0.2"))
     reg.resync_legacy([meshed_pod(), plain_pod(),
                        meshed_pod(name="sys", ns="kube-system", ip="10.240.0.3")])
-    assert set(w.maps.local_pods.d) == {"10.240.0.5"}
+    assert set(lp(w)) == {"10.240.0.5"}
 
 
 # ---------------------------------------------------------------- runtime lock
