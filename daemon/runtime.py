@@ -130,14 +130,18 @@ class Daemon:
         podnet = None
         if cfg.cni_mode:
             from merbridge.daemon import podnet as podnet_mod
-            podnet = podnet_mod.PodNet(self.datapath)
-        self.source = self._pod_source()
+            podnet = podnet_mod.PodNet(self.datapath.xdp_programs,
+                                       xdp_mode=getattr(cfg, "xdp_mode", "auto"),
+                                       hardware_checksum=cfg.hardware_checksum)
+        self.source = self._pod_source(self._on_pod_event)
         self.registry = podreg.Registry(
             mesh=self.mesh, maps=self.datapath.maps, podnet=podnet, lookup=self.source.get,
             store=store, cni_mode=cfg.cni_mode, exclude_namespaces=cfg.exclude_namespaces,
             hardware_checksum=cfg.hardware_checksum, metrics=self.metrics)
-        self.source.start(self.registry.on_pod_event)
-        self._wait(self.source.synced, "the first pod listing")
+        self.source.start()
+        while not self.source.wait_synced(0.2):
+            if self.stopping.is_set():
+                raise Interrupted("stopped while waiting for the first pod listing")
         if cfg.cni_mode:
             self._start_cni(store)
         else:
@@ -146,13 +150,17 @@ class Daemon:
         self.ready.set()
         log.info("merbridge ready mode=%s cni_mode=%s", self.mesh.name, cfg.cni_mode)
 
-    def _pod_source(self):
+    def _on_pod_event(self, event: str, pod: dict) -> None:
+        if self.registry is not None:
+            self.registry.on_pod_event(event, pod)
+
+    def _pod_source(self, callback):
         cfg = self.cfg
         if cfg.pods_dir:
             from merbridge.daemon import podsdir
-            return podsdir.PodsDir(cfg.pods_dir)
+            return podsdir.PodsDirSource(callback, cfg.pods_dir)
         from merbridge.daemon import k8s
-        return k8s.PodSource(kubeconfig=cfg.kubeconfig, node_name=cfg.node_name)
+        return k8s.KubernetesPodSource(callback, cfg.node_name, kubeconfig=cfg.kubeconfig)
 
     def _start_cni(self, store: StateStore) -> None:
         cfg = self.cfg
@@ -162,7 +170,7 @@ class Daemon:
         self.registry.restore(store.load())
         self.installer = install.Installer(
             cni_bin_dir=cfg.cni_bin_dir, cni_conf_dir=cfg.cni_conf_dir,
-            plugin_source_path=cniserver.plugin_executable(),
+            plugin_source_path=self._plugin_executable(),
             entry=install.plugin_entry(cfg.socket_path, self.mesh.name))
         self._installer_thread = threading.Thread(target=self.installer.watch,
                                                   name="cni-installer", daemon=True)
@@ -170,6 +178,12 @@ class Daemon:
         # ready only once the plugin is chained in; a node without a primary CNI
         # config yet keeps us not-ready (and kubelet keeps the node NotReady too)
         self._wait(self.installer.ready, f"a primary CNI config in {cfg.cni_conf_dir}")
+
+    def _plugin_executable(self) -> str:
+        """The node's merbridge-cni: a zipapp of our own merbridge.cni, built into the
+        state dir. (The one daemon use of cni beyond protocol: packaging it.)"""
+        from merbridge.cni import main as cni_main
+        return cni_main.build_zipapp(os.path.join(self.cfg.state_dir, "merbridge-cni"))
 
     # -- stop ------------------------------------------------------------
     def stop(self, unpin: bool = True) -> None:
@@ -189,6 +203,8 @@ class Daemon:
             steps.append(("stop the pod source", self.source.stop))
         if self.datapath is not None and unpin:
             steps.append(("remove the pins", self.datapath.unpin))
+        if self.datapath is not None:
+            steps.append(("release the programs", self.datapath.close))
         if self.server is not None:
             steps.append(("close the CNI socket", self.server.stop))
         if self.metrics is not None:
@@ -213,9 +229,11 @@ class Handler:
     def __init__(self, registry: podreg.Registry):
         self.registry = registry
 
-    # filled in against cniserver's handler contract
-    def add(self, req) -> None:
-        self.registry.add(_attachment(req))
+    def add(self, req) -> dict:
+        att = _attachment(req)
+        self.registry.add(att)
+        rec = self.registry.records.get(att.container_id)
+        return {"enrolled": rec is not None, "key": rec.key if rec else 0}
 
     def delete(self, req) -> None:
         self.registry.delete(_attachment(req))
@@ -226,8 +244,8 @@ class Handler:
     def gc(self, req) -> None:
         self.registry.gc((a.container_id, a.ifname) for a in req.attachments)
 
-    def status(self, req=None) -> None:
-        self.registry.status()
+    def status(self) -> tuple[bool, str]:
+        return (True, "ready") if self.registry.ready else (False, "merbridge is starting")
 
 
 def _attachment(req) -> podreg.Attachment:
