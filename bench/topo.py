@@ -106,19 +106,17 @@ class Topology:
     def url(self, where: str) -> str:
         return f"http://{self.target(where).ip4}:{APP_PORT}/"
 
-    def check(self) -> dict:
+    def check(self, placements=("same", "cross")) -> dict:
         """One request per placement; the peer the app saw proves whether the
         sidecars carried it (127.0.0.6) or not (the client's own IP)."""
         want = self.cli.ip4 if self.mode == "direct" else PASSTHROUGH
         seen = {}
-        for where in ("same", "cross") if self.srvx else ("same",):
+        for where in placements:
             res = self.cli.run(["/usr/bin/python3", "-I", "-c", _GET, self.target(where).ip4,
                                 str(APP_PORT)], uid=1000, timeout=20)
-            body = res.stdout.strip()
-            seen[where] = body
-            if not (body.endswith(f"peer={want}") or body.endswith(f"peer=::ffff:{want}")):
-                raise BenchError(f"{self.mode}/{where}: app saw {body or res.stderr.strip()!r}, "
-                                 f"expected peer={want}")
+            body = res.stdout.strip() or res.stderr.strip()[-200:]
+            ok = body.endswith(f"peer={want}") or body.endswith(f"peer=::ffff:{want}")
+            seen[where] = {"ok": ok, "body": body}
         return seen
 
     def counters(self) -> dict:
