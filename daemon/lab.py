@@ -201,8 +201,8 @@ class Pod:
         return proc
 
     def start_sidecar(self, mode: str = "tcp", threads: int = 1) -> "Sidecar":
-        """The sidecar as UID/GID 1337: haproxy for IPv4 (outbound 127.0.0.1:15001,
-        inbound 0.0.0.0:15006) plus ``sidecar6.py`` for IPv6 ([::1]:15001,
+        """The sidecar as UID/GID 1337: haproxy for IPv4 (0.0.0.0:15001 outbound,
+        0.0.0.0:15006 inbound) plus ``sidecar6.py`` for IPv6 ([::]:15001,
         [::]:15006), both logging to one file; returns once all four listen."""
         if self.sidecar is not None:
             raise LabError(f"{self.name} already has a sidecar")
@@ -221,9 +221,9 @@ class Pod:
                            stderr=subprocess.STDOUT, **ids),
             ]
         self.sidecar = Sidecar(self, procs, log_path)
-        for proc, addr, port in ((procs[0], "127.0.0.1", ISTIO.out_port),
+        for proc, addr, port in ((procs[0], "0.0.0.0", ISTIO.out_port),
                                  (procs[0], "0.0.0.0", ISTIO.in_port),
-                                 (procs[1], "::1", ISTIO.out_port),
+                                 (procs[1], "::", ISTIO.out_port),
                                  (procs[1], "::", ISTIO.in_port)):
             self.wait_listening(port, addr, proc=proc, log=log_path)
         return self.sidecar

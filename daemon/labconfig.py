@@ -28,8 +28,9 @@ LOG_FORMAT = ("mb fe=%ft src=%ci sport=%cp dst=%[dst] dport=%[dst_port] "
 
 def sidecar(mode: str = "tcp", out_port: int = ISTIO.out_port, in_port: int = ISTIO.in_port,
             passthrough4: str = ISTIO.inbound_passthrough_ip, threads: int = 1) -> str:
-    """The IPv4 half of an Envoy-like sidecar: outbound on 127.0.0.1, inbound on
-    0.0.0.0, inbound passthrough from 127.0.0.6 (so iptables' ISTIO_OUTPUT does
+    """The IPv4 half of an Envoy-like sidecar: outbound and inbound listeners on
+    0.0.0.0 as Envoy binds them (legacy mode redirects to 127.128.x.y, not only
+    127.0.0.1), inbound passthrough from 127.0.0.6 (so iptables' ISTIO_OUTPUT does
     not loop it back to the inbound port), and a guard against self-loops: a
     connection made straight to the proxy port has no original destination.
     haproxy 2.6 reads SO_ORIGINAL_DST only for IPv4; ``sidecar6.py`` serves IPv6."""
@@ -49,7 +50,7 @@ defaults
     timeout client 60s
     timeout server 60s
 frontend outbound4
-    bind 127.0.0.1:{out_port}
+    bind 0.0.0.0:{out_port}
     tcp-request connection reject if {{ dst_port {out_port} }}
     default_backend orig
 backend orig

@@ -103,7 +103,7 @@ def _accept_loop(fe, ls, port, source):
 def main(argv):
     out_port, in_port, source = int(argv[1]), int(argv[2]), argv[3]
     # Bind both before serving, so "listening" means fully ready.
-    _, out_loop = _serve("outbound6", "::1", out_port, None)
+    _, out_loop = _serve("outbound6", "::", out_port, None)
     _, in_loop = _serve("inbound6", "::", in_port, source)
     threading.Thread(target=out_loop, daemon=True).start()
     in_loop()

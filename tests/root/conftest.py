@@ -1,5 +1,6 @@
 """Shared fixtures for root tests: unique names, a private cgroup, a private
 bpffs pin directory and a lab. Each removes exactly what it created."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -51,8 +52,8 @@ def cgroup(unique):
         remove_cgroup(path)
 
 
-@pytest.fixture
-def pin_dir():
+@contextlib.contextmanager
+def private_bpffs():
     """A private bpffs instance: pins in it vanish with the unmount."""
     path = tempfile.mkdtemp(prefix="mbt-bpffs-")
     subprocess.run(["mount", "-t", "bpf", "bpf", path], check=True)
@@ -64,7 +65,19 @@ def pin_dir():
 
 
 @pytest.fixture
+def pin_dir():
+    with private_bpffs() as path:
+        yield path
+
+
+@pytest.fixture
 def lab():
     """A one-node lab; pods are added by the test."""
     with Lab("mbt") as lb:
         yield lb
+
+
+@pytest.fixture(scope="session")
+def make_bpffs():
+    """``with make_bpffs() as pin_dir:`` -- for fixtures wider than one test."""
+    return private_bpffs
