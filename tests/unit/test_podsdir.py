@@ -1,0 +1,173 @@
+"""PodsDirSource: manifests in a directory, watched with inotify."""
+import json
+import logging
+import os
+import threading
+import time
+
+import pytest
+
+from merbridge.daemon import podsdir
+
+POD_A = """\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: a
+  namespace: shop
+  creationTimestamp: 2024-01-02T03:04:05Z
+  annotations:
+    sidecar.istio.io/status: '{"initContainers":["istio-init"]}'
+spec:
+  nodeName: node-a
+  containers:
+  - name: app
+  - name: istio-proxy
+status:
+  podIP: 10.244.0.5
+"""
+
+TWO_DOCS = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: b}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: not-a-pod}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: other}
+"""
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+        self.cond = threading.Condition()
+
+    def __call__(self, event_type, pod):
+        with self.cond:
+            self.events.append((event_type, f"{pod['metadata']['namespace']}/{pod['metadata']['name']}", pod))
+            self.cond.notify_all()
+
+    def wait_len(self, n, timeout=5):
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.events) >= n, timeout), self.events
+            return [(t, k) for t, k, _ in self.events]
+
+
+@pytest.fixture
+def source(tmp_path):
+    made = []
+
+    def make(rec):
+        src = podsdir.PodsDirSource(rec, str(tmp_path))
+        made.append(src)
+        src.start()
+        return src
+
+    yield make
+    for src in made:
+        src.stop()
+
+
+def write_atomic(path, text):
+    tmp = path.parent / ("." + path.name + ".tmp")
+    tmp.write_text(text)
+    os.rename(tmp, path)
+
+
+def test_initial_scan_multi_document_and_json(tmp_path, source):
+    (tmp_path / "a.yaml").write_text(POD_A)
+    (tmp_path / "bc.yml").write_text(TWO_DOCS)
+    (tmp_path / "d.json").write_text(json.dumps({"kind": "PodList", "items": [{"metadata": {"name": "d"}}]}))
+    (tmp_path / "README.txt").write_text("not a manifest")
+    rec = Recorder()
+    src = source(rec)
+    assert src.wait_synced(0)
+    assert sorted(k for _, k, _ in rec.events) == ["default/b", "default/d", "other/c", "shop/a"]
+    assert {t for t, _, _ in rec.events} == {"ADDED"}
+    a = src.get("shop", "a")
+    assert a["status"]["podIP"] == "10.244.0.5"
+    assert a["metadata"]["creationTimestamp"] == "2024-01-02T03:04:05Z"   # kept as text, like the API
+    json.dumps(src.snapshot())
+
+
+def test_changes_are_diffed(tmp_path, source):
+    (tmp_path / "a.yaml").write_text(POD_A)
+    rec = Recorder()
+    source(rec)
+    assert rec.wait_len(1) == [("ADDED", "shop/a")]
+    # an annotation edit -> MODIFIED
+    write_atomic(tmp_path / "a.yaml", POD_A.replace(
+        "  annotations:\n", "  annotations:\n    traffic.sidecar.istio.io/excludeOutboundPorts: '6379'\n"))
+    assert rec.wait_len(2)[1] == ("MODIFIED", "shop/a")
+    assert rec.events[1][2]["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] == "6379"
+    # a new file -> ADDED; an in-place rewrite (open/truncate/write) also works
+    (tmp_path / "b.yaml").write_text(TWO_DOCS)
+    assert sorted(rec.wait_len(4)[2:]) == [("ADDED", "default/b"), ("ADDED", "other/c")]
+    # removing a file -> DELETED
+    (tmp_path / "a.yaml").unlink()
+    assert rec.wait_len(5)[4] == ("DELETED", "shop/a")
+
+
+def test_bad_files_are_logged_and_skipped(tmp_path, source, caplog):
+    caplog.set_level(logging.WARNING, logger="merbridge.daemon.podsdir")
+    (tmp_path / "a.yaml").write_text(POD_A)
+    (tmp_path / "broken.yaml").write_text("kind: Pod\nmetadata: {name: [unclosed\n")
+    (tmp_path / "noname.yaml").write_text("kind: Pod\nmetadata: {}\n")
+    (tmp_path / "scalar.yaml").write_text("just a string\n")
+    (tmp_path / "dup.yaml").write_text(POD_A)
+    rec = Recorder()
+    src = source(rec)
+    assert [k for _, k, _ in rec.events] == ["shop/a"]
+    text = caplog.text
+    assert "broken.yaml: not valid YAML/JSON" in text
+    assert "noname.yaml: metadata.name is missing" in text
+    assert "scalar.yaml: not a mapping" in text
+    assert "already defined in" in text and "a.yaml" in text
+    # a file turning bad later does not crash the watcher; the pod goes away
+    write_atomic(tmp_path / "a.yaml", "{{{")
+    (tmp_path / "dup.yaml").unlink()
+    assert rec.wait_len(2)[1] == ("DELETED", "shop/a")
+    (tmp_path / "ok.yaml").write_text("kind: Pod\nmetadata: {name: ok}\n")
+    assert rec.wait_len(3)[2] == ("ADDED", "default/ok")
+    assert src._thread.is_alive()
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    src = podsdir.PodsDirSource(lambda *a: None, str(tmp_path / "nope"))
+    with pytest.raises(podsdir.PodsDirError, match="not a directory"):
+        src.start()
+
+
+def test_configmap_style_symlink_swap(tmp_path, source):
+    """A ConfigMap volume: a.yaml -> ..data/a.yaml, updated by renaming ..data."""
+    def publish(version, text):
+        d = tmp_path / f"..v{version}"
+        d.mkdir()
+        (d / "a.yaml").write_text(text)
+        os.symlink(d.name, tmp_path / "..data_tmp")
+        os.rename(tmp_path / "..data_tmp", tmp_path / "..data")
+
+    publish(1, POD_A)
+    os.symlink("..data/a.yaml", tmp_path / "a.yaml")
+    rec = Recorder()
+    source(rec)
+    assert rec.wait_len(1) == [("ADDED", "shop/a")]
+    publish(2, POD_A.replace("10.244.0.5", "10.244.0.6"))
+    assert rec.wait_len(2)[1] == ("MODIFIED", "shop/a")
+    assert rec.events[1][2]["status"]["podIP"] == "10.244.0.6"
+
+
+def test_in_place_rewrite_does_not_flap(tmp_path, source):
+    (tmp_path / "a.yaml").write_text(POD_A)
+    rec = Recorder()
+    source(rec)
+    with open(tmp_path / "a.yaml", "w") as f:   # truncate, then write, then close
+        f.write(POD_A.replace("10.244.0.5", "10.244.0.9"))
+        f.flush()
+        time.sleep(0.2)                          # a rescan now would see the truncated file
+    assert rec.wait_len(2) == [("ADDED", "shop/a"), ("MODIFIED", "shop/a")]
