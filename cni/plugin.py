@@ -47,7 +47,7 @@ class Plugin:
     def configure_log(self, cmd: skel.CmdArgs, log: skel.Log) -> None:
         self.log = log
         level = cmd.config.get("logLevel")
-        if level in skel.LEVELS:
+        if isinstance(level, str) and level in skel.LEVELS:
             log.level = skel.LEVELS[level]
 
     # -- helpers -----------------------------------------------------------

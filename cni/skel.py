@@ -126,6 +126,14 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        # 1e999 would come back out as "Infinity", which is not JSON
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def decode_config(data: bytes) -> dict:
     """stdin bytes -> config object; CniError 6 (decoding) or 7 (name)."""
     if len(data) > MAX_STDIN:
@@ -133,7 +141,7 @@ def decode_config(data: bytes) -> dict:
                        f"more than {MAX_STDIN} bytes on stdin")
     try:
         text = data.decode("utf-8")
-        conf = json.loads(text, parse_constant=_reject_constant)
+        conf = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError as e:
         raise CniError(errors.DECODING_FAILURE, "error decoding network config",
                        f"not UTF-8 at byte {e.start}") from None

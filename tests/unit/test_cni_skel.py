@@ -147,6 +147,8 @@ def test_unknown_command():
     (b'{"name": 5, "cniVersion": "1.0.0"}', errors.DECODING_FAILURE),
     (b'{"name": "n", "cniVersion": 1}', errors.DECODING_FAILURE),
     (b'{"name": "n", "cniVersion": "1.0.0", "x": NaN}', errors.DECODING_FAILURE),
+    (b'{"name": "n", "cniVersion": "1.0.0", "x": 1e999}', errors.DECODING_FAILURE),
+    (b'{"name": "n", "cniVersion": "1.0.0", "x": 1' + b"0" * 5000 + b'}', errors.DECODING_FAILURE),
     (b'\xff\xfe{"name": "n"}', errors.DECODING_FAILURE),
     (b'{"name": "n\xc3", "cniVersion": "1.0.0"}', errors.DECODING_FAILURE),
     (b"[" * 100000, errors.DECODING_FAILURE),
