@@ -123,6 +123,14 @@ def markdown(results: dict, img_prefix: str = "") -> str:
                      f"{_ms(v['p50_us'])} | {_ms(v['p99_us'])} | {v['errors']} |")
         L.append("")
 
+    failed = results.get("load", {}).get("failed", [])
+    if failed:
+        L.append("Points not measured because the interception check failed:\n")
+        for f in failed:
+            L.append(f"- rep {f['rep'] + 1}, {f['mode']}, {f.get('where', 'all')}: "
+                     f"{f['error'][:200]}")
+        L.append("")
+
     lat = results.get("latency", {}).get("runs", [])
     if lat:
         L.append("## Fixed rate (wrk with a Lua delay: 16 connections, one request per "
@@ -186,7 +194,8 @@ def markdown(results: dict, img_prefix: str = "") -> str:
         L.append("| figure | value |\n|---|---|")
         for k, v in d.items():
             if isinstance(v, (int, float, str)):
-                L.append(f"| {k} | {_f(v, 2) if isinstance(v, float) else v} |")
+                v = _f(v, 2) if isinstance(v, float) else str(v).replace("\n", " ").replace("|", "/")
+                L.append(f"| {k} | {v} |")
         L.append("")
 
     errs = results.get("errors") or {}

@@ -1,0 +1,123 @@
+"""The daemon's own costs.
+
+- map updates per second: ``maps.local_pods.put`` (and ``delete``) in a loop
+  on a freshly loaded datapath in a private pin dir (no cgroup attached);
+- ``merbridge run`` in legacy mode with a ``--pods-dir`` of 1,000 in-mesh
+  pods: start to ready (the daemon writes ``mb_local_pods`` from its first
+  listing just before it reports ready, so "ready" is taken as the moment
+  the map holds all 1,000 pods), its RSS then, and the latency from one more
+  pod manifest appearing in the directory to its map entry (median of
+  several).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import uuid
+
+from common import BenchError, log, percentiles
+
+BPFFS = "/sys/fs/bpf"
+
+
+def map_updates(n: int) -> dict:
+    from merbridge.bpf.loader import Datapath
+    from merbridge.bpf.mesh import MESHES
+    from merbridge.bpf.policy import PodPolicy
+    pin = os.path.join(BPFFS, f"mbb-{uuid.uuid4().hex[:8]}")
+    dp = Datapath(pin, MESHES["istio"], cni_mode=True)
+    try:
+        dp.load()
+        lp = dp.maps.local_pods
+        ips = [f"10.233.{i // 250}.{i % 250 + 1}" for i in range(1000)]
+        pol = PodPolicy()
+        t0 = time.perf_counter()
+        for i in range(n):
+            lp.put(ips[i % 1000], pol)
+        put_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for ip in ips:
+            lp.delete(ip)
+        del_s = time.perf_counter() - t0
+        return {"puts": n, "puts_per_s": n / put_s, "deletes_per_s": len(ips) / del_s}
+    finally:
+        try:
+            dp.unpin()
+        finally:
+            dp.close()
+
+
+def _write_pod(pods_dir: str, name: str, ip: str) -> None:
+    import daemonctl
+    tmp = os.path.join(pods_dir, f".{name}.json")
+    with open(tmp, "w") as f:
+        json.dump(daemonctl.pod_manifest(name, ip), f)
+    os.rename(tmp, os.path.join(pods_dir, f"{name}.json"))
+
+
+def daemon_figures(workdir: str, pods: int, events: int) -> dict:
+    import daemonctl
+    from merbridge.bpf.loader import open_maps
+    d = daemonctl.Daemon(workdir, cni_mode=False)
+    try:
+        for i in range(pods):
+            _write_pod(d.pods_dir, f"p{i}", f"10.234.{i // 250}.{i % 250 + 1}")
+        d.start()
+        maps = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if d.proc.poll() is not None:
+                raise BenchError(f"merbridge run exited rc={d.proc.returncode}: {d._tail()}")
+            try:
+                if maps is None:
+                    maps = open_maps(d.pin_dir)
+                if len(maps.local_pods.items()) >= pods:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.01)
+        else:
+            raise BenchError(f"daemon did not list {pods} pods within 60 s: {d._tail()}")
+        ready = time.perf_counter() - d.started
+        time.sleep(0.5)
+        rss = d.rss_mb()
+        lat = []
+        for k in range(events):
+            ip = f"10.235.0.{k + 1}"
+            t0 = time.perf_counter()
+            _write_pod(d.pods_dir, f"ev{k}", ip)
+            while maps.local_pods.get(ip) is None:
+                if time.perf_counter() - t0 > 30:
+                    raise BenchError(f"pod event -> map entry took more than 30 s: {d._tail()}")
+                time.sleep(0.0005)
+            lat.append((time.perf_counter() - t0) * 1000)
+        rss_after = d.rss_mb()
+        maps.close()
+        return {"ready_s": ready, "rss_mb": max(rss, rss_after), "pods_listed": pods,
+                "event_to_map_ms": percentiles(lat), "events": events}
+    finally:
+        d.close()
+
+
+def run(a, workdir: str) -> dict:
+    out = {}
+    n = 20_000 if a.quick else 100_000
+    log(f"daemon: {n} local_pods.put")
+    out.update(map_updates(n))
+    pods = 200 if a.quick else 1000
+    import importlib.util
+    if importlib.util.find_spec("merbridge.daemon.cli") is None:
+        out["daemon_error"] = "merbridge run is not available yet (no daemon/cli.py)"
+        return out
+    try:
+        log(f"daemon: merbridge run (legacy, pods-dir with {pods} pods)")
+        fig = daemon_figures(workdir, pods, 5 if a.quick else 20)
+        ev = fig.pop("event_to_map_ms")
+        out.update(fig)
+        out["event_to_map_p50_ms"] = ev.get("p50")
+        out["event_to_map_p99_ms"] = ev.get("p99")
+    except BenchError as e:
+        out["daemon_error"] = str(e)[:500]
+    return out
