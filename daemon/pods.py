@@ -43,6 +43,8 @@ INVALID_ANNOTATIONS = 101
 NO_POD_IP = 102
 NOT_ENROLLED = 103
 
+KEY_MASK = 0x7FFFFFFF
+
 
 class PodError(Exception):
     def __init__(self, code: int, msg: str, details: str = ""):
@@ -90,10 +92,12 @@ def allocate_key(container_id: str, used: set[int]) -> int:
     h = 0x811C9DC5
     for b in container_id.encode():
         h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    # 31 bits: SO_MARK is a u32, but setsockopt/getsockopt go through a C int
+    h &= KEY_MASK
     for _ in range(len(used) + 1):
         if h and h not in used:
             return h
-        h = (h + 1) & 0xFFFFFFFF
+        h = (h + 1) & KEY_MASK
     raise PodError(INTERNAL, "no free mark key")  # unreachable: used is finite
 
 
@@ -234,6 +238,7 @@ class Registry:
                 self._save()
             if isinstance(exc, PodError):
                 raise
+            log.error("enrolling %s failed", rec.container_id, exc_info=True)
             raise PodError(INTERNAL, f"enrolling {att.namespace}/{att.name} failed",
                            f"{type(exc).__name__}: {exc}") from exc
         log.info("enrolled %s/%s container %s ips %s key %#x", rec.namespace, rec.name,

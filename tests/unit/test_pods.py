@@ -175,7 +175,7 @@ def test_keys_are_unique_and_nonzero():
     used = set()
     for i in range(2000):
         k = allocate_key(f"container-{i}", used)
-        assert k and k not in used and k <= 0xFFFFFFFF
+        assert k and k not in used and k <= 0x7FFFFFFF
         used.add(k)
     first = allocate_key("x", set())
     assert allocate_key("x", {first}) != first
