@@ -1,0 +1,92 @@
+"""Metrics registry and the /metrics, /healthz, /readyz server, over loopback."""
+import http.client
+
+import pytest
+
+from merbridge.daemon import metrics
+
+
+def get(server, path):
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def served():
+    m = metrics.Metrics()
+    state = {"ready": False}
+    server = metrics.MetricsServer("127.0.0.1:0", m, ready=lambda: state["ready"])
+    server.start()
+    try:
+        yield m, server, state
+    finally:
+        server.stop()
+
+
+def test_health_and_readiness(served):
+    _, server, state = served
+    assert get(server, "/healthz") == (200, "ok\n")
+    assert get(server, "/readyz")[0] == 503
+    state["ready"] = True
+    assert get(server, "/readyz") == (200, "ready\n")
+    assert get(server, "/nope")[0] == 404
+
+
+def test_metrics_exposition(served):
+    m, server, _ = served
+    m.set_pods_enrolled(3)
+    m.cni_request("ADD", "ok", 0.004)
+    m.cni_request("ADD", "ok", 0.02)
+    m.cni_request("DEL", "error", 0.5)
+    m.error("enrol")
+    m.set_map_occupancy(lambda: {"mb_local_pods": (3, 4096), "mb_pair_orig_dst": (10, 65535)})
+    status, text = get(server, "/metrics")
+    assert status == 200
+    lines = set(text.splitlines())
+    assert "merbridge_pods_enrolled 3.0" in lines
+    assert 'merbridge_cni_requests_total{command="ADD",result="ok"} 2.0' in lines
+    assert 'merbridge_cni_requests_total{command="DEL",result="error"} 1.0' in lines
+    assert 'merbridge_cni_request_duration_seconds_bucket{command="ADD",le="0.005"} 1.0' in lines
+    assert 'merbridge_cni_request_duration_seconds_count{command="ADD"} 2.0' in lines
+    assert 'merbridge_errors_total{kind="enrol"} 1.0' in lines
+    assert 'merbridge_map_entries{map="mb_local_pods"} 3.0' in lines
+    assert 'merbridge_map_capacity{map="mb_pair_orig_dst"} 65535.0' in lines
+
+
+def test_failing_map_callback_does_not_break_the_scrape(served):
+    m, server, _ = served
+
+    def broken():
+        raise OSError("map gone")
+
+    m.set_map_occupancy(broken)
+    status, text = get(server, "/metrics")
+    assert status == 200 and "merbridge_pods_enrolled" in text and 'map="' not in text
+
+
+def test_ipv6_loopback_and_bad_addresses():
+    m = metrics.Metrics()
+    server = metrics.MetricsServer("[::1]:0", m)
+    server.start()
+    try:
+        assert server.address[0] == "::1"
+        assert get(server, "/healthz")[0] == 200
+    finally:
+        server.stop()
+    for bad in ("localhost", "1.2.3.4:port", ":99999"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            metrics.parse_addr(bad)
+    assert metrics.parse_addr(metrics.DEFAULT_ADDR) == ("127.0.0.1", 15990)
+
+
+def test_port_in_use_is_a_clear_error(served):
+    _, server, _ = served
+    host, port = server.address
+    with pytest.raises(OSError, match="cannot listen on"):
+        metrics.MetricsServer(f"{host}:{port}", metrics.Metrics())
