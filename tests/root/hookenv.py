@@ -1,0 +1,155 @@
+"""Scaffolding for the datapath root tests (tests/root/test_hooks*.py).
+
+A Pod is a network namespace plus a child cgroup of the cgroup v2 mount, both
+with a unique mbt-<hex> name (addresses on a veth kept inside the netns), and processes started inside both with
+``sh -c 'echo $$ > cgroup.procs; exec nsenter --net=... python3 ...'``.
+Servers reply with one JSON line saying who they are and what
+SO_ORIGINAL_DST said, so a test sees where a connect really landed.
+Everything created is removed by Pod.close() (processes by PID).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+CGROUP_ROOT = "/sys/fs/cgroup/unified"
+PY = sys.executable
+
+SERVER = r'''
+import json, socket, struct, sys
+tag, fam, addr, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+mark = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+af = socket.AF_INET6 if fam == "6" else socket.AF_INET
+s = socket.socket(af, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if mark:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+s.bind((addr, port)); s.listen(64)
+print("ready", flush=True)
+while True:
+    c, peer = s.accept()
+    orig = None
+    try:
+        if af == socket.AF_INET:
+            raw = c.getsockopt(socket.SOL_IP, 80, 16)
+            orig = [socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0]]
+        else:
+            raw = c.getsockopt(socket.IPPROTO_IPV6, 80, 28)  # SOL_IPV6
+            orig = [socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0]]
+    except OSError as e:
+        orig = "errno %d" % e.errno
+    data = c.recv(100).decode()
+    c.sendall(json.dumps({"tag": tag, "orig": orig, "peer": list(peer[:2]),
+                          "local": list(c.getsockname()[:2]), "data": data}).encode())
+    c.close()
+'''
+
+CLIENT = r'''
+import json, socket, sys
+addr, port = sys.argv[1], int(sys.argv[2])
+bind = sys.argv[3] if len(sys.argv) > 3 else ""
+af = socket.AF_INET6 if ":" in addr else socket.AF_INET
+s = socket.socket(af, socket.SOCK_STREAM)
+s.settimeout(5)
+if bind:
+    s.bind((bind, 0))
+try:
+    s.connect((addr, port))
+    s.sendall(b"hello")
+    buf = b""
+    while True:
+        d = s.recv(4096)
+        if not d:
+            break
+        buf += d
+    print(json.dumps({"reply": json.loads(buf), "sock": list(s.getsockname()[:2])}))
+except OSError as e:
+    print(json.dumps({"error": e.errno}))
+'''
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+class Pod:
+    def __init__(self, v4: list[str] = (), v6: list[str] = (), cgroup: bool = True) -> None:
+        self.name = f"mbt-{uuid.uuid4().hex[:10]}"
+        self.netns = f"/var/run/netns/{self.name}"
+        self.cgroup = os.path.join(CGROUP_ROOT, self.name) if cgroup else None
+        self.procs: list[subprocess.Popen] = []
+        sh("ip", "netns", "add", self.name)
+        try:
+            self.ip("link", "set", "lo", "up")
+            # no dummy driver on every kernel: a veth pair kept in the netns
+            self.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+            self.ip("link", "set", "eth0", "up")
+            self.ip("link", "set", "eth0p", "up")
+            for a in v4:
+                self.ip("addr", "add", f"{a}/24", "dev", "eth0")
+            for a in v6:
+                self.ip("addr", "add", f"{a}/64", "dev", "eth0", "nodad")
+            if self.cgroup:
+                os.mkdir(self.cgroup)
+        except BaseException:
+            self.close()
+            raise
+
+    def ip(self, *args: str) -> None:
+        sh("ip", "-n", self.name, *args)
+
+    def _argv(self, code: str, args: list[str], uid: int | None, gid: int | None,
+              in_cgroup: bool) -> list[str]:
+        priv: list[str] = []
+        if uid is not None or gid is not None:
+            priv = ["setpriv", f"--reuid={uid if uid is not None else 0}",
+                    f"--regid={gid if gid is not None else 0}", "--clear-groups"]
+        inner = ["nsenter", f"--net={self.netns}", *priv, PY, "-c", code, *args]
+        if in_cgroup and self.cgroup:
+            return ["sh", "-c", f'echo $$ > {self.cgroup}/cgroup.procs; exec "$@"', "sh", *inner]
+        return inner
+
+    def serve(self, tag: str, addr: str, port: int, fam: str = "4", mark: int = 0,
+              uid: int | None = None, gid: int | None = None, in_cgroup: bool = True) -> None:
+        argv = self._argv(SERVER, [tag, fam, addr, str(port), str(mark)], uid, gid, in_cgroup)
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        line = p.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"server {tag} did not start: {line!r} {p.stderr.read()}")
+
+    def connect(self, addr: str, port: int, bind: str = "", uid: int | None = None,
+                gid: int | None = None, in_cgroup: bool = True) -> dict:
+        argv = self._argv(CLIENT, [addr, str(port), bind], uid, gid, in_cgroup)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr)
+        return json.loads(out.stdout)
+
+    def run(self, code: str, *args: str, uid: int | None = None) -> str:
+        argv = self._argv(code, list(args), uid, None, True)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr)
+        return out.stdout
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+            for f in (p.stdout, p.stderr):
+                if f:
+                    f.close()
+        self.procs.clear()
+        if self.cgroup and os.path.isdir(self.cgroup):
+            for _ in range(50):
+                try:
+                    os.rmdir(self.cgroup)
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        sh("ip", "netns", "del", self.name, check=False)

@@ -1,0 +1,293 @@
+"""Root tests of each datapath hook against the real kernel.
+
+One Datapath per mode is loaded into a private pin dir for the module; each
+test makes its own pod (netns + child cgroup), attaches the programs to that
+cgroup, and checks with plain sockets where a connect landed and what
+SO_ORIGINAL_DST said. Addresses live only on a dummy interface inside the
+test's netns.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import subprocess
+import uuid
+
+import pytest
+
+from hookenv import Pod
+from merbridge.bpf import loader, mesh
+from merbridge.bpf import types as t
+from merbridge.bpf.policy import PodPolicy
+
+pytestmark = pytest.mark.root
+
+ISTIO = mesh.get("istio")
+POD4, DST4 = "10.231.0.1", "10.231.0.2"
+POD6, DST6 = "fd00:231::1", "fd00:231::2"
+MARK = 0x2310001
+
+
+@pytest.fixture(scope="module")
+def dp():
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    d = loader.Datapath(pin, ISTIO, cni_mode=True)
+    try:
+        d.load()
+        yield d
+    finally:
+        d.detach()
+        d.close()
+        loader.remove_pins(pin)
+
+
+@pytest.fixture
+def pod(dp):
+    """A CNI-mode mesh pod: marker listener with SO_MARK, pod IPs, servers.
+
+    DST4/DST6:8080 is a plain server in the pod's netns outside the cgroup
+    ("direct"); 127.0.0.1/[::1]:15001 is the sidecar stand-in ("proxy"),
+    run as UID 1337 inside the cgroup (getsockopt and sockops act on sockets
+    created there); :15006 the inbound listener."""
+    p = Pod(v4=[POD4, DST4], v6=[POD6, DST6])
+    try:
+        p.serve("marker", "0.0.0.0", 39807, mark=MARK, in_cgroup=False)
+        p.serve("direct", "0.0.0.0", 8080, in_cgroup=False)
+        p.serve("direct6", "::", 8081, fam="6", in_cgroup=False)
+        p.serve("proxy", "127.0.0.1", 15001, uid=1337, gid=1337)
+        p.serve("proxy6", "::1", 15001, fam="6", uid=1337, gid=1337)
+        p.serve("inbound", "0.0.0.0", 15006, uid=1337, gid=1337)
+        dp.maps.mark_pod_ips.put(MARK, POD4)
+        dp.maps.local_pods.put(POD4, PodPolicy())
+        dp.attach(p.cgroup)
+        yield p
+    finally:
+        dp.detach(p.cgroup)
+        dp.maps.local_pods.delete(POD4)
+        dp.maps.local_pods.delete(POD6)
+        dp.maps.mark_pod_ips.delete(MARK)
+        p.close()
+
+
+def test_app_connect_v4_goes_to_sidecar_with_original_dst(dp, pod):
+    before = dp.maps.counters()
+    r = pod.connect(DST4, 8080)
+    assert r["reply"]["tag"] == "proxy"
+    assert r["reply"]["orig"] == [DST4, 8080]
+    assert r["reply"]["data"] == "hello"
+    # the source was bound to the pod IP (quadruple conflict), and the app
+    # still sees its own side as the pod IP
+    assert r["reply"]["peer"][0] == POD4 and r["sock"][0] == POD4
+    after = dp.maps.counters()
+    assert after["redirect_out"] - before["redirect_out"] == 1
+    assert after["bind_pod_ip"] - before["bind_pod_ip"] == 1
+    assert after["getsockopt_answer"] - before["getsockopt_answer"] == 1
+    assert after["pair_recorded"] - before["pair_recorded"] == 1
+
+
+def test_app_connect_v6_goes_to_sidecar(dp, pod):
+    dp.maps.mark_pod_ips.put(MARK, POD6)  # a v6 pod: bind to its v6 address
+    dp.maps.local_pods.put(POD6, PodPolicy())
+    r = pod.connect(DST6, 8081)
+    assert r["reply"]["tag"] == "proxy6"
+    assert r["reply"]["orig"] == [DST6, 8081]
+    assert r["reply"]["peer"][0] == POD6
+
+
+def test_v4_pod_v6_destination_still_redirected_unbound(dp, pod):
+    r = pod.connect(DST6, 8081)
+    assert r["reply"]["tag"] == "proxy6"
+    assert r["reply"]["orig"] == [DST6, 8081]
+    assert r["reply"]["peer"][0] == "::1"
+
+
+@pytest.mark.parametrize("who", [{"uid": 1337}, {"gid": 1337}], ids=["uid", "gid"])
+def test_proxy_uid_or_gid_bypasses(pod, who):
+    r = pod.connect(DST4, 8080, **who)
+    assert r["reply"]["tag"] == "direct"
+
+
+def test_loopback_and_own_ip_bypass(pod):
+    assert pod.connect("127.0.0.1", 8080)["reply"]["tag"] == "direct"
+    assert pod.connect(POD4, 8080)["reply"]["tag"] == "direct"
+    assert pod.connect("::1", 8081)["reply"]["tag"] == "direct6"
+
+
+def test_outside_mesh_netns_bypasses(dp):
+    p = Pod(v4=[POD4, DST4])  # no marker listener
+    try:
+        p.serve("direct", "0.0.0.0", 8080, in_cgroup=False)
+        p.serve("proxy", "127.0.0.1", 15001, uid=1337, in_cgroup=False)
+        dp.attach(p.cgroup)
+        before = dp.maps.counters()["bypass_not_mesh"]
+        assert p.connect(DST4, 8080)["reply"]["tag"] == "direct"
+        assert dp.maps.counters()["bypass_not_mesh"] > before
+    finally:
+        dp.detach(p.cgroup)
+        p.close()
+
+
+def _cidr(ip: str, plen: int) -> tuple[bytes, int]:
+    return (t.addr_pack(ip), plen + (96 if ":" not in ip else 0))
+
+
+@pytest.mark.parametrize("policy,port,expect", [
+    (PodPolicy(exclude_outbound_ports=frozenset({8080})), 8080, "direct"),
+    (PodPolicy(exclude_outbound_cidrs=(_cidr("10.231.0.0", 24),)), 8080, "direct"),
+    (PodPolicy(exclude_outbound_cidrs=(_cidr("10.9.0.0", 16),)), 8080, "proxy"),
+    # include list without "*": only listed CIDRs ...
+    (PodPolicy(include_outbound_all=False, include_outbound_cidrs=(_cidr("10.231.0.2", 32),)),
+     8080, "proxy"),
+    (PodPolicy(include_outbound_all=False, include_outbound_cidrs=(_cidr("10.9.0.0", 16),)),
+     8080, "direct"),
+    # ... or listed ports, whatever the IP (OR-ed with the ranges)
+    (PodPolicy(include_outbound_all=False, include_outbound_ports=frozenset({8080})),
+     8080, "proxy"),
+    # excludeOutboundPorts wins over includeOutboundPorts
+    (PodPolicy(include_outbound_ports=frozenset({8080}),
+               exclude_outbound_ports=frozenset({8080})), 8080, "direct"),
+    # excluded CIDR wins over an included port (ISTIO_OUTPUT order)
+    (PodPolicy(include_outbound_ports=frozenset({8080}),
+               exclude_outbound_cidrs=(_cidr("10.231.0.2", 32),)), 8080, "direct"),
+], ids=["excl-port", "excl-cidr", "excl-other-cidr", "incl-cidr", "incl-other-cidr",
+        "incl-port", "excl-port-over-incl-port", "excl-cidr-over-incl-port"])
+def test_outbound_policy(dp, pod, policy, port, expect):
+    dp.maps.local_pods.put(POD4, policy)
+    assert pod.connect(DST4, port)["reply"]["tag"] == expect
+
+
+def test_proxy_to_local_pod_goes_to_its_inbound_listener(dp, pod):
+    dp.maps.local_pods.put(DST4, PodPolicy())
+    try:
+        r = pod.connect(DST4, 8080, uid=1337)
+        assert r["reply"]["tag"] == "inbound"
+        assert r["reply"]["orig"] == [DST4, 8080]
+        # the target pod's inbound policy can exclude the port
+        dp.maps.local_pods.put(DST4, PodPolicy(exclude_inbound_ports=frozenset({8080})))
+        assert pod.connect(DST4, 8080, uid=1337)["reply"]["tag"] == "direct"
+        dp.maps.local_pods.put(DST4, PodPolicy(include_inbound_all=False,
+                                               include_inbound_ports=frozenset({9090})))
+        assert pod.connect(DST4, 8080, uid=1337)["reply"]["tag"] == "direct"
+    finally:
+        dp.maps.local_pods.delete(DST4)
+
+
+def test_proxy_hairpin_to_own_pod_ip_and_passthrough_source(pod):
+    # the sidecar calling its own pod IP goes to its own inbound listener ...
+    r = pod.connect(POD4, 8080, uid=1337)
+    assert r["reply"]["tag"] == "inbound" and r["reply"]["orig"] == [POD4, 8080]
+    # ... whose passthrough connection from 127.0.0.6 is left alone (no loop)
+    r = pod.connect(POD4, 8080, bind="127.0.0.6", uid=1337)
+    assert r["reply"]["tag"] == "direct" and r["reply"]["peer"][0] == "127.0.0.6"
+
+
+def test_hbone_port_never_redirected(pod):
+    pod.serve("hbone", "0.0.0.0", 15008, in_cgroup=False)
+    assert pod.connect(POD4, 15008, uid=1337)["reply"]["tag"] == "hbone"
+    assert pod.connect(DST4, 15008)["reply"]["tag"] == "hbone"
+
+
+PEERGROUPS = r'''
+import ctypes, os, socket, struct
+os.setgroups(list(range(200000, 202000)))     # 2000 supplementary groups
+a, b = socket.socketpair()                    # created inside the test cgroup
+# Python's socket.getsockopt caps buffers at 1024 bytes: call libc directly
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(16384)
+n = ctypes.c_uint(16384)
+SO_PEERGROUPS = 59
+if libc.getsockopt(a.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(n)):
+    raise OSError(ctypes.get_errno(), "getsockopt")
+got = struct.unpack("=%dI" % (n.value // 4), buf.raw[:n.value])
+print(n.value, sorted(got) == list(range(200000, 202000)))
+'''
+
+
+def test_large_getsockopt_passes_through_untouched(dp, pod):
+    """SO_PEERGROUPS returns 4 bytes per supplementary group of the peer: with
+    2000 groups the result is 8000 bytes, more than the page the cgroup
+    getsockopt program can see. It must come back whole (upstream clamped
+    optlen to 4096, truncating such results)."""
+    before = dp.maps.counters()["getsockopt_large"]
+    out = pod.run(PEERGROUPS).split()
+    assert out == ["8000", "True"]
+    assert dp.maps.counters()["getsockopt_large"] > before
+
+
+def test_bcc_layouts_match_mirrors(dp):
+    b = next(iter(dp._objs.values()))
+    for name, key, leaf in [(t.MAP_PAIR_ORIG_DST, t.MbPair, t.MbOrigin),
+                            (t.MAP_LOCAL_PODS, t.MbAddr, t.MbPodConfig),
+                            (t.MAP_COOKIE_ORIG_DST, None, t.MbOrigin)]:
+        table = b.get_table(name)
+        for mine, theirs in ((key, table.Key), (leaf, table.Leaf)):
+            if mine is None:
+                continue
+            assert ct.sizeof(mine) == ct.sizeof(theirs), name
+            assert [getattr(mine, f).offset for f, *_ in mine._fields_] == \
+                   [getattr(theirs, f).offset for f, *_ in theirs._fields_], name
+
+
+def _bpftool_cgroup(path: str) -> str:
+    return subprocess.run(["bpftool", "cgroup", "show", path], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_reload_replaces_and_unpin_leaves_nothing():
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    p = Pod(v4=[POD4, DST4])
+    first = second = None
+    try:
+        first = loader.Datapath(pin, ISTIO, cni_mode=True).load()
+        first.attach(p.cgroup)
+        first.maps.mark_pod_ips.put(7, POD4)
+        # a second daemon (as after kill -9) over the same pins
+        second = loader.Datapath(pin, ISTIO, cni_mode=True).load()
+        second.attach(p.cgroup)
+        second.attach(p.cgroup)
+        assert second.maps.mark_pod_ips.items() == [(7, POD4)]  # maps reused
+        names = sorted(a.name for a in loader.attached(p.cgroup))
+        assert names == sorted(["mb_connect4", "mb_connect6", "mb_sockops", "mb_getsockopt"])
+        shown = _bpftool_cgroup(p.cgroup)
+        for n in names:
+            assert shown.count(n) == 1
+        # what is attached is the second daemon's programs
+        ids = {a.prog_id for a in loader.attached(p.cgroup)}
+        assert ids == {_prog_id(second._fns[n].fd) for n in names}
+        first.close()
+        second.detach()
+        second.close()
+        second.unpin()
+        assert loader.attached(p.cgroup) == []
+        assert "mb_" not in _bpftool_cgroup(p.cgroup)
+        assert not os.path.exists(pin)
+    finally:
+        for d in (first, second):
+            if d is not None:
+                d.close()
+        loader.detach_cgroup(p.cgroup)
+        loader.remove_pins(pin)
+        p.close()
+
+
+def _prog_id(fd: int) -> int:
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+    raise AssertionError("no prog_id")
+
+
+def test_open_maps_without_programs(dp):
+    dp.maps.mark_pod_ips.put(99, "10.231.9.9")
+    try:
+        m = loader.open_maps(dp.pin_dir)
+        try:
+            assert (99, "10.231.9.9") in m.mark_pod_ips.items()
+            assert "redirect_out" in m.counters()
+        finally:
+            m.close()
+    finally:
+        dp.maps.mark_pod_ips.delete(99)
+    with pytest.raises(loader.DatapathError):
+        loader.open_maps(f"/sys/fs/bpf/mbt-missing-{uuid.uuid4().hex[:8]}")
