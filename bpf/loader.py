@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes as ct
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Iterable
@@ -67,10 +68,15 @@ CGROUP_ATTACH_TYPES = {p.attach_type: p.func for p in PROGRAMS if p.target == "c
 OUR_NAMES = {p.func for p in PROGRAMS}
 
 # ---- XDP (owned by H4) ------------------------------------------------------
-# bpf/progs/xdp.c is not attached to a cgroup but to pod interfaces by the
-# daemon (pyroute2 in daemon/netns.py). H4: compile it here with the same
-# cflags (self.cflags()) in a method such as ``load_xdp() -> prog fd`` so it
-# shares the pinned maps; keep it out of PROGRAMS (attach() is cgroup-only).
+# bpf/progs/xdp.c is not attached to a cgroup but to pod interfaces, by the
+# daemon (pyroute2 in daemon/netns.py, via daemon/podnet.py). Datapath.
+# xdp_programs() compiles it with the same cflags, so it shares the pinned
+# maps, and keeps both fds open until close(). Not in PROGRAMS: attach() is
+# cgroup-only. Compiled lazily: legacy mode never needs it.
+XDP_SOURCE = "xdp.c"
+XDP_INGRESS = "mb_xdp_ingress"   # on the pod's interface, inside the pod netns
+XDP_EGRESS = "mb_xdp_egress"     # on its host-side veth peer
+_XDP_LOCK = threading.Lock()     # concurrent CNI ADDs compile it once
 # -----------------------------------------------------------------------------
 
 
@@ -191,6 +197,27 @@ class Datapath:
         if fd < 0:
             raise DatapathError("sockhash mb_sock_pair not found")
         return fd
+
+    # ---- XDP (H4) -------------------------------------------------------------
+    def xdp_programs(self) -> tuple[int, int]:
+        """(ingress fd, egress fd) of bpf/progs/xdp.c, compiled on first use."""
+        if not self._objs:
+            raise DatapathError("load() first")
+        with _XDP_LOCK:
+            if XDP_SOURCE not in self._objs:
+                try:
+                    b = BPF(src_file=os.path.join(PROGS_DIR, XDP_SOURCE).encode(),
+                            cflags=self.cflags())
+                except Exception as e:
+                    raise DatapathError(f"compiling {XDP_SOURCE} failed: {e}") from e
+                try:
+                    fns = {n: b.load_func(n.encode(), BPF.XDP) for n in (XDP_INGRESS, XDP_EGRESS)}
+                except Exception as e:
+                    b.cleanup()
+                    raise DatapathError(f"loading {XDP_SOURCE} failed: {e}") from e
+                self._fns.update(fns)
+                self._objs[XDP_SOURCE] = b
+        return self._fns[XDP_INGRESS].fd, self._fns[XDP_EGRESS].fd
 
     # ---- attach ---------------------------------------------------------------
     def attach(self, cgroup_path: str) -> None:

@@ -286,6 +286,7 @@ def listening(ns: str | None, proto: str = "tcp") -> set[tuple[str, int]]:
 import socket as _socket
 import stat as _stat
 import threading as _threading
+import time
 from dataclasses import dataclass as _dataclass
 from fcntl import ioctl as _ioctl
 
@@ -377,6 +378,11 @@ def _in_netns(path: str | None, fn, allow_own: bool = False):
         t = _threading.Thread(target=body, name="mb-netns-worker", daemon=True)
         t.start()
         t.join()
+        # join() returns before the kernel has reaped the thread; wait for it,
+        # so that no task of ours is in the pod netns when we return
+        deadline = time.monotonic() + 2
+        while os.path.exists(f"/proc/self/task/{t.native_id}") and time.monotonic() < deadline:
+            time.sleep(0.0005)
     finally:
         os.close(fd)
     if "error" in box:
