@@ -33,17 +33,13 @@ from typing import Any, Iterable
 
 import netaddr
 
+from merbridge.bpf import types as bpf_types
 from merbridge.bpf.mesh import Mesh
 from merbridge.bpf.policy import Cidr, PodPolicy
 
-# Sizes of the per-pod lists in struct mb_pod_config.
-# TODO(H1a): import these from merbridge.bpf.types once the datapath defines
-# them; until then this is the one place they are written in Python.
-try:  # pragma: no cover - depends on the teammate's module landing
-    from merbridge.bpf.types import MAX_CIDRS, MAX_PORTS  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover
-    MAX_PORTS = 32
-    MAX_CIDRS = 16
+# Sizes of the per-pod lists in struct mb_pod_config (bpf/include/merbridge.h)
+MAX_PORTS = bpf_types.MB_MAX_PORTS
+MAX_CIDRS = bpf_types.MB_MAX_CIDRS
 
 PREFIX = "traffic.sidecar.istio.io/"
 INCLUDE_OUTBOUND_IP_RANGES = PREFIX + "includeOutboundIPRanges"

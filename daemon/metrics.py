@@ -68,11 +68,13 @@ class Metrics:
         self.errors = Counter("merbridge_errors", "Errors by kind", ["kind"], registry=r)
         self._maps = _MapCollector()
         r.register(self._maps)
+        self.server: MetricsServer | None = None
 
-    def cni_request(self, command: str, result: str, seconds: float) -> None:
+    def cni_request(self, command: str, result: str, seconds: float | None = None) -> None:
         """Record one CNI request; ``result`` is e.g. "ok" or "error"."""
         self.cni_requests.labels(command=command, result=result).inc()
-        self.cni_latency.labels(command=command).observe(seconds)
+        if seconds is not None:
+            self.cni_latency.labels(command=command).observe(seconds)
 
     def error(self, kind: str) -> None:
         self.errors.labels(kind=kind).inc()
@@ -85,6 +87,29 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def serve(self, addr: str, ready: Callable[[], bool] = lambda: True) -> "MetricsServer":
+        """Start the HTTP endpoint for this registry (stopped by stop())."""
+        self.server = MetricsServer(addr, self, ready)
+        self.server.start()
+        host, port = self.server.address
+        log.info("metrics and health endpoint listening addr=%s", f"[{host}]:{port}" if ":" in host
+                 else f"{host}:{port}")
+        return self.server
+
+    def stop(self) -> None:
+        server, self.server = self.server, None
+        if server is not None:
+            server.stop()
+
+
+def start(config: object, ready: Callable[[], bool]) -> Metrics:
+    """The daemon's metrics: a registry plus, unless ``metrics_addr`` is empty, its server."""
+    m = Metrics()
+    addr = getattr(config, "metrics_addr", DEFAULT_ADDR)
+    if addr:
+        m.serve(addr, ready)
+    return m
 
 
 def parse_addr(addr: str) -> tuple[str, int]:

@@ -90,3 +90,21 @@ def test_port_in_use_is_a_clear_error(served):
     host, port = server.address
     with pytest.raises(OSError, match="cannot listen on"):
         metrics.MetricsServer(f"{host}:{port}", metrics.Metrics())
+
+
+def test_start_from_config_serves_until_stopped():
+    class Cfg:
+        metrics_addr = "127.0.0.1:0"
+
+    ready = {"v": True}
+    m = metrics.start(Cfg(), ready=lambda: ready["v"])
+    try:
+        assert get(m.server, "/readyz")[0] == 200
+        m.cni_request("CHECK", "ok")            # latency is optional
+        assert 'merbridge_cni_requests_total{command="CHECK",result="ok"} 1.0' in get(m.server, "/metrics")[1]
+    finally:
+        m.stop()
+    Cfg.metrics_addr = ""                       # empty: no endpoint at all
+    m = metrics.start(Cfg(), ready=lambda: True)
+    assert m.server is None
+    m.stop()
