@@ -39,75 +39,6 @@ PASSTHROUGH6 = "::6"
 #: stdlib-only helper scripts run under the system interpreter (fast start)
 PYTHON = "/usr/bin/python3"
 
-# The echo app: answers one line of JSON saying who it saw (peer and local
-# address) -- a peer of 127.0.0.6/::6 means the inbound sidecar delivered it.
-_APP = r"""
-import json, socket, sys, threading
-port, name = int(sys.argv[1]), sys.argv[2]
-def norm(a):
-    h = a[0][7:] if a[0].startswith("::ffff:") else a[0]
-    return [h, a[1]]
-srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-srv.bind(("::", port)); srv.listen(256)
-def handle(c, peer):
-    try:
-        c.settimeout(10)
-        data = b""
-        while b"\n" not in data:
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        body = json.dumps({"pod": name, "port": port, "peer": norm(peer),
-                           "local": norm(c.getsockname()),
-                           "got": data.split(b"\n")[0][:200].decode(errors="replace")})
-        if data.startswith(b"GET "):
-            body = body.encode()
-            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-        else:
-            c.sendall(body.encode() + b"\n")
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    c, peer = srv.accept()
-    threading.Thread(target=handle, args=(c, peer), daemon=True).start()
-"""
-
-# One client connection: prints a JSON line (never a traceback).
-_CLIENT = r"""
-import json, socket, sys
-host, port, payload, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-out = {"ok": False}
-try:
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect((host, port))
-    out["client_local"] = list(s.getsockname()[:2])
-    out["client_peer"] = list(s.getpeername()[:2])
-    s.sendall(payload.encode() + b"\n")
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    out["raw"] = data.decode(errors="replace")
-    out["reply"] = json.loads(data) if data.strip() else None
-    out["ok"] = out["reply"] is not None
-    if not out["ok"]:
-        out["error"] = "connection closed without a reply"
-except Exception as e:
-    out["error"] = "%s: %s" % (type(e).__name__, e)
-print(json.dumps(out))
-"""
-
-
 class LabError(RuntimeError):
     pass
 
@@ -185,7 +116,8 @@ class Pod:
     def start_app(self, port: int = 8080, uid: int | None = None) -> subprocess.Popen:
         """The echo app on [::]:port (dual stack); returns once it listens."""
         log = open(os.path.join(self.lab.workdir, f"app-{self.name}-{port}.log"), "wb")
-        proc = self.spawn([PYTHON, "-I", "-c", _APP, str(port), self.name], uid=uid,
+        proc = self.spawn([PYTHON, "-I", "-c", labconfig.ECHO_APP, str(port), self.name],
+                          uid=uid,
                           stdout=log, stderr=subprocess.STDOUT)
         log.close()
         self.wait_listening(port, proc=proc, log=log.name)
@@ -231,7 +163,8 @@ class Pod:
     def connect(self, dst: str, port: int, payload: str = "hello", uid: int | None = None,
                 timeout: float = 5) -> Reply:
         """One TCP connection from this pod to dst:port; the app's answer."""
-        res = self.run([PYTHON, "-I", "-c", _CLIENT, dst, str(port), payload, str(timeout)],
+        res = self.run([PYTHON, "-I", "-c", labconfig.CLIENT, dst, str(port), payload,
+                        str(timeout)],
                        uid=uid, timeout=timeout + 10)
         try:
             out = json.loads(res.stdout.strip().splitlines()[-1])

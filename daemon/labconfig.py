@@ -1,13 +1,14 @@
-"""Text the lab feeds to its tools: haproxy configs and istio-iptables rules.
+"""Text the lab feeds to its tools: haproxy configs, istio-iptables rules and
+the stdlib echo app / client scripts.
 
-Pure functions (no root, no I/O) so the exact rule set and the sidecar's log
-format are unit-tested; ``merbridge.daemon.lab`` runs them in pod namespaces.
+Pure (no root, no I/O) so the exact rule set and the sidecar's log format are
+unit-tested; ``merbridge.daemon.lab`` runs them in pod namespaces.
 
-The sidecar stand-in is haproxy: it asks the kernel for a connection's
-original destination itself (getsockopt SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST,
-falling back to getsockname), and ``server orig 0.0.0.0:0`` connects to that
-address and port. Its log line records the destination it saw per connection,
-which is what the tests compare against.
+The IPv4 sidecar stand-in is haproxy: it asks the kernel for a connection's
+original destination itself (getsockopt SOL_IP SO_ORIGINAL_DST, falling back to
+getsockname; haproxy 2.6 never asks for IPv6, hence ``sidecar6.py``), and
+``server orig 0.0.0.0:0`` connects to that address and port. Its log line
+records the destination it saw per connection: what the tests compare.
 """
 from __future__ import annotations
 
@@ -151,3 +152,72 @@ def istio_iptables(version: int, uid: int = ISTIO.proxy_uid, gid: int = ISTIO.pr
         rules.append("-A ISTIO_OUTPUT -j ISTIO_REDIRECT")
     rules.append("COMMIT")
     return "\n".join(rules) + "\n"
+
+
+# The echo app: answers one line of JSON saying who it saw (peer and local
+# address) -- a peer of 127.0.0.6/::6 means the inbound sidecar delivered it.
+ECHO_APP = r"""
+import json, socket, sys, threading
+port, name = int(sys.argv[1]), sys.argv[2]
+def norm(a):
+    h = a[0][7:] if a[0].startswith("::ffff:") else a[0]
+    return [h, a[1]]
+srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+srv.bind(("::", port)); srv.listen(256)
+def handle(c, peer):
+    try:
+        c.settimeout(10)
+        data = b""
+        while b"\n" not in data:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        body = json.dumps({"pod": name, "port": port, "peer": norm(peer),
+                           "local": norm(c.getsockname()),
+                           "got": data.split(b"\n")[0][:200].decode(errors="replace")})
+        if data.startswith(b"GET "):
+            body = body.encode()
+            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        else:
+            c.sendall(body.encode() + b"\n")
+    except OSError:
+        pass
+    finally:
+        c.close()
+while True:
+    c, peer = srv.accept()
+    threading.Thread(target=handle, args=(c, peer), daemon=True).start()
+"""
+
+# One client connection: prints a JSON line (never a traceback).
+CLIENT = r"""
+import json, socket, sys
+host, port, payload, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+out = {"ok": False}
+try:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect((host, port))
+    out["client_local"] = list(s.getsockname()[:2])
+    out["client_peer"] = list(s.getpeername()[:2])
+    s.sendall(payload.encode() + b"\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    out["raw"] = data.decode(errors="replace")
+    out["reply"] = json.loads(data) if data.strip() else None
+    out["ok"] = out["reply"] is not None
+    if not out["ok"]:
+        out["error"] = "connection closed without a reply"
+except Exception as e:
+    out["error"] = "%s: %s" % (type(e).__name__, e)
+print(json.dumps(out))
+"""
