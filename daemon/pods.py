@@ -135,13 +135,13 @@ class Registry:
     def _save(self) -> None:
         if self.store is not None:
             self.store.save(self.records)
-
-    def _count(self, what: str, result: str) -> None:
         if self.metrics is not None:
-            try:
-                self.metrics.cni_request(what, result)
-            except Exception:  # metrics never break the datapath
-                log.debug("metrics failed", exc_info=True)
+            self.metrics.set_pods_enrolled(
+                sum(r.phase == ENROLLED for r in self.records.values()))
+
+    def _count(self, what: str, result: str, since: float) -> None:
+        if self.metrics is not None:
+            self.metrics.cni_request(what, result, time.monotonic() - since)
 
     def _policy(self, pod: dict):
         try:
@@ -184,15 +184,16 @@ class Registry:
     def add(self, att: Attachment) -> None:
         if not att.container_id or not att.netns:
             raise PodError(INTERNAL, "ADD needs a container id and a netns")
+        t0 = time.monotonic()
         with self._container_lock(att.container_id):
             try:
                 self._add(att)
             except PodError as exc:
-                self._count("add", "error")
+                self._count("ADD", "error", t0)
                 log.warning("ADD %s (%s/%s) failed: %s", att.container_id, att.namespace,
                             att.name, exc)
                 raise
-            self._count("add", "ok")
+            self._count("ADD", "ok", t0)
 
     def _add(self, att: Attachment) -> None:
         old = self.records.get(att.container_id)
@@ -307,17 +308,18 @@ class Registry:
                                                     "name": rec.name}}, self.mesh)
 
     def delete(self, att: Attachment) -> None:
+        t0 = time.monotonic()
         with self._container_lock(att.container_id):
             rec = self.records.get(att.container_id)
             if rec is None:
-                self._count("del", "ok")
+                self._count("DEL", "ok", t0)
                 return                     # nothing of ours: DEL is idempotent
             try:
                 self._withdraw(rec)
             except PodError:
-                self._count("del", "error")
+                self._count("DEL", "error", t0)
                 raise
-            self._count("del", "ok")
+            self._count("DEL", "ok", t0)
 
     def _withdraw(self, rec: Record) -> None:
         errors = []

@@ -82,11 +82,12 @@ class Daemon:
         self.cfg = config
         self.stopping = stopping or threading.Event()
         self._created_pins = False
-        self.mesh = meshes.get(config.mesh)
+        self.mesh = meshes.get(getattr(config, "mesh", None) or config.mode)
         self.ready = threading.Event()
         self.stack = ExitStack()
         self.registry: podreg.Registry | None = None
         self.datapath = self.source = self.server = self.installer = self.metrics = None
+        self.metrics_server = None
         self._installer_thread: threading.Thread | None = None
 
     # -- start -----------------------------------------------------------
@@ -124,7 +125,11 @@ class Daemon:
                  cfg.cgroup_path)
 
         from merbridge.daemon import metrics
-        self.metrics = metrics.start(cfg, ready=self.ready.is_set)
+        self.metrics = metrics.Metrics()
+        self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
+                                                    ready=self.ready.is_set)
+        self.metrics_server.start()
+        log.info("metrics and health on %s:%d", *self.metrics_server.address)
 
         store = StateStore(cfg.state_dir)
         podnet = None
@@ -207,8 +212,8 @@ class Daemon:
             steps.append(("release the programs", self.datapath.close))
         if self.server is not None:
             steps.append(("close the CNI socket", self.server.stop))
-        if self.metrics is not None:
-            steps.append(("stop metrics", self.metrics.stop))
+        if self.metrics_server is not None:
+            steps.append(("stop the metrics server", self.metrics_server.stop))
         for what, fn in steps:
             try:
                 fn()

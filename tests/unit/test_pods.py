@@ -511,3 +511,19 @@ def test_a_second_daemon_on_the_same_directory_is_refused(tmp_path):
     finally:
         os.close(fd)
     os.close(_dir_lock(str(tmp_path / "pins"), "pin dir"))   # free again once released
+
+
+def test_metrics_count_requests_and_enrolled_pods(world):
+    from merbridge.daemon import metrics
+    w = world
+    m = metrics.Metrics()
+    reg = w.make(metrics=m)
+    w.pods[("default", "web")] = meshed_pod()
+    reg.add(att(w))
+    reg.delete(att(w, cid="unknown"))
+    text = m.render().decode()
+    assert "merbridge_pods_enrolled 1.0" in text
+    assert 'merbridge_cni_requests_total{command="ADD",result="ok"} 1.0' in text
+    assert 'merbridge_cni_requests_total{command="DEL",result="ok"} 1.0' in text
+    reg.delete(att(w))
+    assert "merbridge_pods_enrolled 0.0" in m.render().decode()
