@@ -291,3 +291,55 @@ def test_open_maps_without_programs(dp):
         dp.maps.mark_pod_ips.delete(99)
     with pytest.raises(loader.DatapathError):
         loader.open_maps(f"/sys/fs/bpf/mbt-missing-{uuid.uuid4().hex[:8]}")
+
+
+def test_sk_msg_shortcuts_app_and_sidecar(dp, pod):
+    """Both ends of app -> sidecar are in the sockhash; their sends are
+    redirected straight to the peer and the bytes arrive intact."""
+    before = dp.maps.counters()
+    r = pod.connect(DST4, 8080)
+    assert r["reply"]["tag"] == "proxy" and r["reply"]["data"] == "hello"
+    after = dp.maps.counters()
+    assert after["sockhash_add"] - before["sockhash_add"] == 2
+    # "hello" one way, the JSON reply the other way
+    assert after["msg_redirect"] - before["msg_redirect"] >= 2
+
+
+def test_sk_msg_kill_switch(dp, pod):
+    dp.maps.settings.set(t.MB_SET_SKMSG_OFF, 1)
+    try:
+        before = dp.maps.counters()["msg_redirect"]
+        assert pod.connect(DST4, 8080)["reply"]["tag"] == "proxy"
+        assert dp.maps.counters()["msg_redirect"] == before
+    finally:
+        dp.maps.settings.set(t.MB_SET_SKMSG_OFF, 0)
+
+
+def test_legacy_mode_in_mesh_by_sidecar_listener_and_learns_pod_ip():
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    p = Pod(v4=[POD4, DST4])
+    d = None
+    try:
+        d = loader.Datapath(pin, ISTIO, cni_mode=False).load()
+        p.serve("direct", "0.0.0.0", 8080, in_cgroup=False)
+        # Envoy listens on 0.0.0.0:15001, which the 127.128.x.y scheme needs
+        p.serve("proxy", "0.0.0.0", 15001, uid=1337, gid=1337)
+        d.attach(p.cgroup)
+        r = p.connect(DST4, 8080)
+        assert r["reply"]["tag"] == "proxy" and r["reply"]["orig"] == [DST4, 8080]
+        local = r["reply"]["local"][0]
+        assert local.startswith("127.") and local != "127.0.0.1"   # 127.128.0.0/12
+        assert d.maps.counters()["legacy_dst"] == 1
+        # the proxy's own (bypassed) connection from the pod IP teaches the netns its IP
+        assert p.connect(DST4, 8080, bind=POD4, uid=1337)["reply"]["tag"] == "direct"
+        assert [ip for _, ip in d.maps.netns_ip.items()] == [POD4]
+        r = p.connect(DST4, 8080)
+        assert r["reply"]["tag"] == "proxy" and r["reply"]["peer"][0] == POD4
+        assert r["reply"]["local"] == ["127.0.0.1", 15001]
+    finally:
+        if d is not None:
+            d.detach()
+            d.close()
+        loader.detach_cgroup(p.cgroup)
+        loader.remove_pins(pin)
+        p.close()
