@@ -114,7 +114,9 @@ class Env:
             if proc.poll() is not None:
                 raise AssertionError(f"daemon exited {proc.returncode}:\n{self.log(proc)}")
             if self.cni_mode:
-                if os.path.exists(self.socket) and self.cni("STATUS").returncode == 0:
+                # the socket serves before the plugin is installed: wait for both
+                if os.path.exists(os.path.join(self.bin_dir, "merbridge-cni")) \
+                        and self.cni("STATUS").returncode == 0:
                     return
             elif "merbridge ready" in self.log(proc):
                 return
