@@ -28,7 +28,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="short smoke run: 1 repetition, 1 s points, fewer samples")
     p.add_argument("--reps", type=int, help="repetitions of the load matrix (default 3)")
-    p.add_argument("--duration", type=float, help="seconds per wrk point (default 4, max 10)")
+    p.add_argument("--duration", type=float, help="seconds per wrk point (default 3, max 10)")
     p.add_argument("--conns", help="comma list of wrk connection counts (default 2,16,64)")
     p.add_argument("--modes", help="comma list of modes (default: all)")
     p.add_argument("--where", default="same,cross", help="placements: same,cross")
@@ -40,7 +40,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report", metavar="DIR", help="only re-render DIR/results.json")
     a = p.parse_args(argv)
     a.reps = a.reps or (1 if a.quick else 3)
-    a.duration = a.duration or (1.0 if a.quick else 4.0)
+    a.duration = a.duration or (1.0 if a.quick else 3.0)
     if not 0.5 <= a.duration <= 10:
         p.error("--duration must be between 0.5 and 10 seconds")
     if a.reps < 1:
