@@ -103,6 +103,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.timeout = self.server.request_timeout  # per blocking read/write
         super().setup()
         # and a bound on the whole read phase, against a client trickling bytes
+        self._drained = False  # set once the whole request has been read
         self._deadline = threading.Timer(self.server.request_timeout, self._expire)
         self._deadline.daemon = True
         self._deadline.start()
@@ -114,9 +115,26 @@ class _RequestHandler(BaseHTTPRequestHandler):
             pass
 
     def finish(self) -> None:
-        self._deadline.cancel()
         try:
             super().finish()
+        except OSError:
+            pass
+        if not self._drained:
+            self._linger()
+        self._deadline.cancel()
+
+    def _linger(self) -> None:
+        """Discard what the client still sends after an early reply (refused peer, 404,
+        413, ...): closing with unread data would reset the connection and the client
+        could lose the reply. Bounded by the deadline timer and a byte cap."""
+        try:
+            self.request.shutdown(socket.SHUT_WR)
+            total = 0
+            while total < 2 * protocol.MAX_BODY:
+                chunk = self.request.recv(65536)
+                if not chunk:
+                    break
+                total += len(chunk)
         except OSError:
             pass
 
@@ -172,6 +190,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         data = self.rfile.read(int(length))
         if len(data) != int(length):
             raise _Reject(408, DECODING_FAILURE, "request body incomplete or too slow")
+        self._drained = True
         self._deadline.cancel()  # the read phase is over; the handler may take its time
         return data
 
@@ -198,6 +217,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _get(self) -> tuple[int, Any]:
         if self.path != protocol.STATUS_PATH:
             raise _Reject(404, INTERNAL, f"no such endpoint: GET {self.path[:100]}")
+        self._drained = True
         self._deadline.cancel()
         try:
             state = self.server.handler.status()
@@ -236,6 +256,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 128  # a node may start many pods at once
     allow_reuse_address = False
 
     def __init__(self, handler: CniHandler, allowed_uids: frozenset, request_timeout: float,
