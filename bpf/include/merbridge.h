@@ -69,9 +69,10 @@
 #define MB_POD_F_INCLUDE_OUT_ALL 0x02   /* includeOutboundIPRanges="*" */
 
 /* ---- mb_settings indexes (u64 values; 0 = default) ----------------------- */
-#define MB_SET_SKMSG_OFF       0   /* 1: sk_msg never redirects */
-#define MB_SET_SKMSG_MAX_QUEUE 1   /* bytes queued at the peer above which sk_msg
-                                    * stops redirecting (0: built-in default) */
+#define MB_SET_SKMSG_OFF       0   /* 1: connections established from now on are
+                                    * not put into mb_sock_pair (no sk_msg) */
+#define MB_SET_SKMSG_MAX_QUEUE 1   /* reserved: peer queue bound for sk_msg
+                                    * (docs/datapath.md, backpressure) */
 #define MB_SET_LEGACY_SEQ      2   /* legacy 127.128.x.y destination sequence */
 
 #define MB_SKMSG_MAX_QUEUE_DEFAULT (4u << 20)

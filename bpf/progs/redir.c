@@ -2,7 +2,7 @@
  *
  * Attach point: the sockhash mb_sock_pair (Datapath.attach), so it runs for
  * every sendmsg on a socket that sockops put into the sockhash.
- * Reads:   mb_sock_pair (the peer, by the reversed 4-tuple), mb_settings.
+ * Reads:   mb_sock_pair (the peer, by the reversed 4-tuple).
  * Writes:  mb_counters.
  * Why: both ends of an intercepted local connection (app <-> sidecar,
  * sidecar <-> sidecar on one node, sidecar <-> app) are on this host, so the
@@ -23,11 +23,11 @@ static __always_inline void mb_count(u32 idx)
 int mb_msg_redir(struct sk_msg_md *msg)
 {
 	struct mb_pair p = {}, peer = {};
-	u32 idx = MB_SET_SKMSG_OFF;
-	u64 *off = mb_settings.lookup(&idx);
 
-	if (off && *off)
-		return SK_PASS;
+	/* No per-message on/off switch here: mixing redirected and normal-path
+	 * data on one connection can reorder it (the receiver drains the psock
+	 * queue first). The switch (MB_SET_SKMSG_OFF) acts in sockops, per
+	 * connection. */
 	if (msg->family != AF_INET && msg->family != AF_INET6)
 		return SK_PASS;
 	mb_pair_from_ctx(&p, msg);

@@ -1,7 +1,9 @@
 /* sockops.c: cgroup/sock_ops (BPF_CGROUP_SOCK_OPS), program mb_sockops.
  *
  * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
- * Reads:   mb_cookie_orig_dst (what connect4/6 decided for this socket).
+ * Reads:   mb_cookie_orig_dst (what connect4/6 decided for this socket),
+ *          mb_settings (MB_SET_SKMSG_OFF: keep new connections out of the
+ *          sockhash, so sk_msg never touches them).
  * Writes:  mb_pair_orig_dst (4-tuple -> original destination, for
  *          getsockopt), mb_sock_pair (both local ends, for sk_msg),
  *          mb_netns_ip (legacy feedback), mb_counters; deletes the
@@ -87,7 +89,10 @@ int mb_sockops(struct bpf_sock_ops *skops)
 			insert = 1;
 		}
 	}
-	if (!insert)
+	u32 idx = MB_SET_SKMSG_OFF;
+	u64 *off = mb_settings.lookup(&idx);
+
+	if (!insert || (off && *off))
 		return 1;
 	int ret = mb_sock_pair.sock_hash_update(skops, &p, BPF_NOEXIST);
 	mb_count(ret == 0 ? MB_C_SOCKHASH_ADD : MB_C_SOCKHASH_FAILED);

@@ -308,9 +308,12 @@ def test_sk_msg_shortcuts_app_and_sidecar(dp, pod):
 def test_sk_msg_kill_switch(dp, pod):
     dp.maps.settings.set(t.MB_SET_SKMSG_OFF, 1)
     try:
-        before = dp.maps.counters()["msg_redirect"]
+        before = dp.maps.counters()
         assert pod.connect(DST4, 8080)["reply"]["tag"] == "proxy"
-        assert dp.maps.counters()["msg_redirect"] == before
+        after = dp.maps.counters()
+        assert after["msg_redirect"] == before["msg_redirect"]
+        assert after["sockhash_add"] == before["sockhash_add"]
+        assert after["getsockopt_answer"] > before["getsockopt_answer"]
     finally:
         dp.maps.settings.set(t.MB_SET_SKMSG_OFF, 0)
 
