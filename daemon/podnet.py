@@ -31,9 +31,13 @@ from merbridge.daemon import netns
 
 PodNetError = netns.PodNetnsError
 
-#: "auto": native (driver) XDP, falling back to generic when the interface
-#: refuses native mode (e.g. an MTU too large for single-buffer veth XDP).
-XDP_MODES = ("auto", "native", "generic")
+#: "generic" (default): skb-mode XDP. On veth it keeps GRO/GSO, and measured
+#: here (iperf3 remote -> node -> pod, 3 s runs) it carried 10.6-12.6 Gbit/s
+#: towards the pod against 2.5-3.1 Gbit/s in native mode, where veth must hand
+#: XDP single MTU-sized frames. "native": driver mode. "auto": native, falling
+#: back to generic when the interface refuses it (e.g. an MTU too large for
+#: single-buffer veth XDP). Both modes pass the same checksum-verified tests.
+XDP_MODES = ("generic", "native", "auto")
 
 
 def prog_id(fd: int) -> int:
@@ -56,7 +60,7 @@ class PodNet:
     """
 
     def __init__(self, xdp_programs: Callable[[], tuple[int, int]], *,
-                 xdp_mode: str = "auto", hardware_checksum: bool = False,
+                 xdp_mode: str = "generic", hardware_checksum: bool = False,
                  peer_netns: str | None = None, port: int = MARK_LISTENER_PORT,
                  listener_family: str = "dual"):
         if xdp_mode not in XDP_MODES:

@@ -150,10 +150,10 @@ def test_peer_and_addresses(pod):
 
 def test_podnet_attach_detach(pod, datapath_xdp):
     pod_ns, node_ns = pod
-    pn = podnet.PodNet(datapath_xdp, peer_netns=node_ns)
+    pn = podnet.PodNet(datapath_xdp, peer_netns=node_ns, xdp_mode="auto")
     assert not pn.xdp_attached(pod_ns, "eth0")
     att = pn.attach_xdp(pod_ns, "eth0")
-    assert att.mode == "native" and att.peer_ifname == "vpod"
+    assert att.mode == "native" and att.peer_ifname == "vpod"   # auto: native first
     ingress, egress = (podnet.prog_id(fd) for fd in datapath_xdp())
     assert netns.xdp_prog_id(pod_ns, "eth0") == (ingress, "native")
     assert netns.xdp_prog_id(node_ns, "vpod") == (egress, "native")
@@ -168,8 +168,7 @@ def test_podnet_attach_detach(pod, datapath_xdp):
 
 def test_podnet_generic_mode_and_hardware_checksum(pod, datapath_xdp):
     pod_ns, node_ns = pod
-    pn = podnet.PodNet(datapath_xdp, peer_netns=node_ns, xdp_mode="generic",
-                       hardware_checksum=True)
+    pn = podnet.PodNet(datapath_xdp, peer_netns=node_ns, hardware_checksum=True)
     assert pn.attach_xdp(pod_ns, "eth0").mode == "generic"
     assert netns.xdp_prog_id(pod_ns, "eth0")[1] == "generic"
     assert netns.tx_checksum(pod_ns, "eth0") == {"tx-checksum-ip-generic": True}
@@ -177,7 +176,7 @@ def test_podnet_generic_mode_and_hardware_checksum(pod, datapath_xdp):
     assert netns.xdp_prog_id(node_ns, "vpod") == (0, "")
 
 
-def test_detach_after_the_pod_is_gone(pod, datapath_xdp, unique):
+def test_detach_after_the_pod_is_gone(pod, datapath_xdp):
     pod_ns, node_ns = pod
     pn = podnet.PodNet(datapath_xdp, peer_netns=node_ns)
     pn.attach_xdp(pod_ns, "eth0")
