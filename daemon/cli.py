@@ -1,0 +1,287 @@
+"""The ``merbridge`` command line (the only click import).
+
+    merbridge run --mode=istio --cni-mode=true --node-name=$(NODE_NAME) ...
+    merbridge status | maps dump | doctor [--json]
+    merbridge install-cni | uninstall-cni
+
+Boolean flags take the upstream (Go) syntax ``--cni-mode=true|false``; a bare
+``--cni-mode`` means true.  The DaemonSet is switched between modes with
+``sed 's/--cni-mode=false/--cni-mode=true/'``, so that exact spelling is part
+of the interface.  Logs are logfmt lines on stderr.  Modules that need root
+or bcc (runtime, loader) are imported inside their commands, so ``--help``,
+``doctor`` and the tests work without them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import click
+
+from merbridge.bpf import mesh as meshes
+from merbridge.daemon import config as cfgmod
+
+log = logging.getLogger("merbridge")
+
+
+# ----------------------------------------------------------------- logging
+
+class LogfmtFormatter(logging.Formatter):
+    """``ts=... level=info logger=merbridge.daemon.pods msg="..."`` (+ exc="...")."""
+
+    @staticmethod
+    def _quote(value: str) -> str:
+        if value and not any(ch in value for ch in ' "=\\\n\t'):
+            return value
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ts += f".{int(record.msecs):03d}Z"
+        line = (f"ts={ts} level={record.levelname.lower()} logger={record.name} "
+                f"msg={self._quote(record.getMessage())}")
+        if record.exc_info:
+            line += " exc=" + self._quote(self.formatException(record.exc_info))
+        return line
+
+
+def configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if not debug:
+        # the HTTP client logs every request at DEBUG; keep INFO for warnings
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+# ----------------------------------------------------------------- options
+
+def bool_option(name: str, help: str) -> Any:
+    return click.option(name, type=click.BOOL, default=False, is_flag=False, flag_value=True,
+                        metavar="true|false", show_default=True, help=help)
+
+
+def path_option(name: str, default: str | None, help: str, envvar: str | None = None) -> Any:
+    return click.option(name, default=default, envvar=envvar, show_default=default is not None,
+                        metavar="PATH", help=help)
+
+
+mode_option = click.option("-m", "--mode", type=click.Choice(sorted(meshes.MESHES)), default="istio",
+                           show_default=True, help="Service mesh whose sidecars are intercepted.")
+bpffs_option = path_option("--bpffs-path", cfgmod.DEFAULT_BPFFS_PATH, "Where maps are pinned (bpffs).")
+cgroup_option = path_option("--cgroup-path", None,
+                            "cgroup v2 directory the programs attach to [default: the cgroup2 mount "
+                            "found in /proc/mounts].")
+bin_dir_option = path_option("--cni-bin-dir", cfgmod.DEFAULT_CNI_BIN_DIR, "CNI plugin directory.")
+conf_dir_option = path_option("--cni-conf-dir", cfgmod.DEFAULT_CNI_CONF_DIR, "CNI config directory.")
+socket_option = path_option("--socket-path", cfgmod.DEFAULT_SOCKET_PATH,
+                            "Unix socket the merbridge-cni plugin talks to.")
+state_option = path_option("--state-dir", cfgmod.DEFAULT_STATE_DIR,
+                           "Daemon state (enrolled containers, lock, plugin build).")
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"merbridge: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """eBPF replacement for a service mesh's iptables sidecar interception."""
+
+
+# ----------------------------------------------------------------- run
+
+@main.command()
+@mode_option
+@bool_option("--cni-mode", "Chain merbridge-cni into the CNI config and enrol pods at CNI ADD.")
+@bool_option("--hardware-checksum", "Leave checksums to the NIC on XDP-rewritten packets.")
+@click.option("--node-name", envvar="NODE_NAME", default="", metavar="NAME",
+              help="This node's Kubernetes name [default: $NODE_NAME; never the hostname].")
+@path_option("--kubeconfig", None, "kubeconfig file [default: in-cluster service account].")
+@path_option("--pods-dir", None, "Take pods from manifests in this directory instead of Kubernetes.")
+@cgroup_option
+@bpffs_option
+@bin_dir_option
+@conf_dir_option
+@socket_option
+@click.option("--metrics-addr", default=cfgmod.DEFAULT_METRICS_ADDR, show_default=True,
+              metavar="HOST:PORT", help="/metrics, /healthz and /readyz ('' disables).")
+@state_option
+@click.option("--exclude-namespaces", default=",".join(cfgmod.DEFAULT_EXCLUDE_NAMESPACES),
+              show_default=True, metavar="NS,...", help="Namespaces never intercepted.")
+@click.option("-d", "--debug", is_flag=True, help="Verbose logs.")
+def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kubeconfig: str | None,
+        pods_dir: str | None, cgroup_path: str | None, bpffs_path: str, cni_bin_dir: str,
+        cni_conf_dir: str, socket_path: str, metrics_addr: str, state_dir: str,
+        exclude_namespaces: str, debug: bool) -> None:
+    """Run the node daemon until SIGTERM."""
+    configure_logging(debug)
+    config = cfgmod.DaemonConfig(
+        mesh=mode, cni_mode=cni_mode, hardware_checksum=hardware_checksum, node_name=node_name,
+        kubeconfig=kubeconfig, pods_dir=pods_dir, cgroup_path=cgroup_path or "",
+        bpffs_path=bpffs_path, cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir,
+        socket_path=socket_path, metrics_addr=metrics_addr, state_dir=state_dir,
+        exclude_namespaces=tuple(n.strip() for n in exclude_namespaces.split(",") if n.strip()),
+        debug=debug)
+    try:
+        config = config.validate()
+    except cfgmod.ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        from merbridge.daemon import runtime
+    except ImportError as exc:
+        fail(f"the daemon runtime is not available: {exc}")
+    sys.exit(runtime.run(config))
+
+
+# ----------------------------------------------------------------- inspection
+
+def _loader() -> Any:
+    try:
+        from merbridge.bpf import loader
+    except ImportError as exc:
+        fail(f"the BPF loader is not available ({exc}); is python3-bpfcc installed?")
+    return loader
+
+
+@main.command()
+@bpffs_option
+@cgroup_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
+    """Show whether the datapath is pinned and attached, and map sizes."""
+    loader = _loader()
+    cgroup = cgroup_path or cfgmod.find_cgroup2_mount()
+    out: dict[str, Any] = {"bpffs_path": bpffs_path, "cgroup_path": cgroup}
+    try:
+        out["attached"] = sorted(a.name for a in loader.attached(cgroup)) if cgroup else []
+    except (OSError, loader.DatapathError) as exc:
+        out["attached_error"] = str(exc)
+    try:
+        maps = loader.open_maps(bpffs_path)
+    except (OSError, loader.DatapathError) as exc:
+        out["maps_error"] = str(exc)
+    else:
+        try:
+            dump = maps.dump()
+            out["map_entries"] = {name: len(v) if hasattr(v, "__len__") else v
+                                  for name, v in dump.items()}
+        finally:
+            maps.close()
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"pins:     {bpffs_path}: " + ("not installed: " + out["maps_error"]
+                                               if "maps_error" in out else "installed"))
+    attached = out.get("attached")
+    click.echo(f"attached: {cgroup}: " + (", ".join(attached) if attached else
+                                          out.get("attached_error", "nothing")))
+    for name, n in sorted(out.get("map_entries", {}).items()):
+        click.echo(f"  {name}: {n}")
+    if "maps_error" in out:
+        sys.exit(1)
+
+
+@main.group()
+def maps() -> None:
+    """Inspect the pinned maps."""
+
+
+@maps.command("dump")
+@bpffs_option
+def maps_dump(bpffs_path: str) -> None:
+    """Print every pinned map's entries as JSON."""
+    loader = _loader()
+    try:
+        handle = loader.open_maps(bpffs_path)
+    except (OSError, loader.DatapathError) as exc:
+        fail(str(exc))
+    try:
+        click.echo(json.dumps(handle.dump(), indent=2, default=str))
+    finally:
+        handle.close()
+
+
+@main.command()
+@bpffs_option
+@cgroup_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
+    """Check that this node can run merbridge; says how to fix what is missing."""
+    from merbridge.daemon import doctor as doc
+    checks = doc.run_checks(bpffs_path=bpffs_path, cgroup_path=cgroup_path)
+    click.echo(doc.render_json(checks) if as_json else doc.render_text(checks), nl=False)
+    sys.exit(0 if doc.passed(checks) else 1)
+
+
+# ----------------------------------------------------------------- CNI install
+
+def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,
+               plugin: str | None, state_dir: str) -> Any:
+    from merbridge.daemon import install
+    if plugin is None:
+        from merbridge.cni import main as cni_main
+        os.makedirs(state_dir, exist_ok=True)
+        plugin = cni_main.build_zipapp(os.path.join(state_dir, "merbridge-cni"))
+    return install.Installer(cni_bin_dir, cni_conf_dir, plugin,
+                             install.plugin_entry(socket_path, mode))
+
+
+@main.command("install-cni")
+@mode_option
+@bin_dir_option
+@conf_dir_option
+@socket_option
+@state_option
+@path_option("--plugin", None, "merbridge-cni executable to copy [default: built from this install].")
+def install_cni(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str, state_dir: str,
+                plugin: str | None) -> None:
+    """Copy merbridge-cni and chain it into the primary CNI config (once; `run` keeps it there)."""
+    from merbridge.daemon import install
+    inst = _installer(mode, cni_bin_dir, cni_conf_dir, socket_path, plugin, state_dir)
+    try:
+        path = inst.install()
+    except (OSError, ValueError, install.InstallError) as exc:
+        fail(f"install failed: {exc}")
+    if path is None:
+        fail(f"no CNI config in {cni_conf_dir} yet (the primary CNI writes one); "
+             "the binary is installed, run again later", code=2)
+    click.echo(f"merbridge-cni chained into {path}")
+
+
+@main.command("uninstall-cni")
+@bin_dir_option
+@conf_dir_option
+def uninstall_cni(cni_bin_dir: str, cni_conf_dir: str) -> None:
+    """Remove merbridge-cni from the CNI config, then its binary."""
+    from merbridge.daemon import install
+    inst = install.Installer(cni_bin_dir, cni_conf_dir, "", install.plugin_entry(""))
+    try:
+        inst.uninstall()
+    except (OSError, ValueError) as exc:
+        fail(f"uninstall failed: {exc}")
+    click.echo("merbridge-cni removed")
+
+
+# ----------------------------------------------------------------- demo
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """Run the embedded demo (see README)."""
+    try:
+        from merbridge.daemon import demo as demo_mod  # type: ignore[attr-defined]
+    except ImportError as exc:
+        fail(f"the demo is not available in this build: {exc}")
+    sys.exit(demo_mod.main(list(ctx.args)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

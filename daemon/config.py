@@ -1,0 +1,91 @@
+"""DaemonConfig: everything ``merbridge run`` is told, in one frozen dataclass.
+
+Every production path is a field, so tests (and unusual nodes) point the
+daemon at their own cgroup, pin dir, CNI dirs and socket.  The CLI builds it;
+``merbridge.daemon.runtime.run(config)`` consumes it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+
+from merbridge.bpf import mesh as meshes
+
+DEFAULT_BPFFS_PATH = "/sys/fs/bpf/merbridge"
+DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
+DEFAULT_CNI_CONF_DIR = "/etc/cni/net.d"
+DEFAULT_SOCKET_PATH = "/var/run/merbridge-cni.sock"
+DEFAULT_STATE_DIR = "/var/run/merbridge"
+#: see merbridge.daemon.metrics for why this address
+DEFAULT_METRICS_ADDR = "127.0.0.1:15990"
+#: as istio-cni's helm default: system pods are never intercepted
+DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and why."""
+
+
+def find_cgroup2_mount(mounts_file: str = "/proc/mounts") -> str | None:
+    """The cgroup v2 mount point: /sys/fs/cgroup (unified) or /sys/fs/cgroup/unified (hybrid).
+
+    With several cgroup2 mounts, the standard locations win, then the first
+    listed (the earliest mount).
+    """
+    try:
+        with open(mounts_file, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "cgroup2":
+            # /proc/mounts escapes blanks as octal (\040)
+            found.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1]))
+    for standard in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if standard in found:
+            return standard
+    return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    mesh: str = "istio"
+    cni_mode: bool = False
+    hardware_checksum: bool = False
+    node_name: str = ""
+    kubeconfig: str | None = None
+    pods_dir: str | None = None
+    cgroup_path: str = ""
+    bpffs_path: str = DEFAULT_BPFFS_PATH
+    cni_bin_dir: str = DEFAULT_CNI_BIN_DIR
+    cni_conf_dir: str = DEFAULT_CNI_CONF_DIR
+    socket_path: str = DEFAULT_SOCKET_PATH
+    metrics_addr: str = DEFAULT_METRICS_ADDR
+    state_dir: str = DEFAULT_STATE_DIR
+    exclude_namespaces: tuple[str, ...] = field(default=DEFAULT_EXCLUDE_NAMESPACES)
+    debug: bool = False
+
+    @property
+    def mode(self) -> str:
+        """The upstream flag's name for ``mesh``."""
+        return self.mesh
+
+    def validate(self) -> "DaemonConfig":
+        """Return a copy with defaults resolved; ConfigError when a setting cannot work."""
+        try:
+            meshes.get(self.mesh)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.pods_dir and not self.node_name:
+            raise ConfigError("no node name: pass --node-name or set NODE_NAME (the hostname is "
+                              "not used: it often differs from the Kubernetes node name)")
+        if self.pods_dir and not os.path.isdir(self.pods_dir):
+            raise ConfigError(f"--pods-dir {self.pods_dir} is not a directory")
+        cgroup = self.cgroup_path or find_cgroup2_mount()
+        if not cgroup:
+            raise ConfigError("no cgroup v2 mount found in /proc/mounts; mount one "
+                              "(mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup-path")
+        return replace(self, cgroup_path=cgroup)

@@ -1,0 +1,160 @@
+"""The merbridge command line (click's CliRunner), config defaults and doctor."""
+import json
+import logging
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from merbridge.daemon import cli, config, doctor, install
+
+RUN = cli.main.commands["run"]
+
+
+def parse_run(args, monkeypatch, env=None):
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    with RUN.make_context("run", list(args)) as ctx:
+        return ctx.params
+
+
+@pytest.mark.parametrize("args,cni,hw", [
+    (["--cni-mode=true"], True, False),
+    (["--cni-mode=false"], False, False),
+    (["--cni-mode"], True, False),
+    (["--cni-mode=true", "--hardware-checksum=true"], True, True),
+    ([], False, False),
+])
+def test_upstream_boolean_syntax(args, cni, hw, monkeypatch):
+    params = parse_run(args, monkeypatch)
+    assert params["cni_mode"] is cni and params["hardware_checksum"] is hw
+
+
+def test_manifest_sed_switch(monkeypatch):
+    manifest_args = "--mode=istio --cni-mode=false --hardware-checksum=false --node-name=n1"
+    switched = manifest_args.replace("--cni-mode=false", "--cni-mode=true")   # what the sed does
+    assert parse_run(manifest_args.split(), monkeypatch)["cni_mode"] is False
+    assert parse_run(switched.split(), monkeypatch)["cni_mode"] is True
+
+
+def test_bad_values_are_usage_errors(monkeypatch):
+    runner = CliRunner()
+    r = runner.invoke(cli.main, ["run", "--cni-mode=maybe"])
+    assert r.exit_code == 2 and "--cni-mode" in r.output
+    r = runner.invoke(cli.main, ["run", "--mode=consul"])
+    assert r.exit_code == 2 and "consul" in r.output
+
+
+def test_node_name_comes_from_env_never_hostname(monkeypatch):
+    assert parse_run([], monkeypatch, {"NODE_NAME": "node-7"})["node_name"] == "node-7"
+    assert parse_run(["--node-name=x"], monkeypatch, {"NODE_NAME": "node-7"})["node_name"] == "x"
+    assert parse_run([], monkeypatch)["node_name"] == ""
+    monkeypatch.delenv("NODE_NAME", raising=False)
+    r = CliRunner().invoke(cli.main, ["run", "--cgroup-path=/tmp"])
+    assert r.exit_code == 2
+    assert "NODE_NAME" in r.output and "hostname" in r.output
+
+
+def test_run_builds_the_config_and_calls_the_runtime(monkeypatch, tmp_path):
+    from merbridge.daemon import runtime
+    seen = []
+    monkeypatch.setattr(runtime, "run", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setenv("NODE_NAME", "node-9")
+    r = CliRunner().invoke(cli.main, [
+        "run", "--mode=linkerd", "--cni-mode=true", f"--pods-dir={tmp_path}",
+        "--exclude-namespaces=kube-system, istio-system", "--metrics-addr=127.0.0.1:0",
+        "--socket-path=/tmp/x.sock"])
+    assert r.exit_code == 0, r.output
+    (cfg,) = seen
+    assert isinstance(cfg, config.DaemonConfig)
+    assert (cfg.mesh, cfg.cni_mode, cfg.node_name, cfg.pods_dir) == ("linkerd", True, "node-9", str(tmp_path))
+    assert cfg.exclude_namespaces == ("kube-system", "istio-system")
+    assert cfg.cgroup_path == config.find_cgroup2_mount()       # resolved default
+    assert cfg.bpffs_path == "/sys/fs/bpf/merbridge" and cfg.socket_path == "/tmp/x.sock"
+
+
+def test_pods_dir_must_exist(monkeypatch, tmp_path):
+    r = CliRunner().invoke(cli.main, ["run", f"--pods-dir={tmp_path / 'nope'}", "--cgroup-path=/tmp"])
+    assert r.exit_code == 2 and "not a directory" in r.output
+
+
+def test_find_cgroup2_mount(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup2 /x\\040y cgroup2 rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n")
+    assert config.find_cgroup2_mount(str(mounts)) == "/sys/fs/cgroup/unified"
+    mounts.write_text("cgroup2 /x\\040y cgroup2 rw 0 0\n")
+    assert config.find_cgroup2_mount(str(mounts)) == "/x y"
+    mounts.write_text("proc /proc proc rw 0 0\n")
+    assert config.find_cgroup2_mount(str(mounts)) is None
+
+
+def test_logfmt_lines():
+    rec = logging.LogRecord("merbridge.daemon.pods", logging.WARNING, __file__, 1,
+                            'pod %s said "hi"', ("shop/a",), None)
+    line = cli.LogfmtFormatter().format(rec)
+    assert line.startswith("ts=") and line.endswith('msg="pod shop/a said \\"hi\\""')
+    assert " level=warning logger=merbridge.daemon.pods " in line
+
+
+def test_install_and_uninstall_cni_commands(tmp_path):
+    conf, bindir = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    plugin = tmp_path / "plugin"
+    plugin.write_text("#!/bin/sh\n")
+    runner = CliRunner()
+    args = [f"--cni-bin-dir={bindir}", f"--cni-conf-dir={conf}"]
+    r = runner.invoke(cli.main, ["install-cni", *args, f"--plugin={plugin}", f"--state-dir={tmp_path}"])
+    assert r.exit_code == 2 and "no CNI config" in r.output
+    original = b'{"cniVersion": "1.0.0", "name": "n", "type": "bridge"}'
+    (conf / "10-bridge.conf").write_bytes(original)
+    r = runner.invoke(cli.main, ["install-cni", *args, f"--plugin={plugin}", "--socket-path=/run/s.sock"])
+    assert r.exit_code == 0, r.output
+    chained = json.loads((conf / "10-bridge.conflist").read_text())
+    assert chained["plugins"][-1] == install.plugin_entry("/run/s.sock", "istio")
+    assert (bindir / "merbridge-cni").exists()
+    r = runner.invoke(cli.main, ["uninstall-cni", *args])
+    assert r.exit_code == 0, r.output
+    assert not (bindir / "merbridge-cni").exists()
+    assert not install.has_plugin(json.loads((conf / "10-bridge.conflist").read_text()))
+
+
+def test_maps_dump_without_pins_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(cli.main, ["maps", "dump", f"--bpffs-path={tmp_path}"])
+    assert r.exit_code == 1
+    assert "no datapath pinned" in r.output and "Traceback" not in r.output
+
+
+# ----------------------------------------------------------------- doctor
+
+def test_doctor_reports_what_is_missing_and_how_to_fix(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("proc /proc proc rw 0 0\nbpf /other/bpf bpf rw 0 0\n")
+    checks = doctor.run_checks(bpffs_path="/sys/fs/bpf/merbridge", mounts_file=str(mounts),
+                               kernel_release="5.4.0-100-generic", euid=1000,
+                               bcc=lambda: (False, "No module named 'bcc'"))
+    by = {c.name: c for c in checks}
+    assert by["kernel"].status == "fail" and "5.7" in by["kernel"].fix
+    assert by["root"].status == "fail"
+    assert by["cgroup v2"].status == "fail" and "mount -t cgroup2" in by["cgroup v2"].fix
+    assert by["bpffs"].status == "fail" and "/other/bpf" in by["bpffs"].detail
+    assert "mount -t bpf" in by["bpffs"].fix
+    assert by["bcc"].status == "fail" and "python3-bpfcc" in by["bcc"].fix
+    assert by["program type sk_msg"].status == "skip" and "root" in by["program type sk_msg"].detail
+    assert not doctor.passed(checks)
+    text = doctor.render_text(checks)
+    assert "FAIL kernel" in text and "fix: " in text and "cannot run here" in text
+
+
+def test_doctor_flags_missing_kernel_features(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n")
+    features = {"program_types": {f"have_{t}_prog_type": True for t in doctor.PROGRAM_TYPES},
+                "map_types": {f"have_{t}_map_type": t != "sockhash" for t in doctor.MAP_TYPES}}
+    checks = doctor.run_checks(mounts_file=str(mounts), cgroup_path=str(tmp_path), euid=0,
+                               kernel_release="6.1.0", probe=lambda: features, bcc=lambda: (True, "0.26"))
+    by = {c.name: c for c in checks}
+    assert by["map type sockhash"].status == "fail"
+    assert "CONFIG_BPF_STREAM_PARSER" in by["map type sockhash"].fix
+    assert by["cgroup v2"].status == "fail"       # tmp_path is not a cgroup directory
+    assert by["program type xdp"].status == "ok"
