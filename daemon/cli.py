@@ -223,6 +223,10 @@ def doctor(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
 
 # ----------------------------------------------------------------- CNI install
 
+#: what install-cni changed, so uninstall-cni can restore it byte for byte
+INSTALL_STATE = "cni-install.json"
+
+
 def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,
                plugin: str | None, state_dir: str) -> Any:
     from merbridge.daemon import install
@@ -231,7 +235,8 @@ def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,
         os.makedirs(state_dir, exist_ok=True)
         plugin = cni_main.build_zipapp(os.path.join(state_dir, "merbridge-cni"))
     return install.Installer(cni_bin_dir, cni_conf_dir, plugin,
-                             install.plugin_entry(socket_path, mode))
+                             install.plugin_entry(socket_path, mode),
+                             state_file=os.path.join(state_dir, INSTALL_STATE))
 
 
 @main.command("install-cni")
@@ -259,10 +264,12 @@ def install_cni(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str
 @main.command("uninstall-cni")
 @bin_dir_option
 @conf_dir_option
-def uninstall_cni(cni_bin_dir: str, cni_conf_dir: str) -> None:
+@state_option
+def uninstall_cni(cni_bin_dir: str, cni_conf_dir: str, state_dir: str) -> None:
     """Remove merbridge-cni from the CNI config, then its binary."""
     from merbridge.daemon import install
-    inst = install.Installer(cni_bin_dir, cni_conf_dir, "", install.plugin_entry(""))
+    inst = install.Installer(cni_bin_dir, cni_conf_dir, "", install.plugin_entry(""),
+                             state_file=os.path.join(state_dir, INSTALL_STATE))
     try:
         inst.uninstall()
     except (OSError, ValueError) as exc:

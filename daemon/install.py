@@ -167,10 +167,13 @@ class Installer:
     plugin_source_path: str
     entry: dict
     binary_name: str = PLUGIN_TYPE
+    #: where to keep the original bytes across daemon restarts (kill -9 included);
+    #: without it only this process can restore byte for byte
+    state_file: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self._changed: _Changed | None = None
+        self._changed: _Changed | None = self._load_state()
         self._lock = threading.Lock()
         self._ino: inotify.Inotify | None = None
         self._stop = threading.Event()
@@ -225,7 +228,41 @@ class Installer:
         if target != path:
             os.unlink(path)  # a .conf would sort first and hide our .conflist
         self._changed = _Changed(target, original_path, original, new)
+        self._save_state()
         log.info("chained %s into CNI config path=%s", PLUGIN_TYPE, target)
+
+    # -- what we changed, kept on disk -------------------------------------
+
+    def _save_state(self) -> None:
+        if not self.state_file:
+            return
+        c = self._changed
+        data = None if c is None else {
+            "path": c.path, "original_path": c.original_path, "written": c.written.decode("latin-1"),
+            "original": None if c.original is None else c.original.decode("latin-1")}
+        if data is None:
+            try:
+                os.unlink(self.state_file)
+            except FileNotFoundError:
+                pass
+            return
+        os.makedirs(os.path.dirname(self.state_file) or ".", exist_ok=True)
+        atomic_write(self.state_file, json.dumps(data).encode(), 0o600)
+
+    def _load_state(self) -> _Changed | None:
+        if not self.state_file:
+            return None
+        try:
+            with open(self.state_file, "rb") as f:
+                d = json.loads(f.read())
+            return _Changed(d["path"], d["original_path"],
+                            None if d["original"] is None else d["original"].encode("latin-1"),
+                            d["written"].encode("latin-1"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable CNI install state %s: %s", self.state_file, exc)
+            return None
 
     # -- uninstall -------------------------------------------------------
 
@@ -272,6 +309,7 @@ class Installer:
                 atomic_write(path, dumps(remove_plugin(config)))
                 log.info("removed %s from CNI config path=%s", PLUGIN_TYPE, path)
         self._changed = None
+        self._save_state()
 
     # -- watch -----------------------------------------------------------
 

@@ -207,3 +207,33 @@ def test_missing_plugin_source_is_a_clear_error(dirs, tmp_path):
     with pytest.raises(FileNotFoundError):
         inst.install()
     assert os.listdir(bindir) == []
+
+
+@pytest.mark.parametrize("name,installed_as", [("10-calico.conflist", "10-calico.conflist"),
+                                               ("10-bridge.conf", "10-bridge.conflist")])
+def test_state_file_restores_byte_for_byte_after_a_restart(dirs, tmp_path, name, installed_as):
+    conf, bindir, src = dirs
+    original = (TESTDATA / ("calico.conflist" if name.endswith("conflist") else "bridge.conf")).read_bytes()
+    (conf / name).write_bytes(original)
+    state = str(tmp_path / "state" / "cni-install.json")
+    first = install.Installer(str(bindir), str(conf), str(src), ENTRY, state_file=state)
+    first.install()
+    assert sorted(os.listdir(conf)) == [installed_as]
+    del first                                            # the daemon is SIGKILLed
+    second = install.Installer(str(bindir), str(conf), str(src), ENTRY, state_file=state)
+    second.install()                                     # the restarted daemon
+    second.uninstall()
+    assert sorted(os.listdir(conf)) == [name]
+    assert (conf / name).read_bytes() == original
+    assert not os.path.exists(state)
+
+
+def test_unreadable_state_file_is_ignored(dirs, tmp_path):
+    conf, bindir, src = dirs
+    state = tmp_path / "state.json"
+    state.write_text("{garbage")
+    (conf / "10-calico.conflist").write_bytes((TESTDATA / "calico.conflist").read_bytes())
+    inst = install.Installer(str(bindir), str(conf), str(src), ENTRY, state_file=str(state))
+    inst.install()
+    inst.uninstall()
+    assert (conf / "10-calico.conflist").read_bytes() == (TESTDATA / "calico.conflist").read_bytes()
