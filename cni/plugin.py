@@ -16,6 +16,8 @@ A daemon error reply carries a CNI code, which is re-emitted as is.
 """
 from __future__ import annotations
 
+import json
+
 from . import errors, netconf, protocol, skel
 from .errors import CniError
 
@@ -94,6 +96,7 @@ class Plugin:
                            "must be called as a chained plugin",
                            "no prevResult: list merbridge-cni after the main plugin")
         out = passthrough(conf.prev_result, cmd.cni_version)
+        self.log.debug(f"ADD {cmd.container_id} prevResult: {json.dumps(conf.prev_result)}")
         pod = self._target(cmd, conf)
         if pod is not None:
             req = self._request(cmd, conf, pod)
