@@ -279,15 +279,17 @@ def uninstall_cni(cni_bin_dir: str, cni_conf_dir: str, state_dir: str) -> None:
 
 # ----------------------------------------------------------------- demo
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def demo(ctx: click.Context) -> None:
-    """Run the embedded demo (see README)."""
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON instead of a table.")
+def demo(as_json: bool) -> None:
+    """A small node in network namespaces (pods via the chained CNI, sidecars, the
+    daemon), real traffic, and what happened to each connection; then tears it all
+    down. Needs root; changes nothing outside its own namespaces, cgroup and dirs."""
     try:
-        from merbridge.daemon import demo as demo_mod  # type: ignore[attr-defined]
+        from merbridge.daemon import demo as demo_mod
     except ImportError as exc:
         fail(f"the demo is not available in this build: {exc}")
-    sys.exit(demo_mod.main(list(ctx.args)))
+    sys.exit(demo_mod.run(as_json=as_json))
 
 
 if __name__ == "__main__":  # pragma: no cover

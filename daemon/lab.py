@@ -322,6 +322,21 @@ class Lab:
         self.pods[name] = pod
         return pod
 
+    def add_bare_pod(self, name: str, node: int = 0, in_mesh: bool = True) -> Pod:
+        """A pod whose ``eth0`` someone else makes (the demo: a CNI ADD via cnitool):
+        netns with lo (+ ::6 for the v6 passthrough) and cgroup only, removed by
+        close() like any pod.  Fill ``ip4``/``ip6``/``host_if`` once eth0 exists."""
+        if name in self.pods or not name.replace("-", "").isalnum():
+            raise LabError(f"bad or duplicate pod name {name!r}")
+        ns = self._mkns(f"{self.name}-{name}")
+        cg = os.path.join(self.cgroup, name)
+        self._mkcgroup(cg)
+        netns.add_address(ns, "lo", f"{PASSTHROUGH6}/128")
+        pod = Pod(lab=self, name=name, node=self.nodes[node], ns=ns, ip4="", ip6="",
+                  cgroup=cg, host_if="", in_mesh=in_mesh)
+        self.pods[name] = pod
+        return pod
+
     # -- teardown --------------------------------------------------------
     def close(self) -> None:
         """Stop processes (SIGTERM, then SIGKILL), remove cgroups, namespaces, files."""
