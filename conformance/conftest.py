@@ -8,19 +8,25 @@
 * ``cnitool``        ``cnikit.Cnitool`` bound to the node netns and the plugin dir;
 * ``plugin_exe``     the node executable (zipapp) built from this checkout;
 * ``run_plugin``     invokes the plugin directly, the way libcni would (STATUS, GC);
-* ``fake_daemon``    the daemon's ``CniServer`` with ``cnikit.RecordingHandler``.
+* ``fake_daemon``    the daemon's ``CniServer`` with ``cnikit.RecordingHandler``;
+* ``daemon_world``   (module) the REAL daemon, ``merbridge run --cni-mode=true``, in
+                     a node netns linked to a "remote" node netns, on a private
+                     bpffs, a child cgroup and tmp CNI dirs holding a bridge +
+                     host-local primary conflist it chains itself into.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
 import subprocess
+import tempfile
 
 import pytest
 
-from cnikit import (CNITOOL, NODE_PATH, CniNetwork, Cnitool, RecordingHandler, netns_path,
-                    run)
+from cnikit import (CNITOOL, NODE_PATH, CniNetwork, Cnitool, MerbridgeDaemon,
+                    RecordingHandler, netns_path, remove_cgroup, run)
 from merbridge.cni.main import build_zipapp
 from merbridge.daemon.cniserver import CniServer
 
@@ -139,3 +145,88 @@ def fake_daemon(tmp_path):
         yield server, handler
     finally:
         server.stop()
+
+
+# -- the real daemon ------------------------------------------------------------
+CGROUP_ROOT = "/sys/fs/cgroup/unified"
+#: pod and uplink addressing of daemon_world (only inside its own namespaces)
+DAEMON_SUBNET4, DAEMON_SUBNET6 = "10.232.1.0/24", "fd00:232:1::/64"
+UPLINK4, UPLINK6 = "10.232.254.{}", "fd00:232:fe::{}"
+
+
+@dataclasses.dataclass
+class DaemonWorld:
+    tag: str
+    node: str                 # netns: the daemon, cnitool, the bridge, host-side veths
+    remote: str               # netns: another node, routed to the pods via node
+    remote_ip4: str
+    remote_ip6: str
+    cgroup: str               # --cgroup-path (pods' processes go in children of it)
+    daemon: MerbridgeDaemon
+    net: CniNetwork           # conf_dir is the daemon's: the conflist it chained into
+    cnitool: Cnitool
+    maps: object              # typed handles on the daemon's pinned maps
+
+
+@pytest.fixture(scope="module")
+def daemon_world(tmp_path_factory):
+    from merbridge.bpf import loader
+    from merbridge.daemon import netns
+
+    if not os.access(CNITOOL, os.X_OK):
+        pytest.fail(f"{CNITOOL} missing: run scripts/prepare-host (conformance/build-cnitool)")
+    tag = secrets.token_hex(4)
+    node, remote = f"mbt-{tag}-dnode", f"mbt-{tag}-drem"
+    cgroup = os.path.join(CGROUP_ROOT, f"mbt-{tag}-conf")
+    root = str(tmp_path_factory.mktemp(f"daemon-{tag}"))
+    bpffs = tempfile.mkdtemp(prefix=f"mbt-{tag}-bpffs-")
+    namespaces: list[str] = []
+    mounted = False
+    daemon = net = maps = None
+    try:
+        run("mount", "-t", "bpf", "bpf", bpffs)
+        mounted = True
+        os.mkdir(cgroup)
+        for ns in (node, remote):
+            netns.create_netns(ns)
+            namespaces.append(ns)
+        # the two "nodes" share an uplink; remote reaches the pod subnets via node
+        netns.create_veth("uplink", "uplink", ns=node, peer_ns=remote)
+        for ns, i in ((node, 1), (remote, 2)):
+            netns.add_address(ns, "uplink", f"{UPLINK4.format(i)}/24")
+            netns.add_address(ns, "uplink", f"{UPLINK6.format(i)}/64")
+            netns.link_up(ns, "uplink")
+        netns.add_route(remote, DAEMON_SUBNET4, gateway=UPLINK4.format(1))
+        netns.add_route(remote, DAEMON_SUBNET6, gateway=UPLINK6.format(1))
+        netns.set_sysctl(node, "net.ipv4.ip_forward", 1)
+        netns.set_sysctl(node, "net.ipv6.conf.all.forwarding", 1)
+
+        daemon = MerbridgeDaemon(node, root, os.path.join(bpffs, "merbridge"), cgroup)
+        net = CniNetwork(name=f"mbt-{tag}-d", conf_dir=daemon.conf_dir,
+                         ipam_dir=os.path.join(root, "ipam"), socket_path=daemon.socket,
+                         cni_version="1.0.0", subnet4=DAEMON_SUBNET4, subnet6=DAEMON_SUBNET6,
+                         bridge=f"mbd{tag}")
+        net.write(chained=False)              # the node's primary CNI, before us
+        daemon.start()
+        maps = loader.open_maps(daemon.pin_dir)
+        yield DaemonWorld(tag, node, remote, UPLINK4.format(2), UPLINK6.format(2), cgroup,
+                          daemon, net, Cnitool(node, daemon.bin_dir), maps)
+    finally:
+        if maps is not None:
+            maps.close()
+        if daemon is not None:
+            daemon.stop()
+        if net is not None:
+            net.cleanup_cache()
+        if os.path.isdir(cgroup):
+            try:   # programs a killed daemon may have left on our cgroup
+                from merbridge.bpf import loader
+                loader.detach_cgroup(cgroup)
+            except Exception:
+                pass
+            remove_cgroup(cgroup)
+        for ns in reversed(namespaces):
+            netns.remove_netns(ns)
+        if mounted:
+            run("umount", bpffs, check=False)
+        os.rmdir(bpffs)
