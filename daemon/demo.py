@@ -1,71 +1,35 @@
 """``merbridge demo``: one small node, no Kubernetes, real traffic, and what happened to it.
 
-What it builds, all of it private to this run (names carry ``mbdemo-<hex>``):
+The node (``demonode.Node``): pods in network namespaces networked through the
+chained CNI by cnitool, haproxy sidecars as UID 1337, echo apps, and the real
+``merbridge run --cni-mode=true`` with a static pod source -- three injected
+pods (one with exclusion annotations) and one outside the mesh.
 
-* a "node" network namespace (the lab's), where cnitool, the CNI plugins and the
-  daemon run, so the bridge, the host-side veths and their XDP never touch the
-  host's network namespace;
-* a child cgroup of the cgroup v2 mount (one per pod below it), a private bpffs
-  (``mount -t bpf`` on a temp dir) and temp CNI bin/conf/state dirs;
-* ``merbridge run --cni-mode=true --pods-dir=...`` in the node netns: it loads
-  the eBPF programs onto the demo's cgroup and chains ``merbridge-cni`` into the
-  demo's primary conflist (bridge + host-local);
-* pods: a netns + cgroup each, networked through that chained conflist with the
-  real ``cnitool`` exactly as a runtime would; Pod manifests in the pods dir
-  (three injected pods, one with exclusion annotations, one outside the mesh);
-  haproxy sidecars as UID 1337 and small echo apps.
+Then one connection per scenario below.  For each, the facts are measured:
+which sidecar logged it and which original destination it saw (its
+SO_ORIGINAL_DST answer), what the app saw as its peer, which kernel counters
+moved.  The *why* is the daemon's decision as read back from the pinned maps
+(``demoreport``), and each row says whether the facts agree with it.
 
-Then it makes one connection per scenario and reports, per connection, what the
-sidecars logged (which sidecar, which original destination it saw), what the
-app saw as its peer, which kernel counters moved, and why (the daemon's policy
-as read back from the pinned maps, see ``demoreport``).  Everything is torn
-down in ``finally`` and checked gone.
+Progress goes to stderr; the table (or ``--json``) to stdout; everything is
+torn down in ``finally`` and checked gone.  Exit status 0 only when every
+connection agreed and the teardown was clean; 2 when the host lacks something.
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from merbridge.bpf.mesh import MESHES
-from merbridge.daemon import annotations, demoreport, netns
+from merbridge.daemon import demoreport
 from merbridge.daemon.config import find_cgroup2_mount
-from merbridge.daemon.lab import Lab, LabError, Pod
-
-MESH = MESHES["istio"]
-PREFIX = "mbdemo"
-K8S_NAMESPACE = "demo"
-SUBNET4, SUBNET6 = "10.241.0.0/24", "fd00:241::/64"
-CNITOOL = shutil.which("cnitool") or "/usr/local/bin/cnitool"
-CNI_PLUGIN_DIR = "/usr/lib/cni"
-LIBCNI_CACHE = "/var/lib/cni/results"
-#: what a node's runtime gives CNI plugins (no venv on PATH)
-NODE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-ISTIO_STATUS = '{"containers":["istio-proxy"],"initContainers":null}'
-A = "traffic.sidecar.istio.io/"
-
-
-class DemoError(RuntimeError):
-    """The demo cannot go on; the message says what failed."""
-
-
-@dataclass
-class PodSpec:
-    name: str
-    in_mesh: bool
-    apps: tuple[int, ...] = ()
-    #: traffic.sidecar.istio.io/* annotations; "{legacy}" is replaced by that pod's IPv4
-    annotations: dict[str, str] = field(default_factory=dict)
-
+from merbridge.daemon.demonode import (A, CNI_PLUGIN_DIR, CNITOOL, MESH, NODE_PATH, SUBNET4,
+                                       SUBNET6, DemoError, Node, PodSpec)
+from merbridge.daemon.lab import LabError
 
 PODS = (
     PodSpec("backend", True, apps=(8080, 9090)),
@@ -98,8 +62,6 @@ SCENARIOS = (
 )
 
 
-# ------------------------------------------------------------------ output
-
 class Progress:
     def __init__(self) -> None:
         self.t0 = time.monotonic()
@@ -114,9 +76,9 @@ def preflight() -> list[str]:
     """What this host lacks for the demo (empty: nothing); each item says how to fix it."""
     from merbridge.daemon import doctor
     problems = []
-    cgroup = find_cgroup2_mount()
     # the demo mounts its own bpffs, so only the filesystem type must exist
-    checks = [c for c in doctor.run_checks(bpffs_path="/sys/fs/bpf", cgroup_path=cgroup)
+    checks = [c for c in doctor.run_checks(bpffs_path="/sys/fs/bpf",
+                                           cgroup_path=find_cgroup2_mount())
               if c.name != "bpffs"]
     for c in checks:
         if c.required and c.status != "ok":
@@ -139,368 +101,75 @@ def preflight() -> list[str]:
     return problems
 
 
-# ------------------------------------------------------------------ the node
+# ------------------------------------------------------------------ traffic
 
-class Demo:
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.lab: Lab | None = None
-        self.root = ""
-        self.bpffs = ""
-        self.bpffs_mounted = False
-        self.daemon: subprocess.Popen | None = None
-        self.pods: dict[str, Pod] = {}
-        self.specs = {s.name: s for s in PODS}
-        self.manifests: dict[str, dict] = {}
-        self.added: list[str] = []        # pods with a successful CNI ADD
-        self.ipam_files: list[str] = []
-        self.cleanup: dict[str, Any] = {}
-
-    # -- set-up ------------------------------------------------------------
-    def setup(self) -> None:
-        cgroup_root = find_cgroup2_mount() or "/sys/fs/cgroup/unified"
-        self.progress(f"creating the node netns and cgroup {cgroup_root}/{PREFIX}-<id>")
-        self.lab = Lab(PREFIX, cgroup_root=cgroup_root)
-        self.name = self.lab.name
-        self.node_ns = netns.netns_path(self.lab.nodes[0].ns)
-        self.root = tempfile.mkdtemp(prefix=self.name + "-")
-        for d in ("bin", "net.d", "state", "pods", "ipam", "bpffs"):
-            os.mkdir(os.path.join(self.root, d))
-        self.dirs = {d: os.path.join(self.root, d) for d in ("bin", "net.d", "state", "pods", "ipam")}
-        self.bpffs = os.path.join(self.root, "bpffs")
-        _run(["mount", "-t", "bpf", "bpf", self.bpffs])
-        self.bpffs_mounted = True
-        self.pin_dir = os.path.join(self.bpffs, "merbridge")
-        self.socket = os.path.join(self.root, "merbridge-cni.sock")
-        self.bridge = "mbd" + self.name.rsplit("-", 1)[1][:8]
-        self.conflist = os.path.join(self.dirs["net.d"], "10-demo.conflist")
-        with open(self.conflist, "w") as f:
-            json.dump(self._primary_config(), f, indent=2)
-        self.progress(f"private bpffs on {self.bpffs}; primary CNI config {self.conflist} "
-                      "(bridge + host-local)")
-        for spec in PODS:
-            if "{legacy}" not in json.dumps(spec.annotations):
-                self._publish(spec)
-        self._start_daemon()
-        for spec in PODS:
-            self._add_pod(spec)
-        for name, pod in self.pods.items():
-            for port in self.specs[name].apps:
-                pod.start_app(port)
-            if self.specs[name].in_mesh:
-                pod.start_sidecar()
-        self.progress("apps listening; haproxy sidecars running as UID/GID 1337 in "
-                      + ", ".join(n for n, s in self.specs.items() if s.in_mesh))
-
-    def _primary_config(self) -> dict:
-        return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
-            {"type": "bridge", "bridge": self.bridge, "isGateway": True, "ipMasq": False,
-             "ipam": {"type": "host-local", "dataDir": self.dirs["ipam"],
-                      "ranges": [[{"subnet": SUBNET4}], [{"subnet": SUBNET6}]],
-                      "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]}}]}
-
-    def _publish(self, spec: PodSpec) -> None:
-        ann = {k: v.replace("{legacy}", self.pods["legacy"].ip4) if "{legacy}" in v else v
-               for k, v in spec.annotations.items()}
-        containers = [{"name": "app", "image": "demo/app"}]
-        if spec.in_mesh:
-            ann["sidecar.istio.io/status"] = ISTIO_STATUS
-            containers.append({"name": MESH.sidecar_container, "image": "haproxy-as-envoy",
-                               "args": ["proxy", "sidecar"]})
-        manifest = {"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": spec.name, "namespace": K8S_NAMESPACE,
-                                 "uid": f"uid-{spec.name}-{self.name}", "annotations": ann},
-                    "spec": {"nodeName": "demo", "containers": containers},
-                    "status": {"phase": "Running"}}
-        path = os.path.join(self.dirs["pods"], f"{spec.name}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(manifest, f, indent=2)
-        os.replace(path + ".tmp", path)
-        self.manifests[spec.name] = manifest
-
-    def _start_daemon(self) -> None:
-        argv = ["nsenter", f"--net={self.node_ns}", sys.executable, "-m", "merbridge.daemon.cli",
-                "run", "--mode=istio", "--cni-mode=true", f"--pods-dir={self.dirs['pods']}",
-                f"--cgroup-path={self.lab.cgroup}", f"--bpffs-path={self.pin_dir}",
-                f"--cni-bin-dir={self.dirs['bin']}", f"--cni-conf-dir={self.dirs['net.d']}",
-                f"--socket-path={self.socket}", "--metrics-addr=127.0.0.1:0",
-                f"--state-dir={self.dirs['state']}", "--node-name=demo"]
-        self.progress("starting `merbridge run --cni-mode=true` in the node netns "
-                      "(compiling and loading the eBPF programs)")
-        self.daemon_log = os.path.join(self.root, "daemon.log")
-        with open(self.daemon_log, "wb") as log:
-            self.daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise DemoError(f"merbridge run exited with {self.daemon.returncode}:\n"
-                                + self.daemon_tail())
-            if "merbridge ready" in _read(self.daemon_log) and self._chained():
-                self.progress(f"daemon ready: programs attached to {self.lab.cgroup}, "
-                              f"merbridge-cni chained into {os.path.basename(self.conflist)}")
-                return
-            time.sleep(0.2)
-        raise DemoError("merbridge run did not become ready in 120 s:\n" + self.daemon_tail())
-
-    def _chained(self) -> bool:
-        try:
-            with open(self.conflist) as f:
-                types = [p.get("type") for p in json.load(f).get("plugins", [])]
-        except (OSError, ValueError):
-            return False
-        return types[-1:] == ["merbridge-cni"] and os.path.exists(
-            os.path.join(self.dirs["bin"], "merbridge-cni"))
-
-    def daemon_tail(self, lines: int = 15) -> str:
-        return "\n".join(_read(self.daemon_log).splitlines()[-lines:])
-
-    def _cnitool(self, command: str, pod: Pod) -> subprocess.CompletedProcess:
-        spec_uid = self.manifests[pod.name]["metadata"]["uid"]
-        env = {"PATH": NODE_PATH, "NETCONFPATH": self.dirs["net.d"],
-               "CNI_PATH": f"{CNI_PLUGIN_DIR}:{self.dirs['bin']}",
-               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE={K8S_NAMESPACE};"
-                           f"K8S_POD_NAME={pod.name};K8S_POD_UID={spec_uid}"}
-        return subprocess.run(["nsenter", f"--net={self.node_ns}", CNITOOL, command, self.name,
-                               netns.netns_path(pod.ns)], env=env, capture_output=True,
-                              text=True, timeout=60)
-
-    def _add_pod(self, spec: PodSpec) -> None:
-        if spec.name not in self.manifests:
-            self._publish(spec)
-        pod = self.lab.add_bare_pod(spec.name, in_mesh=spec.in_mesh)
-        self.pods[spec.name] = pod
-        res = self._cnitool("add", pod)
-        if res.returncode != 0:
-            raise DemoError(f"cnitool add {spec.name} failed (rc {res.returncode}): "
-                            f"{(res.stdout + res.stderr).strip()}\n{self.daemon_tail()}")
-        self.added.append(spec.name)
-        result = json.loads(res.stdout)
-        for ip in (entry["address"].split("/")[0] for entry in result.get("ips", [])):
-            if ":" in ip:
-                pod.ip6 = ip
-            else:
-                pod.ip4 = ip
-        pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", self.node_ns)
-        xdp = netns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0]
-        self.progress(f"pod {spec.name}: CNI ADD (bridge, host-local, merbridge-cni) -> "
-                      f"{pod.ip4}, {pod.ip6}; "
-                      + (f"enrolled by the daemon, XDP prog {xdp} on eth0" if xdp
-                         else "left alone by the daemon (no XDP)"))
-
-    # -- the maps: the daemon's decisions ----------------------------------
-    def pod_views(self) -> dict[str, demoreport.PodView]:
-        from merbridge.bpf import loader
-        maps = loader.open_maps(self.pin_dir)
-        try:
-            written = dict(maps.local_pods.items())
-        finally:
-            maps.close()
-        views = {}
-        for name, pod in self.pods.items():
-            manifest = self.manifests[name]
-            membership = annotations.mesh_membership(manifest, MESH)
-            ann = manifest["metadata"]["annotations"]
-            policy = written.get(pod.ip4)
-            views[name] = demoreport.PodView(
-                name=name, ips=(pod.ip4, pod.ip6), enrolled=policy is not None, policy=policy,
-                reason=membership.reason,
-                annotations={k[len(A):]: v for k, v in ann.items() if k.startswith(A)})
-        return views
-
-    def counters(self) -> dict[str, int]:
-        from merbridge.bpf import loader
-        maps = loader.open_maps(self.pin_dir)
-        try:
-            return maps.counters()
-        finally:
-            maps.close()
-
-    # -- traffic -----------------------------------------------------------
-    def exercise(self) -> dict[str, Any]:
-        views = self.pod_views()
-        by_ip = {ip: v for v in views.values() for ip in v.ips}
-        sidecars = {n: p.sidecar for n, p in self.pods.items() if p.sidecar is not None}
-        rows = []
-        for i, sc in enumerate(SCENARIOS, 1):
-            src, dst = self.pods[sc.src], self.pods[sc.dst]
-            dst_ip = dst.ip4 if sc.family == 4 else dst.ip6
-            self.progress(f"connection {i}/{len(SCENARIOS)}: {sc.title}: {sc.src}"
-                          + (f" (uid {sc.uid})" if sc.uid is not None else "")
-                          + f" -> {sc.dst} {demoreport._hostport(dst_ip, sc.port)}")
-            marks = {n: len(s.entries()) for n, s in sidecars.items()}
-            before = self.counters()
-            reply = src.connect(dst_ip, sc.port, payload=f"demo-{i}", uid=sc.uid)
-            out_exp = demoreport.expect_outbound(views[sc.src], dst_ip, sc.port, sc.uid,
-                                                 by_ip, MESH)
-            in_exp = demoreport.expect_inbound(views[sc.dst], sc.port)
-            # the sidecars log when their upstream connects, before the app answers;
-            # give a late line a moment, longer when one is expected
-            wanted = int(out_exp.captured) + int(in_exp.captured)
-            new = self._wait_logs(sidecars, marks, wanted)
-            delta = demoreport.counter_delta(before, self.counters())
-            rows.append(self._row(sc, dst_ip, reply, new, delta, out_exp, in_exp))
-        return {"node": {"netns": self.lab.nodes[0].ns, "cgroup": self.lab.cgroup,
-                         "bpffs": self.bpffs, "conflist": self.conflist,
-                         "subnets": [SUBNET4, SUBNET6]},
-                "pods": [{"name": v.name, "ips": list(v.ips), "enrolled": v.enrolled,
-                          "reason": v.reason, "annotations": v.annotations,
-                          "sidecar": self.pods[v.name].sidecar is not None}
-                         for v in views.values()],
-                "connections": rows}
-
-    @staticmethod
-    def _wait_logs(sidecars: dict, marks: dict[str, int], wanted: int) -> dict[str, list[dict]]:
-        """New sidecar log entries since ``marks``: wait for ``wanted`` of them (2 s at
-        most), then a short settle so an unexpected extra line is not missed."""
-        deadline = time.monotonic() + 2.0
-        while True:
-            new = {n: s.entries(marks[n]) for n, s in sidecars.items()}
-            if sum(map(len, new.values())) >= wanted or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        time.sleep(0.2)
-        return {n: s.entries(marks[n]) for n, s in sidecars.items()}
-
-    def _row(self, sc: Scenario, dst_ip: str, reply, new: dict[str, list[dict]],
-             delta: dict[str, int], out_exp, in_exp) -> dict[str, Any]:
-        def hop(direction: str) -> dict[str, Any]:
-            seen = [(n, e) for n, entries in new.items() for e in entries
-                    if e.get("dir") == direction]
-            if not seen:
-                return {"intercepted": False, "sidecar": None, "original_dst": None,
-                        "entries": 0}
-            name, e = seen[0]
-            via = None
-            if direction == "inbound":
-                via = ("XDP" if delta.get("xdp_new_flow") else
-                       "connect hook" if delta.get("redirect_in") else None)
-            return {"intercepted": True, "sidecar": name, "via": via,
-                    "original_dst": demoreport._hostport(e.get("dst"), e.get("dport")),
-                    "original_dst_ip": e.get("dst"), "original_dst_port": e.get("dport"),
-                    "client": demoreport._hostport(e.get("src"), e.get("sport")),
-                    "entries": len(seen)}
-        outbound, inbound = hop("outbound"), hop("inbound")
-        agrees = (reply.ok and outbound["intercepted"] == out_exp.captured
-                  and inbound["intercepted"] == in_exp.captured
-                  and all(h["original_dst_ip"] in (None, dst_ip) and
-                          h["original_dst_port"] in (None, sc.port)
-                          for h in (outbound, inbound) if h["intercepted"]))
-        return {"title": sc.title, "source": sc.src, "uid": sc.uid, "destination": sc.dst,
-                "dst_ip": dst_ip, "dst_port": sc.port, "family": f"ipv{sc.family}",
-                "ok": reply.ok, "error": reply.error, "answered_by": reply.pod,
-                "app_peer": reply.peer[0] if reply.peer else None,
-                "app_peer_port": reply.peer[1] if reply.peer else None,
-                "outbound": outbound, "inbound": inbound, "counters": delta,
-                "expected": {"outbound": out_exp.captured, "outbound_rule": out_exp.rule,
-                             "inbound": in_exp.captured, "inbound_rule": in_exp.rule},
-                "agrees": bool(agrees)}
-
-    # -- teardown ------------------------------------------------------------
-    def teardown(self) -> dict[str, Any]:
-        """Undo everything (each step on its own), then check it is gone."""
-        errors: list[str] = []
-        checked: dict[str, bool] = {}
-
-        def step(what: str, fn) -> None:
-            try:
-                fn()
-            except Exception as exc:  # keep going: later steps still clean up
-                errors.append(f"{what}: {type(exc).__name__}: {exc}")
-
-        self.progress("tearing down: CNI DEL, daemon SIGTERM, pods, cgroups, netns, bpffs")
-        daemon_up = self.daemon is not None and self.daemon.poll() is None
-        for name in reversed(self.added):
-            def delete(name=name):
-                res = self._cnitool("del", self.pods[name])
-                if res.returncode != 0:
-                    raise DemoError((res.stdout + res.stderr).strip())
-            if daemon_up:
-                step(f"cnitool del {name}", delete)
-        if self.daemon is not None:
-            step("stop the daemon", self._stop_daemon)
-            checked["daemon exited cleanly"] = self.daemon.returncode == 0
-        if self.lab is not None:
-            from merbridge.bpf import loader
-            try:
-                checked["programs detached from the cgroup"] = not loader.attached(self.lab.cgroup)
-            except OSError:
-                checked["programs detached from the cgroup"] = False
-            if not checked["programs detached from the cgroup"]:
-                step("detach leftovers", lambda: loader.detach_cgroup(self.lab.cgroup))
-        if self.bpffs_mounted:
-            checked["daemon removed its pins"] = not os.path.exists(self.pin_dir) or \
-                not os.listdir(self.pin_dir)
-        if self.root and os.path.exists(self.conflist):
-            with open(self.conflist) as f:
-                checked["merbridge-cni unchained from the conflist"] = \
-                    "merbridge-cni" not in f.read()
-            checked["plugin binary removed"] = not os.path.exists(
-                os.path.join(self.dirs["bin"], "merbridge-cni"))
-        if self.lab is not None:
-            lab_procs = list(self.lab._procs)
-            step("close the lab", self.lab.close)
-            checked["processes gone"] = all(p.poll() is not None for p in lab_procs) and (
-                self.daemon is None or self.daemon.poll() is not None)
-            checked["cgroups gone"] = not os.path.exists(self.lab.cgroup)
-            checked["netns gone"] = not any(n.startswith(self.name) for n in _netns_names())
-            checked["no interfaces in the host netns"] = not any(
-                self.bridge in link or self.name in link for link in netns.links(None))
-        if self.bpffs_mounted:
-            step("umount the bpffs", lambda: _run(["umount", self.bpffs]))
-            checked["bpffs unmounted"] = not _mounted(self.bpffs)
-        if self.lab is not None:
-            cache = glob.glob(os.path.join(LIBCNI_CACHE, glob.escape(self.name) + "-*"))
-            checked["no libcni cache entries"] = not cache
-            for path in cache:
-                step(f"remove {path}", lambda p=path: os.unlink(p))
-        if self.root:
-            step("remove temp dirs", lambda: shutil.rmtree(self.root))
-            checked["temp dirs removed"] = not os.path.exists(self.root)
-        return {"clean": not errors and all(checked.values()), "checked": checked,
-                "errors": errors}
-
-    def _stop_daemon(self) -> None:
-        if self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait(timeout=10)
-                raise DemoError("the daemon ignored SIGTERM for 30 s; killed")
+def _wait_logs(sidecars: dict, marks: dict[str, int], wanted: int) -> dict[str, list[dict]]:
+    """New sidecar log entries since ``marks``: wait for ``wanted`` of them (2 s at
+    most; they log when their upstream connects, so normally they are there), then
+    settle briefly so an unexpected extra line is not missed."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        new = {n: s.entries(marks[n]) for n, s in sidecars.items()}
+        if sum(map(len, new.values())) >= wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return {n: s.entries(marks[n]) for n, s in sidecars.items()}
 
 
-def _run(argv: list[str]) -> None:
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        raise DemoError(f"{' '.join(argv)}: {res.stderr.strip()}")
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def _mounted(path: str) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == path for line in f if line.strip())
-
-
-def _netns_names() -> list[str]:
-    try:
-        return os.listdir(netns.NETNS_DIR)
-    except OSError:
-        return []
+def exercise(node: Node, progress: Progress) -> dict[str, Any]:
+    """Make each scenario's connection; the report (see demoreport)."""
+    views = node.pod_views()
+    by_ip = {ip: v for v in views.values() for ip in v.ips}
+    sidecars = {n: p.sidecar for n, p in node.pods.items() if p.sidecar is not None}
+    rows = []
+    for i, sc in enumerate(SCENARIOS, 1):
+        dst = node.pods[sc.dst]
+        dst_ip = dst.ip4 if sc.family == 4 else dst.ip6
+        progress(f"connection {i}/{len(SCENARIOS)}: {sc.title}: {sc.src}"
+                 + (f" (uid {sc.uid})" if sc.uid is not None else "")
+                 + f" -> {sc.dst} {demoreport.hostport(dst_ip, sc.port)}")
+        marks = {n: len(s.entries()) for n, s in sidecars.items()}
+        before = node.counters()
+        reply = node.pods[sc.src].connect(dst_ip, sc.port, payload=f"demo-{i}", uid=sc.uid)
+        out_exp = demoreport.expect_outbound(views[sc.src], dst_ip, sc.port, sc.uid, by_ip, MESH)
+        in_exp = demoreport.expect_inbound(views[sc.dst], sc.port)
+        new = _wait_logs(sidecars, marks, int(out_exp.captured) + int(in_exp.captured))
+        rows.append(demoreport.connection_row(
+            title=sc.title, src=sc.src, dst=sc.dst, dst_ip=dst_ip, port=sc.port,
+            family=sc.family, uid=sc.uid, reply=reply, new=new,
+            delta=demoreport.counter_delta(before, node.counters()),
+            out_exp=out_exp, in_exp=in_exp))
+    return {"node": {"netns": node.lab.nodes[0].ns, "cgroup": node.lab.cgroup,
+                     "bpffs": node.bpffs, "conflist": node.conflist,
+                     "subnets": [SUBNET4, SUBNET6]},
+            "pods": [{"name": v.name, "ips": list(v.ips), "enrolled": v.enrolled,
+                      "reason": v.reason, "consistent": v.consistent,
+                      "annotations": v.annotations,
+                      "sidecar": node.pods[v.name].sidecar is not None}
+                     for v in views.values()],
+            "connections": rows}
 
 
 # ------------------------------------------------------------------ entry
 
+_MAIN_PID = os.getpid()
+
+
+def _interrupt(signum, frame) -> None:
+    # helpers forked by pyroute2 (netns work) inherit this handler and are stopped
+    # with SIGTERM: they must die as by default, not run the demo's teardown
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt
+
+
 def run(as_json: bool = False) -> int:
     """The ``merbridge demo`` command; returns the exit status."""
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     progress = Progress()
     progress("checking the host (merbridge doctor's checks, plus the demo's tools)")
     problems = preflight()
@@ -508,32 +177,43 @@ def run(as_json: bool = False) -> int:
         print("merbridge demo: this host cannot run the demo yet:\n  "
               + "\n  ".join(problems), file=sys.stderr)
         return 2
-    demo = Demo(progress)
+    node = Node(PODS, progress)
     report: dict[str, Any] = {}
     failure = None
+    old = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        demo.setup()
-        report = demo.exercise()
+        node.setup()
+        report = exercise(node, progress)
         if not as_json:
             print(demoreport.render_pods(report))
             print(demoreport.render_table(report), flush=True)
     except KeyboardInterrupt:
         failure = "interrupted"
-    except (DemoError, LabError, netns.NetnsError, OSError, subprocess.SubprocessError) as exc:
+    except (DemoError, LabError) as exc:
         failure = str(exc)
+    except Exception as exc:  # a clear line, not a traceback; teardown still runs
+        failure = f"{type(exc).__name__}: {exc}"
     finally:
-        cleanup = demo.teardown()
+        # a second Ctrl-C or SIGTERM must not leave half the node behind
+        held = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            cleanup = node.teardown()
+        finally:
+            signal.signal(signal.SIGINT, held)
+            signal.signal(signal.SIGTERM, old)
     report["cleanup"] = cleanup
     report["error"] = failure
     agrees = bool(report.get("connections")) and all(r["agrees"] for r in report["connections"])
-    report["ok"] = failure is None and agrees and cleanup["clean"]
+    consistent = all(p["consistent"] for p in report.get("pods", []))
+    report["ok"] = failure is None and agrees and consistent and cleanup["clean"]
     if as_json:
         print(demoreport.render_json(report), end="")
     else:
         done = ", ".join(k for k, v in cleanup["checked"].items() if v)
         left = ", ".join(k for k, v in cleanup["checked"].items() if not v)
         print(("clean: " + done) if cleanup["clean"] else
-              f"NOT clean: {left or ''} {'; '.join(cleanup['errors'])}".rstrip())
+              f"NOT clean: {left} {'; '.join(cleanup['errors'])}".strip())
     if failure is not None:
         print(f"merbridge demo failed: {failure}", file=sys.stderr)
     progress("done" if report["ok"] else "done, with problems (see above)")

@@ -43,6 +43,8 @@ class PodView:
     reason: str
     #: traffic.sidecar.istio.io/<name> -> value, for naming the rule that applied
     annotations: dict[str, str] = field(default_factory=dict)
+    #: mesh_membership agrees with what the daemon wrote
+    consistent: bool = True
 
 
 @dataclass
@@ -94,6 +96,8 @@ def expect_outbound(src: PodView, dst_ip: str, port: int, uid: int | None,
                 if str(port) in src.annotations.get(EXCLUDE_OUTBOUND_PORTS, "").split(",")
                 else f"mesh default exclusion of port {port}")
         return Decision(False, f"{src.name}: {rule}")
+    if port == HBONE_PORT:
+        return Decision(False, f"port {port} (HBONE) is never captured")
     if uid is not None and uid == mesh.proxy_uid:
         target = local.get(dst_ip)
         if target is not None and target.enrolled and target.policy is not None \
@@ -136,15 +140,56 @@ def counter_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, in
     return out
 
 
+def _hop(direction: str, new: dict[str, list[dict]], delta: dict[str, int]) -> dict[str, Any]:
+    """What the sidecars logged for one direction of one connection."""
+    seen = [(n, e) for n, entries in new.items() for e in entries if e.get("dir") == direction]
+    if not seen:
+        return {"intercepted": False, "sidecar": None, "original_dst": None, "entries": 0}
+    name, e = seen[0]
+    via = None
+    if direction == "inbound":   # which hook sent it to 15006, from the kernel's counters
+        via = ("XDP" if delta.get("xdp_new_flow") else
+               "connect hook" if delta.get("redirect_in") else None)
+    return {"intercepted": True, "sidecar": name, "via": via,
+            "original_dst": hostport(e.get("dst"), e.get("dport")),
+            "original_dst_ip": e.get("dst"), "original_dst_port": e.get("dport"),
+            "client": hostport(e.get("src"), e.get("sport")), "entries": len(seen)}
+
+
+def connection_row(*, title: str, src: str, dst: str, dst_ip: str, port: int, family: int,
+                   uid: int | None, reply: Any, new: dict[str, list[dict]],
+                   delta: dict[str, int], out_exp: Decision, in_exp: Decision) -> dict[str, Any]:
+    """One connection's facts (``reply``: the lab's Reply; ``new``: sidecar name ->
+    its log entries made meanwhile; ``delta``: counters that moved) beside the
+    daemon's expectation; ``agrees`` says whether they match, sidecar and original
+    destination included."""
+    outbound, inbound = _hop("outbound", new, delta), _hop("inbound", new, delta)
+    agrees = (reply.ok and outbound["intercepted"] == out_exp.captured
+              and inbound["intercepted"] == in_exp.captured
+              and outbound["sidecar"] in (None, src) and inbound["sidecar"] in (None, dst)
+              and outbound["entries"] <= 1 and inbound["entries"] <= 1
+              and all(h["original_dst_ip"] == dst_ip and h["original_dst_port"] == port
+                      for h in (outbound, inbound) if h["intercepted"]))
+    return {"title": title, "source": src, "uid": uid, "destination": dst,
+            "dst_ip": dst_ip, "dst_port": port, "family": f"ipv{family}",
+            "ok": reply.ok, "error": reply.error, "answered_by": reply.pod,
+            "app_peer": reply.peer[0] if reply.peer else None,
+            "app_peer_port": reply.peer[1] if reply.peer else None,
+            "outbound": outbound, "inbound": inbound, "counters": delta,
+            "expected": {"outbound": out_exp.captured, "outbound_rule": out_exp.rule,
+                         "inbound": in_exp.captured, "inbound_rule": in_exp.rule},
+            "agrees": bool(agrees)}
+
+
 # ------------------------------------------------------------------ rendering
 
-def _hostport(ip: str | None, port: int | None) -> str:
+def hostport(ip: str | None, port: int | None) -> str:
     if ip is None:
         return "-"
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _hop(hop: dict[str, Any]) -> str:
+def _cell(hop: dict[str, Any]) -> str:
     if not hop["intercepted"]:
         return "not intercepted"
     via = f" via {hop['via']}" if hop.get("via") else ""
@@ -157,9 +202,9 @@ def render_table(report: dict[str, Any]) -> str:
     cells = []
     for i, r in enumerate(rows, 1):
         who = r["source"] + (f" (uid {r['uid']})" if r.get("uid") is not None else "")
-        conn = f"{who} -> {r['destination']} {_hostport(r['dst_ip'], r['dst_port'])}"
+        conn = f"{who} -> {r['destination']} {hostport(r['dst_ip'], r['dst_port'])}"
         app = r["app_peer"] or ("FAILED: " + (r.get("error") or "?"))
-        cells.append((str(i), conn, _hop(r["outbound"]), _hop(r["inbound"]), app))
+        cells.append((str(i), conn, _cell(r["outbound"]), _cell(r["inbound"]), app))
     widths = [max(len(c[k]) for c in cells + [head]) for k in range(len(head))]
     line = lambda c: "  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip()  # noqa: E731
     out = [line(head), line(tuple("-" * w for w in widths))]
