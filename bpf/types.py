@@ -58,6 +58,7 @@ COUNTERS: dict[int, str] = {
     18: "msg_pass",
     19: "msg_backpressure",
     20: "pair_deleted",
+    21: "msg_peer_missing",
 }
 #: first counter index reserved for bpf/progs/xdp.c (24..31)
 MB_C_XDP_FIRST = 24
@@ -71,8 +72,9 @@ MAP_MARK_POD_IPS = "mb_mark_pod_ips"
 MAP_NETNS_IP = "mb_netns_ip"
 MAP_SETTINGS = "mb_settings"
 MAP_COUNTERS = "mb_counters"
+MAP_SKMSG_BUDGET = "mb_skmsg_budget"
 ALL_MAPS = (MAP_COOKIE_ORIG_DST, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
-            MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS)
+            MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET)
 
 
 class MbAddr(ct.Structure):
@@ -159,3 +161,26 @@ def addr_unpack(raw: bytes) -> str:
         raise ValueError(f"address must be 16 bytes, got {len(raw)}")
     a = ipaddress.IPv6Address(raw)
     return str(a.ipv4_mapped) if a.ipv4_mapped is not None else str(a)
+
+
+# ==== ambient mode (H11, docs/ambient.md): mirrors of merbridge.h's ambient section
+MB_MAX_CGROUPS = 4096
+MB_AMBIENT_OUT_PORT = 15001
+MB_AMBIENT_IN_PORT = 15006
+MB_CG_F_ZTUNNEL = 0x01
+MB_SET_ZTUNNEL_IP4 = 12
+MB_SET_ZTUNNEL_IP6_HI = 13
+MB_SET_ZTUNNEL_IP6_LO = 14
+
+MAP_CGROUP_INFO = "mb_cgroup_info"
+MAP_AMBIENT_IPS = "mb_ambient_ips"
+ALL_MAPS = ALL_MAPS + (MAP_CGROUP_INFO, MAP_AMBIENT_IPS)
+
+
+class MbCgroupInfo(ct.Structure):
+    """Must match struct mb_cgroup_info in bpf/include/merbridge.h."""
+    _fields_ = [("ip4", MbAddr), ("ip6", MbAddr), ("in_mesh", ct.c_uint32),
+                ("flags", ct.c_uint32)]
+
+
+MIRRORS["mb_cgroup_info"] = MbCgroupInfo

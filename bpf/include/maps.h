@@ -56,6 +56,17 @@ BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_origin, mb_pair_orig_dst,
  * redir.c (sk_msg, attached to this map). The kernel drops closed sockets. */
 MB_SOCKHASH_PINNED(mb_sock_pair, struct mb_pair, MB_MAX_CONNS);
 
+/* 4-tuple of a socket in mb_sock_pair -> bytes it may still hand to its
+ * peer through sk_msg. Written by sockops (BPF_ANY, when the socket enters
+ * the sockhash: a reused tuple starts with a fresh budget); decremented by
+ * redir.c, which sets it to 0 for good once a message does not fit or the
+ * redirect fails. 0 or no entry (LRU eviction) means the normal TCP path:
+ * a connection may go from redirect to normal once, never back, because
+ * the receiver drains its psock queue (older, redirected bytes) before its
+ * receive queue (newer, normal-path bytes). */
+BPF_TABLE_PINNED("lru_hash", struct mb_pair, u64, mb_skmsg_budget,
+		 MB_MAX_CONNS, MB_PIN(mb_skmsg_budget));
+
 /* Pod IP -> interception policy of a mesh pod on this node.
  * Written by the daemon (maps.local_pods); read by connect4/6 (the own pod's
  * outbound policy, a target pod's inbound policy) and XDP. */
@@ -77,8 +88,8 @@ BPF_TABLE_PINNED("lru_hash", u64, struct mb_addr, mb_netns_ip,
 		 MB_MAX_PODS, MB_PIN(mb_netns_ip));
 
 /* Runtime settings, index MB_SET_*. Written by the daemon (maps.settings);
- * read by redir.c. Index MB_SET_LEGACY_SEQ is connect4/6's 127.128.x.y
- * sequence (atomic add). */
+ * read by sockops (MB_SET_SKMSG_OFF, MB_SET_SKMSG_MAX_QUEUE). Index
+ * MB_SET_LEGACY_SEQ is connect4/6's 127.128.x.y sequence (atomic add). */
 BPF_TABLE_PINNED("array", u32, u64, mb_settings, MB_N_SETTINGS,
 		 MB_PIN(mb_settings));
 
@@ -86,5 +97,20 @@ BPF_TABLE_PINNED("array", u32, u64, mb_settings, MB_N_SETTINGS,
  * maps.counters() (status, metrics, tests). */
 BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS,
 		 MB_PIN(mb_counters));
+
+/* ==== ambient mode (H11, docs/ambient.md) ================================ */
+
+/* cgroup id -> the pod owning that cgroup (ambient or not, pod IPs, ztunnel
+ * flag). Written by the daemon (daemon/ambient.py, maps.cgroup_info) from pod
+ * events and process events; read by ambient4.c/ambient6.c through
+ * bpf_get_current_cgroup_id(). */
+BPF_TABLE_PINNED("hash", u64, struct mb_cgroup_info, mb_cgroup_info,
+		 MB_MAX_CGROUPS, MB_PIN(mb_cgroup_info));
+
+/* IP of an ambient pod on this node -> 1. Written by the daemon
+ * (maps.ambient_ips); read by ambient4.c/ambient6.c: a host process's
+ * connect to such an address goes to ztunnel's inbound port. */
+BPF_TABLE_PINNED("hash", struct mb_addr, u32, mb_ambient_ips,
+		 MB_MAX_PODS, MB_PIN(mb_ambient_ips));
 
 #endif /* MERBRIDGE_MAPS_H */

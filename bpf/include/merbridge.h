@@ -71,11 +71,14 @@
 /* ---- mb_settings indexes (u64 values; 0 = default) ----------------------- */
 #define MB_SET_SKMSG_OFF       0   /* 1: connections established from now on are
                                     * not put into mb_sock_pair (no sk_msg) */
-#define MB_SET_SKMSG_MAX_QUEUE 1   /* reserved: peer queue bound for sk_msg
-                                    * (docs/datapath.md, backpressure) */
+#define MB_SET_SKMSG_MAX_QUEUE 1   /* bytes one socket may hand to its peer
+                                    * through sk_msg before it moves to the
+                                    * normal path for good (0: the default;
+                                    * read by sockops when the connection is
+                                    * established; docs/datapath.md) */
 #define MB_SET_LEGACY_SEQ      2   /* legacy 127.128.x.y destination sequence */
 
-#define MB_SKMSG_MAX_QUEUE_DEFAULT (4u << 20)
+#define MB_SKMSG_MAX_QUEUE_DEFAULT (4u << 20)  /* 4 MiB, docs/datapath.md */
 
 /* ---- mb_counters indexes -------------------------------------------------- */
 #define MB_C_REDIRECT_OUT       0  /* app connect -> outbound listener */
@@ -97,8 +100,11 @@
 #define MB_C_GETSOCKOPT_LARGE  16  /* result > PAGE_SIZE passed through */
 #define MB_C_MSG_REDIRECT      17
 #define MB_C_MSG_PASS          18  /* no peer in the sockhash */
-#define MB_C_MSG_BACKPRESSURE  19  /* peer's receive queue full: normal path */
+#define MB_C_MSG_BACKPRESSURE  19  /* a socket's sk_msg budget ran out: normal path
+                                    * from now on (once per socket) */
 #define MB_C_PAIR_DELETED      20  /* passive socket closed: pair entry removed */
+#define MB_C_MSG_PEER_MISSING  21  /* redirect failed (peer not in the sockhash):
+                                    * normal path from now on (once per socket) */
 #define MB_C_XDP_FIRST         24  /* 24..31 reserved for bpf/progs/xdp.c (H4) */
 
 /* ---- getsockopt ---------------------------------------------------------- */
@@ -152,6 +158,36 @@ struct mb_pod_config {
 	__u16 exclude_out_ports[MB_MAX_PORTS];
 	struct mb_cidr include_out_cidrs[MB_MAX_CIDRS];
 	struct mb_cidr exclude_out_cidrs[MB_MAX_CIDRS];
+};
+
+/* ==== ambient mode (H11, docs/ambient.md) =================================
+ * Used only by bpf/progs/ambient4.c and ambient6.c (loaded with --ambient).
+ * A pod in Istio's ambient mesh has no sidecar: its app's connects go to the
+ * node's ztunnel, whose address the daemon keeps in mb_settings. Pods are
+ * recognised by their cgroup (bpf_get_current_cgroup_id, cgroup v2), not by a
+ * listener in their netns, because joining or leaving ambient happens by a
+ * label change on a running pod, with no CNI call. */
+#define MB_MAX_CGROUPS 4096        /* mb_cgroup_info: pod + container cgroups */
+#define MB_AMBIENT_OUT_PORT 15001  /* ztunnel's outbound listener */
+#define MB_AMBIENT_IN_PORT 15006   /* ztunnel's inbound (plaintext) listener */
+
+/* struct mb_cgroup_info.flags */
+#define MB_CG_F_ZTUNNEL 0x01       /* the node's ztunnel: never intercepted */
+
+/* mb_settings indexes holding the node's ztunnel address (0: none) */
+#define MB_SET_ZTUNNEL_IP4    12   /* IPv4, network order, in the low 32 bits */
+#define MB_SET_ZTUNNEL_IP6_HI 13   /* IPv6 bytes 0..7, as they lie in memory */
+#define MB_SET_ZTUNNEL_IP6_LO 14   /* IPv6 bytes 8..15 */
+
+/* One cgroup of a pod on this node (the pod's cgroup and each container's).
+ * Value of mb_cgroup_info, keyed by the u64 cgroup id (the inode of the
+ * cgroup v2 directory). A pod outside ambient has an entry with in_mesh 0:
+ * that tells "a pod" from "a host process". */
+struct mb_cgroup_info {
+	struct mb_addr ip4;        /* the pod's IPv4 (::ffff:a.b.c.d); 0s: none */
+	struct mb_addr ip6;        /* the pod's IPv6; 0s: none */
+	__u32 in_mesh;             /* 1: ambient, the app's connects go to ztunnel */
+	__u32 flags;               /* MB_CG_F_* */
 };
 
 #endif /* MERBRIDGE_H */

@@ -3,9 +3,11 @@
  * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
  * Reads:   mb_cookie_orig_dst (what connect4/6 decided for this socket),
  *          mb_settings (MB_SET_SKMSG_OFF: keep new connections out of the
- *          sockhash, so sk_msg never touches them).
+ *          sockhash, so sk_msg never touches them; MB_SET_SKMSG_MAX_QUEUE:
+ *          the sk_msg byte budget of a new socket).
  * Writes:  mb_pair_orig_dst (4-tuple -> original destination, for
- *          getsockopt), mb_sock_pair (both local ends, for sk_msg),
+ *          getsockopt), mb_sock_pair (both local ends, for sk_msg) and
+ *          their mb_skmsg_budget entries,
  *          mb_netns_ip (legacy feedback), mb_counters; deletes the
  *          mb_cookie_orig_dst entry it consumed and, when an accepting
  *          socket closes, the mb_pair_orig_dst entry it was answered from.
@@ -89,11 +91,22 @@ int mb_sockops(struct bpf_sock_ops *skops)
 			insert = 1;
 		}
 	}
-	u32 idx = MB_SET_SKMSG_OFF;
-	u64 *off = mb_settings.lookup(&idx);
-
-	if (!insert || (off && *off))
+	if (!insert)
 		return 1;
+	u32 idx = MB_SET_SKMSG_OFF;
+	u64 *set = mb_settings.lookup(&idx);
+
+	if (set && *set)
+		return 1;
+	/* the sk_msg budget first: redir.c treats a socket without one as
+	 * "normal path", so the order only matters for the first message */
+	u64 budget = MB_SKMSG_MAX_QUEUE_DEFAULT;
+
+	idx = MB_SET_SKMSG_MAX_QUEUE;
+	set = mb_settings.lookup(&idx);
+	if (set && *set)
+		budget = *set;
+	mb_skmsg_budget.update(&p, &budget);
 	int ret = mb_sock_pair.sock_hash_update(skops, &p, BPF_NOEXIST);
 	mb_count(ret == 0 ? MB_C_SOCKHASH_ADD : MB_C_SOCKHASH_FAILED);
 	return 1;
