@@ -27,8 +27,8 @@ from typing import Any
 
 from merbridge.daemon import demoreport
 from merbridge.daemon.config import find_cgroup2_mount
-from merbridge.daemon.demonode import (A, CNI_PLUGIN_DIR, CNITOOL, MESH, NODE_PATH, SUBNET4,
-                                       SUBNET6, DemoError, Node, PodSpec)
+from merbridge.daemon.demonode import (A, CNI_PLUGIN_DIR, CNITOOL, MESH, NODE_PATH, DemoError,
+                                       Node, PodSpec)
 from merbridge.daemon.lab import LabError
 
 PODS = (
@@ -140,10 +140,7 @@ def exercise(node: Node, progress: Progress) -> dict[str, Any]:
             family=sc.family, uid=sc.uid, reply=reply, new=new,
             delta=demoreport.counter_delta(before, node.counters()),
             out_exp=out_exp, in_exp=in_exp))
-    return {"node": {"netns": node.lab.nodes[0].ns, "cgroup": node.lab.cgroup,
-                     "bpffs": node.bpffs, "conflist": node.conflist,
-                     "subnets": [SUBNET4, SUBNET6]},
-            "pods": [{"name": v.name, "ips": list(v.ips), "enrolled": v.enrolled,
+    return {"pods": [{"name": v.name, "ips": list(v.ips), "enrolled": v.enrolled,
                       "reason": v.reason, "consistent": v.consistent,
                       "annotations": v.annotations,
                       "sidecar": node.pods[v.name].sidecar is not None}
@@ -202,6 +199,7 @@ def run(as_json: bool = False) -> int:
         finally:
             signal.signal(signal.SIGINT, held)
             signal.signal(signal.SIGTERM, old)
+    report["node"] = node.describe()
     report["cleanup"] = cleanup
     report["error"] = failure
     agrees = bool(report.get("connections")) and all(r["agrees"] for r in report["connections"])

@@ -78,6 +78,14 @@ class Node:
         self.manifests: dict[str, dict] = {}
         self.added: list[str] = []        # pods with a successful CNI ADD
 
+    def describe(self) -> dict[str, Any]:
+        """Where the node lives (names and paths; they are gone after teardown)."""
+        if self.lab is None:
+            return {}
+        return {"name": self.name, "netns": self.lab.nodes[0].ns, "cgroup": self.lab.cgroup,
+                "root": self.root, "bpffs": self.bpffs,
+                "conflist": getattr(self, "conflist", ""), "subnets": [SUBNET4, SUBNET6]}
+
     # -- set-up ------------------------------------------------------------
     def setup(self) -> None:
         cgroup_root = find_cgroup2_mount() or "/sys/fs/cgroup/unified"

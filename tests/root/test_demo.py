@@ -10,6 +10,7 @@ fails here even if it agrees with itself.
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -145,8 +146,8 @@ def test_nothing_is_left_behind(demo):
     assert cleanup["clean"] and not cleanup["errors"], cleanup
     assert len(cleanup["checked"]) >= 10 and all(cleanup["checked"].values())
     node = report["node"]
-    name = node["netns"].rsplit("-n0", 1)[0]           # mbdemo-<hex>
-    assert name.startswith("mbdemo-")
+    name = node["name"]                                # mbdemo-<hex>
+    assert name.startswith("mbdemo-") and node["netns"].startswith(name)
     # checked again from outside the demo
     assert not [n for n in os.listdir("/var/run/netns") if n.startswith(name)]
     assert not os.path.exists(node["cgroup"])
@@ -189,3 +190,31 @@ def test_refuses_with_a_clear_message_when_the_host_lacks_something():
     assert "root: running as uid 65534" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not {n for n in set(os.listdir("/var/run/netns")) - before if n.startswith("mbdemo-")}
+
+
+def test_sigterm_mid_way_still_tears_everything_down():
+    proc = subprocess.Popen([MERBRIDGE, "demo", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:          # interrupt once pods are networked and enrolled
+            seen.append(line)
+            if "pod frontend: CNI ADD" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    report = json.loads(out)
+    assert proc.returncode == 1 and report["error"] == "interrupted", "".join(seen) + err
+    assert report["cleanup"]["clean"], report["cleanup"]
+    assert "Traceback" not in err
+    node = report["node"]
+    assert node["name"].startswith("mbdemo-")
+    assert not [n for n in os.listdir("/var/run/netns") if n.startswith(node["name"])]
+    assert not os.path.exists(node["cgroup"]) and not os.path.exists(node["root"])
+    with open("/proc/mounts") as f:
+        assert node["name"] not in f.read()
+    assert not glob.glob(f"/var/lib/cni/results/{node['name']}-*")
