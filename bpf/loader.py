@@ -67,6 +67,20 @@ PROGRAMS: tuple[Prog, ...] = (
 CGROUP_ATTACH_TYPES = {p.attach_type: p.func for p in PROGRAMS if p.target == "cgroup"}
 OUR_NAMES = {p.func for p in PROGRAMS}
 
+# ---- ambient mode (H11, docs/ambient.md) -------------------------------------
+# Two more cgroup connect programs, loaded and attached only with
+# Datapath(ambient=True), next to connect4/6 (BPF_F_ALLOW_MULTI; neither acts
+# on the other's pods, so their order does not matter). attach() without
+# ambient detaches them, so a daemon restarted without --ambient stops it.
+AMBIENT_PROGRAMS: tuple[Prog, ...] = (
+    Prog("ambient4.c", "mb_ambient4", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET4_CONNECT, "cgroup"),
+    Prog("ambient6.c", "mb_ambient6", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET6_CONNECT, "cgroup"),
+)
+AMBIENT_NAMES = {p.func for p in AMBIENT_PROGRAMS}
+OUR_NAMES |= AMBIENT_NAMES
+
 # ---- XDP (owned by H4) ------------------------------------------------------
 # bpf/progs/xdp.c is not attached to a cgroup but to pod interfaces, by the
 # daemon (pyroute2 in daemon/netns.py, via daemon/podnet.py). Datapath.
@@ -135,11 +149,13 @@ def _maps_of(bpf: BPF, closer=None) -> Maps:
 
 
 class Datapath:
-    def __init__(self, pin_dir: str, mesh: Mesh, cni_mode: bool, debug: bool = False) -> None:
+    def __init__(self, pin_dir: str, mesh: Mesh, cni_mode: bool, debug: bool = False,
+                 ambient: bool = False) -> None:
         self.pin_dir = os.path.abspath(pin_dir)
         self.mesh = mesh
         self.cni_mode = cni_mode
         self.debug = debug
+        self.ambient = ambient
         self._objs: dict[str, BPF] = {}
         self._fns: dict[str, BPF.Function] = {}
         self._created_dir = False
@@ -172,7 +188,7 @@ class Datapath:
         elif not _in_bpffs(self.pin_dir):
             raise DatapathError(f"{self.pin_dir} is not on a bpf filesystem")
         try:
-            for p in PROGRAMS:
+            for p in PROGRAMS + (AMBIENT_PROGRAMS if self.ambient else ()):
                 src = os.path.join(PROGS_DIR, p.source)
                 b = BPF(src_file=src.encode(), cflags=self.cflags())
                 kw = {"attach_type": p.attach_type} if p.target == "cgroup" else {}
@@ -227,9 +243,12 @@ class Datapath:
             self.load()
         fd = _open_cgroup(cgroup_path)
         try:
-            for p in PROGRAMS:
+            for p in PROGRAMS + (AMBIENT_PROGRAMS if self.ambient else ()):
                 if p.target == "cgroup":
                     sysbpf.attach_replace(fd, self._fns[p.func].fd, p.attach_type, p.func)
+            if not self.ambient:  # ambient mode (H11): switched off since last time
+                for p in AMBIENT_PROGRAMS:
+                    sysbpf.detach_named(fd, p.attach_type, {p.func})
         except OSError as e:
             raise DatapathError(f"attaching to {cgroup_path} failed: {e}") from e
         finally:
