@@ -88,6 +88,13 @@ def parse_cni_args(text: str) -> dict:
     out: dict = {}
     if not text:
         return out
+    try:
+        # os.environ carries undecodable bytes as surrogates; no Kubernetes name or
+        # uid can contain them, so waiting for such a pod would only stall the runtime
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CniError(errors.INVALID_ENVIRONMENT_VARIABLES, "invalid CNI_ARGS",
+                       "ARGS: not valid UTF-8") from None
     for pair in text.split(";"):
         key, sep, value = pair.partition("=")
         if not sep or not key or "=" in value:
