@@ -1,0 +1,210 @@
+"""Ambient mode without root: the membership decision, the cgroup path and
+netlink parsing helpers, the map encodings, and AmbientController against
+in-memory maps and a directory tree laid out like kubelet's cgroups."""
+import os
+import struct
+import uuid
+
+import pytest
+
+from merbridge.bpf import maps as bpfmaps
+from merbridge.bpf import types as bpft
+from merbridge.daemon import procwatch
+from merbridge.daemon.ambient import DATAPLANE_MODE, AmbientController, ambient_state
+
+
+def pod(name="p", ns="default", uid=None, ips=("10.0.0.5",), labels=None, notes=None,
+        containers=("app",), host_network=False):
+    return {"metadata": {"name": name, "namespace": ns, "uid": uid or str(uuid.uuid4()),
+                         "labels": dict(labels or {}), "annotations": dict(notes or {})},
+            "spec": {"containers": [{"name": c} for c in containers],
+                     "hostNetwork": host_network},
+            "status": {"podIPs": [{"ip": ip} for ip in ips]}}
+
+
+AMBIENT = {DATAPLANE_MODE: "ambient"}
+
+
+@pytest.mark.parametrize("kwargs, ns_labels, want", [
+    ({"labels": AMBIENT}, None, True),
+    ({}, AMBIENT, True),
+    ({}, None, False),
+    ({"labels": {DATAPLANE_MODE: "none"}}, AMBIENT, False),
+    ({"labels": {DATAPLANE_MODE: "AMBIENT"}}, None, True),
+    ({"labels": {"ambient.istio.io/redirection": "disabled"}}, AMBIENT, False),
+    ({"notes": {"ambient.istio.io/redirection": "disabled"}, "labels": AMBIENT}, None, False),
+    ({"containers": ("app", "istio-proxy"), "labels": AMBIENT}, None, False),
+    ({"notes": {"sidecar.istio.io/status": "{}"}}, AMBIENT, False),
+    ({"host_network": True, "labels": AMBIENT}, None, False),
+    ({"ns": "kube-system", "labels": AMBIENT}, None, False),
+])
+def test_ambient_state(kwargs, ns_labels, want):
+    st = ambient_state(pod(**kwargs), ns_labels)
+    assert st.in_mesh is want and not st.ztunnel and st.reason
+
+
+def test_ztunnel_is_never_in_the_mesh():
+    st = ambient_state(pod(labels={"app": "ztunnel", **AMBIENT}), AMBIENT)
+    assert st.ztunnel and not st.in_mesh
+
+
+def test_uids_in_paths_both_kubelet_drivers():
+    u = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+    assert procwatch.uids_in_path(f"kubepods/burstable/pod{u}/abc") == [u]
+    systemd = "kubepods.slice/kubepods-besteffort.slice/" \
+              f"kubepods-besteffort-pod{u.replace('-', '_')}.slice/cri-containerd-x.scope"
+    assert procwatch.uids_in_path(systemd) == [u]
+    assert procwatch.uids_in_path("system.slice/sshd.service") == []
+    assert procwatch.normalize_uid(u.upper()) == u
+    assert procwatch.normalize_uid("not-a-uid") == ""
+
+
+def test_proc_cgroup(tmp_path):
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "cgroup").write_text("4:memory:/x\n0::/kubepods/pod1/c\n")
+    assert procwatch.proc_cgroup(42, "/sys/fs/cgroup", proc=str(tmp_path)) == \
+        "/sys/fs/cgroup/kubepods/pod1/c"
+    (tmp_path / "43").mkdir()
+    (tmp_path / "43" / "cgroup").write_text("0::/\n")
+    assert procwatch.proc_cgroup(43, "/m", proc=str(tmp_path)) == "/m"
+    assert procwatch.proc_cgroup(44, "/m", proc=str(tmp_path)) is None
+
+
+def _event(what, pid, tgid):
+    body = struct.pack("=IIQ", what, 0, 0) + struct.pack("=ii", pid, tgid) + b"\0" * 8
+    cn = struct.pack("=IIIIHH", 1, 1, 0, 0, len(body), 0) + body
+    return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+
+
+def test_parse_proc_events():
+    data = (_event(procwatch.PROC_EVENT_EXEC, 10, 10) + _event(procwatch.PROC_EVENT_FORK, 11, 11)
+            + _event(procwatch.PROC_EVENT_EXIT, 12, 12) + _event(procwatch.PROC_EVENT_EXIT, 13, 12))
+    assert procwatch.parse(data) == [("exec", 10), ("exit", 12)]
+    assert procwatch.parse(b"\x01\x02") == []
+
+
+def test_map_encodings():
+    m = bpfmaps.Maps({n: bpfmaps.DictBackend() for n in bpft.ALL_MAPS})
+    m.cgroup_info.put(7, True, "10.0.0.5", "fd00::5", bpft.MB_CG_F_ZTUNNEL)
+    e = m.cgroup_info.get(7)
+    assert (e.in_mesh, str(e.ip4), str(e.ip6), e.flags) == (1, "10.0.0.5", "fd00::5", 1)
+    with pytest.raises(ValueError):
+        m.cgroup_info.put(8, True, "fd00::5")          # wrong family
+    assert m.cgroup_info.get(8) is None
+    s = bpfmaps.ztunnel_settings("10.1.2.3", "fd00::1")
+    assert struct.pack("=I", s[bpft.MB_SET_ZTUNNEL_IP4]) == bytes([10, 1, 2, 3])
+    assert struct.pack("=QQ", s[bpft.MB_SET_ZTUNNEL_IP6_HI], s[bpft.MB_SET_ZTUNNEL_IP6_LO]) == \
+        bpft.addr_pack("fd00::1")
+    assert set(bpfmaps.ztunnel_settings().values()) == {0}
+
+
+class Tree:
+    """A kubelet-like cgroup tree in a plain directory (ids are inode numbers)."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def pod(self, uid, containers=("c1",)):
+        base = os.path.join(self.root, "kubepods", "burstable", f"pod{uid}")
+        for c in containers:
+            os.makedirs(os.path.join(base, c), exist_ok=True)
+        return base
+
+    @staticmethod
+    def id(path):
+        return os.stat(path).st_ino
+
+
+@pytest.fixture
+def env(tmp_path):
+    m = bpfmaps.Maps({n: bpfmaps.DictBackend() for n in bpft.ALL_MAPS})
+    ctl = AmbientController(m, str(tmp_path), cgroup_mount=str(tmp_path), watch_processes=False)
+    return m, ctl, Tree(str(tmp_path))
+
+
+def test_label_flip_rewrites_every_cgroup(env):
+    m, ctl, tree = env
+    uid = str(uuid.uuid4())
+    base = tree.pod(uid, ("c1", "c2"))
+    p = pod(uid=uid, ips=("10.0.0.5", "fd00::5"))
+    ctl.on_pod_event("ADDED", p)
+    ids = {tree.id(base), tree.id(base + "/c1"), tree.id(base + "/c2")}
+    assert {k for k, _ in m.cgroup_info.items()} == ids
+    assert all(e.in_mesh == 0 for _, e in m.cgroup_info.items())
+    assert m.ambient_ips.items() == []
+    ctl.on_pod_event("MODIFIED", pod(uid=uid, ips=("10.0.0.5", "fd00::5"), labels=AMBIENT))
+    assert all(e.in_mesh == 1 and str(e.ip6) == "fd00::5" for _, e in m.cgroup_info.items())
+    assert sorted(m.ambient_ips.items()) == ["10.0.0.5", "fd00::5"]
+    ctl.on_pod_event("MODIFIED", p)
+    assert all(e.in_mesh == 0 for _, e in m.cgroup_info.items())
+    assert m.ambient_ips.items() == []
+    ctl.on_pod_event("DELETED", p)
+    assert m.cgroup_info.items() == []
+
+
+def test_namespace_label_and_resync(env):
+    m, ctl, tree = env
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    tree.pod(a)
+    tree.pod(b)
+    pa = pod("a", "shop", a, ("10.0.0.6",))
+    pb = pod("b", "shop", b, ("10.0.0.7",), labels={DATAPLANE_MODE: "none"})
+    ctl.resync([pa, pb], [{"metadata": {"name": "shop", "labels": AMBIENT}}])
+    assert m.ambient_ips.items() == ["10.0.0.6"]
+    ctl.on_namespace("MODIFIED", {"metadata": {"name": "shop", "labels": {}}})
+    assert m.ambient_ips.items() == []
+    ctl.on_namespace("MODIFIED", {"metadata": {"name": "shop", "labels": AMBIENT}})
+    assert m.ambient_ips.items() == ["10.0.0.6"]
+    ctl.resync([pb])      # a is gone from the listing
+    assert m.ambient_ips.items() == []
+    assert {k for k, _ in m.cgroup_info.items()} == {
+        tree.id(os.path.join(tree.root, "kubepods", "burstable", f"pod{b}")),
+        tree.id(os.path.join(tree.root, "kubepods", "burstable", f"pod{b}", "c1"))}
+
+
+def test_ztunnel_address_and_flag(env):
+    m, ctl, tree = env
+    uid = str(uuid.uuid4())
+    base = tree.pod(uid)
+    z = pod("ztunnel-1", "istio-system", uid, ("10.0.0.2", "fd00::2"), labels={"app": "ztunnel"})
+    ctl.on_pod_event("ADDED", z)
+    assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP4) == bpfmaps.ztunnel_settings("10.0.0.2")[
+        bpft.MB_SET_ZTUNNEL_IP4]
+    assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP6_HI) != 0
+    assert m.cgroup_info.get(tree.id(base)).flags & bpft.MB_CG_F_ZTUNNEL
+    ctl.on_pod_event("DELETED", z)
+    assert all(m.settings.get(i) == 0 for i in (bpft.MB_SET_ZTUNNEL_IP4,
+                                                bpft.MB_SET_ZTUNNEL_IP6_HI,
+                                                bpft.MB_SET_ZTUNNEL_IP6_LO))
+
+
+def test_process_in_new_cgroup_and_prune(env, tmp_path):
+    m, ctl, tree = env
+    uid = str(uuid.uuid4())
+    base = tree.pod(uid)
+    ctl.on_pod_event("ADDED", pod(uid=uid, labels=AMBIENT))
+    late = os.path.join(base, "late")
+    os.mkdir(late)
+    proc = tmp_path / "proc"
+    (proc / "99").mkdir(parents=True)
+    rel = os.path.relpath(late, tree.root)
+    (proc / "99" / "cgroup").write_text(f"0::/{rel}\n")
+    orig = procwatch.proc_cgroup
+    procwatch.proc_cgroup = lambda pid, mount: orig(pid, mount, proc=str(proc))
+    try:
+        ctl.on_process("exec", 99)
+    finally:
+        procwatch.proc_cgroup = orig
+    assert m.cgroup_info.get(tree.id(late)).in_mesh == 1
+    late_id = tree.id(late)
+    os.rmdir(late)
+    ctl.prune()
+    assert m.cgroup_info.get(late_id) is None
+    assert m.cgroup_info.get(tree.id(base)) is not None
+
+
+def test_pod_without_uuid_or_outside_root_is_ignored(env):
+    m, ctl, tree = env
+    ctl.on_pod_event("ADDED", pod(uid="static-pod-xyz", labels=AMBIENT))
+    ctl.on_process("exec", os.getpid())   # our own cgroup is not below the tree
+    assert m.cgroup_info.items() == [] and m.ambient_ips.items() == []
