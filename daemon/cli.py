@@ -102,6 +102,8 @@ def main() -> None:
 @mode_option
 @bool_option("--cni-mode", "Chain merbridge-cni into the CNI config and enrol pods at CNI ADD.")
 @bool_option("--hardware-checksum", "Leave checksums to the NIC on XDP-rewritten packets.")
+@bool_option("--ambient", "Istio ambient mode: pods labelled istio.io/dataplane-mode=ambient "
+             "(or in such a namespace) send their traffic to the node's ztunnel.")
 @click.option("--node-name", envvar="NODE_NAME", default="", metavar="NAME",
               help="This node's Kubernetes name [default: $NODE_NAME; never the hostname].")
 @path_option("--kubeconfig", None, "kubeconfig file [default: in-cluster service account].")
@@ -120,7 +122,7 @@ def main() -> None:
 def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kubeconfig: str | None,
         pods_dir: str | None, cgroup_path: str | None, bpffs_path: str, cni_bin_dir: str,
         cni_conf_dir: str, socket_path: str, metrics_addr: str, state_dir: str,
-        exclude_namespaces: str, debug: bool) -> None:
+        exclude_namespaces: str, debug: bool, ambient: bool = False) -> None:
     """Run the node daemon until SIGTERM."""
     configure_logging(debug)
     config = cfgmod.DaemonConfig(
@@ -129,7 +131,7 @@ def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kube
         bpffs_path=bpffs_path, cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir,
         socket_path=socket_path, metrics_addr=metrics_addr, state_dir=state_dir,
         exclude_namespaces=tuple(n.strip() for n in exclude_namespaces.split(",") if n.strip()),
-        debug=debug)
+        debug=debug, ambient=ambient)
     try:
         config = config.validate()
     except cfgmod.ConfigError as exc:

@@ -67,6 +67,8 @@ class DaemonConfig:
     state_dir: str = DEFAULT_STATE_DIR
     exclude_namespaces: tuple[str, ...] = field(default=DEFAULT_EXCLUDE_NAMESPACES)
     debug: bool = False
+    #: Istio ambient mode (docs/ambient.md): pods by label -> node's ztunnel
+    ambient: bool = False
 
     @property
     def mode(self) -> str:

@@ -129,6 +129,7 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
                             "pass --cgroup-path=<the cgroup2 mount point> (see /proc/mounts)"))
     else:
         checks.append(_ok("cgroup v2", f"{cg}"))
+    checks.append(ambient_check(version, checks[-1].status == "ok"))
 
     bpf_mounts = [m for m, fstype in mounts if fstype == "bpf"]
     parent = os.path.dirname(os.path.abspath(bpffs_path.rstrip("/")))
@@ -185,6 +186,21 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
             "use a kernel with CONFIG_BPF_SYSCALL" + (" and CONFIG_BPF_STREAM_PARSER"
                                                        if t == "sockhash" else "")))
     return checks
+
+
+def ambient_check(version: tuple[int, int], cgroup_v2: bool) -> Check:
+    """``--ambient`` (docs/ambient.md) keys pods by cgroup id
+    (bpf_get_current_cgroup_id in cgroup connect programs): kernel >= 5.7 and
+    cgroup v2. Advice only: sidecar mode does not need it."""
+    want = ".".join(map(str, MIN_KERNEL))
+    if version < MIN_KERNEL:
+        return _fail("ambient mode", f"kernel older than {want}",
+                     f"upgrade the kernel to {want} or newer to use --ambient", required=False)
+    if not cgroup_v2:
+        return _fail("ambient mode", "no cgroup v2 hierarchy",
+                     "mount cgroup v2 (see the cgroup v2 check) to use --ambient", required=False)
+    return _ok("ambient mode", f"kernel >= {want} and cgroup v2: --ambient can run",
+               required=False)
 
 
 def passed(checks: list[Check]) -> bool:

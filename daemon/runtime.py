@@ -89,6 +89,7 @@ class Daemon:
         self.datapath = self.source = self.server = self.installer = self.metrics = None
         self.metrics_server = None
         self._installer_thread: threading.Thread | None = None
+        self.ambient = None   # ambient mode (H11): daemon/ambient.AmbientController
 
     # -- start -----------------------------------------------------------
     def start(self) -> None:
@@ -118,7 +119,8 @@ class Daemon:
 
         from merbridge.bpf import loader
         self._created_pins = not any(os.scandir(cfg.bpffs_path))
-        self.datapath = loader.Datapath(cfg.bpffs_path, self.mesh, cni_mode=cfg.cni_mode)
+        self.datapath = loader.Datapath(cfg.bpffs_path, self.mesh, cni_mode=cfg.cni_mode,
+                                        ambient=getattr(cfg, "ambient", False))
         self.datapath.load()
         self.datapath.attach(cfg.cgroup_path)
         log.info("datapath loaded and attached pins=%s cgroup=%s", cfg.bpffs_path,
@@ -138,6 +140,10 @@ class Daemon:
             podnet = podnet_mod.PodNet(self.datapath.xdp_programs,
                                        xdp_mode=getattr(cfg, "xdp_mode", "auto"),
                                        hardware_checksum=cfg.hardware_checksum)
+        if getattr(cfg, "ambient", False):   # ambient mode (H11, docs/ambient.md)
+            from merbridge.daemon import ambient
+            self.ambient = ambient.AmbientController(
+                self.datapath.maps, cfg.cgroup_path, exclude_namespaces=cfg.exclude_namespaces)
         self.source = self._pod_source(self._on_pod_event)
         self.registry = podreg.Registry(
             mesh=self.mesh, maps=self.datapath.maps, podnet=podnet, lookup=self.source.get,
@@ -151,6 +157,9 @@ class Daemon:
             self._start_cni(store)
         else:
             self.registry.resync_legacy(self.source.snapshot())
+        if self.ambient is not None:   # ambient mode (H11)
+            self.ambient.resync(self.source.snapshot())
+            self.ambient.start()
         self.registry.ready = True
         self.ready.set()
         log.info("merbridge ready mode=%s cni_mode=%s", self.mesh.name, cfg.cni_mode)
@@ -158,6 +167,8 @@ class Daemon:
     def _on_pod_event(self, event: str, pod: dict) -> None:
         if self.registry is not None:
             self.registry.on_pod_event(event, pod)
+        if self.ambient is not None:   # ambient mode (H11)
+            self.ambient.on_pod_event(event, pod)
 
     def _pod_source(self, callback):
         cfg = self.cfg
@@ -200,6 +211,8 @@ class Daemon:
         if self.installer is not None:
             steps += [("stop the CNI installer", self._stop_installer),
                       ("uninstall the CNI plugin", self.installer.uninstall)]
+        if self.ambient is not None:   # ambient mode (H11)
+            steps.append(("stop ambient mode", self.ambient.stop))
         if self.datapath is not None:
             steps.append(("detach the cgroup programs", self.datapath.detach))
         if self.registry is not None:

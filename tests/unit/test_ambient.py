@@ -208,3 +208,25 @@ def test_pod_without_uuid_or_outside_root_is_ignored(env):
     ctl.on_pod_event("ADDED", pod(uid="static-pod-xyz", labels=AMBIENT))
     ctl.on_process("exec", os.getpid())   # our own cgroup is not below the tree
     assert m.cgroup_info.items() == [] and m.ambient_ips.items() == []
+
+
+def test_doctor_ambient_check(tmp_path):
+    from merbridge.daemon import doctor
+    mounts = tmp_path / "mounts"
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    (cg / "cgroup.procs").write_text("")
+    mounts.write_text(f"cgroup2 {cg} cgroup2 rw 0 0\n")
+
+    def ambient(release, mounts_file):
+        checks = doctor.run_checks(bpffs_path=str(tmp_path / "bpf"), mounts_file=str(mounts_file),
+                                   kernel_release=release, probe=lambda: None,
+                                   bcc=lambda: (True, "x"), euid=1000)
+        (c,) = [c for c in checks if c.name == "ambient mode"]
+        assert not c.required
+        return c.status
+    assert ambient("6.1.0-13-amd64", mounts) == "ok"
+    assert ambient("5.4.0", mounts) == "fail"
+    empty = tmp_path / "nomounts"
+    empty.write_text("proc /proc proc rw 0 0\n")
+    assert ambient("6.1.0", empty) == "fail"
