@@ -22,6 +22,7 @@ inbound (a connection to this pod's port P):
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 #: a CIDR as (16-byte network address, prefix length 0..128)
@@ -40,3 +41,35 @@ class PodPolicy:
     exclude_outbound_ports: frozenset[int] = field(default_factory=frozenset)
     #: the sidecar's status/health port, never captured inbound (0: none)
     status_port: int = 0
+
+
+def format_cidr(cidr: Cidr) -> str:
+    """(16-byte address, prefix) -> '10.0.0.0/8' or 'fd00::/64' (IPv4-mapped shown as IPv4)."""
+    raw, prefix = cidr
+    addr = ipaddress.IPv6Address(raw)
+    if addr.ipv4_mapped is not None and prefix >= 96:
+        return f"{addr.ipv4_mapped}/{prefix - 96}"
+    if prefix == 0:
+        return "*"
+    return f"{addr}/{prefix}"
+
+
+def describe(policy: PodPolicy) -> str:
+    """One line an operator can read: what is and is not captured."""
+    def ports(p: frozenset[int]) -> str:
+        return ",".join(map(str, sorted(p))) or "-"
+
+    def cidrs(c: tuple[Cidr, ...]) -> str:
+        return ",".join(map(format_cidr, c)) or "-"
+
+    inbound = "in: " + ("*" if policy.include_inbound_all else ports(policy.include_inbound_ports))
+    if policy.include_inbound_all:
+        inbound += f" except {ports(policy.exclude_inbound_ports)}"
+    outbound = "out: " + ("*" if policy.include_outbound_all else cidrs(policy.include_outbound_cidrs))
+    if policy.include_outbound_ports:
+        outbound += f" + ports {ports(policy.include_outbound_ports)}"
+    if policy.exclude_outbound_cidrs or policy.exclude_outbound_ports:
+        outbound += (f" except {cidrs(policy.exclude_outbound_cidrs)}"
+                     f" ports {ports(policy.exclude_outbound_ports)}")
+    status = f"; status port {policy.status_port}" if policy.status_port else ""
+    return f"{inbound}; {outbound}{status}"

@@ -156,9 +156,10 @@ def _loader() -> Any:
 @main.command()
 @bpffs_option
 @cgroup_option
+@state_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
-    """Show whether the datapath is pinned and attached, and map sizes."""
+def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bool) -> None:
+    """Show programs attached, pods enrolled with their policies, and map sizes."""
     loader = _loader()
     cgroup = cgroup_path or cfgmod.find_cgroup2_mount()
     out: dict[str, Any] = {"bpffs_path": bpffs_path, "cgroup_path": cgroup}
@@ -175,6 +176,7 @@ def status(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
             dump = maps.dump()
             out["map_entries"] = {name: len(v) if hasattr(v, "__len__") else v
                                   for name, v in dump.items()}
+            out["pods"] = _enrolled_pods(maps, state_dir)
         finally:
             maps.close()
     if as_json:
@@ -185,10 +187,44 @@ def status(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
     attached = out.get("attached")
     click.echo(f"attached: {cgroup}: " + (", ".join(attached) if attached else
                                           out.get("attached_error", "nothing")))
+    pods = out.get("pods", [])
+    click.echo(f"pods:     {len(pods)} in mb_local_pods")
+    for pod in pods:
+        who = f"{pod['namespace']}/{pod['name']}" if pod.get("name") else "(from the pod source)"
+        mark = f" mark={pod['mark']}" if pod.get("mark") else ""
+        click.echo(f"  {pod['ip']:<39} {who}{mark}")
+        click.echo(f"    {pod['policy']}")
+    click.echo("maps:")
     for name, n in sorted(out.get("map_entries", {}).items()):
         click.echo(f"  {name}: {n}")
     if "maps_error" in out:
         sys.exit(1)
+
+
+def _enrolled_pods(maps: Any, state_dir: str) -> list[dict[str, Any]]:
+    """Every pod IP with a policy in mb_local_pods, joined with the CNI state file
+    (which container, which mark) where the daemon runs in CNI mode."""
+    from merbridge.bpf.policy import describe
+    from merbridge.daemon import state
+
+    by_ip: dict[str, Any] = {}
+    try:  # read-only: StateStore.load() would move a corrupt file aside
+        with open(os.path.join(state_dir, state.STATE_FILE)) as f:
+            records = [state.Record.from_json(r) for r in json.load(f).get("containers", [])]
+    except (OSError, ValueError, TypeError, AttributeError):
+        records = []  # legacy mode or no state yet: the map alone is the truth
+    for rec in records:
+        for ip in rec.ips:
+            by_ip[ip.split("/", 1)[0]] = rec
+    pods = []
+    for ip, policy in sorted(maps.local_pods.items()):
+        rec = by_ip.get(ip)
+        pods.append({"ip": ip, "policy": describe(policy),
+                     "namespace": rec.namespace if rec else None,
+                     "name": rec.name if rec else None,
+                     "container_id": rec.container_id if rec else None,
+                     "mark": rec.key if rec else None})
+    return pods
 
 
 @main.group()
