@@ -25,8 +25,8 @@ import tempfile
 
 import pytest
 
-from cnikit import (CNITOOL, NODE_PATH, CniNetwork, Cnitool, MerbridgeDaemon,
-                    RecordingHandler, netns_path, remove_cgroup, run)
+from cnikit import CNITOOL, NODE_PATH, CniNetwork, Cnitool, RecordingHandler, netns_path, run
+from daemonkit import MerbridgeDaemon, remove_cgroup
 from merbridge.cni.main import build_zipapp
 from merbridge.daemon.cniserver import CniServer
 

@@ -24,9 +24,10 @@ import subprocess
 
 import pytest
 
-from cnikit import (CNI_PLUGIN_DIR, LIBCNI_CACHE, invoke_plugin, kubelet_args, listeners,
-                    marker_marks, netns_path, pod_manifest, prev_result_logged, remove_cgroup,
-                    run, xdp_prog)
+from cnikit import (CNI_PLUGIN_DIR, LIBCNI_CACHE, invoke_plugin, kubelet_args, netns_path,
+                    prev_result_logged, run)
+from daemonkit import (Pod, cid_of, cnitool_ok, direct, eth0_exists, host_veth, listeners,
+                       marker_marks, pod_manifest, remove_cgroup, snapshot, xdp_prog)
 from merbridge.daemon import netns
 
 pytestmark = pytest.mark.root
@@ -35,19 +36,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, os.pardir, "tests", "root", "xdp_peer.py")
 PYTHON = "/usr/bin/python3"
 IN_PORT = 15006
-
-
-@dataclasses.dataclass
-class Pod:
-    name: str
-    ns: str
-    cgroup: str
-    uid: str
-    args: str                          # CNI_ARGS kubelet would pass for it
-
-    @property
-    def path(self) -> str:
-        return netns_path(self.ns)
 
 
 @pytest.fixture
@@ -78,57 +66,6 @@ def pods(daemon_world):
                 remove_cgroup(pod.cgroup)
                 netns.remove_netns(pod.ns)
                 w.daemon.unpublish(pod.name)
-
-
-# -- observations -----------------------------------------------------------------
-def host_veth(result: dict) -> str:
-    """The host-side veth in the bridge's result (the interface without a sandbox
-    that is not the bridge)."""
-    (name,) = [i["name"] for i in result["interfaces"]
-               if not i.get("sandbox") and "mac" in i and i["name"] != result["interfaces"][0]["name"]]
-    return name
-
-
-def snapshot(w, pod: Pod, veth: str | None) -> dict:
-    """Everything merbridge could have left for ``pod`` (and in general)."""
-    return {
-        "mark_pod_ips": sorted(w.maps.mark_pod_ips.items()),
-        "local_pods": sorted(ip for ip, _ in w.maps.local_pods.items()),
-        "listener": listeners(pod.ns) if os.path.exists(pod.path) else [],
-        "xdp_pod": xdp_prog(pod.ns, "eth0")[0] if eth0_exists(pod) else 0,
-        "xdp_host": xdp_prog(w.node, veth)[0] if veth else 0,
-        "records": sorted(w.daemon.records()),
-        "cache": sorted(f for f in os.listdir(LIBCNI_CACHE) if f.startswith(w.net.name)),
-    }
-
-
-def eth0_exists(pod: Pod) -> bool:
-    return run("ip", "-n", pod.ns, "link", "show", "dev", "eth0", check=False).returncode == 0
-
-
-def cnitool_ok(w, command: str, pod: Pod) -> dict | None:
-    p = w.cnitool(command, w.net, pod.ns, cni_args=pod.args)
-    assert p.returncode == 0, f"cnitool {command}: {p.stderr}\n{w.daemon.log()[-3000:]}"
-    return json.loads(p.stdout) if p.stdout.strip() else None
-
-
-def direct(w, command: str, pod: Pod, cid: str, prev: dict | None = None,
-           version: str = "1.0.0", **extra):
-    """The installed merbridge-cni invoked as libcni would (its conflist entry,
-    the network's name and version, the cached prevResult)."""
-    entry = [p for p in w.daemon.conflists()[0]["plugins"] if p["type"] == "merbridge-cni"][0]
-    conf = {"cniVersion": version, "name": w.net.name, **entry, **extra}
-    if prev is not None:
-        conf["prevResult"] = prev
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": pod.path,
-           "CNI_IFNAME": "eth0", "CNI_PATH": f"{CNI_PLUGIN_DIR}:{w.daemon.bin_dir}",
-           "CNI_ARGS": pod.args}
-    return invoke_plugin(w.node, w.daemon.plugin, env, json.dumps(conf).encode())
-
-
-def cid_of(pod: Pod) -> str:
-    from cnikit import cnitool_container_id
-    return cnitool_container_id(pod.path)
 
 
 # -- tests ------------------------------------------------------------------------
@@ -383,9 +320,9 @@ MALFORMED = {
     "not-utf8-CNI_ARGS": (lambda env, conf: ({**env, "CNI_ARGS": env["CNI_ARGS"].encode()
                                               .replace(b"K8S_POD_NAME=", b"K8S_POD_NAME=\xff")},
                                              conf), 4),
-    # the daemon refuses it (and rolls back); 999, as Debian's bridge answers too
+    # the daemon refuses it with libcni's ErrInvalidNetNS (Debian's bridge says 999)
     "nonexistent-netns": (lambda env, conf: ({**env, "CNI_NETNS": "/var/run/netns/mbt-gone"},
-                                             conf), 999),
+                                             conf), 8),
 }
 
 
@@ -428,3 +365,67 @@ def test_malformed_add_gets_its_code_and_leaves_nothing(daemon_world, pods, case
                                json.dumps(conf).encode())
     assert rc == 0, err
     assert snapshot(w, pod, veth) == before
+
+
+ENROLLED_MALFORMED = {
+    "CHECK-no-prevResult": ("CHECK", _set_conf(prevResult=None), 7),
+    "CHECK-cniVersion-0.3.1": ("CHECK", _set_conf(cniVersion="0.3.1"), 1),
+    "CHECK-bad-json": ("CHECK", lambda env, conf: (env, b"{"), 6),
+    "CHECK-no-CNI_NETNS": ("CHECK", _drop_env("CNI_NETNS"), 4),
+    "DEL-no-CNI_CONTAINERID": ("DEL", _drop_env("CNI_CONTAINERID"), 4),
+    "DEL-unknown-cniVersion": ("DEL", _set_conf(cniVersion="9.9.9"), 1),
+    "DEL-not-utf8-stdin": ("DEL", lambda env, conf: (env, b'{"cniVersion": "1.0.0\xff"}'), 6),
+    "GC-cniVersion-1.0.0": ("GC", _set_conf(cniVersion="1.0.0"), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(ENROLLED_MALFORMED))
+def test_malformed_check_del_gc_leave_the_enrolment_alone(daemon_world, pods, case):
+    w = daemon_world
+    pod = pods("on")
+    result = cnitool_ok(w, "add", pod)
+    enrolled(w, pod, result)
+    before = snapshot(w, pod, host_veth(result))
+    command, mutate, code = ENROLLED_MALFORMED[case]
+    entry = w.daemon.conflists()[0]["plugins"][1]
+    conf = {"cniVersion": "1.0.0", "name": w.net.name, **entry, "prevResult": result}
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid_of(pod), "CNI_NETNS": pod.path,
+           "CNI_IFNAME": "eth0", "CNI_PATH": f"{CNI_PLUGIN_DIR}:{w.daemon.bin_dir}",
+           "CNI_ARGS": pod.args}
+    if command == "GC":     # a GC that, were it valid, would remove this pod
+        conf = {**conf, "cni.dev/valid-attachments": []}
+    bad_env, bad_conf = mutate(env, conf)
+    stdin = bad_conf if isinstance(bad_conf, bytes) else json.dumps(bad_conf).encode()
+    rc, out, err = invoke_plugin(w.node, w.daemon.plugin, bad_env, stdin)
+    assert rc == 1 and out["code"] == code, (out, err)
+    assert snapshot(w, pod, host_veth(result)) == before
+    cnitool_ok(w, "check", pod)
+
+
+# -- last: shutdown ---------------------------------------------------------------------
+def test_sigterm_uninstalls_and_leaves_nothing(daemon_world, pods):
+    """Runs last (it stops the module's daemon). SIGTERM: exit 0, the primary
+    conflist back byte for byte, the plugin binary gone, no program left on the
+    cgroup, no pins, no marker listener or XDP on a pod that was still enrolled."""
+    from merbridge.bpf import loader
+
+    w = daemon_world
+    pod = pods("last")
+    result = cnitool_ok(w, "add", pod)
+    enrolled(w, pod, result)
+    assert loader.attached(w.cgroup)
+    assert w.daemon.stop() == 0, w.daemon.log()[-3000:]
+    with open(w.net.conf_path) as f:
+        assert json.load(f) == w.net.conflist(chained=False)
+    assert not os.path.exists(w.daemon.plugin)
+    assert loader.attached(w.cgroup) == []
+    assert not os.path.isdir(w.daemon.pin_dir) or os.listdir(w.daemon.pin_dir) == []
+    assert listeners(pod.ns) == [] and xdp_prog(pod.ns, "eth0") == (0, "")
+    assert xdp_prog(w.node, host_veth(result)) == (0, "")
+    # every refusal above was an expected one: no traceback in the daemon's log
+    tracebacks = [line for line in w.daemon.log().splitlines() if "Traceback" in line]
+    assert tracebacks == [], tracebacks[0][:3000]
+    # with no daemon and no plugin, the node's own chain still tears the pod down
+    p = w.cnitool("del", w.net, pod.ns, cni_args=pod.args)
+    assert p.returncode == 0, p.stderr
+    assert w.net.allocated_ips() == [] and node_veths(w) == []
