@@ -371,3 +371,77 @@ def test_new_container_cgroup_is_found_by_the_process_watcher(w):
         subprocess.run(["true"], check=True)
         time.sleep(0.1)
     assert w.dp.maps.cgroup_info.get(cgid) is None
+
+
+# ---- the real daemon: merbridge run --ambient=true with a --pods-dir ------------
+
+def test_daemon_flag_follows_pod_labels(pin_dir):
+    """``merbridge run --ambient=true`` (legacy mode, pods from --pods-dir, in
+    the lab's node netns like a hostNetwork DaemonSet): the ztunnel address and
+    pod cgroups come from the manifests, and editing a manifest's label moves
+    the running pod in and out of the mesh. In a non-initial netns the process
+    connector is unavailable, so this also runs the rescan fallback."""
+    from daemonenv import Env
+
+    with Lab("mbt") as lab:
+        made = []
+        zt, a, b = lab.add_pod("zt"), lab.add_pod("a"), lab.add_pod("b")
+        b.start_app(APP)
+        uids = {p.name: str(uuid.uuid4()) for p in (zt, a, b)}
+        cgs = {}
+        for p in (zt, a, b):
+            base = os.path.join(p.cgroup, f"pod{uids[p.name]}")
+            os.makedirs(os.path.join(base, "c"))
+            made.append(base)
+            cgs[p.name] = os.path.join(base, "c")
+        cfg = os.path.join(lab.workdir, "ztunnel.cfg")
+        zlog = os.path.join(lab.workdir, "ztunnel.log")
+        with open(cfg, "w") as f:
+            f.write(ztunnel_cfg(zt.ip4))
+        with open(zlog, "ab") as log:
+            zproc = netns.spawn(["haproxy", "-db", "-f", cfg], ns=zt.ns, cgroup=cgs["zt"],
+                                stdout=log, stderr=subprocess.STDOUT)
+        env = Env(lab, pin_dir, cni_mode=False)
+        try:
+            zt.wait_listening(15001, zt.ip4, proc=zproc, log=zlog)
+
+            def publish(p, labels=None, app=None):
+                m = pod_dict(p.name, "default", uids[p.name], p.ips(), labels=labels, app=app)
+                m.update(apiVersion="v1", kind="Pod")
+                tmp = os.path.join(env.pods_dir, f".{p.name}.tmp")
+                with open(tmp, "w") as f:
+                    json.dump(m, f)
+                os.replace(tmp, os.path.join(env.pods_dir, f"{p.name}.json"))
+
+            publish(zt, app="ztunnel")
+            publish(a)
+            publish(b)
+            proc = env.start("--ambient=true")
+            assert sorted(x.name for x in env.attached()) == [
+                "mb_ambient4", "mb_ambient6", "mb_connect4", "mb_connect6", "mb_getsockopt",
+                "mb_sockops"]
+
+            def peer_of_a():
+                ok, out, peer = connect(a.ns, cgs["a"], b.ip4)
+                assert ok, out
+                return peer
+
+            def wait_peer(want, timeout=15.0):
+                deadline = time.monotonic() + timeout
+                while (got := peer_of_a()) != want and time.monotonic() < deadline:
+                    time.sleep(0.3)
+                return got
+
+            assert peer_of_a() == a.ip4
+            publish(a, labels={DATAPLANE_MODE: "ambient"})
+            assert wait_peer(zt.ip4) == zt.ip4, env.log(proc)
+            publish(a)
+            assert wait_peer(a.ip4) == a.ip4, env.log(proc)
+            assert env.stop(proc) == 0
+            assert env.attached() == []
+        finally:
+            env.close()
+            zproc.kill()
+            zproc.wait(timeout=5)
+            for cg in reversed(made):
+                remove_cgroup(cg)
