@@ -8,9 +8,26 @@ to the pod's veth pair; it is all-or-nothing (an undo stack rolls back every
 step done so far). The mark key is chosen once per container, kept in the
 registry and persisted (``state.py``), so DEL removes exactly what ADD wrote.
 
+The marker listener dies with the daemon (kill -9, OOM): so that a running
+pod stays intercepted until the next daemon re-opens it, ADD also writes
+``mb_netns_pod[netns cookie] = (pod IP, key)``, the connect programs' cache
+of the listener probe (the cookie comes from the marker socket itself, which
+lives in the pod netns). connect4/6 trust an entry only while
+``mb_mark_pod_ips[key]`` still holds that IP, and DEL removes both.
+
+Mark keys are 31-bit on purpose (1..2^31-1): SO_MARK is a u32, but Python's
+setsockopt/getsockopt pass it as a signed C int, so a key with the top bit
+set could not be written to, or compared with, the listener's mark.
+
 Legacy mode (``--cni-mode=false``): ``on_pod_event`` keeps ``mb_local_pods``
-equal to the in-mesh pods of the pod source. In CNI mode the same events
-re-write the policy of enrolled pods and clean up pods whose DEL never came.
+equal to the in-mesh pods of the pod source (``legacy.py``). In CNI mode the
+same events re-write the policy of enrolled pods and clean up pods whose DEL
+never came.
+
+Input from the pod source is untrusted: a manifest of the wrong shape, bad
+annotations or a policy larger than the datapath's lists is a ``PodError``
+with code 101 and nothing is written; no value from a manifest ever reaches a
+shell or a path.
 
 Collaborators are injected so that the state machine runs without root in
 unit tests: ``maps`` (``local_pods``/``mark_pod_ips`` with put/get/delete/items),
@@ -24,13 +41,17 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
+from merbridge.bpf import maps as bpfmaps
+from merbridge.bpf import types as bpftypes
 from merbridge.bpf.mesh import Mesh
 from merbridge.daemon import annotations
+from merbridge.daemon.legacy import LegacyPods
 from merbridge.daemon.state import ADDING, ENROLLED, Record, StateStore
 
 log = logging.getLogger(__name__)
@@ -38,12 +59,16 @@ log = logging.getLogger(__name__)
 # CNI codes (the spec's, and ours from 100 up)
 TRY_AGAIN_LATER = 11
 NOT_AVAILABLE = 50
+INVALID_NETNS = 8
 INTERNAL = 999
 INVALID_ANNOTATIONS = 101
 NO_POD_IP = 102
 NOT_ENROLLED = 103
 
+#: mark keys stay in 1..2^31-1 (see the module docstring)
 KEY_MASK = 0x7FFFFFFF
+#: what a malformed manifest raises in the annotation parsers
+_BAD_MANIFEST = (ValueError, TypeError, AttributeError, KeyError)
 
 
 class PodError(Exception):
@@ -62,6 +87,8 @@ class PodNet(Protocol):
     def xdp_attached(self, netns: str, ifname: str) -> bool: ...
     def tx_checksum_off(self, netns: str, ifname: str) -> None: ...
     def addresses(self, netns: str, ifname: str) -> list[str]: ...
+    # optional: the netns cookie of the netns a marker socket lives in
+    # def netns_cookie(self, marker: Any) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -78,8 +105,13 @@ class Attachment:
 
 
 def pod_meta(pod: dict) -> tuple[str, str, str]:
-    md = pod.get("metadata") or {}
-    return md.get("namespace") or "default", md.get("name") or "", md.get("uid") or ""
+    md = pod.get("metadata") if isinstance(pod, dict) else None
+    md = md if isinstance(md, dict) else {}
+
+    def text(key: str) -> str:
+        value = md.get(key)
+        return value if isinstance(value, str) else ""
+    return text("namespace") or "default", text("name"), text("uid")
 
 
 def allocate_key(container_id: str, used: set[int]) -> int:
@@ -121,9 +153,9 @@ class Registry:
         self.hardware_checksum, self.add_wait, self.metrics = hardware_checksum, add_wait, metrics
         self.records: dict[str, Record] = {}
         self.markers: dict[str, Any] = {}            # container id -> open marker socket
-        self.legacy: dict[tuple[str, str], tuple[str, ...]] = {}  # (ns, name) -> ips written
         self.ready = False
         self._lock = threading.RLock()               # records, markers, keys, maps
+        self.legacy = LegacyPods(maps, self._lock, self._legacy_decide, pod_meta, PodError)
         self._ctr_locks: dict[str, threading.Lock] = {}
         self._pod_seen = threading.Condition()
 
@@ -143,21 +175,34 @@ class Registry:
         if self.metrics is not None:
             self.metrics.cni_request(what, result, time.monotonic() - since)
 
+    @staticmethod
+    def _bad_pod(pod: dict, exc: Exception) -> PodError:
+        ns, name, _ = pod_meta(pod)
+        if isinstance(exc, ValueError):
+            return PodError(INVALID_ANNOTATIONS, f"invalid annotations on pod {ns}/{name}",
+                            str(exc)[:500])
+        return PodError(INVALID_ANNOTATIONS, f"malformed manifest of pod {ns}/{name}",
+                        f"{type(exc).__name__}: {exc}"[:500])
+
     def _policy(self, pod: dict):
         try:
-            return annotations.pod_policy(pod, self.mesh)
-        except ValueError as exc:
-            ns, name, _ = pod_meta(pod)
-            raise PodError(INVALID_ANNOTATIONS, f"invalid annotations on pod {ns}/{name}",
-                           str(exc)) from exc
+            policy = annotations.pod_policy(pod, self.mesh)
+            bpfmaps.encode_policy(policy)  # the datapath's limits, before any write
+            return policy
+        except _BAD_MANIFEST as exc:
+            raise self._bad_pod(pod, exc) from exc
 
     def _in_mesh(self, pod: dict) -> bool:
         try:
             return annotations.mesh_membership(pod, self.mesh, self.exclude_namespaces).in_mesh
-        except ValueError as exc:
-            ns, name, _ = pod_meta(pod)
-            raise PodError(INVALID_ANNOTATIONS, f"invalid annotations on pod {ns}/{name}",
-                           str(exc)) from exc
+        except _BAD_MANIFEST as exc:
+            raise self._bad_pod(pod, exc) from exc
+
+    def _pod_ips(self, pod: dict) -> tuple[str, ...]:
+        try:
+            return tuple(annotations.pod_ips(pod))
+        except _BAD_MANIFEST as exc:
+            raise self._bad_pod(pod, exc) from exc
 
     def _wait_for_pod(self, att: Attachment) -> dict:
         deadline = time.monotonic() + self.add_wait
@@ -165,7 +210,7 @@ class Registry:
             # the lookup runs outside the condition: a source may hold its own lock
             # while it delivers the event that notifies us
             pod = self.lookup(att.namespace, att.name)
-            if pod is not None and (not att.uid or not pod_meta(pod)[2]
+            if isinstance(pod, dict) and (not att.uid or not pod_meta(pod)[2]
                                     or pod_meta(pod)[2] == att.uid):
                 return pod
             left = deadline - time.monotonic()
@@ -187,13 +232,33 @@ class Registry:
         t0 = time.monotonic()
         with self._container_lock(att.container_id):
             try:
-                self._add(att)
+                self._check_netns(att.netns)
+                try:
+                    self._add(att)
+                except PodError:
+                    raise
+                except Exception as exc:   # anything before the undo stack exists
+                    log.error("ADD %s failed", att.container_id, exc_info=True)
+                    raise PodError(INTERNAL, f"ADD of {att.namespace}/{att.name} failed",
+                                   f"{type(exc).__name__}: {exc}"[:500]) from exc
             except PodError as exc:
                 self._count("ADD", "error", t0)
                 log.warning("ADD %s (%s/%s) failed: %s", att.container_id, att.namespace,
                             att.name, exc)
                 raise
             self._count("ADD", "ok", t0)
+
+    def _check_netns(self, path: str) -> None:
+        """Refuse a netns path that is not a pod's network namespace (relative,
+        ``..``, a symlink trick, a regular file, another namespace type, the
+        daemon's own netns) before anything is looked up or written."""
+        check = getattr(self.podnet, "check_netns", None)
+        if check is None:
+            return
+        try:
+            check(path)
+        except Exception as exc:
+            raise PodError(INVALID_NETNS, "invalid netns", str(exc)[:500]) from exc
 
     def _add(self, att: Attachment) -> None:
         old = self.records.get(att.container_id)
@@ -208,7 +273,7 @@ class Registry:
                      att.namespace, att.name)
             return
         policy = self._policy(pod)
-        ips = tuple(att.ips) or tuple(annotations.pod_ips(pod)) or tuple(
+        ips = tuple(att.ips) or self._pod_ips(pod) or tuple(
             self.podnet.addresses(att.netns, att.ifname))
         if not ips:
             raise PodError(NO_POD_IP, "pod has no IP address",
@@ -265,10 +330,41 @@ class Registry:
         undo.append(marker.close)
         self.markers[rec.container_id] = marker
         undo.append(lambda: self.markers.pop(rec.container_id, None))
+        self._remember_netns(rec, marker)
+        undo.append(lambda: self._forget_netns(rec))
         undo.append(lambda: self.podnet.detach_xdp(rec.netns, rec.ifname))
         self.podnet.attach_xdp(rec.netns, rec.ifname)
         if not self.hardware_checksum:
             self.podnet.tx_checksum_off(rec.netns, rec.ifname)
+
+    # -- mb_netns_pod: interception that does not depend on the listener -------
+    def _netns_pods(self):
+        return getattr(self.maps, "netns_pod", None)
+
+    def _remember_netns(self, rec: Record, marker: Any) -> None:
+        """mb_netns_pod[cookie of the pod netns] = (primary IP, key)."""
+        cookie_of = getattr(self.podnet, "netns_cookie", None)
+        table = self._netns_pods()
+        if cookie_of is None or table is None:
+            return
+        cookie = int(cookie_of(marker))
+        with self._lock:
+            netns_pod_put(table, cookie, self._primary_ip(rec.ips), rec.key)
+            if rec.netns_cookie != cookie:
+                rec.netns_cookie = cookie
+                self._save()
+
+    def _forget_netns(self, rec: Record) -> None:
+        """Remove rec's mb_netns_pod entries: by its cookie, and any entry the
+        connect programs cached for its key (the same netns, normally)."""
+        table = self._netns_pods()
+        if table is None:
+            return
+        with self._lock:
+            doomed = {rec.netns_cookie} if rec.netns_cookie else set()
+            doomed.update(c for c, _, mark in table.items() if mark == rec.key)
+            for cookie in doomed:
+                netns_pod_delete(table, cookie)
 
     @staticmethod
     def _quiet(fn: Callable, *args) -> None:
@@ -290,7 +386,9 @@ class Registry:
         if marker is None or not self.podnet.marker_ok(marker, rec.key):
             if marker is not None:
                 marker.close()
-            self.markers[rec.container_id] = self.podnet.open_marker(rec.netns, rec.key)
+            marker = self.markers[rec.container_id] = self.podnet.open_marker(rec.netns,
+                                                                               rec.key)
+        self._remember_netns(rec, marker)
         if not self.podnet.xdp_attached(rec.netns, rec.ifname):
             self.podnet.attach_xdp(rec.netns, rec.ifname)
         if not self.hardware_checksum:
@@ -340,6 +438,10 @@ class Registry:
                     self._quiet(fn, arg)
                 except Exception as exc:
                     errors.append(f"delete map entry {arg}: {exc}")
+            try:
+                self._forget_netns(rec)
+            except Exception as exc:
+                errors.append(f"netns cache of {rec.key:#x}: {exc}")
             flows = getattr(self.maps, "pair_orig_dst", None)
             for ip in rec.ips if flows is not None else ():
                 try:
@@ -442,6 +544,11 @@ class Registry:
             for ip, _ in list(self.maps.local_pods.items()):
                 if ip not in ips:
                     self._quiet(self.maps.local_pods.delete, ip)
+            table = self._netns_pods()
+            owned = {(r.key, self._primary_ip(r.ips)) for r in self.records.values() if r.ips}
+            for cookie, ip, mark in list(table.items()) if table is not None else ():
+                if (mark, ip) not in owned:
+                    netns_pod_delete(table, cookie)
             self._save()
 
     def shutdown(self) -> None:
@@ -495,41 +602,35 @@ class Registry:
                         if self.maps.local_pods.get(ip) != policy:
                             self.maps.local_pods.put(ip, policy)
 
+    def _legacy_decide(self, pod: dict) -> tuple[tuple[str, ...], Any]:
+        if not self._in_mesh(pod):
+            return (), None
+        return self._pod_ips(pod), self._policy(pod)
+
     def _legacy_event(self, event: str, pod: dict) -> None:
-        ns, name, _ = pod_meta(pod)
-        ips: tuple[str, ...] = ()
-        policy = None
-        try:
-            if event != "DELETED" and self._in_mesh(pod):
-                ips = tuple(annotations.pod_ips(pod))
-                policy = self._policy(pod)
-        except PodError as exc:
-            log.error("%s; leaving the pod as it is", exc)
-            return
-        with self._lock:
-            old = self.legacy.get((ns, name), ())
-            for ip in old:
-                if ip not in ips:
-                    self._quiet(self.maps.local_pods.delete, ip)
-            for ip in ips:
-                if self.maps.local_pods.get(ip) != policy:
-                    self.maps.local_pods.put(ip, policy)
-            if ips:
-                self.legacy[(ns, name)] = ips
-            else:
-                self.legacy.pop((ns, name), None)
+        self.legacy.event(event, pod)
 
     def resync_legacy(self, pods: Iterable[dict]) -> None:
         """Make mb_local_pods exactly the in-mesh pods of a full snapshot."""
-        seen = set()
-        for pod in pods:
-            seen.add(pod_meta(pod)[:2])
-            self._legacy_event("ADDED", pod)
-        wanted = {ip for ips in self.legacy.values() for ip in ips}
-        with self._lock:
-            for key in [k for k in self.legacy if k not in seen]:
-                for ip in self.legacy.pop(key):
-                    self._quiet(self.maps.local_pods.delete, ip)
-            for ip, _ in list(self.maps.local_pods.items()):
-                if ip not in wanted:
-                    self._quiet(self.maps.local_pods.delete, ip)
+        self.legacy.resync(pods)
+
+
+# -- mb_netns_pod writes (the typed handle in bpf/maps.py only reads, so far) ----
+_COOKIE = struct.Struct("=Q")
+
+
+def netns_pod_put(table: Any, cookie: int, ip: str, key: int) -> None:
+    if hasattr(table, "put"):
+        table.put(cookie, ip, key)
+        return
+    value = bpftypes.MbNetnsPod()
+    value.ip = bpftypes.MbAddr.from_buffer_copy(bpftypes.addr_pack(ip))
+    value.mark = key
+    table.b.put(_COOKIE.pack(cookie), bytes(value))
+
+
+def netns_pod_delete(table: Any, cookie: int) -> None:
+    if hasattr(table, "delete"):
+        table.delete(cookie)
+    else:
+        table.b.delete(_COOKIE.pack(cookie))

@@ -48,6 +48,8 @@ def load_file(path: str) -> list[dict]:
         raise ValueError(f"cannot read: {exc}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"not valid YAML/JSON: {' '.join(str(exc).split())}") from None
+    except RecursionError:  # deeply nested flow collections
+        raise ValueError("not valid YAML/JSON: nested too deeply") from None
     pods = []
     for index, doc in enumerate(docs):
         if doc is None:
@@ -58,7 +60,11 @@ def load_file(path: str) -> list[dict]:
             continue
         kind = doc.get("kind")
         in_list = kind in ("List", "PodList")
-        for item in (doc.get("items") or []) if in_list else [doc]:
+        items = doc.get("items") or []
+        if in_list and not isinstance(items, list):
+            log.warning("skipping %s in %s: items is not a list", where, path)
+            continue
+        for item in items if in_list else [doc]:
             # items of a PodList often omit their kind
             item_kind = item.get("kind", "Pod" if in_list else None) if isinstance(item, dict) else None
             if item_kind != "Pod":

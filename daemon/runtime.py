@@ -42,6 +42,10 @@ from merbridge.daemon.state import StateStore
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "daemon.lock"
+#: the installer's record of the CNI config it changed (original bytes included),
+#: so a daemon restarted after kill -9 still restores the file byte for byte;
+#: the same name ``merbridge install-cni``/``uninstall-cni`` use (cli.INSTALL_STATE)
+INSTALL_STATE = "cni-install.json"
 
 
 class DaemonError(RuntimeError):
@@ -187,7 +191,8 @@ class Daemon:
         self.installer = install.Installer(
             cni_bin_dir=cfg.cni_bin_dir, cni_conf_dir=cfg.cni_conf_dir,
             plugin_source_path=self._plugin_executable(),
-            entry=install.plugin_entry(cfg.socket_path, self.mesh.name))
+            entry=install.plugin_entry(cfg.socket_path, self.mesh.name),
+            state_file=os.path.join(cfg.state_dir, INSTALL_STATE))
         self._installer_thread = threading.Thread(target=self.installer.watch,
                                                   name="cni-installer", daemon=True)
         self._installer_thread.start()

@@ -46,6 +46,8 @@ class Record:
     phase: str = ADDING
     #: (st_dev, st_ino) of the netns file at ADD time: a reused path is not the same pod
     netns_id: tuple[int, int] | None = None
+    #: SO_NETNS_COOKIE of the pod netns: its key in mb_netns_pod (0: not known)
+    netns_cookie: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -62,7 +64,8 @@ class Record:
         nid = kwargs.get("netns_id")
         kwargs["netns_id"] = tuple(nid) if nid else None
         rec = cls(**kwargs)
-        if not rec.container_id or not isinstance(rec.key, int):
+        if not isinstance(rec.container_id, str) or not rec.container_id \
+                or not isinstance(rec.key, int) or not isinstance(rec.netns_cookie, int):
             raise ValueError(f"bad state record {data!r}")
         return rec
 

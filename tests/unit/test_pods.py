@@ -83,6 +83,9 @@ class FakePodNet:
     def addresses(self, netns, ifname):
         return []
 
+    def netns_cookie(self, marker):
+        return 1000 + sum(marker.netns.encode())
+
 
 def meshed_pod(name="web", ns="default", ip="10.240.0.5", uid="u-1", ann=None):
     return {
@@ -128,6 +131,7 @@ def att(w, cid="c1", netns="ns-a", name="web", ips=("10.240.0.5",), ifname="eth0
 def assert_nothing_left(w):
     assert lp(w) == {}
     assert mk(w) == {}
+    assert w.maps.netns_pod.items() == []
     assert w.net.listeners == {}
     assert w.net.xdp == set()
     assert w.reg.records == {}
