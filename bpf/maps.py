@@ -228,6 +228,32 @@ class NetnsIp:
         return [(struct.unpack("=Q", k)[0], t.addr_unpack(v)) for k, v in self.b.items()]
 
 
+class NetnsPod:
+    """mb_netns_pod (CNI mode): netns cookie -> (pod IP, mark), connect4/6's
+    cache of the marker-listener probe."""
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def put(self, cookie: int, ip: str, mark: int) -> None:
+        """Written by the daemon at ADD so a pod stays intercepted while its
+        marker listener is down (connect4/6 check mark -> ip on every use)."""
+        v = t.MbNetnsPod()
+        v.ip = t.MbAddr.of(ip)
+        v.mark = mark
+        self.b.put(struct.pack("=Q", cookie), bytes(v))
+
+    def delete(self, cookie: int) -> bool:
+        return self.b.delete(struct.pack("=Q", cookie))
+
+    def items(self) -> list[tuple[int, str, int]]:
+        out = []
+        for k, v in self.b.items():
+            np = t.MbNetnsPod.from_buffer_copy(v)
+            out.append((struct.unpack("=Q", k)[0], str(np.ip), np.mark))
+        return out
+
+
 class SkmsgBudget:
     """mb_skmsg_budget: a sockhash socket's 4-tuple -> bytes it may still
     redirect through sk_msg (0: on the normal path for good)."""
@@ -271,6 +297,7 @@ class Maps:
         self.cgroup_info = CgroupInfo(backends[t.MAP_CGROUP_INFO])
         self.ambient_ips = AmbientIps(backends[t.MAP_AMBIENT_IPS])
         self.skmsg_budget = SkmsgBudget(backends[t.MAP_SKMSG_BUDGET])
+        self.netns_pod = NetnsPod(backends[t.MAP_NETNS_POD])
         self._closer = closer
 
     def counters(self) -> dict[str, int]:
@@ -295,6 +322,7 @@ class Maps:
             t.MAP_PAIR_ORIG_DST: {str(p): origin(o) for p, o in self.pair_orig_dst.items()},
             t.MAP_COOKIE_ORIG_DST: {str(c): origin(o) for c, o in self.cookie_orig_dst.items()},
             t.MAP_NETNS_IP: {str(c): ip for c, ip in self.netns_ip.items()},
+            t.MAP_NETNS_POD: {str(c): {"ip": ip, "mark": m} for c, ip, m in self.netns_pod.items()},
             t.MAP_SETTINGS: {str(i): self.settings.get(i) for i in range(t.MB_N_SETTINGS)},
             t.MAP_SKMSG_BUDGET: {str(p): left for p, left in self.skmsg_budget.items()},
             t.MAP_COUNTERS: self.counters(),

@@ -73,8 +73,10 @@ MAP_NETNS_IP = "mb_netns_ip"
 MAP_SETTINGS = "mb_settings"
 MAP_COUNTERS = "mb_counters"
 MAP_SKMSG_BUDGET = "mb_skmsg_budget"
+MAP_NETNS_POD = "mb_netns_pod"
 ALL_MAPS = (MAP_COOKIE_ORIG_DST, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
-            MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET)
+            MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET,
+            MAP_NETNS_POD)
 
 
 class MbAddr(ct.Structure):
@@ -113,6 +115,11 @@ class MbPair(ct.Structure):
                 f"{self.dip}:{socket.ntohs(self.dport)}")
 
 
+class MbNetnsPod(ct.Structure):
+    """Must match struct mb_netns_pod in bpf/include/merbridge.h."""
+    _fields_ = [("ip", MbAddr), ("mark", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
 class MbCidr(ct.Structure):
     """Must match struct mb_cidr in bpf/include/merbridge.h."""
     _fields_ = [("net", MbAddr), ("prefixlen", ct.c_uint8), ("pad", ct.c_uint8 * 3)]
@@ -142,7 +149,7 @@ class MbPodConfig(ct.Structure):
 #: mirror class -> C struct name, for the layout tests
 MIRRORS: dict[str, type[ct.Structure]] = {
     "mb_addr": MbAddr, "mb_origin": MbOrigin, "mb_pair": MbPair,
-    "mb_cidr": MbCidr, "mb_pod_config": MbPodConfig,
+    "mb_cidr": MbCidr, "mb_pod_config": MbPodConfig, "mb_netns_pod": MbNetnsPod,
 }
 
 

@@ -60,11 +60,14 @@ MB_SOCKHASH_PINNED(mb_sock_pair, struct mb_pair, MB_MAX_CONNS);
  * peer through sk_msg. Written by sockops (BPF_ANY, when the socket enters
  * the sockhash: a reused tuple starts with a fresh budget); decremented by
  * redir.c, which sets it to 0 for good once a message does not fit or the
- * redirect fails. 0 or no entry (LRU eviction) means the normal TCP path:
- * a connection may go from redirect to normal once, never back, because
- * the receiver drains its psock queue (older, redirected bytes) before its
- * receive queue (newer, normal-path bytes). */
-BPF_TABLE_PINNED("lru_hash", struct mb_pair, u64, mb_skmsg_budget,
+ * redirect fails. 0 or no entry means the normal TCP path: a connection may
+ * go from redirect to normal once, never back, because the receiver drains
+ * its psock queue (older, redirected bytes) before its receive queue (newer,
+ * normal-path bytes). Both ends' entries are deleted by sockops when the
+ * passive end closes. A plain hash, not LRU: an LRU insert cost ~600 ns here
+ * against ~160 ns (docs/datapath.md); if leaked entries ever fill it,
+ * sockops skips the shortcut, which is slower but correct. */
+BPF_TABLE_PINNED("hash", struct mb_pair, u64, mb_skmsg_budget,
 		 MB_MAX_CONNS, MB_PIN(mb_skmsg_budget));
 
 /* Pod IP -> interception policy of a mesh pod on this node.
@@ -86,6 +89,15 @@ BPF_TABLE_PINNED("hash", u32, struct mb_addr, mb_mark_pod_ips,
  * the pod benefits from one learned connection. */
 BPF_TABLE_PINNED("lru_hash", u64, struct mb_addr, mb_netns_ip,
 		 MB_MAX_PODS, MB_PIN(mb_netns_ip));
+
+/* CNI mode: network namespace cookie -> {pod IP, marker SO_MARK}, a cache
+ * of the marker-listener probe (a socket lookup) for connect4/6. Written
+ * and read by connect4/6. Positive answers only (a negative cached while a
+ * pod starts would hide it: upstream's start-up order bug); an entry whose
+ * mark no longer maps to the same IP in mb_mark_pod_ips (pod withdrawn) is
+ * deleted and the probe runs again. */
+BPF_TABLE_PINNED("lru_hash", u64, struct mb_netns_pod, mb_netns_pod,
+		 MB_MAX_PODS, MB_PIN(mb_netns_pod));
 
 /* Runtime settings, index MB_SET_*. Written by the daemon (maps.settings);
  * read by sockops (MB_SET_SKMSG_OFF, MB_SET_SKMSG_MAX_QUEUE). Index

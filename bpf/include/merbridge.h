@@ -134,6 +134,15 @@ struct mb_pair {
 	__u16 dport;               /* network byte order */
 };
 
+/* CNI mode: what the marker-listener probe found for a network namespace
+ * (value of mb_netns_pod, keyed by the netns cookie). Only positive answers
+ * are stored, and each use checks mb_mark_pod_ips[mark] still holds ip. */
+struct mb_netns_pod {
+	struct mb_addr ip;
+	__u32 mark;
+	__u32 pad;
+};
+
 struct mb_cidr {
 	struct mb_addr net;        /* host bits zero */
 	__u8 prefixlen;            /* 0..128 over the 16-byte form (IPv4: 96 + n) */

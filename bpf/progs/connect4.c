@@ -1,11 +1,12 @@
 /* connect4.c: cgroup/connect4 (BPF_CGROUP_INET4_CONNECT), program mb_connect4.
  *
  * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
- * Reads:   mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy): the caller's
- *          pod IP; mb_local_pods: the caller's and the target's policy;
+ * Reads:   mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip
+ *          (legacy): the caller's pod IP; mb_local_pods: the caller's and the target's policy;
  *          mb_settings: the legacy destination sequence (atomic add).
- * Writes:  mb_cookie_orig_dst (socket cookie -> original destination, for
- *          sockops), mb_counters.
+ * Writes:  mb_netns_pod (CNI mode: probe cache), mb_cookie_orig_dst
+ *          (socket cookie -> original destination, for sockops),
+ *          mb_counters.
  * Why: this replaces istio-iptables' nat OUTPUT chain for IPv4 TCP. An app's
  * connect from a mesh pod goes to the sidecar's outbound listener
  * 127.0.0.1:MB_OUT_PORT; the proxy's connect to a local mesh pod goes to that
@@ -35,16 +36,44 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
+	u64 netns = bpf_get_netns_cookie(ctx);
+#if MB_CNI_MODE
+	/* the probe's positive answer, cached per netns (mb_netns_pod) */
+	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
+
+	ip = 0;
+	if (np) {
+		u32 mark = np->mark;
+
+		ip = mb_mark_pod_ips.lookup(&mark);
+		if (!ip || !mb_addr_eq(ip, &np->ip)) {
+			mb_netns_pod.delete(&netns);   /* pod withdrawn */
+			ip = 0;
+		}
+	}
+	if (!ip) {
+		probe = mb_mesh_probe(ctx);
+		if (!probe) {
+			mb_count(MB_C_BYPASS_NOT_MESH);
+			return 1;
+		}
+		u32 mark = (u32)(probe - 1);
+
+		ip = mb_mark_pod_ips.lookup(&mark);
+		if (ip) {
+			struct mb_netns_pod v = {};
+
+			v.ip = *ip;
+			v.mark = mark;
+			mb_netns_pod.update(&netns, &v);
+		}
+	}
+#else
 	probe = mb_mesh_probe(ctx);
 	if (!probe) {
 		mb_count(MB_C_BYPASS_NOT_MESH);
 		return 1;
 	}
-#if MB_CNI_MODE
-	u32 mark = (u32)(probe - 1);
-	ip = mb_mark_pod_ips.lookup(&mark);
-#else
-	u64 netns = bpf_get_netns_cookie(ctx);
 	ip = mb_netns_ip.lookup(&netns);
 #endif
 	mb_addr_from_v4(&dst, ctx->user_ip4);

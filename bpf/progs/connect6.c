@@ -1,9 +1,9 @@
 /* connect6.c: cgroup/connect6 (BPF_CGROUP_INET6_CONNECT), program mb_connect6.
  *
  * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
- * Reads:   mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy), mb_local_pods,
+ * Reads:   mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy), mb_local_pods,
  *          mb_settings (legacy destination sequence).
- * Writes:  mb_cookie_orig_dst, mb_counters.
+ * Writes:  mb_netns_pod (CNI mode: probe cache), mb_cookie_orig_dst, mb_counters.
  * Why: the IPv6 twin of connect4.c (same decision, connect.h:mb_decide). An
  * app's connect goes to [::1]:MB_OUT_PORT; a dual-stack socket connecting to
  * an IPv4-mapped address goes to ::ffff:127.0.0.1 instead, because the
@@ -34,16 +34,44 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
+	u64 netns = bpf_get_netns_cookie(ctx);
+#if MB_CNI_MODE
+	/* the probe's positive answer, cached per netns (mb_netns_pod) */
+	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
+
+	ip = 0;
+	if (np) {
+		u32 mark = np->mark;
+
+		ip = mb_mark_pod_ips.lookup(&mark);
+		if (!ip || !mb_addr_eq(ip, &np->ip)) {
+			mb_netns_pod.delete(&netns);   /* pod withdrawn */
+			ip = 0;
+		}
+	}
+	if (!ip) {
+		probe = mb_mesh_probe(ctx);
+		if (!probe) {
+			mb_count(MB_C_BYPASS_NOT_MESH);
+			return 1;
+		}
+		u32 mark = (u32)(probe - 1);
+
+		ip = mb_mark_pod_ips.lookup(&mark);
+		if (ip) {
+			struct mb_netns_pod v = {};
+
+			v.ip = *ip;
+			v.mark = mark;
+			mb_netns_pod.update(&netns, &v);
+		}
+	}
+#else
 	probe = mb_mesh_probe(ctx);
 	if (!probe) {
 		mb_count(MB_C_BYPASS_NOT_MESH);
 		return 1;
 	}
-#if MB_CNI_MODE
-	u32 mark = (u32)(probe - 1);
-	ip = mb_mark_pod_ips.lookup(&mark);
-#else
-	u64 netns = bpf_get_netns_cookie(ctx);
 	ip = mb_netns_ip.lookup(&netns);
 #endif
 	dst.ip[0] = ctx->user_ip6[0];

@@ -28,76 +28,15 @@ static __always_inline void mb_count(u32 idx)
 		*v += 1;
 }
 
-int mb_sockops(struct bpf_sock_ops *skops)
+/* An established socket of an intercepted connection enters the sockhash,
+ * with its sk_msg budget (redir.c), unless MB_SET_SKMSG_OFF. 1: added. */
+static __always_inline int mb_sockhash_add(struct bpf_sock_ops *skops, struct mb_pair *p)
 {
-	u32 op = skops->op;
-	struct mb_pair p = {}, r = {};
-	struct mb_origin *o, origin;
-	int insert = 0;
-	u64 cookie;
-
-	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
-		return 1;
-	if (skops->family != AF_INET && skops->family != AF_INET6)
-		return 1;
-	mb_pair_from_ctx(&p, skops);
-
-	if (op == BPF_SOCK_OPS_STATE_CB) {
-		/* an accepting socket of ours closed: nobody will ask for its
-		 * original destination again (XDP entries are XDP's to remove) */
-		if (skops->args[1] != BPF_TCP_CLOSE)
-			return 1;
-		mb_pair_reverse(&p, &r);
-		o = mb_pair_orig_dst.lookup(&r);
-		if (o && !(o->flags & MB_ORIGIN_F_XDP)) {
-			mb_pair_orig_dst.delete(&r);
-			mb_count(MB_C_PAIR_DELETED);
-		}
-		return 1;
-	}
-
-	if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
-		cookie = bpf_get_socket_cookie(skops);
-		o = mb_cookie_orig_dst.lookup(&cookie);
-		if (o) {
-			origin = *o;
-			mb_cookie_orig_dst.delete(&cookie);
-			if (origin.flags & MB_ORIGIN_F_LEARN) {
-				/* legacy: a non-rewritten connection of a mesh pod
-				 * shows the pod's own address as its source */
-				if (!mb_addr_is_loopback(&p.sip)) {
-					u64 netns = bpf_get_netns_cookie(skops);
-
-					mb_netns_ip.update(&netns, &p.sip);
-					mb_count(MB_C_LEARNED_IP);
-				}
-				return 1;
-			}
-			mb_pair_orig_dst.update(&p, &origin);
-			mb_count(MB_C_PAIR_RECORDED);
-			insert = 1;
-		} else if (mb_addr_is_passthrough(&p.sip)) {
-			insert = 1;   /* the proxy's inbound passthrough to the app */
-		}
-	} else {
-		/* accepted by the proxy's listeners, or by the app from the
-		 * proxy's passthrough source */
-		if (p.sport == bpf_htons(MB_OUT_PORT) || p.sport == bpf_htons(MB_IN_PORT)) {
-			insert = 1;
-			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-							 BPF_SOCK_OPS_STATE_CB_FLAG);
-		} else if (mb_addr_is_passthrough(&p.dip)) {
-			insert = 1;
-		}
-	}
-	if (!insert)
-		return 1;
 	u32 idx = MB_SET_SKMSG_OFF;
 	u64 *set = mb_settings.lookup(&idx);
 
 	if (set && *set)
-		return 1;
+		return 0;
 	/* the sk_msg budget first: redir.c treats a socket without one as
 	 * "normal path", so the order only matters for the first message */
 	u64 budget = MB_SKMSG_MAX_QUEUE_DEFAULT;
@@ -106,8 +45,131 @@ int mb_sockops(struct bpf_sock_ops *skops)
 	set = mb_settings.lookup(&idx);
 	if (set && *set)
 		budget = *set;
-	mb_skmsg_budget.update(&p, &budget);
-	int ret = mb_sock_pair.sock_hash_update(skops, &p, BPF_NOEXIST);
-	mb_count(ret == 0 ? MB_C_SOCKHASH_ADD : MB_C_SOCKHASH_FAILED);
+	if (mb_skmsg_budget.update(p, &budget)) {
+		/* budget map full (leaked entries): no shortcut, still correct */
+		mb_count(MB_C_SOCKHASH_FAILED);
+		return 0;
+	}
+	int ret = mb_sock_pair.sock_hash_update(skops, p, BPF_NOEXIST);
+	if (ret) {
+		mb_skmsg_budget.delete(p);
+		mb_count(MB_C_SOCKHASH_FAILED);
+		return 0;
+	}
+	mb_count(MB_C_SOCKHASH_ADD);
 	return 1;
+}
+
+/* STATE_CB on a passive socket of ours: its close cleans up after both ends
+ * (mb_state_change). Set only where needed, since every state change of
+ * such a socket then runs this program. */
+static __always_inline void mb_watch_close(struct bpf_sock_ops *skops)
+{
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+					 BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
+{
+	struct mb_pair p = {};
+	struct mb_origin *o, origin;
+	u64 cookie;
+
+	mb_pair_from_ctx(&p, skops);
+	cookie = bpf_get_socket_cookie(skops);
+	o = mb_cookie_orig_dst.lookup(&cookie);
+	if (!o) {
+		/* the proxy's inbound passthrough to the app */
+		if (mb_addr_is_passthrough(&p.sip))
+			mb_sockhash_add(skops, &p);
+		return;
+	}
+	origin = *o;
+	mb_cookie_orig_dst.delete(&cookie);
+	if (origin.flags & MB_ORIGIN_F_LEARN) {
+		/* legacy: a non-rewritten connection of a mesh pod shows the
+		 * pod's own address as its source */
+		if (!mb_addr_is_loopback(&p.sip)) {
+			u64 netns = bpf_get_netns_cookie(skops);
+
+			mb_netns_ip.update(&netns, &p.sip);
+			mb_count(MB_C_LEARNED_IP);
+		}
+		return;
+	}
+	mb_pair_orig_dst.update(&p, &origin);
+	mb_count(MB_C_PAIR_RECORDED);
+	mb_sockhash_add(skops, &p);
+}
+
+static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
+{
+	struct mb_pair p = {}, r = {};
+	struct mb_origin *o;
+
+	mb_pair_from_ctx(&p, skops);
+	if (p.sport == bpf_htons(MB_OUT_PORT) || p.sport == bpf_htons(MB_IN_PORT)) {
+		/* accepted by the proxy: only a connection connect4/6 rewrote
+		 * (its connecting side, established first on this host, left
+		 * the pair entry) has a local peer worth a sockhash entry and
+		 * an entry to clean up at close. A direct connect to the port
+		 * or XDP's inbound flow from another node has neither. */
+		mb_pair_reverse(&p, &r);
+		o = mb_pair_orig_dst.lookup(&r);
+		if (!o || (o->flags & MB_ORIGIN_F_XDP))
+			return;
+		mb_watch_close(skops);
+		mb_sockhash_add(skops, &p);
+	} else if (mb_addr_is_passthrough(&p.dip)) {
+		/* the app accepting the proxy's inbound passthrough */
+		if (mb_sockhash_add(skops, &p))
+			mb_watch_close(skops);
+	}
+}
+
+/* A passive socket of ours closed (only those enable STATE_CB). Nobody will
+ * ask for its original destination again, and neither end of the
+ * connection sends any more: drop the pair entry (not XDP's) and both ends'
+ * sk_msg budgets, so these LRU maps never fill up with dead connections
+ * (a full LRU map makes every insert evict). */
+static __always_inline void mb_state_change(struct bpf_sock_ops *skops)
+{
+	struct mb_pair p = {}, r = {};
+	struct mb_origin *o;
+
+	mb_pair_from_ctx(&p, skops);
+	mb_pair_reverse(&p, &r);
+	mb_skmsg_budget.delete(&p);
+	mb_skmsg_budget.delete(&r);
+	o = mb_pair_orig_dst.lookup(&r);
+	if (o && !(o->flags & MB_ORIGIN_F_XDP)) {
+		mb_pair_orig_dst.delete(&r);
+		mb_count(MB_C_PAIR_DELETED);
+	}
+}
+
+/* sock_ops runs for every event of every TCP socket in the cgroup (about a
+ * dozen per connection over both ends: TCP_CONNECT, TIMEOUT_INIT, RWND_INIT,
+ * NEEDS_ECN, BASE_RTT, ...). Everything but the three events below leaves at
+ * the first compare, before any context field, helper or map. No other
+ * callback flag is ever set. */
+int mb_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (skops->family == AF_INET || skops->family == AF_INET6)
+			mb_active_established(skops);
+		return 1;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		if (skops->family == AF_INET || skops->family == AF_INET6)
+			mb_passive_established(skops);
+		return 1;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE &&
+		    (skops->family == AF_INET || skops->family == AF_INET6))
+			mb_state_change(skops);
+		return 1;
+	default:
+		return 1;
+	}
 }

@@ -26,6 +26,7 @@ ISTIO = mesh.get("istio")
 POD4, DST4 = "10.231.0.1", "10.231.0.2"
 POD6, DST6 = "fd00:231::1", "fd00:231::2"
 MARK = 0x2310001
+MARK2 = 0x2310002   # test_probe_cache_*
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +347,52 @@ def test_legacy_mode_in_mesh_by_sidecar_listener_and_learns_pod_ip():
         loader.detach_cgroup(p.cgroup)
         loader.remove_pins(pin)
         p.close()
+
+
+def test_probe_cache_follows_the_mark_map_and_never_caches_negatives(dp):
+    """connect4 caches the marker probe per netns (mb_netns_pod), but only a
+    positive answer, checked against mb_mark_pod_ips on every use. (Entries
+    of other tests' deleted namespaces may linger: a netns cookie is never
+    reused, so only this pod's mark is looked at.)"""
+    def cached() -> list[tuple[str, int]]:
+        return [(ip, m) for _, ip, m in dp.maps.netns_pod.items() if m == MARK2]
+
+    p = Pod(v4=[POD4, DST4, "10.231.0.3"])
+    try:
+        p.serve("direct", "0.0.0.0", 8080, in_cgroup=False)
+        p.serve("proxy", "0.0.0.0", 15001, uid=1337, gid=1337)
+        dp.attach(p.cgroup)
+        dp.maps.local_pods.put(POD4, PodPolicy())
+        dp.maps.mark_pod_ips.put(MARK2, POD4)
+        # no marker listener yet: not in the mesh, and nothing is cached
+        assert p.connect(DST4, 8080)["reply"]["tag"] == "direct"
+        assert cached() == []
+        p.serve("marker", "0.0.0.0", 39807, mark=MARK2, in_cgroup=False)
+        r = p.connect(DST4, 8080)
+        assert r["reply"]["tag"] == "proxy" and r["reply"]["peer"][0] == POD4
+        assert cached() == [(POD4, MARK2)]
+        # the daemon re-keys the mark to another IP: the cache entry is stale
+        dp.maps.mark_pod_ips.put(MARK2, "10.231.0.3")
+        r = p.connect(DST4, 8080)
+        assert r["reply"]["tag"] == "proxy" and r["reply"]["peer"][0] == "10.231.0.3"
+        assert cached() == [("10.231.0.3", MARK2)]
+        # withdrawn: the mark is gone, the cache entry goes with it
+        dp.maps.mark_pod_ips.delete(MARK2)
+        r = p.connect(DST4, 8080)
+        assert r["reply"]["peer"][0] != "10.231.0.3"
+        assert cached() == []
+    finally:
+        dp.detach(p.cgroup)
+        dp.maps.local_pods.delete(POD4)
+        dp.maps.mark_pod_ips.delete(MARK2)
+        p.close()
+
+
+def test_direct_connect_to_the_proxy_port_stays_out_of_the_sockhash(dp, pod):
+    """Only connections connect4/6 rewrote put the proxy's accepted socket
+    into the sockhash (a psock costs ~2 us per socket)."""
+    before = dp.maps.counters()
+    assert pod.connect("127.0.0.1", 15001)["reply"]["tag"] == "proxy"
+    after = dp.maps.counters()
+    assert after["sockhash_add"] == before["sockhash_add"]
+    assert after["bypass_loopback"] == before["bypass_loopback"] + 1

@@ -209,11 +209,12 @@ def test_without_a_budget_the_queue_grows(dp, pod):
     budget the same probe sees the queue grow far beyond the bound above."""
     dp.maps.settings.set(t.MB_SET_SKMSG_MAX_QUEUE, 1 << 62)
     total = 256 * MiB
-    sender, reader, s, delta = transfer(dp, pod, total, rate=100 * MiB)
+    sender, reader, s, delta = transfer(dp, pod, total, rate=50 * MiB)
     print(f"\nunbounded: peak queued {s.peak_queued / MiB:.1f} MiB, counters {delta}")
     assert reader["got"] == total and reader["crc"] == sender["crc"]
     assert delta["msg_backpressure"] == 0
-    assert s.peak_queued > 128 * MiB
+    # the bounded run above stays near budget + rcvbuf + sndbuf (~11 MiB)
+    assert s.peak_queued > 64 * MiB
 
 
 REQRESP = r'''
