@@ -302,13 +302,14 @@ class Maps:
 
     def counters(self) -> dict[str, int]:
         """Counter name -> value summed over CPUs (backend values are already summed)."""
-        out = {name: 0 for name in t.COUNTERS.values()}
+        names = {**t.COUNTERS, **t.XDP_COUNTERS}
+        out = {name: 0 for name in names.values()}
         for k, v in self.backends[t.MAP_COUNTERS].items():
             idx = struct.unpack("=I", k)[0]
             value = struct.unpack("=Q", v)[0]
-            if idx in t.COUNTERS:
-                out[t.COUNTERS[idx]] = value
-            elif value:  # e.g. the XDP slots, named by xdp.c's owner
+            if idx in names:
+                out[names[idx]] = value
+            elif value:  # a slot without a name yet
                 out[f"c{idx}"] = value
         return out
 

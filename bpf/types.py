@@ -62,6 +62,18 @@ COUNTERS: dict[int, str] = {
 }
 #: first counter index reserved for bpf/progs/xdp.c (24..31)
 MB_C_XDP_FIRST = 24
+MB_C_XDP_NEW_FLOW = 24
+MB_C_XDP_BYPASS_POLICY = 25
+MB_C_XDP_FLOW_FAIL = 26
+MB_C_XDP_RST_DELETE = 27
+#: xdp.c's counters (index -> name), kept apart from COUNTERS, whose slots
+#: all lie below MB_C_XDP_FIRST
+XDP_COUNTERS: dict[int, str] = {
+    MB_C_XDP_NEW_FLOW: "xdp_new_flow",
+    MB_C_XDP_BYPASS_POLICY: "xdp_bypass_policy",
+    MB_C_XDP_FLOW_FAIL: "xdp_flow_fail",
+    MB_C_XDP_RST_DELETE: "xdp_rst_delete",
+}
 
 # ---- map names (maps.h); each is also the pin file name under the pin dir --
 MAP_COOKIE_ORIG_DST = "mb_cookie_orig_dst"

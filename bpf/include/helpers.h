@@ -79,33 +79,28 @@ static __always_inline int mb_cidr_match(const struct mb_cidr *c, const struct m
 	return 1;
 }
 
-/* The empty asm hides the index from clang: otherwise it rewrites these loops
- * into a pointer walk bounded only by the u8 count, which the verifier cannot
- * prove stays inside the map value. The verifier itself sees the constant
- * bound MB_MAX_PORTS / MB_MAX_CIDRS. */
+/* Is port among the first n entries of list (MB_MAX_PORTS long)?
+ * Written for the verifier of every program type (connect, XDP): the trip
+ * count is the constant MB_MAX_PORTS and the loop never exits at n. If it
+ * did (for (i = 0; i < n; i++)), clang would turn the index into a pointer
+ * walk bounded only by the u8 count, which the verifier cannot prove stays
+ * inside the map value (seen in XDP, where the old asm barrier did not
+ * help). The count is only compared, never used to index. */
 static __always_inline int mb_port_in(const u16 *list, u8 n, u16 port)
 {
 	for (u32 i = 0; i < MB_MAX_PORTS; i++) {
-		u32 j = i;
-
-		asm volatile("" : "+r"(j));
-		if (j >= n || j >= MB_MAX_PORTS)
-			break;
-		if (list[j] == port)
+		if (list[i] == port && i < n)
 			return 1;
 	}
 	return 0;
 }
 
+/* Is a in one of the first n CIDRs of list (MB_MAX_CIDRS long)? Same loop
+ * shape as mb_port_in; the count is checked before the (costlier) match. */
 static __always_inline int mb_cidr_in(const struct mb_cidr *list, u8 n, const struct mb_addr *a)
 {
 	for (u32 i = 0; i < MB_MAX_CIDRS; i++) {
-		u32 j = i;
-
-		asm volatile("" : "+r"(j));
-		if (j >= n || j >= MB_MAX_CIDRS)
-			break;
-		if (mb_cidr_match(&list[j], a))
+		if (i < n && mb_cidr_match(&list[i], a))
 			return 1;
 	}
 	return 0;

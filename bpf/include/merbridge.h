@@ -105,7 +105,11 @@
 #define MB_C_PAIR_DELETED      20  /* passive socket closed: pair entry removed */
 #define MB_C_MSG_PEER_MISSING  21  /* redirect failed (peer not in the sockhash):
                                     * normal path from now on (once per socket) */
-#define MB_C_XDP_FIRST         24  /* 24..31 reserved for bpf/progs/xdp.c (H4) */
+#define MB_C_XDP_FIRST         24  /* 24..31: bpf/progs/xdp.c */
+#define MB_C_XDP_NEW_FLOW      24  /* SYN redirected to MB_IN_PORT, flow recorded */
+#define MB_C_XDP_BYPASS_POLICY 25  /* SYN to a local pod, its inbound policy says no */
+#define MB_C_XDP_FLOW_FAIL     26  /* flow record could not be written */
+#define MB_C_XDP_RST_DELETE    27  /* pod sent RST: flow forgotten */
 
 /* ---- getsockopt ---------------------------------------------------------- */
 #define MB_SO_ORIGINAL_DST 80      /* SO_ORIGINAL_DST (SOL_IP) == IP6T_SO_ORIGINAL_DST (SOL_IPV6) */

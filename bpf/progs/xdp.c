@@ -41,14 +41,8 @@
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/tcp.h>
 
-#include "merbridge.h"
+#include "helpers.h"
 #include "maps.h"
-
-/* mb_counters slots MB_C_XDP_FIRST.. (merbridge.h reserves 24..31 for us) */
-#define MB_C_XDP_NEW_FLOW   (MB_C_XDP_FIRST + 0)  /* SYN redirected, flow recorded */
-#define MB_C_XDP_BYPASS     (MB_C_XDP_FIRST + 1)  /* SYN to a local pod, policy says no */
-#define MB_C_XDP_FLOW_FAIL  (MB_C_XDP_FIRST + 2)  /* flow record could not be written */
-#define MB_C_XDP_RST_DELETE (MB_C_XDP_FIRST + 3)  /* pod sent RST: flow forgotten */
 
 /* Per-flow events only: a per-packet counter would cost a lookup per packet. */
 static __always_inline void mb_xdp_count(__u32 idx)
@@ -147,33 +141,16 @@ static __always_inline void mb_xdp_set_port(__u16 *check, __u16 *field, __u16 va
 }
 
 /*
- * A constant trip count with no exit at n: when the loop exits at n, clang
- * turns the index into a pointer walk the verifier cannot bound (seen with
- * helpers.h mb_port_in inlined into this program).
- */
-static __always_inline int mb_xdp_port_in(const __u16 *list, __u8 n, __u16 port)
-{
-    for (int i = 0; i < MB_MAX_PORTS; i++) {
-        if (list[i] == port && i < n)
-            return 1;
-    }
-    return 0;
-}
-
-/*
  * Would istio-iptables' ISTIO_INBOUND redirect a connection to this port?
- * Never the sidecar's own listeners; otherwise the pod's policy, in the order
- * of bpf/policy.py "inbound" (the same decision as helpers.h mb_policy_in).
+ * Never the sidecar's own listeners; otherwise the pod's inbound policy,
+ * helpers.h mb_policy_in (the same code connect4/6 use for a proxy's connect
+ * to a local pod).
  */
 static __always_inline int mb_xdp_captured(const struct mb_pod_config *pc, __u16 port)
 {
-    if (port == MB_IN_PORT || port == MB_OUT_PORT || port == MB_HBONE_PORT)
+    if (port == MB_IN_PORT || port == MB_OUT_PORT)
         return 0;
-    if (pc->status_port && port == pc->status_port)
-        return 0;
-    if (pc->flags & MB_POD_F_INCLUDE_IN_ALL)
-        return !mb_xdp_port_in(pc->exclude_in_ports, pc->n_exclude_in_ports, port);
-    return mb_xdp_port_in(pc->include_in_ports, pc->n_include_in_ports, port);
+    return mb_policy_in(pc, port);
 }
 
 /* mb_pair_orig_dst key of the flow client:c -> pod:MB_IN_PORT. */
@@ -208,7 +185,7 @@ int mb_xdp_ingress(struct xdp_md *ctx)
         if (!cfg)
             return XDP_PASS;
         if (!mb_xdp_captured(cfg, bpf_ntohs(tcp->dest))) {
-            mb_xdp_count(MB_C_XDP_BYPASS);
+            mb_xdp_count(MB_C_XDP_BYPASS_POLICY);
             return XDP_PASS;
         }
         orig.addr = pkt.daddr;

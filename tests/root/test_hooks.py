@@ -396,3 +396,16 @@ def test_direct_connect_to_the_proxy_port_stays_out_of_the_sockhash(dp, pod):
     after = dp.maps.counters()
     assert after["sockhash_add"] == before["sockhash_add"]
     assert after["bypass_loopback"] == before["bypass_loopback"] + 1
+
+
+def test_xdp_shares_the_policy_helper_and_names_its_counters(dp):
+    """xdp.c uses helpers.h's mb_policy_in/mb_port_in (no private copy); the
+    verifier accepts it, and its counter slots have names."""
+    ingress, egress = dp.xdp_programs()
+    assert ingress > 0 and egress > 0
+    counters = dp.maps.counters()
+    for name in ("xdp_new_flow", "xdp_bypass_policy", "xdp_flow_fail", "xdp_rst_delete"):
+        assert name in counters
+    assert not [k for k in counters if k.startswith("c2")]
+    src = open(os.path.join(loader.PROGS_DIR, loader.XDP_SOURCE)).read()
+    assert "mb_policy_in(" in src and "mb_xdp_port_in" not in src
