@@ -44,8 +44,9 @@ import os
 import struct
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as bpftypes
@@ -156,13 +157,25 @@ class Registry:
         self.ready = False
         self._lock = threading.RLock()               # records, markers, keys, maps
         self.legacy = LegacyPods(maps, self._lock, self._legacy_decide, pod_meta, PodError)
-        self._ctr_locks: dict[str, threading.Lock] = {}
+        self._ctr_locks: dict[str, list] = {}        # container id -> [lock, users]
         self._pod_seen = threading.Condition()
 
     # -- helpers ---------------------------------------------------------
-    def _container_lock(self, cid: str) -> threading.Lock:
+    @contextmanager
+    def _container_lock(self, cid: str) -> Iterator[None]:
+        """Serialise the commands of one container. The lock is dropped when its
+        last user leaves, so 200 pods coming and going leave 0 locks behind."""
         with self._lock:
-            return self._ctr_locks.setdefault(cid, threading.Lock())
+            entry = self._ctr_locks.setdefault(cid, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if entry[1] == 0 and self._ctr_locks.get(cid) is entry:
+                    del self._ctr_locks[cid]
 
     def _save(self) -> None:
         if self.store is not None:
@@ -508,7 +521,8 @@ class Registry:
         """Adopt the persisted records after a restart and rebuild what died with the
         old process (marker sockets; XDP or map entries if they were removed).
 
-        Records whose netns is gone are withdrawn; ones left half-added by a killed
+        Records whose netns is gone, or whose pod the pod source no longer lists
+        (its DEL came while no daemon ran), are withdrawn; ones left half-added by a killed
         daemon are completed when their netns still exists (the runtime may DEL
         them later, which is fine). Map entries no record explains are removed.
         """
@@ -523,6 +537,14 @@ class Registry:
                         self._withdraw(rec)
                         continue
                     pod = self.lookup(rec.namespace, rec.name)
+                    if pod is None or (rec.uid and pod_meta(pod)[2]
+                                       and pod_meta(pod)[2] != rec.uid):
+                        # deleted while no daemon ran (its DEL was lost): the pod
+                        # source has had its first full listing by now
+                        log.info("restore: pod %s/%s (%s) is gone from the pod source",
+                                 rec.namespace, rec.name, rec.container_id)
+                        self._withdraw(rec)
+                        continue
                     policy = None
                     if pod is not None:
                         try:

@@ -113,7 +113,7 @@ def assert_empty(reg, m, net, store):
     assert dict(m.mark_pod_ips.items()) == {}
     assert getattr(m, "netns_pod", None) is None or m.netns_pod.items() == []
     assert net.listeners == {} and net.xdp == set()
-    assert reg.records == {} and store.load() == {}
+    assert reg.records == {} and store.load() == {} and reg._ctr_locks == {}
 
 
 class W:  # what test_pods.att() expects
