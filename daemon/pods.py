@@ -65,6 +65,7 @@ INTERNAL = 999
 INVALID_ANNOTATIONS = 101
 NO_POD_IP = 102
 NOT_ENROLLED = 103
+NODE_FULL = 104
 
 #: mark keys stay in 1..2^31-1 (see the module docstring)
 KEY_MASK = 0x7FFFFFFF
@@ -296,7 +297,12 @@ class Registry:
                      uid=att.uid or pod_meta(pod)[2], ips=ips, phase=ADDING,
                      netns_id=netns_id(att.netns))
         with self._lock:
-            rec.key = allocate_key(att.container_id, self._keys_in_use())
+            used = self._keys_in_use()
+            if len(used) >= bpftypes.MB_MAX_PODS:
+                raise PodError(NODE_FULL, "node pod limit reached",
+                               f"{len(used)} pods are enrolled; the datapath holds "
+                               f"{bpftypes.MB_MAX_PODS} (MB_MAX_PODS)")
+            rec.key = allocate_key(att.container_id, used)
             self.records[rec.container_id] = rec
             self._save()                   # the key is known before it is written anywhere
         undo: list[Callable[[], None]] = []
@@ -317,6 +323,9 @@ class Registry:
                 self._save()
             if isinstance(exc, PodError):
                 raise
+            if _map_full(exc):
+                raise PodError(NODE_FULL, "node pod limit reached",
+                               f"a datapath map is full: {exc}"[:500]) from exc
             log.error("enrolling %s failed", rec.container_id, exc_info=True)
             raise PodError(INTERNAL, f"enrolling {att.namespace}/{att.name} failed",
                            f"{type(exc).__name__}: {exc}") from exc
@@ -635,6 +644,13 @@ class Registry:
     def resync_legacy(self, pods: Iterable[dict]) -> None:
         """Make mb_local_pods exactly the in-mesh pods of a full snapshot."""
         self.legacy.resync(pods)
+
+
+def _map_full(exc: BaseException) -> bool:
+    """A map update refused for lack of room (E2BIG from a full hash map; bcc
+    reports it only in the message)."""
+    return getattr(exc, "errno", None) in (7, 28) or any(
+        m in str(exc) for m in ("Argument list too long", "No space left"))
 
 
 # -- mb_netns_pod writes (the typed handle in bpf/maps.py only reads, so far) ----
