@@ -59,6 +59,7 @@ COUNTERS: dict[int, str] = {
     19: "msg_backpressure",
     20: "pair_deleted",
     21: "msg_peer_missing",
+    22: "getsockopt_nat",
 }
 #: first counter index reserved for bpf/progs/xdp.c (24..31)
 MB_C_XDP_FIRST = 24

@@ -105,6 +105,8 @@
 #define MB_C_PAIR_DELETED      20  /* passive socket closed: pair entry removed */
 #define MB_C_MSG_PEER_MISSING  21  /* redirect failed (peer not in the sockhash):
                                     * normal path from now on (once per socket) */
+#define MB_C_GETSOCKOPT_NAT    22  /* SO_ORIGINAL_DST: conntrack's NAT answer kept
+                                    * (iptables redirected that connection) */
 #define MB_C_XDP_FIRST         24  /* 24..31: bpf/progs/xdp.c */
 #define MB_C_XDP_NEW_FLOW      24  /* SYN redirected to MB_IN_PORT, flow recorded */
 #define MB_C_XDP_BYPASS_POLICY 25  /* SYN to a local pod, its inbound policy says no */

@@ -7,7 +7,9 @@
  * getsockopt(SOL_IP, SO_ORIGINAL_DST) (IPv6: SOL_IPV6, IP6T_SO_ORIGINAL_DST,
  * also 80). Without iptables' conntrack the kernel has no answer, so this
  * program answers from the connecting side's 4-tuple, which is the accepted
- * socket's tuple reversed. Every other getsockopt on the cgroup passes
+ * socket's tuple reversed. Where conntrack also answers (istio-iptables
+ * still in the pod), a real NAT answer is kept and ours wins otherwise
+ * (mb_kernel_nat4/6). Every other getsockopt on the cgroup passes
  * through untouched; a result larger than a page (the program only sees the
  * first page) is handed back as the kernel produced it (optlen = 0), never
  * truncated.
@@ -21,6 +23,35 @@ static __always_inline void mb_count(u32 idx)
 
 	if (v)
 		*v += 1;
+}
+
+/* Coexistence with istio-iptables (docs/datapath.md): when the kernel
+ * answered SO_ORIGINAL_DST itself (conntrack, retval 0), is its answer a real
+ * NAT, that is, iptables REDIRECTed this connection? Then it is right and an
+ * entry of ours under the same tuple can only be stale. For a connection
+ * connect4/6 rewrote, conntrack saw the rewritten destination, so its answer
+ * is just the socket's own local address (or, if iptables redirected our
+ * rewrite once more, a proxy port): ours wins. */
+static __always_inline int mb_kernel_nat4(const struct sockaddr_in *sa, struct bpf_sock *sk)
+{
+	u16 port = bpf_ntohs(sa->sin_port);
+
+	if (sa->sin_family != AF_INET || port == MB_OUT_PORT || port == MB_IN_PORT)
+		return 0;
+	return sa->sin_addr.s_addr != sk->src_ip4 || port != (u16)sk->src_port;
+}
+
+static __always_inline int mb_kernel_nat6(const struct sockaddr_in6 *sa, struct bpf_sock *sk)
+{
+	u16 port = bpf_ntohs(sa->sin6_port);
+
+	if (sa->sin6_family != AF_INET6 || port == MB_OUT_PORT || port == MB_IN_PORT)
+		return 0;
+	return port != (u16)sk->src_port ||
+	       sa->sin6_addr.in6_u.u6_addr32[0] != mb_ctx_u32(&sk->src_ip6[0]) ||
+	       sa->sin6_addr.in6_u.u6_addr32[1] != mb_ctx_u32(&sk->src_ip6[1]) ||
+	       sa->sin6_addr.in6_u.u6_addr32[2] != mb_ctx_u32(&sk->src_ip6[2]) ||
+	       sa->sin6_addr.in6_u.u6_addr32[3] != mb_ctx_u32(&sk->src_ip6[3]);
 }
 
 int mb_getsockopt(struct bpf_sockopt *ctx)
@@ -72,6 +103,10 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
 
 		if (!mb_addr_is_v4(&o->addr) || (void *)(sa + 1) > end)
 			return 1;
+		if (ctx->retval == 0 && mb_kernel_nat4(sa, sk)) {
+			mb_count(MB_C_GETSOCKOPT_NAT);
+			return 1;
+		}
 		sa->sin_family = AF_INET;
 		sa->sin_port = o->port;
 		sa->sin_addr.s_addr = o->addr.ip[3];
@@ -82,6 +117,10 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
 
 		if ((void *)(sa6 + 1) > end)
 			return 1;
+		if (ctx->retval == 0 && mb_kernel_nat6(sa6, sk)) {
+			mb_count(MB_C_GETSOCKOPT_NAT);
+			return 1;
+		}
 		sa6->sin6_family = AF_INET6;
 		sa6->sin6_port = o->port;
 		sa6->sin6_flowinfo = 0;
