@@ -29,6 +29,10 @@ annotations or a policy larger than the datapath's lists is a ``PodError``
 with code 101 and nothing is written; no value from a manifest ever reaches a
 shell or a path.
 
+The per-container kernel work (apply / ensure / withdraw / check) is the
+``Pieces`` mixin in ``enrolment.py``, which also defines ``PodError`` and the
+codes re-exported here.
+
 Collaborators are injected so that the state machine runs without root in
 unit tests: ``maps`` (``local_pods``/``mark_pod_ips`` with put/get/delete/items),
 ``podnet`` (see ``PodNet``) and ``lookup(namespace, name) -> pod | None``.
@@ -40,8 +44,6 @@ server turns it into the plugin's error reply.
 from __future__ import annotations
 
 import logging
-import os
-import struct
 import threading
 import time
 from contextlib import contextmanager
@@ -52,32 +54,13 @@ from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as bpftypes
 from merbridge.bpf.mesh import Mesh
 from merbridge.daemon import annotations
+from merbridge.daemon.enrolment import (  # noqa: F401  (re-exported: the registry's API)
+    INTERNAL, INVALID_ANNOTATIONS, INVALID_NETNS, KEY_MASK, NO_POD_IP, NODE_FULL, NOT_AVAILABLE,
+    NOT_ENROLLED, TRY_AGAIN_LATER, _BAD_MANIFEST, PodError, Pieces, map_full, netns_id)
 from merbridge.daemon.legacy import LegacyPods
 from merbridge.daemon.state import ADDING, ENROLLED, Record, StateStore
 
 log = logging.getLogger(__name__)
-
-# CNI codes (the spec's, and ours from 100 up)
-TRY_AGAIN_LATER = 11
-NOT_AVAILABLE = 50
-INVALID_NETNS = 8
-INTERNAL = 999
-INVALID_ANNOTATIONS = 101
-NO_POD_IP = 102
-NOT_ENROLLED = 103
-NODE_FULL = 104
-
-#: mark keys stay in 1..2^31-1 (see the module docstring)
-KEY_MASK = 0x7FFFFFFF
-#: what a malformed manifest raises in the annotation parsers
-_BAD_MANIFEST = (ValueError, TypeError, AttributeError, KeyError)
-
-
-class PodError(Exception):
-    def __init__(self, code: int, msg: str, details: str = ""):
-        super().__init__(f"{msg}: {details}" if details else msg)
-        self.code, self.msg, self.details = code, msg, details
-
 
 class PodNet(Protocol):
     """Per-pod network plumbing (``podnet.py`` in production, a fake in unit tests)."""
@@ -135,15 +118,7 @@ def allocate_key(container_id: str, used: set[int]) -> int:
     raise PodError(INTERNAL, "no free mark key")  # unreachable: used is finite
 
 
-def netns_id(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-class Registry:
+class Registry(Pieces):
     def __init__(self, *, mesh: Mesh, maps: Any, podnet: PodNet | None,
                  lookup: Callable[[str, str], dict | None],
                  store: StateStore | None = None, cni_mode: bool = True,
@@ -323,7 +298,7 @@ class Registry:
                 self._save()
             if isinstance(exc, PodError):
                 raise
-            if _map_full(exc):
+            if map_full(exc):
                 raise PodError(NODE_FULL, "node pod limit reached",
                                f"a datapath map is full: {exc}"[:500]) from exc
             log.error("enrolling %s failed", rec.container_id, exc_info=True)
@@ -340,93 +315,6 @@ class Registry:
             log.debug("cannot list mark_pod_ips", exc_info=True)
         return used
 
-    def _apply(self, rec: Record, policy, undo: list) -> None:
-        """Create every piece of an enrolment, pushing its undo first-in-last-out."""
-        with self._lock:
-            self.maps.mark_pod_ips.put(rec.key, self._primary_ip(rec.ips))
-            undo.append(lambda: self._quiet(self.maps.mark_pod_ips.delete, rec.key))
-            for ip in rec.ips:
-                self.maps.local_pods.put(ip, policy)
-                undo.append(lambda ip=ip: self._quiet(self.maps.local_pods.delete, ip))
-        marker = self.podnet.open_marker(rec.netns, rec.key)
-        undo.append(marker.close)
-        self.markers[rec.container_id] = marker
-        undo.append(lambda: self.markers.pop(rec.container_id, None))
-        self._remember_netns(rec, marker)
-        undo.append(lambda: self._forget_netns(rec))
-        undo.append(lambda: self.podnet.detach_xdp(rec.netns, rec.ifname))
-        self.podnet.attach_xdp(rec.netns, rec.ifname)
-        if not self.hardware_checksum:
-            self.podnet.tx_checksum_off(rec.netns, rec.ifname)
-
-    # -- mb_netns_pod: interception that does not depend on the listener -------
-    def _netns_pods(self):
-        return getattr(self.maps, "netns_pod", None)
-
-    def _remember_netns(self, rec: Record, marker: Any) -> None:
-        """mb_netns_pod[cookie of the pod netns] = (primary IP, key)."""
-        cookie_of = getattr(self.podnet, "netns_cookie", None)
-        table = self._netns_pods()
-        if cookie_of is None or table is None:
-            return
-        cookie = int(cookie_of(marker))
-        with self._lock:
-            netns_pod_put(table, cookie, self._primary_ip(rec.ips), rec.key)
-            if rec.netns_cookie != cookie:
-                rec.netns_cookie = cookie
-                self._save()
-
-    def _forget_netns(self, rec: Record) -> None:
-        """Remove rec's mb_netns_pod entries: by its cookie, and any entry the
-        connect programs cached for its key (the same netns, normally)."""
-        table = self._netns_pods()
-        if table is None:
-            return
-        with self._lock:
-            doomed = {rec.netns_cookie} if rec.netns_cookie else set()
-            doomed.update(c for c, _, mark in table.items() if mark == rec.key)
-            for cookie in doomed:
-                netns_pod_delete(table, cookie)
-
-    @staticmethod
-    def _quiet(fn: Callable, *args) -> None:
-        try:
-            fn(*args)
-        except KeyError:
-            pass
-
-    def _ensure(self, rec: Record, policy=None) -> None:
-        """Make an enrolled container's pieces present again (idempotent ADD, restart)."""
-        with self._lock:
-            self.maps.mark_pod_ips.put(rec.key, self._primary_ip(rec.ips))
-            for ip in rec.ips:
-                if policy is not None:
-                    self.maps.local_pods.put(ip, policy)
-                elif self.maps.local_pods.get(ip) is None:
-                    self.maps.local_pods.put(ip, self._fallback_policy(rec))
-        marker = self.markers.get(rec.container_id)
-        if marker is None or not self.podnet.marker_ok(marker, rec.key):
-            if marker is not None:
-                marker.close()
-            marker = self.markers[rec.container_id] = self.podnet.open_marker(rec.netns,
-                                                                               rec.key)
-        self._remember_netns(rec, marker)
-        if not self.podnet.xdp_attached(rec.netns, rec.ifname):
-            self.podnet.attach_xdp(rec.netns, rec.ifname)
-        if not self.hardware_checksum:
-            self.podnet.tx_checksum_off(rec.netns, rec.ifname)
-
-    def _fallback_policy(self, rec: Record):
-        pod = self.lookup(rec.namespace, rec.name)
-        if pod is not None:
-            try:
-                return self._policy(pod)
-            except PodError:
-                log.error("pod %s/%s: bad annotations, using the mesh defaults",
-                          rec.namespace, rec.name)
-        return annotations.pod_policy({"metadata": {"namespace": rec.namespace,
-                                                    "name": rec.name}}, self.mesh)
-
     def delete(self, att: Attachment) -> None:
         t0 = time.monotonic()
         with self._container_lock(att.container_id):
@@ -441,49 +329,6 @@ class Registry:
                 raise
             self._count("DEL", "ok", t0)
 
-    def _withdraw(self, rec: Record) -> None:
-        errors = []
-        marker = self.markers.pop(rec.container_id, None)
-        if marker is not None:
-            marker.close()
-        if self._same_netns(rec):
-            try:
-                self.podnet.detach_xdp(rec.netns, rec.ifname)
-            except Exception as exc:
-                if self._same_netns(rec):  # gone meanwhile: nothing left to detach
-                    errors.append(f"detach XDP in {rec.netns}: {exc}")
-        with self._lock:
-            for fn, arg in [(self.maps.mark_pod_ips.delete, rec.key)] + [
-                    (self.maps.local_pods.delete, ip) for ip in rec.ips
-                    if not self._ip_used_elsewhere(ip, rec.container_id)]:
-                try:
-                    self._quiet(fn, arg)
-                except Exception as exc:
-                    errors.append(f"delete map entry {arg}: {exc}")
-            try:
-                self._forget_netns(rec)
-            except Exception as exc:
-                errors.append(f"netns cache of {rec.key:#x}: {exc}")
-            flows = getattr(self.maps, "pair_orig_dst", None)
-            for ip in rec.ips if flows is not None else ():
-                try:
-                    flows.delete_ip(ip)    # recorded original destinations of its flows
-                except Exception as exc:
-                    errors.append(f"flow state of {ip}: {exc}")
-            if errors:
-                raise PodError(INTERNAL, f"removing container {rec.container_id}",
-                               "; ".join(errors))
-            self.records.pop(rec.container_id, None)
-            self._save()
-        log.info("withdrew %s/%s container %s", rec.namespace, rec.name, rec.container_id)
-
-    def _ip_used_elsewhere(self, ip: str, cid: str) -> bool:
-        return any(ip in r.ips for c, r in self.records.items() if c != cid)
-
-    def _same_netns(self, rec: Record) -> bool:
-        now = netns_id(rec.netns)
-        return now is not None and (rec.netns_id is None or now == rec.netns_id)
-
     def check(self, att: Attachment) -> None:
         with self._container_lock(att.container_id):
             rec = self.records.get(att.container_id)
@@ -497,23 +342,6 @@ class Registry:
             if problems:
                 raise PodError(NOT_ENROLLED, f"enrolment of {rec.namespace}/{rec.name} is "
                                "incomplete", "; ".join(problems))
-
-    def _problems(self, rec: Record) -> list[str]:
-        out = []
-        if rec.phase != ENROLLED:
-            out.append(f"phase is {rec.phase}")
-        if not self._same_netns(rec):
-            return out + [f"netns {rec.netns} is gone"]
-        if self.maps.mark_pod_ips.get(rec.key) != self._primary_ip(rec.ips):
-            out.append(f"mark_pod_ips[{rec.key:#x}] is not {self._primary_ip(rec.ips)}")
-        out += [f"local_pods has no {ip}" for ip in rec.ips
-                if self.maps.local_pods.get(ip) is None]
-        marker = self.markers.get(rec.container_id)
-        if marker is None or not self.podnet.marker_ok(marker, rec.key):
-            out.append("marker listener is not open")
-        if not self.podnet.xdp_attached(rec.netns, rec.ifname):
-            out.append(f"XDP is not attached to {rec.ifname}")
-        return out
 
     def gc(self, valid: Iterable[tuple[str, str]]) -> None:
         keep = {cid for cid, _ in valid}
@@ -644,31 +472,3 @@ class Registry:
     def resync_legacy(self, pods: Iterable[dict]) -> None:
         """Make mb_local_pods exactly the in-mesh pods of a full snapshot."""
         self.legacy.resync(pods)
-
-
-def _map_full(exc: BaseException) -> bool:
-    """A map update refused for lack of room (E2BIG from a full hash map; bcc
-    reports it only in the message)."""
-    return getattr(exc, "errno", None) in (7, 28) or any(
-        m in str(exc) for m in ("Argument list too long", "No space left"))
-
-
-# -- mb_netns_pod writes (the typed handle in bpf/maps.py only reads, so far) ----
-_COOKIE = struct.Struct("=Q")
-
-
-def netns_pod_put(table: Any, cookie: int, ip: str, key: int) -> None:
-    if hasattr(table, "put"):
-        table.put(cookie, ip, key)
-        return
-    value = bpftypes.MbNetnsPod()
-    value.ip = bpftypes.MbAddr.from_buffer_copy(bpftypes.addr_pack(ip))
-    value.mark = key
-    table.b.put(_COOKIE.pack(cookie), bytes(value))
-
-
-def netns_pod_delete(table: Any, cookie: int) -> None:
-    if hasattr(table, "delete"):
-        table.delete(cookie)
-    else:
-        table.b.delete(_COOKIE.pack(cookie))
