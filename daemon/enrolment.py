@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from typing import Any, Callable
 
-from merbridge.bpf import types as bpftypes
 from merbridge.daemon import annotations
 from merbridge.daemon.state import ENROLLED, Record
 
@@ -87,7 +85,7 @@ class Pieces:
             return
         cookie = int(cookie_of(marker))
         with self._lock:
-            netns_pod_put(table, cookie, self._primary_ip(rec.ips), rec.key)
+            table.put(cookie, self._primary_ip(rec.ips), rec.key)
             if rec.netns_cookie != cookie:
                 rec.netns_cookie = cookie
                 self._save()
@@ -102,7 +100,7 @@ class Pieces:
             doomed = {rec.netns_cookie} if rec.netns_cookie else set()
             doomed.update(c for c, _, mark in table.items() if mark == rec.key)
             for cookie in doomed:
-                netns_pod_delete(table, cookie)
+                table.delete(cookie)
 
     @staticmethod
     def _quiet(fn: Callable, *args) -> None:
@@ -209,24 +207,3 @@ def map_full(exc: BaseException) -> bool:
     reports it only in the message)."""
     return getattr(exc, "errno", None) in (7, 28) or any(
         m in str(exc) for m in ("Argument list too long", "No space left"))
-
-
-# -- mb_netns_pod writes (the typed handle in bpf/maps.py only reads, so far) ----
-_COOKIE = struct.Struct("=Q")
-
-
-def netns_pod_put(table: Any, cookie: int, ip: str, key: int) -> None:
-    if hasattr(table, "put"):
-        table.put(cookie, ip, key)
-        return
-    value = bpftypes.MbNetnsPod()
-    value.ip = bpftypes.MbAddr.from_buffer_copy(bpftypes.addr_pack(ip))
-    value.mark = key
-    table.b.put(_COOKIE.pack(cookie), bytes(value))
-
-
-def netns_pod_delete(table: Any, cookie: int) -> None:
-    if hasattr(table, "delete"):
-        table.delete(cookie)
-    else:
-        table.b.delete(_COOKIE.pack(cookie))

@@ -407,7 +407,7 @@ class Registry(Pieces):
             owned = {(r.key, self._primary_ip(r.ips)) for r in self.records.values() if r.ips}
             for cookie, ip, mark in list(table.items()) if table is not None else ():
                 if (mark, ip) not in owned:
-                    netns_pod_delete(table, cookie)
+                    table.delete(cookie)
             self._save()
 
     def shutdown(self) -> None:
