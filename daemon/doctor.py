@@ -4,7 +4,7 @@ Each check reports OK, FAIL or SKIP with what it found and, when it fails,
 exactly how to fix it.  Required checks decide the exit status; the others
 are advice.  Program and map types are probed with ``bpftool feature probe
 kernel`` (JSON), which loads tiny programs and creates tiny maps, so it needs
-root; without bpftool or root those checks are skipped, not guessed.
+root's capabilities; without bpftool or them those checks are skipped, not guessed.
 
 Inputs (mount table, kernel release, the probe) are parameters so the logic
 is testable on any machine; the defaults read this machine.
@@ -33,6 +33,10 @@ PROGRAM_TYPES = {
 }
 #: the map types of bpf/include/maps.h
 MAP_TYPES = ("hash", "lru_hash", "array", "percpu_array", "sockhash")
+#: capabilities the daemon needs (bit numbers of linux/capability.h): loading
+#: and attaching cgroup/XDP programs and pinning (CAP_SYS_ADMIN covers CAP_BPF
+#: and CAP_PERFMON on every kernel), netlink, SO_MARK and ethtool (CAP_NET_ADMIN)
+REQUIRED_CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,31 @@ def _mounts(mounts_file: str) -> list[tuple[str, str]]:
         return []
 
 
+def effective_caps(status_file: str = "/proc/self/status") -> int:
+    """This process's effective capability set (CapEff), 0 when unreadable.
+
+    Capabilities, not the uid, decide: a container's root without them
+    (``privileged: false``) cannot load a program, and uid 0 is what it shows.
+    """
+    try:
+        with open(status_file, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def privileges_check(caps: int, euid: int) -> Check:
+    missing = [name for name, bit in REQUIRED_CAPS.items() if not caps >> bit & 1]
+    if not missing:
+        return _ok("privileges", f"uid {euid} with {', '.join(REQUIRED_CAPS)}")
+    return _fail("privileges", f"running as uid {euid} without {', '.join(missing)}",
+                 "run as root with full capabilities (the DaemonSet is privileged: true; "
+                 "outside it, plain root or sudo)")
+
+
 def bpftool_probe() -> dict | None:
     """``bpftool feature probe kernel -j`` as a dict, None if unavailable."""
     tool = shutil.which("bpftool") or next(
@@ -103,10 +132,10 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
                mounts_file: str = "/proc/mounts", kernel_release: str | None = None,
                probe: Callable[[], dict | None] = bpftool_probe,
                bcc: Callable[[], tuple[bool, str]] = _bcc_importable,
-               euid: int | None = None) -> list[Check]:
+               caps: int | None = None) -> list[Check]:
     checks: list[Check] = []
     release = kernel_release or platform.release()
-    euid = os.geteuid() if euid is None else euid
+    caps = effective_caps() if caps is None else caps
     mounts = _mounts(mounts_file)
 
     version = parse_kernel(release)
@@ -115,9 +144,8 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
         "kernel", f"{release} is older than {want}",
         f"upgrade the node kernel to {want} or newer (cgroup connect hooks with netns cookies)"))
 
-    checks.append(_ok("root", "running as root") if euid == 0 else _fail(
-        "root", f"running as uid {euid}",
-        "run as root (loading BPF programs needs CAP_SYS_ADMIN/CAP_BPF and CAP_NET_ADMIN)"))
+    checks.append(privileges_check(caps, os.geteuid()))
+    privileged = checks[-1].status == "ok"
 
     cg = cgroup_path or find_cgroup2_mount(mounts_file)
     if cg is None:
@@ -165,10 +193,10 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
         "apt-get install python3-bpfcc and run merbridge from /usr/bin/python3 or a venv "
         "made with --system-site-packages (PyPI's 'bcc' is an unrelated package)"))
 
-    features = probe() if euid == 0 else None
+    features = probe() if privileged else None
     if features is None:
-        why = "needs root" if euid != 0 else "bpftool is not installed or failed"
-        fix = "run doctor as root" if euid != 0 else "apt-get install bpftool"
+        why = "bpftool is not installed or failed" if privileged else "needs root's capabilities"
+        fix = "apt-get install bpftool" if privileged else "run doctor as root"
         for t in PROGRAM_TYPES:
             checks.append(_skip(f"program type {t}", f"not probed: {why}", fix))
         for t in MAP_TYPES:

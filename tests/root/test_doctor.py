@@ -17,7 +17,7 @@ def test_doctor_passes_on_this_machine():
     failed = [c for c in report["checks"] if c["required"] and c["status"] != "ok"]
     assert failed == [] and report["ok"] and r.returncode == 0, r.stdout
     names = {c["name"] for c in report["checks"]}
-    assert {"kernel", "root", "cgroup v2", "bpffs", "kernel headers", "bcc",
+    assert {"kernel", "privileges", "cgroup v2", "bpffs", "kernel headers", "bcc",
             "program type cgroup_sock_addr", "program type sk_msg", "map type sockhash"} <= names
 
 

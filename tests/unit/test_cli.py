@@ -132,16 +132,17 @@ def test_doctor_reports_what_is_missing_and_how_to_fix(tmp_path):
     mounts = tmp_path / "mounts"
     mounts.write_text("proc /proc proc rw 0 0\nbpf /other/bpf bpf rw 0 0\n")
     checks = doctor.run_checks(bpffs_path="/sys/fs/bpf/merbridge", mounts_file=str(mounts),
-                               kernel_release="5.4.0-100-generic", euid=1000,
+                               kernel_release="5.4.0-100-generic", caps=1 << 21,
                                bcc=lambda: (False, "No module named 'bcc'"))
     by = {c.name: c for c in checks}
     assert by["kernel"].status == "fail" and "5.7" in by["kernel"].fix
-    assert by["root"].status == "fail"
+    assert by["privileges"].status == "fail" and "without CAP_NET_ADMIN" in by["privileges"].detail
+    assert "CAP_SYS_ADMIN" not in by["privileges"].detail
     assert by["cgroup v2"].status == "fail" and "mount -t cgroup2" in by["cgroup v2"].fix
     assert by["bpffs"].status == "fail" and "/other/bpf" in by["bpffs"].detail
     assert "mount -t bpf" in by["bpffs"].fix
     assert by["bcc"].status == "fail" and "python3-bpfcc" in by["bcc"].fix
-    assert by["program type sk_msg"].status == "skip" and "root" in by["program type sk_msg"].detail
+    assert by["program type sk_msg"].status == "skip" and "root's capabilities" in by["program type sk_msg"].detail
     assert not doctor.passed(checks)
     text = doctor.render_text(checks)
     assert "FAIL kernel" in text and "fix: " in text and "cannot run here" in text
@@ -152,7 +153,7 @@ def test_doctor_flags_missing_kernel_features(tmp_path):
     mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n")
     features = {"program_types": {f"have_{t}_prog_type": True for t in doctor.PROGRAM_TYPES},
                 "map_types": {f"have_{t}_map_type": t != "sockhash" for t in doctor.MAP_TYPES}}
-    checks = doctor.run_checks(mounts_file=str(mounts), cgroup_path=str(tmp_path), euid=0,
+    checks = doctor.run_checks(mounts_file=str(mounts), cgroup_path=str(tmp_path), caps=(1 << 64) - 1,
                                kernel_release="6.1.0", probe=lambda: features, bcc=lambda: (True, "0.26"))
     by = {c.name: c for c in checks}
     assert by["map type sockhash"].status == "fail"
