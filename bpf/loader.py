@@ -39,6 +39,19 @@ PROGS_DIR = str(_PKG / "progs")
 BPFFS_MAGIC_FS = "bpf"
 
 
+def _release_compiler_memory() -> None:
+    """Give the heap that clang/LLVM left behind back to the kernel.
+
+    Compiling the programs grows glibc's heap by ~60 MB that LLVM frees but
+    malloc keeps; a long-running daemon never needs it again (measured: RSS
+    183 -> 127 MB after loading everything). A no-op where libc has no
+    malloc_trim (not glibc).
+    """
+    trim = getattr(ct.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 class DatapathError(RuntimeError):
     """A load/attach/pin problem, with a message meant for the operator."""
 
@@ -143,7 +156,7 @@ class BccBackend:
 
 
 def _maps_of(bpf: BPF, closer=None) -> Maps:
-    backends = {name: BccBackend(bpf.get_table(name))
+    backends = {name: BccBackend(bpf.get_table(name.encode()))
                 for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
     return Maps(backends, closer)
 
@@ -197,6 +210,7 @@ class Datapath:
         except Exception as e:
             self.close()
             raise DatapathError(f"loading the datapath failed: {e}") from e
+        _release_compiler_memory()
         return self
 
     @property
@@ -233,6 +247,7 @@ class Datapath:
                     raise DatapathError(f"loading {XDP_SOURCE} failed: {e}") from e
                 self._fns.update(fns)
                 self._objs[XDP_SOURCE] = b
+                _release_compiler_memory()
         return self._fns[XDP_INGRESS].fd, self._fns[XDP_EGRESS].fd
 
     # ---- attach ---------------------------------------------------------------
