@@ -126,6 +126,9 @@ class Daemon:
         self.datapath = loader.Datapath(cfg.bpffs_path, self.mesh, cni_mode=cfg.cni_mode,
                                         ambient=getattr(cfg, "ambient", False))
         self.datapath.load()
+        if cfg.cni_mode:
+            # compile XDP now (~1 s), before we say ready, not in the first pod's ADD
+            self.datapath.xdp_programs()
         self.datapath.attach(cfg.cgroup_path)
         log.info("datapath loaded and attached pins=%s cgroup=%s", cfg.bpffs_path,
                  cfg.cgroup_path)
