@@ -171,3 +171,46 @@ def test_in_place_rewrite_does_not_flap(tmp_path, source):
         f.flush()
         time.sleep(0.2)                          # a rescan now would see the truncated file
     assert rec.wait_len(2) == [("ADDED", "shop/a"), ("MODIFIED", "shop/a")]
+
+
+def test_load_dir_parses_only_changed_files(tmp_path, monkeypatch):
+    def pod(name, ip):
+        return json.dumps({"apiVersion": "v1", "kind": "Pod", "status": {"podIP": ip},
+                           "metadata": {"name": name, "namespace": "ns"}})
+
+    for i in range(5):
+        (tmp_path / f"p{i}.json").write_text(pod(f"p{i}", f"10.0.0.{i}"))
+    old = time.time() - 60          # out of the racy window
+    for f in tmp_path.iterdir():
+        os.utime(f, (old, old))
+    monkeypatch.setattr(podsdir, "RACY_S", 0.0)
+    cache = {}
+    parsed = []
+    real = podsdir.load_file
+    monkeypatch.setattr(podsdir, "load_file", lambda p: parsed.append(os.path.basename(p)) or real(p))
+
+    first = podsdir.load_dir(str(tmp_path), cache)
+    assert len(first) == 5 and len(parsed) == 5
+    parsed.clear()
+    (tmp_path / "new.json").write_text(pod("new", "10.0.0.9"))
+    tmp = tmp_path / ".p1.json"                      # replaced by rename, same size
+    tmp.write_text(pod("p1", "10.0.0.8"))
+    os.replace(tmp, tmp_path / "p1.json")
+    (tmp_path / "p2.json").unlink()
+    second = podsdir.load_dir(str(tmp_path), cache)
+    assert sorted(parsed) == ["new.json", "p1.json"]
+    assert second["ns/p1"]["status"]["podIP"] == "10.0.0.8" and "ns/p2" not in second
+    assert second["ns/p0"] is first["ns/p0"]          # unchanged: not parsed again
+    assert set(cache) == {str(tmp_path / n) for n in ("p0.json", "p1.json", "p3.json",
+                                                      "p4.json", "new.json")}
+
+
+def test_a_file_inside_the_racy_window_is_parsed_again(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text(POD_A)
+    cache = {}
+    parsed = []
+    real = podsdir.load_file
+    monkeypatch.setattr(podsdir, "load_file", lambda p: parsed.append(p) or real(p))
+    podsdir.load_dir(str(tmp_path), cache)
+    podsdir.load_dir(str(tmp_path), cache)        # just written: stat cannot be trusted yet
+    assert len(parsed) == 2
