@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -49,21 +48,13 @@ def map_updates(n: int) -> dict:
             dp.close()
 
 
-def _write_pod(pods_dir: str, name: str, ip: str) -> None:
-    import daemonctl
-    tmp = os.path.join(pods_dir, f".{name}.json")
-    with open(tmp, "w") as f:
-        json.dump(daemonctl.pod_manifest(name, ip), f)
-    os.rename(tmp, os.path.join(pods_dir, f"{name}.json"))
-
-
 def daemon_figures(workdir: str, pods: int, events: int) -> dict:
     import daemonctl
     from merbridge.bpf.loader import open_maps
     d = daemonctl.Daemon(workdir, cni_mode=False)
     try:
         for i in range(pods):
-            _write_pod(d.pods_dir, f"p{i}", f"10.234.{i // 250}.{i % 250 + 1}")
+            d.write_pod(f"p{i}", f"10.234.{i // 250}.{i % 250 + 1}")
         d.start()
         maps = None
         deadline = time.monotonic() + 60
@@ -87,7 +78,7 @@ def daemon_figures(workdir: str, pods: int, events: int) -> dict:
         for k in range(events):
             ip = f"10.235.0.{k + 1}"
             t0 = time.perf_counter()
-            _write_pod(d.pods_dir, f"ev{k}", ip)
+            d.write_pod(f"ev{k}", ip)
             while maps.local_pods.get(ip) is None:
                 if time.perf_counter() - t0 > 30:
                     raise BenchError(f"pod event -> map entry took more than 30 s: {d._tail()}")

@@ -25,17 +25,22 @@ POD_TEMPLATE = {
 }
 
 
-def pod_manifest(name: str, ip: str) -> dict:
+def pod_manifest(name: str, ip: str | None = None) -> dict:
+    """An in-mesh pod; without ``ip`` it is a pod the CNI has not networked
+    yet (CNI mode takes the address from ADD's prevResult)."""
     pod = json.loads(json.dumps(POD_TEMPLATE))
     pod["metadata"]["name"] = name
-    pod["status"]["podIP"] = ip
-    pod["status"]["podIPs"] = [{"ip": ip}]
+    if ip is not None:
+        pod["status"]["podIP"] = ip
+        pod["status"]["podIPs"] = [{"ip": ip}]
     return pod
 
 
 class Daemon:
     def __init__(self, workdir: str, cni_mode: bool, cni_conf_dir: str | None = None,
-                 cni_bin_dir: str | None = None, pods: int = 0):
+                 cni_bin_dir: str | None = None, netns: str | None = None):
+        """``netns``: a node netns (name) to run the daemon in, as on a node
+        whose pods' host-side veths are there; None for this netns."""
         tag = uuid.uuid4().hex[:8]
         self.dir = os.path.join(workdir, f"daemon-{tag}")
         self.pods_dir = os.path.join(self.dir, "pods")
@@ -46,6 +51,7 @@ class Daemon:
         self.cgroup = os.path.join(common.CGROUP_ROOT, f"mbb-{tag}")
         self.socket = os.path.join(self.dir, "cni.sock")
         self.cni_mode = cni_mode
+        self.netns = netns
         self.cni_conf_dir = cni_conf_dir or os.path.join(self.dir, "net.d")
         self.cni_bin_dir = cni_bin_dir or os.path.join(self.dir, "bin")
         os.makedirs(self.cni_conf_dir, exist_ok=True)
@@ -54,15 +60,23 @@ class Daemon:
         self.started = 0.0
         self.log_path = os.path.join(self.dir, "daemon.log")
 
+    def write_pod(self, name: str, ip: str | None = None) -> None:
+        """Put a pod manifest into the daemon's --pods-dir (atomically)."""
+        tmp = os.path.join(self.pods_dir, f".{name}.json")
+        with open(tmp, "w") as f:
+            json.dump(pod_manifest(name, ip), f)
+        os.rename(tmp, os.path.join(self.pods_dir, f"{name}.json"))
+
     def argv(self) -> list[str]:
         exe = os.path.join(os.path.dirname(os.path.realpath(sys.executable)), "merbridge")
         venv_exe = os.path.join(common.TOP, ".venv", "bin", "merbridge")
         exe = venv_exe if os.path.exists(venv_exe) else exe
-        return [exe, "run", f"--cni-mode={'true' if self.cni_mode else 'false'}",
+        from merbridge.daemon import netns
+        return netns.command([exe, "run", f"--cni-mode={'true' if self.cni_mode else 'false'}",
                 f"--bpffs-path={self.pin_dir}", f"--cgroup-path={self.cgroup}",
                 f"--cni-bin-dir={self.cni_bin_dir}", f"--cni-conf-dir={self.cni_conf_dir}",
                 f"--socket-path={self.socket}", f"--state-dir={self.state_dir}",
-                f"--pods-dir={self.pods_dir}", "--node-name=bench-node"]
+                f"--pods-dir={self.pods_dir}", "--node-name=bench-node"], ns=self.netns)
 
     def __enter__(self) -> "Daemon":
         try:

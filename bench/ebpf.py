@@ -34,8 +34,9 @@ BPFFS = "/sys/fs/bpf"
 
 class MeshDatapath:
     def __init__(self, lab, cni_mode: bool, sockmap: bool = True,
-                 legacy_iptables: bool = True):
+                 legacy_iptables: bool = True, hardware_checksum: bool = False):
         self.lab, self.cni_mode, self.sockmap = lab, cni_mode, sockmap
+        self.hardware_checksum = hardware_checksum
         self.legacy_iptables = legacy_iptables
         self.dps: list[Datapath] = []
         self.pins: list[str] = []
@@ -67,7 +68,8 @@ class MeshDatapath:
                 if not hasattr(dp, "xdp_programs"):
                     log("  loader has no xdp_programs(): cross-node inbound not intercepted")
                     continue
-                podnet = PodNet(dp.xdp_programs, peer_netns=netns.netns_path(node.ns))
+                podnet = PodNet(dp.xdp_programs, peer_netns=netns.netns_path(node.ns),
+                                hardware_checksum=self.hardware_checksum)
                 for pod in pods:
                     podnet.attach_xdp(netns.netns_path(pod.ns), "eth0")
                     self.xdp.append((podnet, pod.ns))

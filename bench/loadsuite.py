@@ -19,9 +19,7 @@ RATE_INTERVAL_MS = 16
 
 
 def placements(mode: str, wanted: list[str]) -> list[str]:
-    # sk_msg only shortcuts sockets on one node: the sockmap-off variant is
-    # measured same-node only (cross-node it is the CNI mode itself).
-    if mode == "ebpf-cni-nosockmap":
+    if mode in topo.SAME_NODE_ONLY:
         return [w for w in wanted if w == "same"]
     return wanted
 

@@ -11,7 +11,8 @@ from common import summarize
 EBPF_MODES = ("ebpf-cni", "ebpf-legacy")
 LABEL = {"direct": "direct (no sidecar)", "iptables": "iptables + sidecars",
          "ebpf-cni": "eBPF CNI mode + sidecars", "ebpf-legacy": "eBPF legacy mode + sidecars",
-         "ebpf-cni-nosockmap": "eBPF CNI mode, sk_msg off"}
+         "ebpf-cni-nosockmap": "eBPF CNI mode, sk_msg off",
+         "ebpf-cni-hwcsum": "eBPF CNI mode, tx checksum offload on"}
 CONN = {False: "keep-alive", True: "Connection: close"}
 
 

@@ -13,6 +13,8 @@ Modes:
   datapath loaded once per node (its own pin dir), attached to that node's pod
   cgroups, pods registered the way the daemon does (``ebpf.py``).
 - ``ebpf-cni-nosockmap``: CNI mode with sk_msg redirection switched off.
+- ``ebpf-cni-hwcsum``: CNI mode with the pods' tx checksum offload left on
+  (``--hardware-checksum=true``): what turning it off costs same-node.
 
 A fresh topology per (repetition, mode) keeps modes from leaking state into
 each other (conntrack, nat tables, sockets in TIME_WAIT).
@@ -27,7 +29,12 @@ from merbridge.daemon.lab import Lab
 APP_PORT = 8080
 PASSTHROUGH = "127.0.0.6"
 
-MODES = ("direct", "iptables", "ebpf-cni", "ebpf-legacy", "ebpf-cni-nosockmap")
+MODES = ("direct", "iptables", "ebpf-cni", "ebpf-legacy", "ebpf-cni-nosockmap",
+         "ebpf-cni-hwcsum")
+#: CNI-mode variants measured same-node only: sk_msg shortcuts sockets on one
+#: node, and with tx checksum offload on, XDP's rewrite of cross-node replies
+#: is not checksum-safe (docs/datapath.md)
+SAME_NODE_ONLY = ("ebpf-cni-nosockmap", "ebpf-cni-hwcsum")
 DEFAULT_MODES = ("direct", "iptables", "ebpf-cni", "ebpf-legacy")
 
 _GET = r"""
@@ -88,7 +95,8 @@ class Topology:
         else:
             import ebpf  # only the eBPF modes need bcc and the loader
             self.datapath = ebpf.MeshDatapath(self.lab, cni_mode=self.mode.startswith("ebpf-cni"),
-                                              sockmap=not self.mode.endswith("nosockmap"))
+                                              sockmap=not self.mode.endswith("nosockmap"),
+                                              hardware_checksum=self.mode.endswith("hwcsum"))
             self.datapath.setup()
 
     def pods(self):
