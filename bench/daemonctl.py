@@ -71,8 +71,8 @@ class Daemon:
         exe = os.path.join(os.path.dirname(os.path.realpath(sys.executable)), "merbridge")
         venv_exe = os.path.join(common.TOP, ".venv", "bin", "merbridge")
         exe = venv_exe if os.path.exists(venv_exe) else exe
-        from merbridge.daemon import netns
-        return netns.command([exe, "run", f"--cni-mode={'true' if self.cni_mode else 'false'}",
+        from merbridge.daemon import netns as nsutil
+        return nsutil.command([exe, "run", f"--cni-mode={'true' if self.cni_mode else 'false'}",
                 f"--bpffs-path={self.pin_dir}", f"--cgroup-path={self.cgroup}",
                 f"--cni-bin-dir={self.cni_bin_dir}", f"--cni-conf-dir={self.cni_conf_dir}",
                 f"--socket-path={self.socket}", f"--state-dir={self.state_dir}",
