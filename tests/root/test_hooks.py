@@ -220,7 +220,7 @@ def test_bcc_layouts_match_mirrors(dp):
     for name, key, leaf in [(t.MAP_PAIR_ORIG_DST, t.MbPair, t.MbOrigin),
                             (t.MAP_LOCAL_PODS, t.MbAddr, t.MbPodConfig),
                             (t.MAP_COOKIE_ORIG_DST, None, t.MbOrigin)]:
-        table = b.get_table(name)
+        table = b.get_table(name.encode())
         for mine, theirs in ((key, table.Key), (leaf, table.Leaf)):
             if mine is None:
                 continue
