@@ -13,7 +13,9 @@ Metrics (all prefixed ``merbridge_``): ``pods_enrolled`` (gauge),
 ``cni_requests_total{command,result}`` (counter),
 ``cni_request_duration_seconds{command}`` (histogram),
 ``map_entries{map}`` / ``map_capacity{map}`` (gauges read at scrape time
-from a callback), ``errors_total{kind}`` (counter).
+from a callback), ``heap_bytes{state}`` (malloc's in-use and free-but-kept
+bytes, read at scrape time; absent without glibc), ``heap_python_blocks``
+(gauge), ``heap_trims_total`` (counter), ``errors_total{kind}`` (counter).
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ import logging
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ DEFAULT_ADDR = "127.0.0.1:15990"
 
 #: map name -> (entries in use, max entries)
 MapOccupancy = Callable[[], dict[str, tuple[int, int]]]
+#: -> an object like daemon/memory.Stats: ``trims``, ``python_blocks`` and ``malloc``
+#: (None, or with ``in_use`` and ``free`` bytes)
+HeapSource = Callable[[], Any]
 
 
 class _MapCollector:
@@ -54,6 +59,28 @@ class _MapCollector:
         return [used, cap]
 
 
+class _HeapCollector:
+    def __init__(self) -> None:
+        self.source: HeapSource | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        if self.source is None:
+            return []
+        stats = self.source()
+        out: list[GaugeMetricFamily | CounterMetricFamily] = [
+            CounterMetricFamily("merbridge_heap_trims", "Times idle heap pages were handed back",
+                                value=stats.trims),
+            GaugeMetricFamily("merbridge_heap_python_blocks", "Python small-object blocks "
+                              "allocated", value=stats.python_blocks)]
+        if stats.malloc is not None:
+            fam = GaugeMetricFamily("merbridge_heap_bytes", "The daemon's malloc heap: bytes "
+                                    "in use and bytes free but kept for reuse", labels=["state"])
+            fam.add_metric(["in_use"], stats.malloc.in_use)
+            fam.add_metric(["free"], stats.malloc.free)
+            out.append(fam)
+        return out
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -68,6 +95,8 @@ class Metrics:
         self.errors = Counter("merbridge_errors", "Errors by kind", ["kind"], registry=r)
         self._maps = _MapCollector()
         r.register(self._maps)
+        self._heap = _HeapCollector()
+        r.register(self._heap)
         self.server: MetricsServer | None = None
 
     def cni_request(self, command: str, result: str, seconds: float | None = None) -> None:
@@ -84,6 +113,9 @@ class Metrics:
 
     def set_map_occupancy(self, source: MapOccupancy | None) -> None:
         self._maps.source = source
+
+    def set_heap(self, source: HeapSource | None) -> None:
+        self._heap.source = source
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,7 +14,9 @@ Start-up order (each step only when the previous one succeeded):
    CNI mode: the CNI server, then ``restore`` (re-open the marker listeners and
    re-check XDP of every container in the state file; drop those whose netns is
    gone), then install the plugin into the CNI config;
-6. only then ready (health and the CNI STATUS command say so).
+6. only then ready (health and the CNI STATUS command say so). From here a
+   trimmer hands malloc's idle pages back to the kernel a moment after each
+   burst of pod work (daemon/memory.py).
 
 Shutdown (SIGTERM/SIGINT): not ready; remove our conflist entry, then the
 plugin binary (a config naming a missing plugin breaks every pod on the node);
@@ -33,9 +35,10 @@ import os
 import signal
 import threading
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, Callable
 
 from merbridge.bpf import mesh as meshes
+from merbridge.daemon import memory
 from merbridge.daemon import pods as podreg
 from merbridge.daemon.state import StateStore
 
@@ -94,6 +97,7 @@ class Daemon:
         self.metrics_server = None
         self._installer_thread: threading.Thread | None = None
         self.ambient = None   # ambient mode (H11): daemon/ambient.AmbientController
+        self.trimmer = memory.Trimmer()
 
     # -- start -----------------------------------------------------------
     def start(self) -> None:
@@ -135,6 +139,7 @@ class Daemon:
 
         from merbridge.daemon import metrics
         self.metrics = metrics.Metrics()
+        self.metrics.set_heap(self.trimmer.stats)
         self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
                                                     ready=self.ready.is_set)
         self.metrics_server.start()
@@ -168,10 +173,13 @@ class Daemon:
             self.ambient.resync(self.source.snapshot())
             self.ambient.start()
         self.registry.ready = True
+        self.trimmer.start()
+        self.trimmer.poke()   # start-up's compile and listing garbage
         self.ready.set()
         log.info("merbridge ready mode=%s cni_mode=%s", self.mesh.name, cfg.cni_mode)
 
     def _on_pod_event(self, event: str, pod: dict) -> None:
+        self.trimmer.poke()
         if self.registry is not None:
             self.registry.on_pod_event(event, pod)
         if self.ambient is not None:   # ambient mode (H11)
@@ -188,7 +196,8 @@ class Daemon:
     def _start_cni(self, store: StateStore) -> None:
         cfg = self.cfg
         from merbridge.daemon import cniserver, install
-        self.server = cniserver.CniServer(cfg.socket_path, Handler(self.registry))
+        self.server = cniserver.CniServer(cfg.socket_path,
+                                          Handler(self.registry, self.trimmer.poke))
         self.server.start()
         self.registry.restore(store.load())
         self.installer = install.Installer(
@@ -235,6 +244,7 @@ class Daemon:
             steps.append(("close the CNI socket", self.server.stop))
         if self.metrics_server is not None:
             steps.append(("stop the metrics server", self.metrics_server.stop))
+        steps.append(("stop the heap trimmer", self.trimmer.stop))
         for what, fn in steps:
             try:
                 fn()
@@ -250,24 +260,30 @@ class Daemon:
 
 
 class Handler:
-    """The CNI server's handler: protocol requests -> registry calls."""
+    """The CNI server's handler: protocol requests -> registry calls.
 
-    def __init__(self, registry: podreg.Registry):
+    ``churned`` is called on each request that changes pods (the heap trimmer's poke)."""
+
+    def __init__(self, registry: podreg.Registry, churned: Callable[[], None] = lambda: None):
         self.registry = registry
+        self.churned = churned
 
     def add(self, req) -> dict:
+        self.churned()
         att = _attachment(req)
         self.registry.add(att)
         rec = self.registry.records.get(att.container_id)
         return {"enrolled": rec is not None, "key": rec.key if rec else 0}
 
     def delete(self, req) -> None:
+        self.churned()
         self.registry.delete(_attachment(req))
 
     def check(self, req) -> None:
         self.registry.check(_attachment(req))
 
     def gc(self, req) -> None:
+        self.churned()
         self.registry.gc((a.container_id, a.ifname) for a in req.attachments)
 
     def status(self) -> tuple[bool, str]:

@@ -3,7 +3,7 @@ import http.client
 
 import pytest
 
-from merbridge.daemon import metrics
+from merbridge.daemon import memory, metrics
 
 
 def get(server, path):
@@ -108,3 +108,18 @@ def test_start_from_config_serves_until_stopped():
     m = metrics.start(Cfg(), ready=lambda: True)
     assert m.server is None
     m.stop()
+
+
+def test_heap_metrics(served):
+    m, server, _ = served
+    m.set_heap(lambda: memory.Stats(malloc=memory.Heap(in_use=2048, free=512, arena=4096),
+                                    python_blocks=1234, trims=5))
+    lines = set(get(server, "/metrics")[1].splitlines())
+    assert 'merbridge_heap_bytes{state="in_use"} 2048.0' in lines
+    assert 'merbridge_heap_bytes{state="free"} 512.0' in lines
+    assert "merbridge_heap_python_blocks 1234.0" in lines
+    assert "merbridge_heap_trims_total 5.0" in lines
+    # without glibc: no malloc figures, the rest still there
+    m.set_heap(lambda: memory.Stats(malloc=None, python_blocks=1, trims=0))
+    text = get(server, "/metrics")[1]
+    assert "merbridge_heap_bytes" not in text and "merbridge_heap_trims_total 0.0" in text

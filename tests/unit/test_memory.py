@@ -1,0 +1,97 @@
+"""daemon/memory.py: malloc's accounting and the trimmer, in this process."""
+import ctypes
+import gc
+import time
+
+from merbridge.daemon import memory
+
+
+def test_heap_sees_a_malloc_and_its_free():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = memory.heap()
+    assert before is not None, "glibc is the libc here; mallinfo2 must be found"
+    block = libc.malloc(64 << 20)   # above the mmap threshold: its own mapping
+    try:
+        during = memory.heap()
+        assert during.in_use - before.in_use >= 64 << 20
+        assert during.arena >= during.in_use
+    finally:
+        libc.free(block)
+    assert memory.heap().in_use - before.in_use < 1 << 20
+
+
+def test_trim_hands_back_freed_pages():
+    # every other 16 KiB block freed: holes free() cannot give back by itself
+    hoard = [bytearray(16384) for _ in range(4000)]
+    del hoard[::2]
+    gc.collect()
+    assert memory.trim() is True
+    del hoard
+
+
+def test_one_trim_after_a_burst_of_pokes():
+    t = memory.Trimmer(quiet=0.3)
+    t.start()
+    try:
+        for _ in range(10):   # a burst: each poke restarts the quiet period
+            t.poke()
+            time.sleep(0.05)
+        assert t.trims == 0
+        deadline = time.monotonic() + 5
+        while t.trims == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert t.trims == 1
+        time.sleep(0.5)
+        assert t.trims == 1   # no pokes, no more trims
+        t.poke()
+        deadline = time.monotonic() + 5
+        while t.trims == 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert t.trims == 2
+        stats = t.stats()
+        assert stats.trims == 2 and stats.python_blocks > 0 and stats.malloc is not None
+    finally:
+        t.stop()
+    assert not t._thread.is_alive()
+
+
+def test_stop_while_waiting_for_quiet_does_not_trim():
+    t = memory.Trimmer(quiet=30)
+    t.start()
+    t.poke()
+    time.sleep(0.1)
+    started = time.monotonic()
+    t.stop()
+    assert time.monotonic() - started < 2 and not t._thread.is_alive()
+    assert t.trims == 0
+
+
+def test_cni_requests_that_change_pods_poke_the_trimmer():
+    from types import SimpleNamespace
+
+    from merbridge.daemon import runtime
+
+    class Registry:
+        records: dict = {}
+        ready = True
+
+        def add(self, att): pass
+        def delete(self, att): pass
+        def check(self, att): pass
+        def gc(self, attachments): list(attachments)
+
+    pokes = []
+    handler = runtime.Handler(Registry(), churned=lambda: pokes.append(1))
+    req = SimpleNamespace(container_id="c1", netns="/proc/1/ns/net", ifname="eth0",
+                          pod_namespace="default", pod_name="p", pod_uid="u",
+                          ips=["10.0.0.2/24"], attachments=[])
+    handler.add(req)
+    handler.delete(req)
+    handler.gc(req)
+    assert len(pokes) == 3
+    handler.check(req)
+    handler.status()
+    assert len(pokes) == 3   # read-only requests leave the heap alone
