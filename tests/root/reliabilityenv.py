@@ -8,7 +8,7 @@ reference ``cnitool`` run in the lab's node netns -- the same exec, env and
 stdin a runtime gives the plugins.
 
 ``Observer`` reads what a leak would show: the daemon's open fds, threads
-and RSS (from /proc), every map it owns, the state file, XDP attachments in
+and memory (from /proc and its /metrics), every map it owns, the state file, XDP attachments in
 the node netns and marker listeners.
 """
 from __future__ import annotations
@@ -16,8 +16,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import secrets
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -155,12 +157,29 @@ class Observer:
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
-    def rss_kib(self) -> int:
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of /proc/PID/status in KiB: VmRSS, or RssAnon (the
+        heap and stacks, without the mapped libraries and bcc's objects)."""
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {field}")
+
+    def scrape(self) -> dict[str, float]:
+        """The daemon's /metrics as {"name{labels}": value}, fetched from inside the
+        node netns (the port is the one the daemon logged for --metrics-addr=...:0)."""
+        proc = next(p for p in self.env.procs if p.pid == self.pid)
+        found = re.search(r"metrics and health on ([\d.]+):(\d+)", self.env.log(proc))
+        assert found, "the daemon logged no metrics address"
+        url = f"http://{found[1]}:{found[2]}/metrics"
+        res = netns.run([sys.executable, "-c", "import sys, urllib.request; sys.stdout.write("
+                         "urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", url],
+                        ns=self.env.lab.nodes[0].ns)
+        assert res.returncode == 0, res.stderr
+        return {name: float(value) for name, _, value in
+                (line.rpartition(" ") for line in res.stdout.splitlines())
+                if name and not name.startswith("#")}
 
     def map_entries(self) -> dict[str, int]:
         maps = self.env.maps()
