@@ -63,10 +63,21 @@ SCENARIOS = (
 
 
 class Progress:
+    """Prints each step. Also where a SIGTERM is raised again when its
+    KeyboardInterrupt went off inside code whose exceptions Python ignores (an
+    at-fork hook, a finalizer): ``interrupt_pending`` stays set until then."""
+
     def __init__(self) -> None:
         self.t0 = time.monotonic()
+        self.interrupt_pending = False
+
+    def check(self) -> None:
+        if self.interrupt_pending:
+            self.interrupt_pending = False
+            raise KeyboardInterrupt
 
     def __call__(self, msg: str) -> None:
+        self.check()
         print(f"[{time.monotonic() - self.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
@@ -151,6 +162,7 @@ def exercise(node: Node, progress: Progress) -> dict[str, Any]:
 # ------------------------------------------------------------------ entry
 
 _MAIN_PID = os.getpid()
+_PROGRESS: Progress | None = None
 
 
 def _interrupt(signum, frame) -> None:
@@ -160,14 +172,16 @@ def _interrupt(signum, frame) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+    if _PROGRESS is not None:
+        _PROGRESS.interrupt_pending = True
     raise KeyboardInterrupt
 
 
 def run(as_json: bool = False) -> int:
     """The ``merbridge demo`` command; returns the exit status."""
-    global _MAIN_PID
+    global _MAIN_PID, _PROGRESS
     _MAIN_PID = os.getpid()
-    progress = Progress()
+    progress = _PROGRESS = Progress()
     progress("checking the host (merbridge doctor's checks, plus the demo's tools)")
     problems = preflight()
     if problems:
@@ -178,9 +192,17 @@ def run(as_json: bool = False) -> int:
     report: dict[str, Any] = {}
     failure = None
     old = signal.signal(signal.SIGTERM, _interrupt)
+    old_hook = sys.unraisablehook
+
+    def unraisable(info) -> None:
+        # an interrupt Python had to drop is raised again at the next step: no traceback
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and progress.interrupt_pending):
+            old_hook(info)
+    sys.unraisablehook = unraisable
     try:
         node.setup()
         report = exercise(node, progress)
+        progress.check()
         if not as_json:
             print(demoreport.render_pods(report))
             print(demoreport.render_table(report), flush=True)
@@ -194,11 +216,13 @@ def run(as_json: bool = False) -> int:
         # a second Ctrl-C or SIGTERM must not leave half the node behind
         held = signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        progress.interrupt_pending = False   # raised already, or recorded as failure below
         try:
             cleanup = node.teardown()
         finally:
             signal.signal(signal.SIGINT, held)
             signal.signal(signal.SIGTERM, old)
+            sys.unraisablehook = old_hook
     report["node"] = node.describe()
     report["cleanup"] = cleanup
     report["error"] = failure

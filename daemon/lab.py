@@ -260,13 +260,22 @@ class Lab:
         self.close()
 
     # -- building --------------------------------------------------------
+    @staticmethod
+    def _make(thing: str, exists, create, made: list[str]) -> None:
+        """``create()`` a thing that must not exist yet and note it in ``made`` for
+        close(), also when an interrupt (the demo's SIGTERM) lands half-way."""
+        existed = exists(thing)   # someone else's: create() refuses, never ours to remove
+        try:
+            create(thing)
+        finally:
+            if not existed and exists(thing) and thing not in made:
+                made.append(thing)
+
     def _mkcgroup(self, path: str) -> None:
-        os.mkdir(path)
-        self._cgroups.append(path)
+        self._make(path, os.path.isdir, os.mkdir, self._cgroups)
 
     def _mkns(self, name: str) -> str:
-        netns.create_netns(name)
-        self._netns.append(name)
+        self._make(name, netns.netns_exists, netns.create_netns, self._netns)
         return name
 
     def _write(self, fname: str, text: str) -> str:
