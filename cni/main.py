@@ -2,9 +2,12 @@
 
 ``main()`` wires the real process I/O into the skel. ``build_zipapp(dest)``
 writes a self-contained executable (a zipapp with only ``merbridge/cni/*.py``
-and ``#!/usr/bin/env python3``) that the daemon's install-cni copies into the
-node's CNI bin directory: the runtime executes it with the host's python3,
-outside our venv.
+and ``#!/usr/bin/env -S python3 -IS``) that the daemon's install-cni copies
+into the node's CNI bin directory: the runtime executes it with the host's
+python3, outside our venv, isolated (-I: no PYTHON* variables, no user or
+current directory on sys.path) and without ``site`` (-S: the plugin needs only
+the standard library, and skipping site saves ~8 ms on every pod start).
+``env -S`` is GNU coreutils 8.30 or newer (every current distribution).
 """
 from __future__ import annotations
 
@@ -37,7 +40,10 @@ def main() -> None:
     sys.exit(code)
 
 
-def build_zipapp(dest_path: str, interpreter: str = "/usr/bin/env python3") -> str:
+INTERPRETER = "/usr/bin/env -S python3 -IS"
+
+
+def build_zipapp(dest_path: str, interpreter: str = INTERPRETER) -> str:
     """Write the node executable to ``dest_path`` (mode 0755, atomically); return the path.
 
     Sources are compiled to unchecked-hash .pyc next to the .py files: zipimport

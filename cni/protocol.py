@@ -1,10 +1,12 @@
 """The plugin <-> daemon wire contract (HTTP/1.1 over the daemon's unix socket).
 
 This module is the whole contract; the daemon imports it and nothing else from
-``merbridge.cni``. Requests and replies are JSON objects, each mirrored by a
-frozen dataclass with ``to_json``/``from_json``. ``from_json`` checks every
+``merbridge.cni``. Requests and replies are JSON objects, each mirrored by an
+immutable record with ``to_json``/``from_json``. ``from_json`` checks every
 type and size and raises ``ProtocolError`` (a ValueError); unknown fields are
 ignored, so a plugin and a daemon one release apart still understand each other.
+The records are ``_Record`` subclasses, not dataclasses: importing
+``dataclasses`` (and the ``inspect`` it pulls in) costs ~7 ms on every pod start.
 
 Endpoints:
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass, field
 
 API = "/v1"
 PATHS = {"ADD": API + "/cni/add", "DEL": API + "/cni/del",
@@ -44,6 +45,58 @@ MAX_RESULT_KEYS = 64
 
 class ProtocolError(ValueError):
     """A message that does not follow this contract."""
+
+
+class _Record:
+    """An immutable value: ``_fields`` (name, default) pairs, set once in __init__."""
+
+    __slots__ = ()
+    _fields: tuple = ()
+
+    def __init__(self, *args, **kwargs) -> None:
+        if len(args) > len(self._fields):
+            raise TypeError(f"{type(self).__name__} takes at most {len(self._fields)} arguments")
+        for i, (name, default) in enumerate(self._fields):
+            if i < len(args):
+                if name in kwargs:
+                    raise TypeError(f"{type(self).__name__} got {name!r} twice")
+                value = args[i]
+            else:
+                value = kwargs.pop(name, default)
+                if value is _REQUIRED:
+                    raise TypeError(f"{type(self).__name__} needs {name!r}")
+                if isinstance(value, dict):   # a mutable default: each record its own
+                    value = dict(value)
+            object.__setattr__(self, name, value)
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} has no field {next(iter(kwargs))!r}")
+        self._check()
+
+    def _check(self) -> None:
+        """Validation hook, run by __init__."""
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name, _ in self._fields)
+
+    def __setattr__(self, name: str, value) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    __delattr__ = __setattr__
+
+    def __eq__(self, other) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__,) + self._values())   # TypeError if it holds a dict
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{name}={getattr(self, name)!r}" for name, _ in self._fields)
+        return f"{type(self).__name__}({inner})"
+
+
+_REQUIRED = object()
 
 
 def _str(obj: dict, key: str, limit: int = MAX_STR, required: bool = False) -> str:
@@ -94,24 +147,21 @@ def normalize_ip(text: str) -> str:
         raise ProtocolError(f"ip {text[:64]!r} is not a valid 'address/prefix'") from None
 
 
-@dataclass(frozen=True)
-class Interface:
+class Interface(_Record):
     """An interface of the pod (``prevResult.interfaces`` entries with a sandbox)."""
 
-    name: str
-    sandbox: str = ""
+    __slots__ = ("name", "sandbox")
+    _fields = (("name", _REQUIRED), ("sandbox", ""))
 
 
-@dataclass(frozen=True)
-class Attachment:
+class Attachment(_Record):
     """A (container id, ifname) pair the runtime still considers valid (GC)."""
 
-    container_id: str
-    ifname: str
+    __slots__ = ("container_id", "ifname")
+    _fields = (("container_id", _REQUIRED), ("ifname", _REQUIRED))
 
 
-@dataclass(frozen=True)
-class CniRequest:
+class CniRequest(_Record):
     """One CNI command forwarded by the plugin.
 
     ``command`` is ADD, DEL, CHECK or GC. ADD and CHECK need ``container_id``,
@@ -120,22 +170,14 @@ class CniRequest:
     then nothing is still valid).
     """
 
-    command: str
-    container_id: str = ""
-    netns: str = ""
-    ifname: str = ""
-    pod_namespace: str = ""
-    pod_name: str = ""
-    pod_uid: str = ""
-    #: pod addresses from prevResult, "addr/prefix", both families
-    ips: tuple = ()
-    interfaces: tuple = ()
-    cni_version: str = ""
-    #: the network (conflist) name
-    network: str = ""
-    attachments: tuple = ()
+    # ips: pod addresses from prevResult, "addr/prefix", both families;
+    # network: the network (conflist) name
+    _fields = (("command", _REQUIRED), ("container_id", ""), ("netns", ""), ("ifname", ""),
+               ("pod_namespace", ""), ("pod_name", ""), ("pod_uid", ""), ("ips", ()),
+               ("interfaces", ()), ("cni_version", ""), ("network", ""), ("attachments", ()))
+    __slots__ = tuple(name for name, _ in _fields)
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         self.validate()
 
     def validate(self) -> None:
@@ -208,12 +250,12 @@ class CniRequest:
                    attachments=tuple(atts))
 
 
-@dataclass(frozen=True)
-class AddReply:
+class AddReply(_Record):
     """Success. ``result`` holds extras from the daemon (e.g. the mark key), for logs only:
     the plugin always prints ``prevResult`` unchanged."""
 
-    result: dict = field(default_factory=dict)
+    __slots__ = ("result",)
+    _fields = (("result", {}),)
 
     def to_json(self) -> bytes:
         return _dump({"result": self.result})
@@ -227,13 +269,11 @@ class AddReply:
         return cls(result)
 
 
-@dataclass(frozen=True)
-class ErrorReply:
+class ErrorReply(_Record):
     """Failure, with the CNI code the plugin passes on."""
 
-    code: int
-    msg: str
-    details: str = ""
+    __slots__ = ("code", "msg", "details")
+    _fields = (("code", _REQUIRED), ("msg", _REQUIRED), ("details", ""))
 
     def to_json(self) -> bytes:
         return _dump({"code": self.code, "msg": self.msg, "details": self.details})
@@ -247,12 +287,11 @@ class ErrorReply:
         return cls(code, _str(obj, "msg", required=True), _str(obj, "details", MAX_PATH))
 
 
-@dataclass(frozen=True)
-class StatusReply:
+class StatusReply(_Record):
     """``GET /v1/status``: whether the daemon can service ADD now."""
 
-    ready: bool
-    detail: str = ""
+    __slots__ = ("ready", "detail")
+    _fields = (("ready", _REQUIRED), ("detail", ""))
 
     def to_json(self) -> bytes:
         return _dump({"ready": self.ready, "detail": self.detail})

@@ -197,6 +197,6 @@ def test_fuzz_as_a_process(exe, tmp_path, environ, conf, how):
     # daemon may listen): the daemon is down for every real-process case
     conf["socketPath"] = str(tmp_path / "no-daemon.sock")
     stdin = encode(conf, how)
-    p = subprocess.run(["/usr/bin/python3", "-I", exe], input=stdin, capture_output=True,
+    p = subprocess.run(["/usr/bin/python3", "-IS", exe], input=stdin, capture_output=True,
                        env=environ, timeout=20)
     check_outcome(environ, stdin, p.returncode, p.stdout, p.stderr)

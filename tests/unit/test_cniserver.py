@@ -307,3 +307,92 @@ def test_client_times_out_on_a_silent_daemon(tmp_path):
         with pytest.raises(DaemonUnavailable):
             client(path, timeout=0.3).call(ADD)
         assert time.monotonic() - t0 < 2
+
+
+def _replying(path, reply: bytes, drip: float = 0.0):
+    """A one-shot stand-in daemon on ``path`` that reads the request and sends ``reply``."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve():
+        conn, _ = srv.accept()
+        try:
+            with conn:
+                conn.recv(65536)
+                if drip:
+                    for i in range(len(reply)):
+                        conn.sendall(reply[i:i + 1])
+                        time.sleep(drip)
+                else:
+                    conn.sendall(reply)
+        except OSError:      # the client gave up first: that is the point of some cases
+            pass
+        finally:
+            srv.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+OK_BODY = b'{"result": {"key": 7}}'
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK_BODY), OK_BODY),
+    b"HTTP/1.0 200 OK\r\ncontent-length:%d\r\nServer: x\r\n\r\n%s" % (len(OK_BODY), OK_BODY),
+    b"HTTP/1.1 200\r\nContent-Length: %d\r\n\r\n%sTRAILING" % (len(OK_BODY), OK_BODY),
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + OK_BODY,    # body ends at EOF
+])
+def test_client_reads_well_formed_replies(tmp_path, reply):
+    path = str(tmp_path / "d.sock")
+    t = _replying(path, reply)
+    assert client(path).call(ADD) == {"key": 7}
+    t.join(5)
+
+
+def test_client_reads_a_reply_sent_byte_by_byte(tmp_path):
+    path = str(tmp_path / "d.sock")
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK_BODY), OK_BODY)
+    t = _replying(path, reply, drip=0.001)
+    assert client(path).call(ADD) == {"key": 7}
+    t.join(5)
+
+
+@pytest.mark.parametrize("reply", [
+    b"",                                                           # closed at once
+    b"garbage\r\n\r\n{}",
+    b"HTTP/2 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 2x0 OK\r\nContent-Length: 2\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n{}",            # body cut short
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n{}",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n{}",      # over MAX_BODY
+    b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 4000,                   # headers never end
+])
+def test_client_rejects_what_is_not_a_whole_reply(tmp_path, reply):
+    path = str(tmp_path / "d.sock")
+    t = _replying(path, reply)
+    with pytest.raises(DaemonUnavailable):
+        client(path, timeout=2).call(ADD)
+    t.join(5)
+
+
+def test_client_deadline_covers_a_dripping_daemon(tmp_path):
+    path = str(tmp_path / "d.sock")
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(OK_BODY), OK_BODY)
+    _replying(path, reply, drip=0.05)                  # ~3 s in all, each byte in time
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable):
+        client(path, timeout=0.5).call(ADD)
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_client_maps_error_replies_to_their_code(tmp_path):
+    path = str(tmp_path / "d.sock")
+    body = b'{"code": 11, "msg": "later", "details": "d"}'
+    _replying(path, b"HTTP/1.1 503 Unavailable\r\nContent-Length: %d\r\n\r\n%s"
+              % (len(body), body)).join(0)
+    with pytest.raises(CniError) as e:
+        client(path).call(ADD)
+    assert (e.value.code, e.value.msg) == (11, "later")
