@@ -69,9 +69,7 @@ class Pieces:
         self._remember_netns(rec, marker)
         undo.append(lambda: self._forget_netns(rec))
         undo.append(lambda: self.podnet.detach_xdp(rec.netns, rec.ifname))
-        self.podnet.attach_xdp(rec.netns, rec.ifname)
-        if not self.hardware_checksum:
-            self.podnet.tx_checksum_off(rec.netns, rec.ifname)
+        self.podnet.attach_xdp(rec.netns, rec.ifname)   # tx checksum off first, in there
 
     # -- mb_netns_pod: interception that does not depend on the listener -------
     def _netns_pods(self):
@@ -126,8 +124,8 @@ class Pieces:
                                                                                rec.key)
         self._remember_netns(rec, marker)
         if not self.podnet.xdp_attached(rec.netns, rec.ifname):
-            self.podnet.attach_xdp(rec.netns, rec.ifname)
-        if not self.hardware_checksum:
+            self.podnet.attach_xdp(rec.netns, rec.ifname)   # with tx checksum off
+        elif not self.hardware_checksum:
             self.podnet.tx_checksum_off(rec.netns, rec.ifname)
 
     def _fallback_policy(self, rec: Record):

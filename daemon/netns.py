@@ -485,55 +485,58 @@ def _veth_kind(link) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
-def _find_peer(netns_path: str, ifname: str, peer_netns: str | None):
-    """(pod link index, peer index, peer name), verified from both sides.
+def _find_peer(pod_ipr: IPRoute, peer_ipr: IPRoute, netns_path: str, ifname: str,
+               peer_netns: str | None):
+    """(pod link, peer link) of the pod's veth, verified from both sides.
 
     The pod side names its peer by IFLA_LINK (an index in another netns,
     IFLA_LINK_NETNSID). We look that index up in ``peer_netns`` and accept it
     only if it is a veth pointing back at the pod link and the nsid really
     denotes ``peer_netns``, so an unrelated veth with a colliding index in
-    the node netns is never touched.
+    the node netns is never touched. ``pod_ipr``/``peer_ipr`` are open in
+    the pod's and in ``peer_netns``: one rtnetlink socket per namespace serves
+    the whole attach or detach.
     """
-    with _ipr_path(netns_path) as ipr:
-        pod = _link(ipr, ifname=ifname)
-        if pod is None:
-            raise PodNetnsError(f"no interface {ifname} in {netns_path}")
-        if _veth_kind(pod) != "veth":
-            raise PodNetnsError(f"{ifname} in {netns_path} is not a veth")
-        pod_idx, peer_idx = pod["index"], pod.get_attr("IFLA_LINK")
-        nsid = pod.get_attr("IFLA_LINK_NETNSID")
-        peer_fd = os.open(peer_netns or "/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            want = ipr.get_netnsid(fd=peer_fd)
-        finally:
-            os.close(peer_fd)
+    pod = _link(pod_ipr, ifname=ifname)
+    if pod is None:
+        raise PodNetnsError(f"no interface {ifname} in {netns_path}")
+    if _veth_kind(pod) != "veth":
+        raise PodNetnsError(f"{ifname} in {netns_path} is not a veth")
+    nsid = pod.get_attr("IFLA_LINK_NETNSID")
+    peer_fd = os.open(peer_netns or "/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        want = pod_ipr.get_netnsid(fd=peer_fd)
+    finally:
+        os.close(peer_fd)
     if nsid is None or not want or want.get("nsid") != nsid:
         raise PodNetnsError(
             f"the peer of {ifname} in {netns_path} is not in {peer_netns or 'the node netns'}")
-    with _ipr_path(peer_netns, allow_own=True) as ipr:
-        peer = _link(ipr, index=peer_idx)
-    if peer is None or _veth_kind(peer) != "veth" or peer.get_attr("IFLA_LINK") != pod_idx:
+    peer = _link(peer_ipr, index=pod.get_attr("IFLA_LINK"))
+    if peer is None or _veth_kind(peer) != "veth" or peer.get_attr("IFLA_LINK") != pod["index"]:
         raise PodNetnsError(f"cannot find the host-side peer of {ifname} in {netns_path}")
-    return pod_idx, peer_idx, peer.get_attr("IFLA_IFNAME")
+    return pod, peer
 
 
-def _set_xdp(path: str | None, index: int, fd: int, flags: int, allow_own: bool) -> None:
-    with _ipr_path(path, allow_own) as ipr:
-        ipr.link("set", index=index,
-                 xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
+def _xdp_of(link) -> tuple[int, str]:
+    """(program id, "native"/"generic"/"other") attached to ``link``; (0, "") if none."""
+    xdp = link.get_attr("IFLA_XDP")
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
+    if not attached:
+        return 0, ""
+    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, _XDP_ATTACHED.get(attached, ("other", 0))[0]
 
 
-def _clear_xdp(path: str | None, index: int, allow_own: bool) -> None:
-    """Remove whatever XDP program is attached to ``index``, if any."""
-    with _ipr_path(path, allow_own) as ipr:
-        link = _link(ipr, index=index)
-        if link is None:
-            return
-        xdp = link.get_attr("IFLA_XDP")
-        attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
-        if attached in _XDP_ATTACHED:
-            ipr.link("set", index=index, xdp={"attrs": [
-                ("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", _XDP_ATTACHED[attached][1])]})
+def _set_xdp(ipr: IPRoute, index: int, fd: int, flags: int) -> None:
+    ipr.link("set", index=index,
+             xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})
+
+
+def _clear_xdp(ipr: IPRoute, link) -> None:
+    """Remove whatever XDP program ``link`` (as last read) has attached, if any."""
+    xdp = link.get_attr("IFLA_XDP")
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED") if xdp else None
+    if attached in _XDP_ATTACHED:
+        _set_xdp(ipr, link["index"], -1, _XDP_ATTACHED[attached][1])
 
 
 def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
@@ -551,15 +554,19 @@ def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
     _check_ifname(ifname)
     if mode not in XDP_MODES:
         raise PodNetnsError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
-    pod_idx, peer_idx, peer_name = _find_peer(netns_path, ifname, peer_netns)
-    try:
-        _set_xdp(peer_netns, peer_idx, egress_fd, XDP_MODES[mode], True)
-        _set_xdp(netns_path, pod_idx, ingress_fd, XDP_MODES[mode], False)
-    except NetlinkError as e:
-        _clear_xdp(peer_netns, peer_idx, True)
-        raise PodNetnsError(
-            f"attach XDP ({mode}) to {ifname} in {netns_path}: {os.strerror(e.code)}") from None
-    return XdpAttachment(netns_path, ifname, pod_idx, peer_netns, peer_name, peer_idx, mode)
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+        pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
+        try:
+            _set_xdp(peer_ipr, peer["index"], egress_fd, XDP_MODES[mode])
+            _set_xdp(pod_ipr, pod["index"], ingress_fd, XDP_MODES[mode])
+        except NetlinkError as e:
+            again = _link(peer_ipr, index=peer["index"])
+            if again is not None:
+                _clear_xdp(peer_ipr, again)
+            raise PodNetnsError(f"attach XDP ({mode}) to {ifname} in {netns_path}: "
+                                f"{os.strerror(e.code)}") from None
+    return XdpAttachment(netns_path, ifname, pod["index"], peer_netns,
+                         peer.get_attr("IFLA_IFNAME"), peer["index"], mode)
 
 
 def detach_xdp(netns_path: str, ifname: str, peer_netns: str | None = None) -> bool:
@@ -569,25 +576,19 @@ def detach_xdp(netns_path: str, ifname: str, peer_netns: str | None = None) -> b
     _check_ifname(ifname)
     if not os.path.exists(netns_path):
         return False
-    try:
-        pod_idx, peer_idx, _ = _find_peer(netns_path, ifname, peer_netns)
-    except PodNetnsError:
-        if not _path_link_exists(netns_path, ifname):
-            return False
-        # the peer cannot be proven ours: clear only the pod side
-        with _ipr_path(netns_path) as ipr:
-            link = _link(ipr, ifname=ifname)
-        if link is not None:
-            _clear_xdp(netns_path, link["index"], False)
-        return True
-    _clear_xdp(netns_path, pod_idx, False)
-    _clear_xdp(peer_netns, peer_idx, True)
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+        try:
+            pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
+        except PodNetnsError:
+            # the peer cannot be proven ours: clear only the pod side
+            link = _link(pod_ipr, ifname=ifname)
+            if link is None:
+                return False
+            _clear_xdp(pod_ipr, link)
+            return True
+        _clear_xdp(pod_ipr, pod)
+        _clear_xdp(peer_ipr, peer)
     return True
-
-
-def _path_link_exists(path: str, ifname: str) -> bool:
-    with _ipr_path(path) as ipr:
-        return _link(ipr, ifname=ifname) is not None
 
 
 def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) -> tuple[int, str]:
@@ -597,11 +598,23 @@ def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) ->
         link = _link(ipr, ifname=ifname)
     if link is None:
         raise PodNetnsError(f"no interface {ifname} in {netns_path}")
-    xdp = link.get_attr("IFLA_XDP")
-    if not xdp or not xdp.get_attr("IFLA_XDP_ATTACHED"):
-        return 0, ""
-    mode = _XDP_ATTACHED.get(xdp.get_attr("IFLA_XDP_ATTACHED"), ("other", 0))[0]
-    return xdp.get_attr("IFLA_XDP_PROG_ID") or 0, mode
+    return _xdp_of(link)
+
+
+def xdp_prog_ids(netns_path: str, ifname: str, peer_netns: str | None = None) -> tuple[int, int]:
+    """Program ids attached to the pod's ``ifname`` and to its host-side peer (0: none)."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+        pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
+    return _xdp_of(pod)[0], _xdp_of(peer)[0]
+
+
+def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
+    """Name of the host-side veth peer of the pod's ``ifname`` (in ``peer_netns``)."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+        return _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)[1] \
+            .get_attr("IFLA_IFNAME")
 
 
 # ---- tx checksum offload -----------------------------------------------------
@@ -666,9 +679,3 @@ def pod_addresses(netns_path: str, ifname: str) -> list[str]:
     ips = [ipaddress.ip_address(a) for a in found if a]
     ips = [ip for ip in ips if not ip.is_link_local]
     return [str(ip) for ip in sorted(ips, key=lambda ip: ip.version)]
-
-
-def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
-    """Name of the host-side veth peer of the pod's ``ifname`` (in ``peer_netns``)."""
-    _check_ifname(ifname)
-    return _find_peer(netns_path, ifname, peer_netns)[2]

@@ -86,6 +86,8 @@ class PodNet:
 
     # -- XDP -----------------------------------------------------------------
     def attach_xdp(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
+        """Both XDP programs on the pod's veth pair; tx checksum offload off
+        first (unless hardware_checksum), so no segment is rewritten unfinished."""
         if not self.hardware_checksum:
             netns.set_tx_checksum(netns_path, ifname, False)
         ingress, egress = self._xdp_programs()
@@ -109,9 +111,7 @@ class PodNet:
             return False
         try:
             ingress, egress = (prog_id(fd) for fd in self._xdp_programs())
-            pod_id, _ = netns.xdp_prog_id(netns_path, ifname)
-            att_peer = netns.peer_of(netns_path, ifname, self.peer_netns)
-            peer_id, _ = netns.xdp_prog_id(self.peer_netns, att_peer, allow_own=True)
+            pod_id, peer_id = netns.xdp_prog_ids(netns_path, ifname, self.peer_netns)
         except PodNetError:
             return False
         return pod_id == ingress and peer_id == egress

@@ -51,6 +51,7 @@ class FakePodNet:
     def __init__(self):
         self.listeners, self.xdp, self.csum_off = {}, set(), set()
         self.fail = None
+        self.hardware_checksum = False
 
     def _maybe_fail(self, what):
         if self.fail == what:
@@ -67,6 +68,8 @@ class FakePodNet:
         return not marker.closed and marker.key == key
 
     def attach_xdp(self, netns, ifname):
+        if not self.hardware_checksum:     # as PodNet: offload off before the programs
+            self.tx_checksum_off(netns, ifname)
         self._maybe_fail("attach_xdp")
         self.xdp.add((netns, ifname))
 
@@ -112,6 +115,7 @@ def world(tmp_path):
 
     def make(**kw):
         kw.setdefault("add_wait", 0.3)
+        net.hardware_checksum = kw.get("hardware_checksum", False)
         return Registry(mesh=ISTIO, maps=maps, podnet=net,
                         lookup=lambda ns, name: pods.get((ns, name)), store=store, **kw)
 
