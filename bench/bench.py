@@ -4,7 +4,7 @@ Suites: load (wrk saturation + fixed rate + iperf3 bulk, all modes
 interleaved), connect (per-connect cost of the hooks), cni (cnitool ADD/DEL
 latency), daemon (start to ready, RSS, map update rate, pod event to map
 entry). Results go to bench/results/<timestamp>/ as results.json, report.md
-and PNG plots; a full run also publishes report and plots to docs/.
+and PNG plots; a full run also publishes report, JSON and plots to docs/.
 """
 from __future__ import annotations
 
@@ -95,8 +95,8 @@ def run_suites(a: argparse.Namespace, results: dict, outdir: str) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _save(results: dict, outdir: str) -> None:
-    with open(os.path.join(outdir, "results.json"), "w") as f:
+def _save(results: dict, outdir: str, name: str = "results.json") -> None:
+    with open(os.path.join(outdir, name), "w") as f:
         json.dump(results, f, indent=1, default=str)
 
 
@@ -111,12 +111,13 @@ def render(results: dict, outdir: str, publish: bool) -> None:
         os.makedirs(img, exist_ok=True)
         for p in pngs:
             shutil.copy(p, img)
+        _save(results, os.path.join(common.TOP, "docs"), "benchmark.json")
         with open(os.path.join(common.TOP, "docs", "benchmark.md"), "w") as f:
             f.write(report.markdown(results, img_prefix="img/" if pngs else None))
             extra = os.path.join(common.TOP, "bench", "analysis.md")
             if os.path.exists(extra):
                 f.write("\n" + open(extra).read())
-        log("published docs/benchmark.md and docs/img/bench-*.png")
+        log("published docs/benchmark.md, docs/benchmark.json and docs/img/bench-*.png")
 
 
 def main(argv: list[str]) -> int:
