@@ -29,6 +29,7 @@ from cnikit import CNITOOL, NODE_PATH, CniNetwork, Cnitool, RecordingHandler, ne
 from daemonkit import MerbridgeDaemon, remove_cgroup
 from merbridge.cni.main import build_zipapp
 from merbridge.daemon.cniserver import CniServer
+from merbridge.daemon.lab import CGROUP_ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -148,7 +149,6 @@ def fake_daemon(tmp_path):
 
 
 # -- the real daemon ------------------------------------------------------------
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
 #: pod and uplink addressing of daemon_world (only inside its own namespaces)
 DAEMON_SUBNET4, DAEMON_SUBNET6 = "10.232.1.0/24", "fd00:232:1::/64"
 UPLINK4, UPLINK6 = "10.232.254.{}", "fd00:232:fe::{}"
@@ -175,6 +175,8 @@ def daemon_world(tmp_path_factory):
 
     if not os.access(CNITOOL, os.X_OK):
         pytest.fail(f"{CNITOOL} missing: run scripts/prepare-host (conformance/build-cnitool)")
+    if not CGROUP_ROOT:
+        pytest.fail("no cgroup v2 mount in /proc/mounts")
     tag = secrets.token_hex(4)
     node, remote = f"mbt-{tag}-dnode", f"mbt-{tag}-drem"
     cgroup = os.path.join(CGROUP_ROOT, f"mbt-{tag}-conf")

@@ -31,8 +31,12 @@ from typing import Sequence
 
 from merbridge.bpf.mesh import MESHES
 from merbridge.daemon import labconfig, netns
+from merbridge.daemon.config import find_cgroup2_mount
 
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
+#: the cgroup v2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid
+#: host); labs and tests make their ``mbt-*`` cgroups below it and never attach
+#: to it. None without a cgroup2 mount: a Lab then refuses to start.
+CGROUP_ROOT = find_cgroup2_mount()
 ISTIO = MESHES["istio"]
 #: IPv6 inbound-passthrough source; istio-iptables adds it to lo the same way.
 PASSTHROUGH6 = "::6"
@@ -226,7 +230,7 @@ class Lab:
     """A set of node and pod namespaces; use as a context manager."""
     prefix: str = "mbt"
     nodes_count: int = 1
-    cgroup_root: str = CGROUP_ROOT
+    cgroup_root: str | None = CGROUP_ROOT
     name: str = ""
     cgroup: str = ""
     workdir: str = ""
@@ -239,6 +243,9 @@ class Lab:
     def __post_init__(self) -> None:
         if self.nodes_count not in (1, 2):
             raise LabError("a lab has one or two nodes")
+        if not self.cgroup_root:
+            raise LabError("no cgroup v2 mount in /proc/mounts: a lab makes its cgroups "
+                           "below it (mount -t cgroup2 none /sys/fs/cgroup)")
         self.name = f"{self.prefix}-{uuid.uuid4().hex[:8]}"
         self.cgroup = os.path.join(self.cgroup_root, self.name)
         try:

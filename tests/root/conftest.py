@@ -44,6 +44,8 @@ def remove_cgroup(path: str) -> None:
 @pytest.fixture
 def cgroup(unique):
     """A child cgroup of the cgroup v2 mount (never the root cgroup)."""
+    if not CGROUP_ROOT:
+        pytest.fail("no cgroup v2 mount in /proc/mounts")
     path = os.path.join(CGROUP_ROOT, unique)
     os.mkdir(path)
     try:
