@@ -5,15 +5,19 @@ drive: the stand-in primary conflist is replaced by a real bridge +
 host-local one (private subnets, a unique bridge, IPAM state in tmp) before
 the daemon chains itself in, and pods are created and destroyed through the
 reference ``cnitool`` run in the lab's node netns -- the same exec, env and
-stdin a runtime gives the plugins.
+stdin a runtime gives the plugins. ``ChurnNet.connect`` sends one real
+connection from the node to a pod, which the pod's XDP steers to its 15006
+listener (recorded in ``mb_pair_orig_dst``).
 
-``Observer`` reads what a leak would show: the daemon's open fds, threads
-and memory (from /proc and its /metrics), every map it owns, the state file, XDP attachments in
-the node netns and marker listeners.
+``Observer`` reads what a leak would show: the daemon's open fds, threads,
+loaded BPF programs and memory (from /proc and its /metrics), every map it
+owns, a pod's flow entries, the state file, XDP attachments in the node netns
+and on a pod's veth pair, and marker listeners.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -25,13 +29,17 @@ import time
 from dataclasses import dataclass, field
 
 from daemonenv import Env
+from merbridge.bpf import types as t
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
 from merbridge.daemon import netns
+from merbridge.daemon.lab import ISTIO, PYTHON
 
 CNITOOL = "/usr/local/bin/cnitool"
 CNI_PLUGINS = "/usr/lib/cni"
 LIBCNI_CACHE = "/var/lib/cni/results"
 NODE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+#: server and client of the XDP tests: one JSON line per connection
+PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xdp_peer.py")
 
 
 @dataclass
@@ -95,20 +103,67 @@ class ChurnNet:
         with self.lock:
             self.created.discard(ns)
 
+    def node_env(self, pod: str) -> dict:
+        """What the runtime gives cnitool and every plugin it runs."""
+        return {"PATH": NODE_PATH, "CNI_PATH": f"{CNI_PLUGINS}:{self.env.bin_dir}",
+                "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};"
+                            f"K8S_POD_UID=uid-{pod}"}
+
     def cnitool(self, command: str, pod: str) -> subprocess.CompletedProcess:
-        env = {"PATH": NODE_PATH, "NETCONFPATH": self.env.conf_dir,
-               "CNI_PATH": f"{CNI_PLUGINS}:{self.env.bin_dir}",
-               "CNI_ARGS": f"IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod};"
-                           f"K8S_POD_UID=uid-{pod}"}
         return subprocess.run(["nsenter", f"--net={self.env.node_netns}", CNITOOL, command,
                                self.name, netns.netns_path(self.netns_name(pod))],
-                              env=env, capture_output=True, text=True, timeout=60)
+                              env={**self.node_env(pod), "NETCONFPATH": self.env.conf_dir},
+                              capture_output=True, text=True, timeout=60)
 
-    def cycle(self, pod: str, hold=None, retry_for: float = 0.0) -> tuple[bool, bool]:
+    def plugin_del(self, pod: str, result: dict) -> subprocess.CompletedProcess:
+        """merbridge-cni's DEL alone, as libcni runs it first in the chain's DEL
+        (the installed conflist's entry, the cached ADD result as prevResult,
+        cnitool's container id); bridge's DEL, which removes the veth, has not
+        run yet, so what ours left behind on the pair is still visible."""
+        with open(self.env.primary) as f:
+            conflist = json.load(f)
+        (entry,) = [p for p in conflist["plugins"] if p["type"] == "merbridge-cni"]
+        conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **entry,
+                "prevResult": result}
+        path = netns.netns_path(self.netns_name(pod))
+        # cnitool's container id: "cnitool-" + the first 10 bytes of sha512(netns path)
+        cid = "cnitool-" + hashlib.sha512(path.encode()).hexdigest()[:20]
+        env = {**self.node_env(pod), "CNI_COMMAND": "DEL", "CNI_CONTAINERID": cid,
+               "CNI_NETNS": path, "CNI_IFNAME": "eth0"}
+        return subprocess.run(["nsenter", f"--net={self.env.node_netns}",
+                               os.path.join(self.env.bin_dir, "merbridge-cni")],
+                              input=json.dumps(conf), env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    def connect(self, pod: str, ip: str, port: int = 8080) -> dict:
+        """One real connection from the node netns to ``ip:port`` of ``pod``, whose
+        only listener is a server on the sidecar's inbound port (15006) in the
+        daemon's cgroup (where mb_getsockopt answers SO_ORIGINAL_DST). Returns
+        the server's JSON (``sock``, ``orig``, ``sha``, ``n``) plus the client's
+        ``client_peer``/``sent_sha``, or ``error``."""
+        server = netns.spawn([PYTHON, PEER, "server", str(ISTIO.in_port)],
+                             ns=self.netns_name(pod), cgroup=self.env.lab.cgroup,
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            if server.stdout.readline().strip() != "ready":
+                return {"error": f"server exited rc={server.wait()}"}
+            res = netns.run([PYTHON, PEER, "client", ip, str(port), "4096", "5"],
+                            ns=self.env.lab.nodes[0].ns)
+            return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr}
+        finally:
+            server.kill()
+            server.wait()
+            server.stdout.close()
+
+    def cycle(self, pod: str, hold=None, withdrawn=None,
+              retry_for: float = 0.0) -> tuple[bool, bool]:
         """One pod's life the way kubelet lives it: publish, netns, ADD (a failed
         ADD is followed by DEL, as a runtime does, and retried for ``retry_for``
-        seconds), ``hold()``, DEL, netns gone. Failed ADD attempts are counted
-        in ``self.refused``."""
+        seconds), ``hold(pod, result)``, DEL, netns gone. With ``withdrawn``, the
+        DEL starts with merbridge-cni's own (``plugin_del``) and
+        ``withdrawn(pod, result, plugin_del's process)`` runs before the chain's
+        DEL (ours again, idempotent, then bridge's) removes the veth. Failed ADD
+        attempts are counted in ``self.refused``."""
         self.publish(pod)
         self.make_netns(pod)
         try:
@@ -121,8 +176,12 @@ class ChurnNet:
                     self.refused += 1
                 self.cnitool("del", pod)
                 time.sleep(0.5)
-            if hold is not None and added.returncode == 0:
-                hold(pod)
+            if added.returncode == 0 and (hold or withdrawn):
+                result = json.loads(added.stdout)
+                if hold is not None:
+                    hold(pod, result)
+                if withdrawn is not None:
+                    withdrawn(pod, result, self.plugin_del(pod, result))
             deleted = self.cnitool("del", pod)
             return added.returncode == 0, deleted.returncode == 0
         finally:
@@ -156,6 +215,21 @@ class Observer:
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
+
+    def programs(self) -> set[int]:
+        """Ids of the BPF programs the daemon holds open (``prog_id`` in the
+        fdinfo of its ``anon_inode:bpf-prog`` fds)."""
+        ids = set()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{self.pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                with open(f"/proc/{self.pid}/fdinfo/{fd}") as f:
+                    ids.update(int(line.split()[1]) for line in f
+                               if line.startswith("prog_id:"))
+            except OSError:
+                pass
+        return ids
 
     def rss_kib(self, field: str = "VmRSS") -> int:
         """A memory figure of /proc/PID/status in KiB: VmRSS, or RssAnon (the
@@ -196,6 +270,20 @@ class Observer:
     def enrolled(self) -> list[str]:
         with open(os.path.join(self.env.state_dir, "enrolled.json")) as f:
             return [r["name"] for r in json.load(f)["containers"]]
+
+    @staticmethod
+    def flows(maps, ips) -> list[str]:
+        """Flow state that mentions one of ``ips``: ``mb_pair_orig_dst`` entries
+        (tuple or recorded origin) and ``mb_skmsg_budget`` tuples."""
+        ips = {str(t.MbAddr.of(ip)) for ip in ips}
+        out = [f"pair_orig_dst {pair} orig {o.addr}" for pair, o in maps.pair_orig_dst.items()
+               if ips & {str(pair.sip), str(pair.dip), str(o.addr)}]
+        return out + [f"skmsg_budget {pair}" for pair, _ in maps.skmsg_budget.items()
+                      if ips & {str(pair.sip), str(pair.dip)}]
+
+    def xdp_on_pod(self, ns: str) -> tuple[int, int]:
+        """XDP program ids on the pod's eth0 and on its host-side peer (0: none)."""
+        return netns.xdp_prog_ids(netns.netns_path(ns), "eth0", self.env.node_netns)
 
     def xdp_in_node(self) -> list[str]:
         """Node-netns interfaces with an XDP program (the host-side veth peers)."""

@@ -2,12 +2,18 @@
 
 A real ``merbridge run --cni-mode=true`` chained behind Debian's bridge +
 host-local, driven by the reference cnitool in the lab's node netns, 20
-cycles at a time (publish the pod, netns, ADD, DEL, netns gone). Afterwards
-the kernel and the daemon must look as they did before: no map entries, no
-XDP attachments, no marker listeners, no records; the daemon's fds and
-threads back to their baseline, its live heap (Python blocks, malloc's bytes
-in use, from its /metrics) flat between the halves, its anonymous RSS within
-what its allocator's arenas settle at.
+cycles at a time (publish the pod, netns, ADD, DEL, netns gone). While a pod
+lives its marker listener and XDP on both veth ends are checked, and every
+``CONNECT_EVERY``-th pod takes one real connection from the node (XDP steers
+it to the pod's 15006, SO_ORIGINAL_DST says pod:8080, the flow is recorded in
+``mb_pair_orig_dst``). Its DEL starts with merbridge-cni's own, and before
+bridge's DEL removes the veth: no XDP on either end, no marker, no map or
+flow entry for its IPs. Afterwards the kernel and the daemon must look as they
+did before: no map entries, no XDP attachments, no marker listeners, no
+records; the daemon's fds, threads and loaded BPF programs back to their
+baseline, its live heap (Python blocks, malloc's bytes in use, from its
+/metrics) flat between the halves, its anonymous RSS within what its
+allocator's arenas settle at.
 
 ``MB_CHURN_CYCLES`` / ``MB_CHURN_PARALLEL`` change the size (default 200 / 20).
 """
@@ -20,13 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from daemonenv import Env
-from merbridge.daemon.lab import Lab
+from merbridge.daemon.lab import ISTIO, Lab
 from reliabilityenv import ChurnNet, Observer
 
 pytestmark = pytest.mark.root
 
 CYCLES = int(os.environ.get("MB_CHURN_CYCLES", "200"))
 PARALLEL = int(os.environ.get("MB_CHURN_PARALLEL", "20"))
+#: pods c<i> with i % CONNECT_EVERY in (0, CONNECT_EVERY // 2) take a connection
+#: (IPv4 and IPv6 respectively): 40 of the default 200
+CONNECT_EVERY = 10
 # What a leak would grow, read once the daemon has collected garbage and trimmed
 # its heap after a burst (measured over 600 cycles after warm-up, 2026-12-04):
 #: live Python blocks: 200887 -> 200924 -> 200914 (base, mid, after); a leak of
@@ -61,10 +70,16 @@ def node(pin_dir):
             env.close()
 
 
-def run_cycles(net: ChurnNet, first: int, count: int, parallel: int, hold=None):
+def run_cycles(net: ChurnNet, first: int, count: int, parallel: int, hold=None,
+               withdrawn=None):
     with ThreadPoolExecutor(parallel) as pool:
-        return list(pool.map(lambda i: net.cycle(net.pod_name(i), hold),
+        return list(pool.map(lambda i: net.cycle(net.pod_name(i), hold, withdrawn),
                              range(first, first + count)))
+
+
+def pod_ips(result: dict) -> list[str]:
+    """The chain's ADD result's addresses, IPv4 first."""
+    return sorted((ip["address"].split("/")[0] for ip in result["ips"]), key=lambda a: ":" in a)
 
 
 def memory(obs: Observer) -> dict:
@@ -86,40 +101,77 @@ def test_churn_leaves_nothing_behind(node, record_property):
     env, net = node
     proc = env.start()
     obs = Observer(env, proc.pid)
-    ok_during = []
+    maps = env.maps()       # one handle for the per-pod checks (opening one compiles)
+    seen: dict[str, dict] = {}
 
-    def hold(pod):
-        # while it lives, the pod is really enrolled: its marker and its XDP exist
-        ok_during.append(bool(obs.markers_in(net.netns_name(pod))))
+    def hold(pod, result):
+        # while it lives, the pod is really enrolled: its marker listener and XDP
+        # on both ends of its veth; some pods also take a real connection, whose
+        # XDP flow entry its DEL must remove
+        ns, ips = net.netns_name(pod), pod_ips(result)
+        seen[pod] = {"ips": ips, "marker": bool(obs.markers_in(ns)), "xdp": obs.xdp_on_pod(ns)}
+        n = int(pod[1:]) % CONNECT_EVERY
+        if n in (0, CONNECT_EVERY // 2):
+            ip = ips[0] if n == 0 else ips[1]
+            seen[pod].update(ip=ip, reply=net.connect(pod, ip, 8080),
+                             flows=Observer.flows(maps, [ip]))
+
+    def withdrawn(pod, result, plugin_del):
+        # merbridge-cni's DEL is done; bridge's (which removes the veth) is not
+        ns, ips = net.netns_name(pod), pod_ips(result)
+        seen[pod].update(del_rc=(plugin_del.returncode, plugin_del.stderr[-500:]),
+                         marker_after=obs.markers_in(ns), xdp_after=obs.xdp_on_pod(ns),
+                         flows_after=Observer.flows(maps, ips),
+                         maps_after=[ip for ip in ips if maps.local_pods.get(ip) is not None]
+                         + [k for k, ip in maps.mark_pod_ips.items() if ip in ips])
 
     # warm-up: first-use allocations (bcc tables, pyroute2, thread pools)
-    warm = run_cycles(net, 0, PARALLEL * 2, PARALLEL)
-    assert all(a and d for a, d in warm), warm
-    base = memory(obs)   # first: it waits for the trim that follows this burst
-    assert settle(lambda: obs.threads() <= 12)
-    base.update(fds=obs.fds(), sockets=obs.sockets(), threads=obs.threads())
+    try:
+        warm = run_cycles(net, 0, PARALLEL * 2, PARALLEL)
+        assert all(a and d for a, d in warm), warm
+        base = memory(obs)   # first: it waits for the trim that follows this burst
+        assert settle(lambda: obs.threads() <= 12)
+        base.update(fds=obs.fds(), sockets=obs.sockets(), threads=obs.threads(),
+                    programs=len(obs.programs()))
 
-    t0 = time.monotonic()
-    results = run_cycles(net, 1000, CYCLES // 2, PARALLEL, hold)
-    mid = memory(obs)
-    results += run_cycles(net, 2000, CYCLES - CYCLES // 2, PARALLEL, hold)
-    elapsed = time.monotonic() - t0
-    after = memory(obs)
+        t0 = time.monotonic()
+        results = run_cycles(net, 1000, CYCLES // 2, PARALLEL, hold, withdrawn)
+        mid = memory(obs)
+        results += run_cycles(net, 2000, CYCLES - CYCLES // 2, PARALLEL, hold, withdrawn)
+        elapsed = time.monotonic() - t0
+        after = memory(obs)
+    finally:
+        maps.close()
     assert all(a and d for a, d in results), [r for r in results if r != (True, True)][:5]
-    assert len(ok_during) == CYCLES and all(ok_during)
+    assert len(seen) == CYCLES
+    for pod, s in seen.items():
+        assert s["marker"] and all(s["xdp"]), (pod, s)
+        if "reply" in s:        # landed on 15006, original destination pod:8080, intact
+            r = s["reply"]
+            assert "error" not in r, (pod, s)
+            assert (r["sock"], r["orig"], r["client_peer"]) == \
+                ([s["ip"], ISTIO.in_port], [s["ip"], 8080], [s["ip"], 8080]), (pod, s)
+            assert r["sha"] == r["sent_sha"] and s["flows"], (pod, s)
+        assert s["del_rc"][0] == 0, (pod, s)
+        assert (s["marker_after"], s["xdp_after"], s["flows_after"], s["maps_after"]) == \
+            ([], (0, 0), [], []), (pod, s)
+    connected = sum("reply" in s for s in seen.values())
+    assert connected == 2 * CYCLES // CONNECT_EVERY, connected
 
     assert settle(lambda: obs.threads() <= base["threads"]), obs.threads()
-    after.update(fds=obs.fds(), sockets=obs.sockets(), threads=obs.threads())
+    after.update(fds=obs.fds(), sockets=obs.sockets(), threads=obs.threads(),
+                 programs=len(obs.programs()))
     record_property("churn", {"cycles": CYCLES, "parallel": PARALLEL,
-                              "seconds": round(elapsed, 1), "base": base, "mid": mid,
-                              "after": after})
-    print(f"churn: {CYCLES} cycles x{PARALLEL} in {elapsed:.1f}s; base {base} "
-          f"mid {mid} after {after}")
+                              "connected": connected, "seconds": round(elapsed, 1),
+                              "base": base, "mid": mid, "after": after})
+    print(f"churn: {CYCLES} cycles x{PARALLEL} ({connected} connected) in {elapsed:.1f}s; "
+          f"base {base} mid {mid} after {after}")
     assert obs.map_entries() == {k: 0 for k in obs.map_entries()}
     assert obs.enrolled() == []
     assert obs.xdp_in_node() == []
     assert net.created == set()
     assert after["fds"] <= base["fds"] and after["sockets"] <= base["sockets"]
+    assert base["programs"] > 0 and after["programs"] == base["programs"], (base, after)
     for was in (base, mid):
         assert after["blocks"] - was["blocks"] < BLOCKS_SLACK, (base, mid, after)
         assert after["in_use"] - was["in_use"] < IN_USE_SLACK_KIB, (base, mid, after)
