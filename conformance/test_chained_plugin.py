@@ -2,8 +2,9 @@
 
 cnitool runs inside a node netns we create; the daemon is the real CniServer
 with a recording in-memory handler. Debian's bridge plugin speaks up to 1.0.0,
-so the chain runs at 0.4.0 and 1.0.0; the 1.1.0 verbs (STATUS, GC) are invoked
-directly, the way libcni would.
+so the chain runs at 0.3.1 (what Istio's and upstream Merbridge's installers
+write), 0.4.0 and 1.0.0; CHECK exists from 0.4.0 on; the 1.1.0 verbs (STATUS,
+GC) are invoked directly, the way libcni would.
 """
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from cnikit import cnitool_container_id, kubelet_args, netns_path, prev_result_l
 
 pytestmark = pytest.mark.root
 
-CHAIN_VERSIONS = ["0.4.0", "1.0.0"]
+#: ADD and DEL
+CHAIN_VERSIONS = ["0.3.1", "0.4.0", "1.0.0"]
+#: CHECK too, and DEL with the cached prevResult: both came with 0.4.0 (libcni
+#: refuses CHECK below it and passes no prevResult to DEL)
+CHECK_VERSIONS = [v for v in CHAIN_VERSIONS if v != "0.3.1"]
 
 
 def pod_addresses(pod: str) -> list[str]:
@@ -58,7 +63,7 @@ def test_add_check_del(v, cnitool, network_factory, netns_factory, fake_daemon, 
     handler.calls.pop()
     assert result["cniVersion"] == v
     assert any(i.get("sandbox") == netns_path(pod) for i in result["interfaces"])
-    assert ("version" in result["ips"][0]) == (v == "0.4.0")
+    assert ("version" in result["ips"][0]) == v.startswith("0.")   # dropped in 1.0.0
     # and it describes the pod as it really is: both families on eth0
     assert result_ips(result) == pod_addresses(pod)
     assert len(result["ips"]) == 2
@@ -72,21 +77,28 @@ def test_add_check_del(v, cnitool, network_factory, netns_factory, fake_daemon, 
     assert (req.cni_version, req.network) == (v, net.name)
 
     p = cnitool("check", net, pod)
-    assert p.returncode == 0, p.stderr
-    assert handler.names() == ["add", "check"]
-    assert handler.calls[1][1].ips == req.ips     # CHECK carries the cached prevResult
+    if v in CHECK_VERSIONS:
+        assert p.returncode == 0, p.stderr
+        assert handler.names() == ["add", "check"]
+        assert handler.calls[1][1].ips == req.ips     # CHECK carries the cached prevResult
+    else:                                 # libcni refuses it before any plugin runs
+        assert p.returncode != 0 and "does not support the CHECK command" in p.stderr, p.stderr
+        assert handler.names() == ["add"]
+    checks = handler.names()
 
     for _ in range(2):                            # DEL twice
         p = cnitool("del", net, pod)
         assert p.returncode == 0, p.stderr
-    assert handler.names() == ["add", "check", "delete", "delete"]
-    assert sorted(handler.calls[2][1].ips) == result_ips(result)   # prevResult on DEL
-    assert handler.calls[3][1].ips == ()          # the second DEL has no cached result
+    assert handler.names() == checks + ["delete", "delete"]
+    first_del, second_del = (req for _, req in handler.calls[-2:])
+    assert sorted(first_del.ips) == (result_ips(result) if v in CHECK_VERSIONS else [])
+    assert second_del.ips == ()                   # the second DEL has no cached result
+    assert first_del.cni_version == v
     assert handler.enrolled == {}
     assert pod_addresses(pod) == [] and net.allocated_ips() == []
 
 
-@pytest.mark.parametrize("v", CHAIN_VERSIONS)
+@pytest.mark.parametrize("v", CHECK_VERSIONS)
 def test_check_fails_when_the_daemon_lost_the_pod(v, cnitool, network_factory, netns_factory,
                                                    fake_daemon):
     _, handler = fake_daemon

@@ -125,6 +125,31 @@ def test_add_check_del(daemon_world, pods):
     withdrawn(w, pod, result, rec["key"])
 
 
+def test_add_del_at_0_3_1(daemon_world, pods, tmp_path):
+    """The installed chain at cniVersion 0.3.1, what Istio's and upstream
+    Merbridge's installers write: ADD enrols from a 0.3.1 prevResult, libcni
+    refuses CHECK (0.4.0 on), DEL (no prevResult before 0.4.0) withdraws it all."""
+    w = daemon_world
+    (installed,) = w.daemon.conflists()
+    (tmp_path / "net.d").mkdir()
+    (tmp_path / "net.d" / "10-v031.conflist").write_text(
+        json.dumps({**installed, "cniVersion": "0.3.1"}))
+    net = dataclasses.replace(w.net, conf_dir=str(tmp_path / "net.d"))
+    pod = pods("v031")
+    p = w.cnitool("add", net, pod.ns, cni_args=pod.args)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["cniVersion"] == "0.3.1" and len(result["ips"]) == 2
+    assert all("version" in ip for ip in result["ips"])       # the 0.3.x result format
+    rec = enrolled(w, pod, result)
+    p = w.cnitool("check", net, pod.ns, cni_args=pod.args)
+    assert p.returncode != 0 and "does not support the CHECK command" in p.stderr, p.stderr
+    p = w.cnitool("del", net, pod.ns, cni_args=pod.args)
+    assert p.returncode == 0, p.stderr
+    withdrawn(w, pod, result, rec["key"])
+    assert not eth0_exists(pod) and w.net.allocated_ips() == []
+
+
 def test_cnitool_result_is_the_bridge_result(daemon_world, pods, tmp_path):
     """The installed conflist with only merbridge-cni's logLevel raised to debug
     (so it logs the prevResult bridge handed it): cnitool prints exactly that."""
