@@ -126,6 +126,11 @@ class BccBackend:
     def __init__(self, table) -> None:
         self.t = table
         self.percpu = isinstance(table, (bcc_table.PerCpuArray, bcc_table.PerCpuHash))
+        self.max_entries = int(table.max_entries)
+
+    def __len__(self) -> int:
+        """Entries in use: keys only, no values read (an array is always full)."""
+        return sum(1 for _ in self.t)
 
     def _key(self, key: bytes):
         return self.t.Key.from_buffer_copy(key)
@@ -200,6 +205,7 @@ class Datapath:
             self._created_dir = True
         elif not _in_bpffs(self.pin_dir):
             raise DatapathError(f"{self.pin_dir} is not on a bpf filesystem")
+        check_pinned_layouts(self.pin_dir)
         try:
             for p in PROGRAMS + (AMBIENT_PROGRAMS if self.ambient else ()):
                 src = os.path.join(PROGS_DIR, p.source)
@@ -340,6 +346,34 @@ def detach_sockhash(pin_dir: str) -> int:
         os.close(fd)
 
 
+#: map -> value size of this build (struct values whose layout has changed:
+#: bcc reuses a pin whatever its sizes, and the programs then fail the
+#: verifier with a bare EACCES)
+PINNED_VALUE_SIZES = {t.MAP_MARK_POD_IPS: ct.sizeof(t.MbPodIps),
+                      t.MAP_NETNS_POD: ct.sizeof(t.MbNetnsPod)}
+
+
+def check_pinned_layouts(pin_dir: str) -> None:
+    """DatapathError if a map pinned in pin_dir (by an older build) holds
+    values of another size than this build's struct."""
+    for name, want in PINNED_VALUE_SIZES.items():
+        path = os.path.join(pin_dir, name)
+        if not os.path.exists(path):
+            continue
+        fd = sysbpf.obj_get(path)
+        try:
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                info = dict(line.split(":", 1) for line in f if ":" in line)
+        finally:
+            os.close(fd)
+        got = int(info.get("value_size", "0"))
+        if got != want:
+            raise DatapathError(
+                f"{path} was pinned by another merbridge version ({got}-byte values, this "
+                f"one needs {want}): detach and unpin the old datapath (or remove the pins "
+                f"under {pin_dir}) before loading this one")
+
+
 def remove_pins(pin_dir: str, rmdir: bool = True) -> None:
     for name in t.ALL_MAPS:
         try:
@@ -358,10 +392,12 @@ _MAPS_ONLY = '#include "maps.h"\n'
 
 def open_maps(pin_dir: str) -> Maps:
     """Typed handles on the maps pinned in pin_dir, without loading programs.
-    Raises DatapathError if the datapath is not installed there."""
+    Raises DatapathError if the datapath is not installed there, or was
+    pinned by a version whose map values differ."""
     missing = [n for n in t.ALL_MAPS if not os.path.exists(os.path.join(pin_dir, n))]
     if missing:
         raise DatapathError(f"no datapath pinned in {pin_dir} (missing {', '.join(missing)})")
+    check_pinned_layouts(pin_dir)
     cflags = [f"-I{INCLUDE_DIR}", f'-DMB_PIN_DIR="{os.path.abspath(pin_dir)}"',
               "-Wno-unused-function"]
     b = BPF(text=_MAPS_ONLY.encode(), cflags=cflags)

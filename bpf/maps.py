@@ -6,7 +6,7 @@ never imports bcc, so unit tests drive it with ``DictBackend`` and the daemon
 uses the same code against the kernel.
 
     maps.local_pods.put("10.0.0.5", PodPolicy(...))   # PolicyTooLarge on overflow
-    maps.mark_pod_ips.put(7, "10.0.0.5")
+    maps.mark_pod_ips.put(7, "10.0.0.5", "fd00::5")     # one IP per family
     maps.pair_orig_dst.delete_ip("10.0.0.5")
     maps.counters()["redirect_out"]
 """
@@ -154,7 +154,11 @@ class LocalPods:
 
 
 class MarkPodIps:
-    """mb_mark_pod_ips: marker listener SO_MARK -> pod IP. Written by the daemon."""
+    """mb_mark_pod_ips: marker listener SO_MARK -> the pod's IPs, at most one
+    per family (struct mb_pod_ips). Written by the daemon.
+
+    ``get``/``items`` give a pod's first IP (IPv4 first), ``ips``/
+    ``all_items`` every IP it has."""
 
     def __init__(self, backend: MapBackend) -> None:
         self.b = backend
@@ -165,18 +169,28 @@ class MarkPodIps:
             raise ValueError(f"mark {key} is outside 0..2^32-1")
         return struct.pack("=I", key)
 
-    def put(self, key: int, ip: str) -> None:
-        self.b.put(self._key(key), t.addr_pack(ip))
+    def put(self, key: int, *ips: str) -> None:
+        """ValueError (map untouched) without an IP or with two of one family."""
+        value = t.MbPodIps.of(ips)
+        self.b.put(self._key(key), bytes(value))
+
+    def ips(self, key: int) -> tuple[str, ...] | None:
+        raw = self.b.get(self._key(key))
+        return None if raw is None else t.MbPodIps.from_buffer_copy(raw).ips()
 
     def get(self, key: int) -> str | None:
-        raw = self.b.get(self._key(key))
-        return None if raw is None else t.addr_unpack(raw)
+        ips = self.ips(key)
+        return None if ips is None else ips[0]
 
     def delete(self, key: int) -> bool:
         return self.b.delete(self._key(key))
 
+    def all_items(self) -> list[tuple[int, tuple[str, ...]]]:
+        return [(struct.unpack("=I", k)[0], t.MbPodIps.from_buffer_copy(v).ips())
+                for k, v in self.b.items()]
+
     def items(self) -> list[tuple[int, str]]:
-        return [(struct.unpack("=I", k)[0], t.addr_unpack(v)) for k, v in self.b.items()]
+        return [(key, ips[0]) for key, ips in self.all_items()]
 
 
 class _Origins:
@@ -229,29 +243,34 @@ class NetnsIp:
 
 
 class NetnsPod:
-    """mb_netns_pod (CNI mode): netns cookie -> (pod IP, mark), connect4/6's
-    cache of the marker-listener probe."""
+    """mb_netns_pod (CNI mode): netns cookie -> (pod IPs, mark), connect4/6's
+    cache of the marker-listener probe. ``items`` gives each entry's first IP
+    (IPv4 first), ``all_items`` all of them."""
 
     def __init__(self, backend: MapBackend) -> None:
         self.b = backend
 
-    def put(self, cookie: int, ip: str, mark: int) -> None:
+    def put(self, cookie: int, ips: str | Iterable[str], mark: int) -> None:
         """Written by the daemon at ADD so a pod stays intercepted while its
-        marker listener is down (connect4/6 check mark -> ip on every use)."""
+        marker listener is down (connect4/6 check mark -> ips on every use).
+        ips: the pod's IPs as written to mb_mark_pod_ips (one per family)."""
         v = t.MbNetnsPod()
-        v.ip = t.MbAddr.of(ip)
+        v.ips = t.MbPodIps.of((ips,) if isinstance(ips, str) else ips)
         v.mark = mark
         self.b.put(struct.pack("=Q", cookie), bytes(v))
 
     def delete(self, cookie: int) -> bool:
         return self.b.delete(struct.pack("=Q", cookie))
 
-    def items(self) -> list[tuple[int, str, int]]:
+    def all_items(self) -> list[tuple[int, tuple[str, ...], int]]:
         out = []
         for k, v in self.b.items():
             np = t.MbNetnsPod.from_buffer_copy(v)
-            out.append((struct.unpack("=Q", k)[0], str(np.ip), np.mark))
+            out.append((struct.unpack("=Q", k)[0], np.ips.ips(), np.mark))
         return out
+
+    def items(self) -> list[tuple[int, str, int]]:
+        return [(cookie, ips[0], mark) for cookie, ips, mark in self.all_items()]
 
 
 class SkmsgBudget:
@@ -313,17 +332,24 @@ class Maps:
                 out[f"c{idx}"] = value
         return out
 
+    def occupancy(self) -> dict[str, tuple[int, int]]:
+        """Map name -> (entries in use, max_entries), for the backends that know
+        their capacity (the kernel's; not DictBackend)."""
+        return {name: (len(b), b.max_entries) for name, b in self.backends.items()
+                if hasattr(b, "max_entries")}
+
     def dump(self) -> dict[str, object]:
         """A JSON-friendly view of every map (for ``merbridge maps dump``)."""
         def origin(o: t.MbOrigin) -> dict[str, object]:
             return {"addr": str(o.addr), "port": o.port_host, "flags": o.flags, "pid": o.pid}
         return {
             t.MAP_LOCAL_PODS: {ip: repr(p) for ip, p in self.local_pods.items()},
-            t.MAP_MARK_POD_IPS: {str(k): ip for k, ip in self.mark_pod_ips.items()},
+            t.MAP_MARK_POD_IPS: {str(k): list(ips) for k, ips in self.mark_pod_ips.all_items()},
             t.MAP_PAIR_ORIG_DST: {str(p): origin(o) for p, o in self.pair_orig_dst.items()},
             t.MAP_COOKIE_ORIG_DST: {str(c): origin(o) for c, o in self.cookie_orig_dst.items()},
             t.MAP_NETNS_IP: {str(c): ip for c, ip in self.netns_ip.items()},
-            t.MAP_NETNS_POD: {str(c): {"ip": ip, "mark": m} for c, ip, m in self.netns_pod.items()},
+            t.MAP_NETNS_POD: {str(c): {"ips": list(ips), "mark": m}
+                              for c, ips, m in self.netns_pod.all_items()},
             t.MAP_SETTINGS: {str(i): self.settings.get(i) for i in range(t.MB_N_SETTINGS)},
             t.MAP_SKMSG_BUDGET: {str(p): left for p, left in self.skmsg_budget.items()},
             t.MAP_COUNTERS: self.counters(),

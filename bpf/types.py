@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes as ct
 import ipaddress
 import socket
+from typing import Iterable
 
 # ---- constants mirrored from merbridge.h ----------------------------------
 MB_MAX_CONNS = 65535
@@ -128,9 +129,33 @@ class MbPair(ct.Structure):
                 f"{self.dip}:{socket.ntohs(self.dport)}")
 
 
+class MbPodIps(ct.Structure):
+    """Must match struct mb_pod_ips in bpf/include/merbridge.h (0s: none of that family)."""
+    _fields_ = [("ip4", MbAddr), ("ip6", MbAddr)]
+
+    @classmethod
+    def of(cls, ips: Iterable[str]) -> "MbPodIps":
+        """At most one IPv4 and one IPv6 address, at least one. ValueError otherwise."""
+        v = cls()
+        for ip in ips:
+            raw = addr_pack(ip)
+            field = "ip4" if raw.startswith(V4_MAPPED_PREFIX) else "ip6"
+            if any(getattr(v, field).ip):
+                raise ValueError(f"pod IPs: two {'IPv4' if field == 'ip4' else 'IPv6'} "
+                                 f"addresses ({getattr(v, field)}, {ip}); one per family")
+            setattr(v, field, MbAddr.from_buffer_copy(raw))
+        if not any(v.ip4.ip) and not any(v.ip6.ip):
+            raise ValueError("pod IPs: at least one address is needed")
+        return v
+
+    def ips(self) -> tuple[str, ...]:
+        """The addresses held, IPv4 first."""
+        return tuple(str(a) for a in (self.ip4, self.ip6) if any(a.ip))
+
+
 class MbNetnsPod(ct.Structure):
     """Must match struct mb_netns_pod in bpf/include/merbridge.h."""
-    _fields_ = [("ip", MbAddr), ("mark", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("ips", MbPodIps), ("mark", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class MbCidr(ct.Structure):
@@ -163,15 +188,20 @@ class MbPodConfig(ct.Structure):
 MIRRORS: dict[str, type[ct.Structure]] = {
     "mb_addr": MbAddr, "mb_origin": MbOrigin, "mb_pair": MbPair,
     "mb_cidr": MbCidr, "mb_pod_config": MbPodConfig, "mb_netns_pod": MbNetnsPod,
+    "mb_pod_ips": MbPodIps,
 }
 
 
 # ---- addresses ---------------------------------------------------------------
+#: the first 12 bytes of an IPv4 address in the 16-byte form (::ffff:a.b.c.d)
+V4_MAPPED_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
 def addr_pack(ip: str) -> bytes:
     """'10.0.0.1' -> ::ffff:10.0.0.1 as 16 bytes; IPv6 as is. ValueError if invalid."""
     a = ipaddress.ip_address(ip.strip())
     if a.version == 4:
-        return b"\0" * 10 + b"\xff\xff" + a.packed
+        return V4_MAPPED_PREFIX + a.packed
     return a.packed
 
 

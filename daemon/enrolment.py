@@ -7,8 +7,12 @@ its listener, XDP and tx checksum -- in the three forms the registry needs:
 ``_apply`` (all-or-nothing, with an undo stack), ``_ensure`` (idempotent
 repair: repeated ADD, restart) and ``_withdraw`` (DEL), plus ``_problems``
 (CHECK). It relies on the registry's ``maps``, ``podnet``, ``records``,
-``markers``, ``_lock``, ``_save``, ``_policy``, ``_primary_ip``, ``lookup``,
-``mesh`` and ``hardware_checksum``.
+``markers``, ``_lock``, ``_save``, ``_policy``, ``lookup``, ``mesh`` and
+``hardware_checksum``.
+
+A pod's mark maps to its IPs, one per family (``_marked_ips``): the connect
+programs bind a redirected connection to the pod IP of its family, so a
+dual-stack pod's IPv6 connections are as unique on the node as its IPv4 ones.
 
 Also here: ``PodError`` and the CNI codes (re-exported by ``pods``).
 """
@@ -57,7 +61,7 @@ class Pieces:
     def _apply(self, rec: Record, policy, undo: list) -> None:
         """Create every piece of an enrolment, pushing its undo first-in-last-out."""
         with self._lock:
-            self.maps.mark_pod_ips.put(rec.key, self._primary_ip(rec.ips))
+            self.maps.mark_pod_ips.put(rec.key, *self._marked_ips(rec.ips))
             undo.append(lambda: self._quiet(self.maps.mark_pod_ips.delete, rec.key))
             for ip in rec.ips:
                 self.maps.local_pods.put(ip, policy)
@@ -76,14 +80,14 @@ class Pieces:
         return getattr(self.maps, "netns_pod", None)
 
     def _remember_netns(self, rec: Record, marker: Any) -> None:
-        """mb_netns_pod[cookie of the pod netns] = (primary IP, key)."""
+        """mb_netns_pod[cookie of the pod netns] = (pod IPs, key)."""
         cookie_of = getattr(self.podnet, "netns_cookie", None)
         table = self._netns_pods()
         if cookie_of is None or table is None:
             return
         cookie = int(cookie_of(marker))
         with self._lock:
-            table.put(cookie, self._primary_ip(rec.ips), rec.key)
+            table.put(cookie, self._marked_ips(rec.ips), rec.key)
             if rec.netns_cookie != cookie:
                 rec.netns_cookie = cookie
                 self._save()
@@ -101,6 +105,14 @@ class Pieces:
                 table.delete(cookie)
 
     @staticmethod
+    def _marked_ips(ips: tuple[str, ...]) -> tuple[str, ...]:
+        """The IPs mb_mark_pod_ips holds for a pod: its first IPv4 and its
+        first IPv6 address, IPv4 first (a pod may have more of one family)."""
+        v4 = [ip for ip in ips if ":" not in ip]
+        v6 = [ip for ip in ips if ":" in ip]
+        return tuple(fam[0] for fam in (v4, v6) if fam)
+
+    @staticmethod
     def _quiet(fn: Callable, *args) -> None:
         try:
             fn(*args)
@@ -110,7 +122,7 @@ class Pieces:
     def _ensure(self, rec: Record, policy=None) -> None:
         """Make an enrolled container's pieces present again (idempotent ADD, restart)."""
         with self._lock:
-            self.maps.mark_pod_ips.put(rec.key, self._primary_ip(rec.ips))
+            self.maps.mark_pod_ips.put(rec.key, *self._marked_ips(rec.ips))
             for ip in rec.ips:
                 if policy is not None:
                     self.maps.local_pods.put(ip, policy)
@@ -188,8 +200,9 @@ class Pieces:
             out.append(f"phase is {rec.phase}")
         if not self._same_netns(rec):
             return out + [f"netns {rec.netns} is gone"]
-        if self.maps.mark_pod_ips.get(rec.key) != self._primary_ip(rec.ips):
-            out.append(f"mark_pod_ips[{rec.key:#x}] is not {self._primary_ip(rec.ips)}")
+        want = self._marked_ips(rec.ips)
+        if self.maps.mark_pod_ips.ips(rec.key) != want:
+            out.append(f"mark_pod_ips[{rec.key:#x}] is not {', '.join(want)}")
         out += [f"local_pods has no {ip}" for ip in rec.ips
                 if self.maps.local_pods.get(ip) is None]
         marker = self.markers.get(rec.container_id)

@@ -21,11 +21,6 @@
 #define MB_AMB_OUT  1   /* ambient pod's app -> ztunnel:MB_AMBIENT_OUT_PORT */
 #define MB_AMB_IN   2   /* host process -> ambient pod: ztunnel:MB_AMBIENT_IN_PORT */
 
-static __always_inline int mb_addr_is_zero(const struct mb_addr *a)
-{
-	return !(a->ip[0] | a->ip[1] | a->ip[2] | a->ip[3]);
-}
-
 /* The ztunnel address of dst's family from the three mb_settings values;
  * 0 when the daemon has none for that family. */
 static __always_inline int mb_ztunnel_addr(const struct mb_addr *dst, u64 v4, u64 v6hi,

@@ -19,8 +19,9 @@ struct mb_conn {
 	const struct mb_addr *src;      /* the socket's bound source (0s: none) */
 	u16 port;                       /* destination port, host order */
 	int is_proxy;                   /* caller's UID or GID is the proxy's */
+	int is_proxy_uid;               /* caller's UID is the proxy's */
 	int ip_known;
-	const struct mb_addr *self_ip;  /* valid when ip_known */
+	const struct mb_pod_ips *self;  /* the caller's pod IPs (0s: unknown) */
 	const struct mb_pod_config *own;     /* caller's pod policy (may be 0) */
 	const struct mb_pod_config *target;  /* dst's pod policy, proxy only (may be 0) */
 };
@@ -30,6 +31,52 @@ struct mb_verdict {
 	u32 counter;    /* MB_C_* to bump */
 	u16 flags;      /* MB_ORIGIN_F_* to record under the cookie (0: none) */
 };
+
+/* ---- the caller's pod IPs (struct mb_pod_ips) ------------------------------ */
+
+static __always_inline int mb_pod_ips_eq(const struct mb_pod_ips *a, const struct mb_pod_ips *b)
+{
+	return mb_addr_eq(&a->ip4, &b->ip4) && mb_addr_eq(&a->ip6, &b->ip6);
+}
+
+/* Legacy mode learns one address per netns (mb_netns_ip; 0: none yet):
+ * file it under its family in ips. Returns ips, 0 without an address. */
+static __always_inline struct mb_pod_ips *mb_pod_ips_of(struct mb_pod_ips *ips,
+							const struct mb_addr *a)
+{
+	if (!a)
+		return 0;
+	if (mb_addr_is_v4(a))
+		ips->ip4 = *a;
+	else
+		ips->ip6 = *a;
+	return ips;
+}
+
+/* The pod's address of one family (v4: IPv4, also for an IPv4-mapped
+ * destination on an AF_INET6 socket), 0: the pod has none. This is the
+ * source a redirected connect is bound to. */
+static __always_inline struct mb_addr *mb_pod_ip(struct mb_pod_ips *ips, int v4)
+{
+	struct mb_addr *a = v4 ? &ips->ip4 : &ips->ip6;
+
+	return mb_addr_is_zero(a) ? 0 : a;
+}
+
+/* Any of the pod's addresses (IPv4 first): the key of its mb_local_pods
+ * policy, which the daemon writes under every pod IP. 0: none known. */
+static __always_inline struct mb_addr *mb_pod_ip_any(struct mb_pod_ips *ips)
+{
+	struct mb_addr *a = mb_pod_ip(ips, 1);
+
+	return a ? a : mb_pod_ip(ips, 0);
+}
+
+static __always_inline int mb_is_own_ip(const struct mb_conn *c)
+{
+	return !mb_addr_is_zero(c->dst) &&
+	       (mb_addr_eq(c->dst, &c->self->ip4) || mb_addr_eq(c->dst, &c->self->ip6));
+}
 
 /* A bypass that, in legacy mode with the pod IP still unknown, asks sockops
  * to learn the netns' IP from this (non-loopback) connection. */
@@ -59,17 +106,41 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 		return;
 	}
 
-	/* 3./4. the proxy (UID or GID): only a connect to a local mesh pod is
-	 * captured, by that pod's inbound listener, if its inbound policy
-	 * captures the port (iptables: the target's PREROUTING, or lo for the
-	 * pod's own IP) */
+	/* 3.-6. calls that leave through lo: loopback and the pod's own IPs */
+	int via_lo = mb_addr_is_loopback(c->dst) || mb_is_own_ip(c);
+	/* "-o lo -m owner ! --uid-owner P -j RETURN" (and the same for the
+	 * GID), unless includeOutboundIPRanges names a loopback address */
+	int lo_return = !(c->own && mb_policy_includes_loopback(c->own));
+
+	/* 3./4. the proxy (UID or GID) */
 	if (c->is_proxy) {
-		if (!c->target)
-			{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
-		if (!mb_policy_in(c->target, c->port)) {
-			v->act = MB_ACT_PASS;
-			v->counter = MB_C_BYPASS_POLICY;
-			return;
+		/* Through lo to anything but 127.0.0.1 / ::1 -- its own pod IPs,
+		 * other 127/8 addresses -- the proxy reaches its own inbound
+		 * listener: "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m
+		 * owner --uid-owner P -j ISTIO_IN_REDIRECT", which istio-iptables
+		 * adds for every proxy UID and GID whatever the pod's inbound
+		 * settings. It jumps to ISTIO_IN_REDIRECT directly, not through
+		 * ISTIO_INBOUND: the pod's inbound policy (excluded or
+		 * non-included ports, the status port) does not apply; only
+		 * excludeOutboundPorts (1.), the passthrough source and 15008 (2.)
+		 * come first. The GID's rule comes after the UID's lo RETURN, so
+		 * a caller with only the proxy's GID gets there only when that
+		 * RETURN is left out. Anything else through lo is left alone. */
+		if (via_lo) {
+			if (mb_addr_is_localhost(c->dst) || (!c->is_proxy_uid && lo_return))
+				{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
+		} else {
+			/* another local mesh pod is captured by its inbound listener
+			 * if its inbound policy captures the port (iptables: that
+			 * pod's PREROUTING -> ISTIO_INBOUND); anything else is left
+			 * alone */
+			if (!c->target)
+				{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
+			if (!mb_policy_in(c->target, c->port)) {
+				v->act = MB_ACT_PASS;
+				v->counter = MB_C_BYPASS_POLICY;
+				return;
+			}
 		}
 		v->act = MB_ACT_IN;
 		v->counter = MB_C_REDIRECT_IN;
@@ -77,8 +148,9 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 		return;
 	}
 
-	/* 6. loopback and the pod's own IP (iptables: -o lo ! --uid-owner RETURN) */
-	if (mb_addr_is_loopback(c->dst) || (c->ip_known && mb_addr_eq(c->dst, c->self_ip))) {
+	/* 5./6. apps through lo: "-o lo ! --uid-owner RETURN", or (when that
+	 * rule is left out) "-d 127.0.0.1/32 -j RETURN" before the policy */
+	if (via_lo && (lo_return || mb_addr_is_localhost(c->dst))) {
 		v->act = MB_ACT_PASS;
 		v->counter = MB_C_BYPASS_LOOPBACK;
 		return;

@@ -52,6 +52,20 @@ static __always_inline int mb_addr_is_loopback(const struct mb_addr *a)
 	return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == 0 && a->ip[3] == bpf_htonl(1);
 }
 
+static __always_inline int mb_addr_is_zero(const struct mb_addr *a)
+{
+	return (a->ip[0] | a->ip[1] | a->ip[2] | a->ip[3]) == 0;
+}
+
+/* 127.0.0.1 (mapped) or ::1: the loopback address istio-iptables' proxy
+ * rules leave alone (-o lo ! -d 127.0.0.1/32, ! -d ::1/128) */
+static __always_inline int mb_addr_is_localhost(const struct mb_addr *a)
+{
+	if (mb_addr_is_v4(a))
+		return a->ip[3] == bpf_htonl(0x7f000001);
+	return mb_addr_is_loopback(a);
+}
+
 /* The source the proxy binds for inbound passthrough: 127.0.0.6 or ::6.
  * Connections from it are never rewritten (Istio: -o lo -s 127.0.0.6 RETURN). */
 static __always_inline int mb_addr_is_passthrough(const struct mb_addr *a)
@@ -120,6 +134,18 @@ static __always_inline int mb_policy_out(const struct mb_pod_config *pc,
 	if (pc->flags & MB_POD_F_INCLUDE_OUT_ALL)
 		return 1;
 	return mb_cidr_in(pc->include_out_cidrs, pc->n_include_out_cidrs, dst);
+}
+
+/* Does includeOutboundIPRanges name a loopback address (istio-iptables'
+ * HasLoopBackIP, either family)? Then istio-iptables leaves out its
+ * "-o lo -m owner ! --uid-owner|--gid-owner P -j RETURN" rules. */
+static __always_inline int mb_policy_includes_loopback(const struct mb_pod_config *pc)
+{
+	for (u32 i = 0; i < MB_MAX_CIDRS; i++) {
+		if (i < pc->n_include_out_cidrs && mb_addr_is_loopback(&pc->include_out_cidrs[i].net))
+			return 1;
+	}
+	return 0;
 }
 
 /* Inbound: would a connection to this pod's port be captured? 1: redirect. */

@@ -76,10 +76,10 @@ BPF_TABLE_PINNED("hash", struct mb_pair, u64, mb_skmsg_budget,
 BPF_TABLE_PINNED("hash", struct mb_addr, struct mb_pod_config, mb_local_pods,
 		 MB_MAX_PODS, MB_PIN(mb_local_pods));
 
-/* SO_MARK of a pod's marker listener (port MB_MARK_PORT) -> pod IP.
- * Written by the daemon on CNI ADD (maps.mark_pod_ips); read by connect4/6 in
- * CNI mode to learn the caller's pod IP. */
-BPF_TABLE_PINNED("hash", u32, struct mb_addr, mb_mark_pod_ips,
+/* SO_MARK of a pod's marker listener (port MB_MARK_PORT) -> pod IPs (one
+ * per family). Written by the daemon on CNI ADD (maps.mark_pod_ips); read by
+ * connect4/6 in CNI mode to learn the caller's pod IPs. */
+BPF_TABLE_PINNED("hash", u32, struct mb_pod_ips, mb_mark_pod_ips,
 		 MB_MAX_PODS, MB_PIN(mb_mark_pod_ips));
 
 /* Legacy mode feedback: network namespace cookie -> that netns' pod IP.
@@ -90,11 +90,11 @@ BPF_TABLE_PINNED("hash", u32, struct mb_addr, mb_mark_pod_ips,
 BPF_TABLE_PINNED("lru_hash", u64, struct mb_addr, mb_netns_ip,
 		 MB_MAX_PODS, MB_PIN(mb_netns_ip));
 
-/* CNI mode: network namespace cookie -> {pod IP, marker SO_MARK}, a cache
+/* CNI mode: network namespace cookie -> {pod IPs, marker SO_MARK}, a cache
  * of the marker-listener probe (a socket lookup) for connect4/6. Written
  * and read by connect4/6. Positive answers only (a negative cached while a
  * pod starts would hide it: upstream's start-up order bug); an entry whose
- * mark no longer maps to the same IP in mb_mark_pod_ips (pod withdrawn) is
+ * mark no longer maps to the same IPs in mb_mark_pod_ips (pod withdrawn) is
  * deleted and the probe runs again. */
 BPF_TABLE_PINNED("lru_hash", u64, struct mb_netns_pod, mb_netns_pod,
 		 MB_MAX_PODS, MB_PIN(mb_netns_pod));

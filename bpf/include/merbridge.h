@@ -140,11 +140,20 @@ struct mb_pair {
 	__u16 dport;               /* network byte order */
 };
 
+/* A pod's addresses, one per family (all zero: the pod has none of that
+ * family). Value of mb_mark_pod_ips: a dual-stack pod's connects are bound
+ * to its pod IP of the connection's family, so its rewritten 4-tuples are
+ * unique on the node in both families. */
+struct mb_pod_ips {
+	struct mb_addr ip4;        /* ::ffff:a.b.c.d */
+	struct mb_addr ip6;
+};
+
 /* CNI mode: what the marker-listener probe found for a network namespace
  * (value of mb_netns_pod, keyed by the netns cookie). Only positive answers
- * are stored, and each use checks mb_mark_pod_ips[mark] still holds ip. */
+ * are stored, and each use checks mb_mark_pod_ips[mark] still holds ips. */
 struct mb_netns_pod {
-	struct mb_addr ip;
+	struct mb_pod_ips ips;
 	__u32 mark;
 	__u32 pad;
 };

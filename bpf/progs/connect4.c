@@ -28,10 +28,10 @@ static __always_inline void mb_count(u32 idx)
 
 int mb_connect4(struct bpf_sock_addr *ctx)
 {
-	struct mb_addr dst, src, self_ip = {};
+	struct mb_addr dst, src;
 	struct mb_conn c = {};
 	struct mb_verdict v = {};
-	struct mb_addr *ip;
+	struct mb_pod_ips *ip, self = {};
 	u64 probe, ugid, cookie;
 
 	if (ctx->protocol != IPPROTO_TCP)
@@ -46,7 +46,7 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		u32 mark = np->mark;
 
 		ip = mb_mark_pod_ips.lookup(&mark);
-		if (!ip || !mb_addr_eq(ip, &np->ip)) {
+		if (!ip || !mb_pod_ips_eq(ip, &np->ips)) {
 			mb_netns_pod.delete(&netns);   /* pod withdrawn */
 			ip = 0;
 		}
@@ -63,7 +63,7 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		if (ip) {
 			struct mb_netns_pod v = {};
 
-			v.ip = *ip;
+			v.ips = *ip;
 			v.mark = mark;
 			mb_netns_pod.update(&netns, &v);
 		}
@@ -74,21 +74,27 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		mb_count(MB_C_BYPASS_NOT_MESH);
 		return 1;
 	}
-	ip = mb_netns_ip.lookup(&netns);
+	struct mb_pod_ips learned = {};
+
+	ip = mb_pod_ips_of(&learned, mb_netns_ip.lookup(&netns));
 #endif
 	mb_addr_from_v4(&dst, ctx->user_ip4);
 	mb_addr_from_v4(&src, ctx->sk->src_ip4);
 	c.dst = &dst;
 	c.src = &src;
 	c.port = bpf_ntohs((u16)ctx->user_port);
-	c.self_ip = &self_ip;
+	c.self = &self;
 	if (ip) {
-		self_ip = *ip;
+		self = *ip;
 		c.ip_known = 1;
-		c.own = mb_local_pods.lookup(&self_ip);
+		struct mb_addr *key = mb_pod_ip_any(&self);
+
+		if (key)
+			c.own = mb_local_pods.lookup(key);
 	}
 	ugid = bpf_get_current_uid_gid();
-	c.is_proxy = (u32)ugid == MB_PROXY_UID || (u32)(ugid >> 32) == MB_PROXY_GID;
+	c.is_proxy_uid = (u32)ugid == MB_PROXY_UID;
+	c.is_proxy = c.is_proxy_uid || (u32)(ugid >> 32) == MB_PROXY_GID;
 	if (c.is_proxy)
 		c.target = mb_local_pods.lookup(&dst);
 
@@ -112,11 +118,13 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 
 	ctx->user_port = bpf_htons(MB_OUT_PORT);
-	if (c.ip_known && mb_addr_is_v4(&self_ip)) {
+	struct mb_addr *bind_ip = mb_pod_ip(&self, 1);
+
+	if (bind_ip) {
 		struct sockaddr_in sa = {};
 
 		sa.sin_family = AF_INET;
-		sa.sin_addr.s_addr = self_ip.ip[3];
+		sa.sin_addr.s_addr = bind_ip->ip[3];
 		if (bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
 			mb_count(MB_C_BIND_POD_IP);
 			ctx->user_ip4 = bpf_htonl(0x7f000001);

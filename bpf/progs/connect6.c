@@ -8,9 +8,11 @@
  * app's connect goes to [::1]:MB_OUT_PORT; a dual-stack socket connecting to
  * an IPv4-mapped address goes to ::ffff:127.0.0.1 instead, because the
  * connection will really be IPv4. The source is bound to the pod IP of the
- * same family when known. Without one, an IPv4-mapped destination uses the
+ * same family when known (CNI mode: mb_mark_pod_ips holds a dual-stack pod's
+ * IPv4 and IPv6 address). Without one, an IPv4-mapped destination uses the
  * 127.128.0.0/12 scheme; a pure IPv6 one has no spare loopback addresses and
- * stays unbound (see docs/datapath.md, quadruple conflict).
+ * stays unbound (see docs/datapath.md, quadruple conflict): only a pod with
+ * no IPv6 address at all (or legacy mode) gets there.
  */
 #include "connect.h"
 #include "maps.h"
@@ -25,10 +27,10 @@ static __always_inline void mb_count(u32 idx)
 
 int mb_connect6(struct bpf_sock_addr *ctx)
 {
-	struct mb_addr dst, src, self_ip = {};
+	struct mb_addr dst, src;
 	struct mb_conn c = {};
 	struct mb_verdict v = {};
-	struct mb_addr *ip;
+	struct mb_pod_ips *ip, self = {};
 	u64 probe, ugid, cookie;
 	int mapped;
 
@@ -44,7 +46,7 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 		u32 mark = np->mark;
 
 		ip = mb_mark_pod_ips.lookup(&mark);
-		if (!ip || !mb_addr_eq(ip, &np->ip)) {
+		if (!ip || !mb_pod_ips_eq(ip, &np->ips)) {
 			mb_netns_pod.delete(&netns);   /* pod withdrawn */
 			ip = 0;
 		}
@@ -61,7 +63,7 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 		if (ip) {
 			struct mb_netns_pod v = {};
 
-			v.ip = *ip;
+			v.ips = *ip;
 			v.mark = mark;
 			mb_netns_pod.update(&netns, &v);
 		}
@@ -72,7 +74,9 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 		mb_count(MB_C_BYPASS_NOT_MESH);
 		return 1;
 	}
-	ip = mb_netns_ip.lookup(&netns);
+	struct mb_pod_ips learned = {};
+
+	ip = mb_pod_ips_of(&learned, mb_netns_ip.lookup(&netns));
 #endif
 	dst.ip[0] = ctx->user_ip6[0];
 	dst.ip[1] = ctx->user_ip6[1];
@@ -86,14 +90,18 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 	c.dst = &dst;
 	c.src = &src;
 	c.port = bpf_ntohs((u16)ctx->user_port);
-	c.self_ip = &self_ip;
+	c.self = &self;
 	if (ip) {
-		self_ip = *ip;
+		self = *ip;
 		c.ip_known = 1;
-		c.own = mb_local_pods.lookup(&self_ip);
+		struct mb_addr *key = mb_pod_ip_any(&self);
+
+		if (key)
+			c.own = mb_local_pods.lookup(key);
 	}
 	ugid = bpf_get_current_uid_gid();
-	c.is_proxy = (u32)ugid == MB_PROXY_UID || (u32)(ugid >> 32) == MB_PROXY_GID;
+	c.is_proxy_uid = (u32)ugid == MB_PROXY_UID;
+	c.is_proxy = c.is_proxy_uid || (u32)(ugid >> 32) == MB_PROXY_GID;
 	if (c.is_proxy)
 		c.target = mb_local_pods.lookup(&dst);
 
@@ -117,14 +125,18 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 		return 1;
 
 	ctx->user_port = bpf_htons(MB_OUT_PORT);
-	if (c.ip_known && mb_addr_is_v4(&self_ip) == mapped) {
+	/* the pod IP of the connection's family: IPv4 (as ::ffff:a.b.c.d)
+	 * for an IPv4-mapped destination, else IPv6 */
+	struct mb_addr *bind_ip = mb_pod_ip(&self, mapped);
+
+	if (bind_ip) {
 		struct sockaddr_in6 sa = {};
 
 		sa.sin6_family = AF_INET6;
-		sa.sin6_addr.in6_u.u6_addr32[0] = self_ip.ip[0];
-		sa.sin6_addr.in6_u.u6_addr32[1] = self_ip.ip[1];
-		sa.sin6_addr.in6_u.u6_addr32[2] = self_ip.ip[2];
-		sa.sin6_addr.in6_u.u6_addr32[3] = self_ip.ip[3];
+		sa.sin6_addr.in6_u.u6_addr32[0] = bind_ip->ip[0];
+		sa.sin6_addr.in6_u.u6_addr32[1] = bind_ip->ip[1];
+		sa.sin6_addr.in6_u.u6_addr32[2] = bind_ip->ip[2];
+		sa.sin6_addr.in6_u.u6_addr32[3] = bind_ip->ip[3];
 		if (bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
 			mb_count(MB_C_BIND_POD_IP);
 			ctx->user_ip6[0] = 0;

@@ -16,20 +16,26 @@ import sys
 import time
 import uuid
 
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
+from merbridge.daemon.lab import CGROUP_ROOT  # the cgroup v2 mount
+
 PY = sys.executable
 
 SERVER = r'''
 import json, socket, struct, sys
+import time
 tag, fam, addr, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 mark = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-af = socket.AF_INET6 if fam == "6" else socket.AF_INET
+accept_delay = float(sys.argv[6]) if len(sys.argv) > 6 else 0
+af = socket.AF_INET6 if fam in ("6", "6only") else socket.AF_INET
 s = socket.socket(af, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if fam == "6only":
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 if mark:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 s.bind((addr, port)); s.listen(64)
 print("ready", flush=True)
+time.sleep(accept_delay)   # connections wait in the backlog meanwhile
 while True:
     c, peer = s.accept()
     orig = None
@@ -114,8 +120,12 @@ class Pod:
         return inner
 
     def serve(self, tag: str, addr: str, port: int, fam: str = "4", mark: int = 0,
-              uid: int | None = None, gid: int | None = None, in_cgroup: bool = True) -> None:
-        argv = self._argv(SERVER, [tag, fam, addr, str(port), str(mark)], uid, gid, in_cgroup)
+              uid: int | None = None, gid: int | None = None, in_cgroup: bool = True,
+              accept_delay: float = 0) -> None:
+        """fam: "4", "6" (dual-stack) or "6only" (IPV6_V6ONLY). accept_delay:
+        seconds before the first accept() (connections queue in the backlog)."""
+        argv = self._argv(SERVER, [tag, fam, addr, str(port), str(mark), str(accept_delay)],
+                          uid, gid, in_cgroup)
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
         line = p.stdout.readline()
@@ -124,11 +134,34 @@ class Pod:
 
     def connect(self, addr: str, port: int, bind: str = "", uid: int | None = None,
                 gid: int | None = None, in_cgroup: bool = True) -> dict:
+        return self.finish(self.connect_async(addr, port, bind, uid, gid, in_cgroup))
+
+    def connect_async(self, addr: str, port: int, bind: str = "", uid: int | None = None,
+                      gid: int | None = None, in_cgroup: bool = True) -> subprocess.Popen:
+        """connect() in the background; its result comes from finish()."""
         argv = self._argv(CLIENT, [addr, str(port), bind], uid, gid, in_cgroup)
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr)
-        return json.loads(out.stdout)
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def finish(p: subprocess.Popen) -> dict:
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.communicate()
+            raise
+        if p.returncode != 0:
+            raise RuntimeError(err)
+        return json.loads(out)
+
+    def sysctl(self, name: str, value: str) -> None:
+        sh("nsenter", f"--net={self.netns}", "sysctl", "-qw", f"{name}={value}")
+
+    def apply_iptables(self, version: int, rules: str) -> None:
+        """iptables-restore (version 4) or ip6tables-restore (6) inside this netns only."""
+        tool = "iptables-restore" if version == 4 else "ip6tables-restore"
+        subprocess.run(["nsenter", f"--net={self.netns}", tool], input=rules, text=True,
+                       check=True, capture_output=True)
 
     def run(self, code: str, *args: str, uid: int | None = None) -> str:
         argv = self._argv(code, list(args), uid, None, True)

@@ -66,13 +66,14 @@ class Mesh:
 
 def enrol(dp, pod: Pod, key: int, policy: PodPolicy, cni_mode: bool, closers: list) -> None:
     """What the daemon does for a mesh pod: its policy under both pod IPs and,
-    in CNI mode, the marker listener (SO_MARK = key) plus mb_mark_pod_ips."""
+    in CNI mode, the marker listener (SO_MARK = key) plus mb_mark_pod_ips
+    (both pod IPs: each family's connects are bound to its pod IP)."""
     for addr in pod.ips():
         dp.maps.local_pods.put(addr, policy)
     if cni_mode:
         sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
         closers.append(sock.close)
-        dp.maps.mark_pod_ips.put(key, pod.ip4)
+        dp.maps.mark_pod_ips.put(key, pod.ip4, pod.ip6)
 
 
 def learn_pod_ips(dp, pods, outside: Pod) -> None:
@@ -140,6 +141,10 @@ def test_app_to_app_travels_both_sidecars(mesh, family):
     assert r.pod == "b"
     # A's sidecar got the connection and learnt B:8080 as original destination.
     assert [(e["dst"], e["dport"]) for e in out] == [(ip(m.b, family), 8080)]
+    # ... from A's pod IP of that family: the 4-tuple is unique on the node
+    # (legacy mode learns only the IPv4 one; its IPv6 connects stay on ::1)
+    if m.cni_mode or family == "ipv4":
+        assert out[0]["src"] == ip(m.a, family)
     # B's inbound listener got the sidecar's connection and also saw B:8080.
     assert [(e["fe"][:7], e["dst"], e["dport"]) for e in inb] == [
         ("inbound", ip(m.b, family), 8080)]

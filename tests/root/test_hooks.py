@@ -19,6 +19,7 @@ from hookenv import Pod
 from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
+from merbridge.daemon import labconfig
 
 pytestmark = pytest.mark.root
 
@@ -96,16 +97,108 @@ def test_app_connect_v6_goes_to_sidecar(dp, pod):
 
 
 def test_v4_pod_v6_destination_still_redirected_unbound(dp, pod):
+    """A single-stack IPv4 pod (no IPv6 pod IP to bind): a v6 connect is still
+    redirected, from ::1."""
     r = pod.connect(DST6, 8081)
     assert r["reply"]["tag"] == "proxy6"
     assert r["reply"]["orig"] == [DST6, 8081]
     assert r["reply"]["peer"][0] == "::1"
 
 
+def test_dual_stack_pod_binds_each_family_to_its_pod_ip(dp, pod):
+    """CNI mode, a dual-stack pod: mb_mark_pod_ips holds both pod IPs, so an
+    IPv6 connect is bound to the v6 pod IP (not left on ::1, where two pods'
+    tuples could collide in the node-global pair map), an IPv4 one to the v4
+    pod IP, and an IPv4-mapped destination on an AF_INET6 socket (really an
+    IPv4 connection) to the v4 pod IP."""
+    dp.maps.mark_pod_ips.put(MARK, POD4, POD6)
+    dp.maps.local_pods.put(POD6, PodPolicy())
+    before = dp.maps.counters()
+    r = pod.connect(DST6, 8081)
+    assert r["reply"]["tag"] == "proxy6" and r["reply"]["orig"] == [DST6, 8081]
+    assert r["reply"]["peer"][0] == POD6 and r["sock"][0] == POD6
+    r = pod.connect(DST4, 8080)
+    assert r["reply"]["tag"] == "proxy" and r["reply"]["orig"] == [DST4, 8080]
+    assert r["reply"]["peer"][0] == POD4
+    r = pod.connect(f"::ffff:{DST4}", 8080)
+    assert r["reply"]["tag"] == "proxy" and r["reply"]["orig"] == [DST4, 8080]
+    assert r["reply"]["peer"][0] == POD4 and r["sock"][0] == f"::ffff:{POD4}"
+    after = dp.maps.counters()
+    assert after["bind_pod_ip"] - before["bind_pod_ip"] == 3
+    assert after["getsockopt_answer"] - before["getsockopt_answer"] == 3
+    # the probe cache holds both IPs too (entries of earlier tests' deleted
+    # namespaces may linger under the same mark)
+    assert (POD4, POD6) in [ips for _, ips, m in dp.maps.netns_pod.all_items() if m == MARK]
+
+
+def test_v4_mapped_destination_on_v6_socket_is_redirected(dp, pod):
+    """An AF_INET6 socket connecting to ::ffff:a.b.c.d goes through connect6:
+    redirected to ::ffff:127.0.0.1 (the v4 proxy listener), bound to the v4
+    pod IP, and SO_ORIGINAL_DST is the IPv4 destination."""
+    before = dp.maps.counters()
+    r = pod.connect(f"::ffff:{DST4}", 8080)
+    assert r["reply"]["tag"] == "proxy"
+    assert r["reply"]["orig"] == [DST4, 8080]
+    assert r["reply"]["local"] == ["127.0.0.1", 15001]
+    assert r["reply"]["peer"][0] == POD4 and r["sock"][0] == f"::ffff:{POD4}"
+    after = dp.maps.counters()
+    assert after["redirect_out"] - before["redirect_out"] == 1
+    assert after["bind_pod_ip"] - before["bind_pod_ip"] == 1
+    # the same rules as IPv4: the own pod IP and loopback are left alone
+    assert pod.connect(f"::ffff:{POD4}", 8080)["reply"]["tag"] == "direct"
+    assert pod.connect("::ffff:127.0.0.1", 8080)["reply"]["tag"] == "direct"
+
+
+PODS2 = {"a": ("10.231.1.1", "fd00:231:1::1", 0x2310011),
+         "b": ("10.231.2.1", "fd00:231:2::1", 0x2310012)}
+
+
+def test_two_dual_stack_pods_on_one_source_port_keep_their_original_dst(dp):
+    """Two dual-stack pods whose IPv6 connects get the same source port (the
+    only one in their ephemeral range) while their sidecars have not yet
+    asked SO_ORIGINAL_DST: the pair map keys differ by pod IP, so each
+    sidecar sees its own app's destination (bound to ::1, the second entry
+    would overwrite the first)."""
+    pods: dict[str, Pod] = {}
+    try:
+        for name, (ip4, ip6, mark) in PODS2.items():
+            p = pods[name] = Pod(v4=[ip4], v6=[ip6])
+            p.sysctl("net.ipv4.ip_local_port_range", "40000 40000")
+            p.serve("marker", "0.0.0.0", 39807, mark=mark, in_cgroup=False)
+            p.serve(f"proxy-{name}", "::1", 15001, fam="6", uid=1337, gid=1337,
+                    accept_delay=2)
+            dp.maps.mark_pod_ips.put(mark, ip4, ip6)
+            dp.maps.local_pods.put(ip6, PodPolicy())
+            dp.attach(p.cgroup)
+        # both connections complete their handshake before either is accepted
+        clients = {name: pods[name].connect_async(f"fd00:231:99::{i + 1}", 8000 + i)
+                   for i, name in enumerate(PODS2)}
+        replies = {name: Pod.finish(c) for name, c in clients.items()}
+        for i, name in enumerate(PODS2):
+            r = replies[name]
+            assert r["reply"]["tag"] == f"proxy-{name}"
+            assert r["sock"] == [PODS2[name][1], 40000]
+            assert r["reply"]["orig"] == [f"fd00:231:99::{i + 1}", 8000 + i]
+    finally:
+        for name, p in pods.items():
+            dp.detach(p.cgroup)
+            dp.maps.mark_pod_ips.delete(PODS2[name][2])
+            dp.maps.local_pods.delete(PODS2[name][1])
+            p.close()
+
+
+FAMILY_DST = {"v4": (DST4, 8080, "direct"), "v6": (DST6, 8081, "direct6")}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_DST))
 @pytest.mark.parametrize("who", [{"uid": 1337}, {"gid": 1337}], ids=["uid", "gid"])
-def test_proxy_uid_or_gid_bypasses(pod, who):
-    r = pod.connect(DST4, 8080, **who)
-    assert r["reply"]["tag"] == "direct"
+def test_proxy_uid_or_gid_bypasses(dp, pod, who, family):
+    dp.maps.mark_pod_ips.put(MARK, POD4, POD6)
+    dst, port, tag = FAMILY_DST[family]
+    before = dp.maps.counters()["bypass_proxy"]
+    r = pod.connect(dst, port, **who)
+    assert r["reply"]["tag"] == tag
+    assert dp.maps.counters()["bypass_proxy"] == before + 1
 
 
 def test_loopback_and_own_ip_bypass(pod):
@@ -180,6 +273,121 @@ def test_proxy_hairpin_to_own_pod_ip_and_passthrough_source(pod):
     # ... whose passthrough connection from 127.0.0.6 is left alone (no loop)
     r = pod.connect(POD4, 8080, bind="127.0.0.6", uid=1337)
     assert r["reply"]["tag"] == "direct" and r["reply"]["peer"][0] == "127.0.0.6"
+
+
+# The proxy (UID or GID 1337) calling over lo, in istio-iptables' terms:
+# (who, destination, port, bind). "-o lo ! -d 127.0.0.1/32 -p tcp ! --dport
+# 15008 -j ISTIO_IN_REDIRECT" comes after excludeOutboundPorts and the
+# 127.0.0.6 source RETURN, and goes straight to ISTIO_IN_REDIRECT: the pod's
+# inbound exclusions and status port do not apply to it.
+HAIRPIN_CASES = [(who, *case) for who in ({"uid": 1337}, {"gid": 1337}) for case in (
+    (POD4, 8080, ""),           # excluded inbound port: still the inbound listener
+    (POD4, 15020, ""),          # status port: the same
+    (POD4, 9099, ""),           # excluded outbound port: direct
+    (POD4, 15008, ""),          # HBONE: direct
+    (POD4, 8080, "127.0.0.6"),  # inbound passthrough source: direct
+    ("127.0.0.1", 8080, ""),    # 127.0.0.1: direct
+    ("127.0.0.2", 8080, ""),    # other 127/8 addresses leave through lo: inbound
+    (POD6, 8081, ""),           # IPv6 own pod IP: inbound
+    ("::1", 8081, ""),          # ::1: direct
+)]
+HAIRPIN_POLICIES = {
+    # includeInboundPorts="*" minus 8080 and the status port 15020
+    "exclusions": (dict(exclude_inbound_ports=(8080, 15020, 15021, 15090)),
+                   PodPolicy(exclude_inbound_ports=frozenset({8080, 15021, 15090}),
+                             exclude_outbound_ports=frozenset({9099}), status_port=15020)),
+    # includeInboundPorts="": no inbound capture at all, the hairpin stays
+    "no-inbound": (dict(capture_inbound=False),
+                   PodPolicy(include_inbound_all=False,
+                             exclude_outbound_ports=frozenset({9099}), status_port=15020)),
+}
+
+
+def _hairpin_pod(v4: list[str], v6: list[str], cgroup: bool) -> Pod:
+    p = Pod(v4=v4, v6=v6, cgroup=cgroup)
+    try:
+        for tag, port in (("direct", 8080), ("status", 15020), ("excluded-out", 9099),
+                          ("hbone", 15008)):
+            p.serve(tag, "0.0.0.0", port, in_cgroup=False)
+        p.serve("direct6", "::", 8081, fam="6only", in_cgroup=False)
+        # the sidecar's inbound listeners: in the cgroup, for getsockopt
+        p.serve("inbound", "0.0.0.0", 15006, uid=1337, gid=1337)
+        p.serve("inbound6", "::", 15006, fam="6only", uid=1337, gid=1337)
+    except BaseException:
+        p.close()
+        raise
+    return p
+
+
+def _landed(p: Pod, who: dict, dst: str, port: int, bind: str) -> tuple:
+    r = p.connect(dst, port, bind=bind, **who)["reply"]
+    return r["tag"], r["orig"] if r["tag"].startswith("inbound") else None
+
+
+@pytest.mark.parametrize("config", sorted(HAIRPIN_POLICIES))
+def test_proxy_hairpin_matches_istio_iptables(dp, config):
+    """The same calls in a pod with istio-iptables' rules (the oracle,
+    daemon/labconfig.py) and in a pod with our datapath land on the same
+    listener with the same SO_ORIGINAL_DST."""
+    iptables_opts, policy = HAIRPIN_POLICIES[config]
+    oracle = ours = None
+    try:
+        oracle = _hairpin_pod([POD4], [POD6], cgroup=False)
+        for version in (4, 6):
+            oracle.apply_iptables(version, labconfig.istio_iptables(
+                version, exclude_outbound_ports=(9099,), **iptables_opts))
+        ours = _hairpin_pod([POD4], [POD6], cgroup=True)
+        ours.serve("marker", "0.0.0.0", 39807, mark=MARK, in_cgroup=False)
+        dp.maps.mark_pod_ips.put(MARK, POD4, POD6)
+        for ip in (POD4, POD6):
+            dp.maps.local_pods.put(ip, policy)
+        dp.attach(ours.cgroup)
+        want = [_landed(oracle, *case) for case in HAIRPIN_CASES]
+        got = [_landed(ours, *case) for case in HAIRPIN_CASES]
+        assert got == want
+        # the oracle really is istio's: excluded inbound ports and the status
+        # port hairpin to the inbound listener, the exclusions below do not
+        assert [tag for tag, _ in want[:9]] == [
+            "inbound", "inbound", "excluded-out", "hbone", "direct", "direct",
+            "inbound", "inbound6", "direct6"]
+        assert want[0][1] == [POD4, 8080] and want[7][1] == [POD6, 8081]
+        # a caller with only the proxy's GID is RETURNed by the UID's
+        # "-o lo ! --uid-owner" rule before the GID's hairpin rule
+        assert [tag for tag, _ in want[9:]] == [
+            "direct", "status", "excluded-out", "hbone", "direct", "direct",
+            "direct", "direct6", "direct6"]
+    finally:
+        if ours is not None:
+            dp.detach(ours.cgroup)
+            ours.close()
+        for ip in (POD4, POD6):
+            dp.maps.local_pods.delete(ip)
+        dp.maps.mark_pod_ips.delete(MARK)
+        if oracle is not None:
+            oracle.close()
+
+
+def test_loopback_in_include_ranges_drops_the_lo_return(dp, pod):
+    """includeOutboundIPRanges naming a loopback address (istio-iptables'
+    HasLoopBackIP) leaves out "-o lo ! --uid-owner/--gid-owner RETURN": an
+    app's call to its own pod IP is then judged by the include ranges, and a
+    caller with only the proxy's GID reaches the GID's hairpin rule.
+    127.0.0.1 stays direct ("-d 127.0.0.1/32 -j RETURN")."""
+    dp.maps.mark_pod_ips.put(MARK, POD4, POD6)
+    dp.maps.local_pods.put(POD4, PodPolicy(
+        include_outbound_all=False,
+        include_outbound_cidrs=(_cidr("127.0.0.1", 32), _cidr(POD4, 32))))
+    r = pod.connect(POD4, 8080)
+    assert r["reply"]["tag"] == "proxy" and r["reply"]["orig"] == [POD4, 8080]
+    r = pod.connect(POD4, 8080, gid=1337)
+    assert r["reply"]["tag"] == "inbound" and r["reply"]["orig"] == [POD4, 8080]
+    assert pod.connect("127.0.0.1", 8080)["reply"]["tag"] == "direct"
+    assert pod.connect("127.0.0.1", 8080, gid=1337)["reply"]["tag"] == "direct"
+    # without it, both are direct (the default istio-iptables rule set)
+    dp.maps.local_pods.put(POD4, PodPolicy(
+        include_outbound_all=False, include_outbound_cidrs=(_cidr(POD4, 32),)))
+    assert pod.connect(POD4, 8080)["reply"]["tag"] == "direct"
+    assert pod.connect(POD4, 8080, gid=1337)["reply"]["tag"] == "direct"
 
 
 def test_hbone_port_never_redirected(pod):
@@ -269,6 +477,26 @@ def test_reload_replaces_and_unpin_leaves_nothing():
         loader.detach_cgroup(p.cgroup)
         loader.remove_pins(pin)
         p.close()
+
+
+def test_pin_of_an_older_layout_is_a_clear_error():
+    """mb_mark_pod_ips once held one 16-byte address per mark: a daemon of
+    this version over such pins says so (bcc would reuse the pin and the
+    verifier refuse the programs with a bare EACCES), and leaves the pin."""
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    os.mkdir(pin)
+    old = os.path.join(pin, t.MAP_MARK_POD_IPS)
+    try:
+        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "4",
+                        "value", "16", "entries", "1024", "name", t.MAP_MARK_POD_IPS],
+                       check=True, capture_output=True)
+        d = loader.Datapath(pin, ISTIO, cni_mode=True)
+        with pytest.raises(loader.DatapathError, match="pinned by another merbridge version"):
+            d.load()
+        d.close()
+        assert os.listdir(pin) == [t.MAP_MARK_POD_IPS]
+    finally:
+        loader.remove_pins(pin)
 
 
 def _prog_id(fd: int) -> int:

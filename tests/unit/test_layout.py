@@ -80,6 +80,26 @@ def test_every_header_constant_is_mirrored():
     assert not missing
 
 
+def test_every_header_struct_is_mirrored():
+    """A new struct mb_* in the header must get a ctypes mirror in types.py
+    (registered in MIRRORS), or test_struct_layout would never see it."""
+    declared = set(re.findall(r"^struct (mb_[a-z0-9_]+) \{", HEADER.read_text(), re.M))
+    assert declared, "no struct found: has the header's style changed?"
+    assert declared - set(t.MIRRORS) == set()
+    assert set(t.MIRRORS) - declared == set()   # and no mirror of a struct that is gone
+
+
+def test_pod_ips_one_per_family():
+    v = t.MbPodIps.of(["fd00::5", "10.0.0.5"])
+    assert v.ips() == ("10.0.0.5", "fd00::5")
+    assert bytes(v.ip4) == t.addr_pack("10.0.0.5")
+    assert t.MbPodIps.of(["fd00::5"]).ips() == ("fd00::5",)
+    assert not any(t.MbPodIps.of(["fd00::5"]).ip4.ip)
+    for bad in ([], ["10.0.0.5", "10.0.0.6"], ["fd00::5", "fd00::6"]):
+        with pytest.raises(ValueError):
+            t.MbPodIps.of(bad)
+
+
 def test_counter_names_unique():
     assert len(set(t.COUNTERS.values())) == len(t.COUNTERS)
     assert max(t.COUNTERS) < t.MB_C_XDP_FIRST < t.MB_N_COUNTERS
