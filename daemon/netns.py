@@ -679,3 +679,36 @@ def pod_addresses(netns_path: str, ifname: str) -> list[str]:
     ips = [ipaddress.ip_address(a) for a in found if a]
     ips = [ip for ip in ips if not ip.is_link_local]
     return [str(ip) for ip in sorted(ips, key=lambda ip: ip.version)]
+
+
+def netns_addresses(netns_dir: str) -> dict[str, list[tuple[str, str]]]:
+    """``{netns path: [(ifname, ip), ...]}`` of the named network namespaces in
+    ``netns_dir``: the addresses on each interface but ``lo``, as canonical text.
+
+    The caller's own netns and anything that is not a network namespace are
+    left out, and so is a namespace removed while it is read (a directory
+    shared with others changes under us). A missing directory has none (the
+    runtime creates it with its first pod). Only reads: nothing is created or
+    changed in any namespace.
+    """
+    netns_dir = os.path.abspath(netns_dir)
+    try:
+        names = sorted(os.listdir(netns_dir))
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise PodNetnsError(f"cannot list netns directory {netns_dir}: {e.strerror}") from None
+    found: dict[str, list[tuple[str, str]]] = {}
+    for name in names:
+        path = os.path.join(netns_dir, name)
+        try:
+            with _ipr_path(path) as ipr:
+                ifnames = {link["index"]: link.get_attr("IFLA_IFNAME")
+                           for link in ipr.get_links()}
+                addrs = [(ifnames.get(a["index"]), a.get_attr("IFA_ADDRESS"))
+                         for a in ipr.get_addr()]
+        except (PodNetnsError, OSError, NetlinkError):
+            continue
+        found[path] = [(ifname, str(ipaddress.ip_address(ip))) for ifname, ip in addrs
+                       if ifname and ifname != "lo" and ip]
+    return found

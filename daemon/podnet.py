@@ -123,6 +123,10 @@ class PodNet:
     def addresses(self, netns_path: str, ifname: str) -> list[str]:
         return netns.pod_addresses(netns_path, ifname)
 
+    def netns_addresses(self, netns_dir: str) -> dict[str, list[tuple[str, str]]]:
+        """The addresses in every named netns of ``netns_dir`` (``adopt``'s search)."""
+        return netns.netns_addresses(netns_dir)
+
     # -- identity of the pod netns (H9: reliability) -------------------------------
     def check_netns(self, netns_path: str) -> str:
         """Refuse anything but a pod's network namespace (see netns._open_netns)."""

@@ -37,6 +37,21 @@ Collaborators are injected so that the state machine runs without root in
 unit tests: ``maps`` (``local_pods``/``mark_pod_ips`` with put/get/delete/items),
 ``podnet`` (see ``PodNet``) and ``lookup(namespace, name) -> pod | None``.
 
+Restart: the CNI server starts before ``restore`` has re-adopted the state
+file, so the runtime's commands are held back meanwhile (``restoring()``):
+ADD, CHECK and GC wait up to ``add_wait`` seconds and then answer code 11 (try
+again later), DEL waits until the restore is over. Restore itself only works
+on records that are still the live ones (a pod event may withdraw one while
+it runs). After a clean stop (``StateStore.stopped_cleanly``), ``adopt`` then
+enrols the in-mesh pods of the pod source that have no record at all -- pods
+started while no daemon ran and our plugin was not in the CNI config -- by
+finding their netns among the named network namespaces by pod IP, through
+the normal ADD path. The runtime's
+container id of such a pod is not known: its record's id is ``adopted:...``
+(a ':' never occurs in a CNI container id), the runtime's later DEL, CHECK
+or ADD for the same netns finds it by netns (an ADD gives it the real id),
+and GC leaves it to the pod source.
+
 Errors: every failure surfaces as ``PodError(code, msg, details)`` with a CNI
 code (11 try again later, 50 not ready, 999 internal, 100+ ours); the CNI
 server turns it into the plugin's error reply.
@@ -62,6 +77,9 @@ from merbridge.daemon.state import ADDING, ENROLLED, Record, StateStore
 
 log = logging.getLogger(__name__)
 
+#: container id prefix of records ``adopt`` made (CNI container ids have no ':')
+ADOPTED = "adopted:"
+
 class PodNet(Protocol):
     """Per-pod network plumbing (``podnet.py`` in production, a fake in unit tests)."""
 
@@ -74,6 +92,8 @@ class PodNet(Protocol):
     def addresses(self, netns: str, ifname: str) -> list[str]: ...
     # optional: the netns cookie of the netns a marker socket lives in
     # def netns_cookie(self, marker: Any) -> int: ...
+    # optional: {netns path: [(ifname, ip), ...]} of the named netns in a directory
+    # def netns_addresses(self, netns_dir: str) -> dict[str, list[tuple[str, str]]]: ...
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,8 @@ class Registry(Pieces):
         self.legacy = LegacyPods(maps, self._lock, self._legacy_decide, pod_meta, PodError)
         self._ctr_locks: dict[str, list] = {}        # container id -> [lock, users]
         self._pod_seen = threading.Condition()
+        self._restored = threading.Event()           # cleared while restoring()
+        self._restored.set()
 
     # -- helpers ---------------------------------------------------------
     @contextmanager
@@ -214,10 +236,42 @@ class Registry(Pieces):
         v4 = [ip for ip in ips if ":" not in ip]
         return (v4 or list(ips))[0]
 
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Hold the CNI commands back while the body restores and adopts (see the
+        module docstring); they proceed when it ends, however it ends."""
+        self._restored.clear()
+        try:
+            yield
+        finally:
+            self._restored.set()
+
+    def _await_restore(self, command: str, wait: bool = False) -> None:
+        """Block a CNI command until the restore is over: DEL (``wait``) for as
+        long as it takes, the others ``add_wait`` seconds, then code 11."""
+        if self._restored.wait(None if wait else self.add_wait):
+            return
+        raise PodError(TRY_AGAIN_LATER, "merbridge daemon is restoring its state",
+                       f"{command} not served within {self.add_wait:g}s of a restart")
+
+    def _record_for(self, att: Attachment) -> Record | None:
+        """The record of ``att``'s container, else the adopted record of its netns."""
+        rec = self.records.get(att.container_id)
+        if rec is not None or not att.netns:
+            return rec
+        now = netns_id(att.netns)
+        with self._lock:
+            return next((r for r in self.records.values() if r.container_id.startswith(ADOPTED)
+                         and r.netns == att.netns and now in (None, r.netns_id)), None)
+
     # -- CNI commands ----------------------------------------------------
     def add(self, att: Attachment) -> None:
         if not att.container_id or not att.netns:
             raise PodError(INTERNAL, "ADD needs a container id and a netns")
+        self._await_restore("ADD")
+        self._add_command(att)
+
+    def _add_command(self, att: Attachment) -> None:
         t0 = time.monotonic()
         with self._container_lock(att.container_id):
             try:
@@ -250,7 +304,13 @@ class Registry(Pieces):
             raise PodError(INVALID_NETNS, "invalid netns", str(exc)[:500]) from exc
 
     def _add(self, att: Attachment) -> None:
-        old = self.records.get(att.container_id)
+        old = self._record_for(att)
+        if old is not None and old.container_id != att.container_id:
+            with self._container_lock(old.container_id):
+                if self.records.get(old.container_id) is old:
+                    self._claim(old, att.container_id)
+                else:
+                    old = None             # withdrawn meanwhile
         if old is not None:
             if old.netns == att.netns and old.ifname == att.ifname and old.phase == ENROLLED:
                 self._ensure(old)          # idempotent ADD: repair whatever is missing
@@ -307,6 +367,19 @@ class Registry(Pieces):
         log.info("enrolled %s/%s container %s ips %s key %#x", rec.namespace, rec.name,
                  rec.container_id, ",".join(rec.ips), rec.key)
 
+    def _claim(self, rec: Record, container_id: str) -> None:
+        """An adopted record gets the runtime's container id (same key, same pieces)."""
+        with self._lock:
+            self.records.pop(rec.container_id, None)
+            marker = self.markers.pop(rec.container_id, None)
+            if marker is not None:
+                self.markers[container_id] = marker
+            log.info("container %s of %s/%s was adopted as %s", container_id, rec.namespace,
+                     rec.name, rec.container_id)
+            rec.container_id = container_id
+            self.records[container_id] = rec
+            self._save()
+
     def _keys_in_use(self) -> set[int]:
         used = {r.key for r in self.records.values()}
         try:
@@ -316,22 +389,32 @@ class Registry(Pieces):
         return used
 
     def delete(self, att: Attachment) -> None:
+        self._await_restore("DEL", wait=True)
+        self._delete(att)
+
+    def _delete(self, att: Attachment) -> None:
         t0 = time.monotonic()
         with self._container_lock(att.container_id):
-            rec = self.records.get(att.container_id)
+            rec = self._record_for(att)
             if rec is None:
                 self._count("DEL", "ok", t0)
                 return                     # nothing of ours: DEL is idempotent
             try:
-                self._withdraw(rec)
+                if rec.container_id == att.container_id:
+                    self._withdraw(rec)
+                else:                      # adopted: the pod event path locks it too
+                    with self._container_lock(rec.container_id):
+                        if self.records.get(rec.container_id) is rec:
+                            self._withdraw(rec)
             except PodError:
                 self._count("DEL", "error", t0)
                 raise
             self._count("DEL", "ok", t0)
 
     def check(self, att: Attachment) -> None:
+        self._await_restore("CHECK")
         with self._container_lock(att.container_id):
-            rec = self.records.get(att.container_id)
+            rec = self._record_for(att)
             if rec is None:
                 pod = self.lookup(att.namespace, att.name)
                 if pod is not None and self._in_mesh(pod):
@@ -344,11 +427,14 @@ class Registry(Pieces):
                                "incomplete", "; ".join(problems))
 
     def gc(self, valid: Iterable[tuple[str, str]]) -> None:
+        self._await_restore("GC")
         keep = {cid for cid, _ in valid}
         errors = []
-        for cid in [c for c in list(self.records) if c not in keep]:
+        # adopted records carry no runtime container id: the pod source removes them
+        for cid in [c for c in list(self.records)
+                    if c not in keep and not c.startswith(ADOPTED)]:
             try:
-                self.delete(Attachment(container_id=cid))
+                self._delete(Attachment(container_id=cid))
             except PodError as exc:
                 errors.append(f"{cid}: {exc}")
         if errors:
@@ -362,11 +448,17 @@ class Registry(Pieces):
         (its DEL came while no daemon ran), are withdrawn; ones left half-added by a killed
         daemon are completed when their netns still exists (the runtime may DEL
         them later, which is fine). Map entries no record explains are removed.
+
+        Run it inside ``restoring()``: CNI commands wait. Pod events do not, so a
+        record they withdrew meanwhile is skipped, never rebuilt.
         """
         with self._lock:
-            self.records = dict(records)
+            for cid, rec in records.items():
+                self.records.setdefault(cid, rec)
         for rec in list(records.values()):
             with self._container_lock(rec.container_id):
+                if self.records.get(rec.container_id) is not rec:
+                    continue               # withdrawn (or replaced) meanwhile
                 try:
                     if not self._same_netns(rec):
                         log.info("restore: netns of %s/%s (%s) is gone", rec.namespace,
@@ -410,9 +502,70 @@ class Registry(Pieces):
                     table.delete(cookie)
             self._save()
 
+    def adopt(self, pods: Iterable[dict], netns_dir: str) -> None:
+        """Enrol each in-mesh pod of ``pods`` that has no record: find its netns in
+        ``netns_dir`` as the one whose interface carries the pod's primary IP and
+        run the ADD path on it (marker, maps, XDP, policy, state record). A pod
+        that no netns matches, or several do, is left alone with a log line."""
+        find = getattr(self.podnet, "netns_addresses", None)
+        if find is None:
+            return
+        wanted = []
+        for pod in pods:
+            try:
+                if self._matching(pod) or not self._in_mesh(pod):
+                    continue
+                ips = self._pod_ips(pod)
+            except PodError as exc:
+                log.warning("adopt: %s", exc)
+                continue
+            if ips:
+                wanted.append((pod, ips))
+        if not wanted:
+            return
+        try:
+            found = find(netns_dir)
+        except Exception as exc:           # start-up goes on: these pods stay as they are
+            log.error("adopt: cannot search %s for the netns of %d pod(s): %s", netns_dir,
+                      len(wanted), exc)
+            return
+        owners: dict[str, list[tuple[str, str]]] = {}
+        for path, addrs in found.items():
+            for ifname, ip in addrs:
+                owners.setdefault(ip, []).append((path, ifname))
+        for pod, ips in wanted:
+            ns, name, uid = pod_meta(pod)
+            primary = self._primary_ip(ips)
+            where = owners.get(primary, [])
+            if not where:
+                log.info("adopt: no netns in %s carries %s of pod %s/%s", netns_dir, primary,
+                         ns, name)
+                continue
+            if len(where) > 1:
+                log.warning("adopt: pod %s/%s not enrolled: its IP %s is on %s", ns, name,
+                            primary, ", ".join(f"{i} in {p}" for p, i in where))
+                continue
+            path, ifname = where[0]
+            with self._lock:
+                taken = any(r.netns == path or set(r.ips) & set(ips)
+                            for r in self.records.values())
+            if taken:
+                log.warning("adopt: pod %s/%s: netns %s or its IPs belong to another "
+                            "record; not enrolled", ns, name, path)
+                continue
+            try:
+                self._add_command(Attachment(container_id=f"{ADOPTED}{ns}/{name}/{uid}",
+                                             netns=path, ifname=ifname, namespace=ns,
+                                             name=name, uid=uid, ips=ips))
+            except PodError:
+                continue                   # logged by the ADD path
+            log.info("adopted pod %s/%s, started while no daemon ran: netns %s %s", ns, name,
+                     path, ifname)
+
     def shutdown(self) -> None:
         """Close every marker listener and detach every XDP program; the records
-        stay on disk so the next daemon re-enrols the pods that still run."""
+        stay on disk so the next daemon re-enrols the pods that still run, and
+        learns that it should ``adopt`` (state.py)."""
         self.ready = False
         for cid, rec in list(self.records.items()):
             with self._container_lock(cid):
@@ -424,6 +577,9 @@ class Registry(Pieces):
                         self.podnet.detach_xdp(rec.netns, rec.ifname)
                     except Exception:
                         log.exception("detach XDP of %s", cid)
+        if self.cni_mode and self.store is not None:
+            with self._lock:
+                self.store.save(self.records, stopped_cleanly=True)
 
     def status(self) -> None:
         if not self.ready:
@@ -449,7 +605,7 @@ class Registry(Pieces):
     def _cni_event(self, event: str, pod: dict) -> None:
         for rec in self._matching(pod):
             if event == "DELETED":
-                self.delete(Attachment(container_id=rec.container_id))
+                self._delete(Attachment(container_id=rec.container_id))
             elif rec.phase == ENROLLED:
                 try:
                     policy = self._policy(pod)

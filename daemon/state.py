@@ -11,6 +11,11 @@ either the old or the new file, never half of one.
 A record is written *before* the first kernel object of an ADD is created
 (``phase="adding"``) and switched to ``"enrolled"`` when the ADD is complete,
 so a restarted daemon knows every mark key it may have handed out.
+
+A clean shutdown (SIGTERM) saves the file once more with ``stopped_cleanly``:
+it took our plugin out of the CNI config, so pods may start unseen until the
+next daemon runs, which then looks for them (``Registry.adopt``). After
+``kill -9`` the plugin stays chained and their ADDs are retried instead.
 """
 from __future__ import annotations
 
@@ -76,6 +81,8 @@ class StateStore:
     def __init__(self, state_dir: str | os.PathLike):
         self.dir = Path(state_dir)
         self.path = self.dir / STATE_FILE
+        #: what the last load() found: the previous daemon stopped cleanly
+        self.stopped_cleanly = False
 
     def load(self) -> dict[str, Record]:
         """Records by container id; a missing file is an empty state.
@@ -84,6 +91,7 @@ class StateStore:
         trusted or silently overwritten, and the daemon starts empty: the
         reconcile pass then rebuilds what it can from the pod source.
         """
+        self.stopped_cleanly = False
         try:
             raw = self.path.read_text()
         except FileNotFoundError:
@@ -93,14 +101,16 @@ class StateStore:
             if data.get("version") != FORMAT_VERSION:
                 raise ValueError(f"unknown state format {data.get('version')!r}")
             records = [Record.from_json(r) for r in data.get("containers", [])]
+            stopped = data.get("stopped_cleanly") is True
         except (ValueError, TypeError, AttributeError) as exc:
             aside = self.path.with_suffix(".corrupt")
             log.error("state file %s is unreadable (%s); moved to %s", self.path, exc, aside)
             os.replace(self.path, aside)
             return {}
+        self.stopped_cleanly = stopped
         return {r.container_id: r for r in records}
 
-    def save(self, records: dict[str, Record]) -> None:
+    def save(self, records: dict[str, Record], stopped_cleanly: bool = False) -> None:
         """Replace the file atomically (write a temporary file, rename it).
 
         No fsync: the file must survive the daemon (a crash, kill -9, an
@@ -111,10 +121,11 @@ class StateStore:
         per ADD/DEL cost ~10 ms on a disk.
         """
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        body = json.dumps(
-            {"version": FORMAT_VERSION,
-             "containers": [records[c].to_json() for c in sorted(records)]},
-            indent=1, sort_keys=True)
+        data = {"version": FORMAT_VERSION,
+                "containers": [records[c].to_json() for c in sorted(records)]}
+        if stopped_cleanly:
+            data["stopped_cleanly"] = True
+        body = json.dumps(data, indent=1, sort_keys=True)
         fd, tmp = tempfile.mkstemp(prefix=".enrolled.", dir=self.dir)
         try:
             with os.fdopen(fd, "w") as f:

@@ -50,6 +50,23 @@ def manifest(pod: Pod, uid: str, annotations: dict | None = None) -> dict:
 
 
 @dataclass
+class PendingCni:
+    """A plugin process waiting for its netconf (``Env.cni_pending``)."""
+    proc: subprocess.Popen
+    conf: str
+
+    def go(self) -> subprocess.CompletedProcess:
+        """Hand it the netconf and wait for its result."""
+        out, err = self.proc.communicate(self.conf, timeout=60)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@dataclass
 class Env:
     lab: Lab
     bpffs: str
@@ -132,6 +149,27 @@ class Env:
     def cni(self, command: str, pod: Pod | None = None, container_id: str = "",
             cni_version: str = "1.1.0", attachments: list | None = None,
             netns_path: str | None = None) -> subprocess.CompletedProcess:
+        conf, env = self._cni_call(command, pod, container_id, cni_version, attachments,
+                                   netns_path)
+        plugin = os.path.join(self.bin_dir, "merbridge-cni")
+        return subprocess.run([plugin], input=json.dumps(conf), env=env, capture_output=True,
+                              text=True, timeout=30)
+
+    def cni_pending(self, command: str, pod: Pod) -> PendingCni:
+        """The plugin started now but held on its stdin until ``go()``: a runtime's
+        command in flight while the daemon (re)starts. It runs a copy of the
+        installed merbridge-cni, which a starting daemon replaces."""
+        plugin = os.path.join(self.root, "merbridge-cni.copy")
+        if not os.path.exists(plugin):
+            shutil.copy2(os.path.join(self.bin_dir, "merbridge-cni"), plugin)
+        conf, env = self._cni_call(command, pod, "", "1.1.0", None, None)
+        proc = subprocess.Popen([plugin], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, text=True)
+        return PendingCni(proc, json.dumps(conf))
+
+    def _cni_call(self, command: str, pod: Pod | None, container_id: str, cni_version: str,
+                  attachments: list | None, netns_path: str | None) -> tuple[dict, dict]:
+        """The netconf and environment a runtime gives the plugin."""
         conf = {"cniVersion": cni_version, "name": "mbtest", "type": "merbridge-cni",
                 "socketPath": self.socket}
         env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": command, "CNI_PATH": self.bin_dir}
@@ -149,9 +187,7 @@ class Env:
         if attachments is not None:
             conf["cni.dev/attachments"] = [{"containerID": c, "ifname": "eth0"}
                                            for c in attachments]
-        plugin = os.path.join(self.bin_dir, "merbridge-cni")
-        return subprocess.run([plugin], input=json.dumps(conf), env=env, capture_output=True,
-                              text=True, timeout=30)
+        return conf, env
 
     # -- observations ----------------------------------------------------------
     def marker(self, pod: Pod) -> list[str]:
