@@ -142,9 +142,12 @@ def normalize_ip(text: str) -> str:
     if not isinstance(text, str) or "/" not in text or len(text) > 64:
         raise ProtocolError(f"ip {str(text)[:64]!r} must be 'address/prefix'")
     try:
-        return str(ipaddress.ip_interface(text))
+        iface = ipaddress.ip_interface(text)
     except ValueError:
         raise ProtocolError(f"ip {text[:64]!r} is not a valid 'address/prefix'") from None
+    if iface.ip.is_unspecified:
+        raise ProtocolError(f"ip {text[:64]!r} is the unspecified address, no pod's address")
+    return str(iface)
 
 
 class Interface(_Record):

@@ -8,9 +8,18 @@ The decision (pure, like ``annotations``):
   or when its namespace has that label and the pod does not opt out with
   ``istio.io/dataplane-mode=none`` (or ``ambient.istio.io/redirection=disabled``);
 * never: pods with an Istio sidecar (sidecar mode wins, as in Istio), host
-  network pods, pods of excluded namespaces, and ztunnel itself (label
-  ``app=ztunnel``). ztunnel's own cgroups are flagged so that its traffic is
-  never intercepted, and its pod IP is the address the datapath redirects to.
+  network pods, pods of excluded namespaces, and ztunnel itself: a pod
+  labelled ``app=ztunnel`` in the ztunnel namespace (``--ztunnel-namespace``,
+  default istio-system). ztunnel's own cgroups are flagged so that its traffic
+  is never intercepted, and its pod IP is the address the datapath redirects
+  to. The label alone is not enough: anyone who can create a pod can set it,
+  and such a pod would leave the mesh and capture every ambient pod's traffic;
+  creating pods in istio-system is reserved to the mesh's operators. A pod
+  with the label elsewhere is an ordinary pod.
+
+Namespace labels come from the pod source (a namespace watch, or Namespace
+manifests in ``--pods-dir``) through ``on_namespace``; a change re-evaluates
+that namespace's running pods at once.
 
 Pod -> cgroups: a pod's cgroup is a directory below ``cgroup_root`` whose name
 contains the pod UID (kubelet's cgroupfs layout ``.../pod<uid>/`` and its
@@ -38,14 +47,14 @@ from typing import Any, Iterable
 from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as bpft
 from merbridge.daemon import annotations, procwatch
-from merbridge.daemon.config import find_cgroup2_mount
+from merbridge.daemon.config import (DEFAULT_EXCLUDE_NAMESPACES, DEFAULT_ZTUNNEL_NAMESPACE,
+                                     find_cgroup2_mount)
 
 log = logging.getLogger(__name__)
 
 DATAPLANE_MODE = "istio.io/dataplane-mode"
 REDIRECTION = "ambient.istio.io/redirection"
 ZTUNNEL_LABEL = ("app", "ztunnel")
-DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
 
 
 @dataclass(frozen=True)
@@ -55,19 +64,23 @@ class AmbientState:
     reason: str
 
 
-def is_ztunnel(pod: dict) -> bool:
-    labels = (pod.get("metadata") or {}).get("labels") or {}
-    return labels.get(ZTUNNEL_LABEL[0]) == ZTUNNEL_LABEL[1]
+def is_ztunnel(pod: dict, ztunnel_namespace: str = DEFAULT_ZTUNNEL_NAMESPACE) -> bool:
+    """The node's ztunnel: label ``app=ztunnel`` AND the ztunnel namespace."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    return (labels.get(ZTUNNEL_LABEL[0]) == ZTUNNEL_LABEL[1]
+            and (meta.get("namespace") or "default") == ztunnel_namespace)
 
 
 def ambient_state(pod: dict, namespace_labels: dict[str, str] | None = None,
-                  exclude_namespaces: Iterable[str] = DEFAULT_EXCLUDE_NAMESPACES) -> AmbientState:
+                  exclude_namespaces: Iterable[str] = DEFAULT_EXCLUDE_NAMESPACES,
+                  ztunnel_namespace: str = DEFAULT_ZTUNNEL_NAMESPACE) -> AmbientState:
     """Is ``pod`` (Kubernetes JSON) in the ambient mesh? Pure; never raises."""
     meta = pod.get("metadata") or {}
     labels = meta.get("labels") or {}
     notes = meta.get("annotations") or {}
     ns = meta.get("namespace") or "default"
-    if is_ztunnel(pod):
+    if is_ztunnel(pod, ztunnel_namespace):
         return AmbientState(False, True, "ztunnel")
     if ns in set(exclude_namespaces):
         return AmbientState(False, False, f"namespace {ns} is excluded")
@@ -117,11 +130,13 @@ class AmbientController:
 
     def __init__(self, maps: Any, cgroup_root: str, *, cgroup_mount: str | None = None,
                  exclude_namespaces: Iterable[str] = DEFAULT_EXCLUDE_NAMESPACES,
+                 ztunnel_namespace: str = DEFAULT_ZTUNNEL_NAMESPACE,
                  rescan_interval: float = 30.0, watch_processes: bool = True) -> None:
         self.maps = maps
         self.cgroup_root = os.path.abspath(cgroup_root)
         self.cgroup_mount = cgroup_mount or find_cgroup2_mount() or self.cgroup_root
         self.exclude_namespaces = tuple(exclude_namespaces)
+        self.ztunnel_namespace = ztunnel_namespace
         self.rescan_interval = rescan_interval
         self.watch_processes = watch_processes
         self.pods: dict[str, _Pod] = {}
@@ -179,7 +194,8 @@ class AmbientController:
     def _update(self, uid: str, pod: dict) -> None:
         meta = pod.get("metadata") or {}
         ns = meta.get("namespace") or "default"
-        state = ambient_state(pod, self.namespaces.get(ns), self.exclude_namespaces)
+        state = ambient_state(pod, self.namespaces.get(ns), self.exclude_namespaces,
+                              self.ztunnel_namespace)
         ips = split_ips(annotations.pod_ips(pod))
         old = self.pods.get(uid)
         p = _Pod(uid, ns, meta.get("name") or "", pod, state, ips,

@@ -141,10 +141,22 @@ def parse_bool(value: str) -> bool | None:
     return None
 
 
-def _split(value: str) -> list[str]:
-    # Istio splits on commas; we also trim blanks around each item (upstream
-    # merbridge trimmed but then parsed the untrimmed text, losing items).
-    return [item.strip() for item in value.split(",") if item.strip()]
+def _split(name: str, value: str) -> list[str]:
+    """The items of a comma-separated list, blanks around each trimmed.
+
+    A blank value is the empty list.  An empty item ("80,,90", "80,", ",80")
+    is an error, as in istio-cni: its validators split on every comma and
+    ParseUint("")/ParsePrefix("") fail, which fails the pod's ADD.  Trimming
+    follows istio-cni's ports (ParseUint of the trimmed item); for CIDRs we
+    trim as well, where ParsePrefix would reject " 10.0.0.0/8" (upstream
+    merbridge trimmed but then parsed the untrimmed text, losing items).
+    """
+    if not value.strip():
+        return []
+    items = [item.strip() for item in value.split(",")]
+    if "" in items:
+        raise AnnotationError(name, value, "empty list item (a stray comma)")
+    return items
 
 
 # --------------------------------------------------------------- membership
@@ -211,7 +223,7 @@ def _ports(name: str, value: str, *, wildcard: bool = False) -> tuple[bool, froz
     if wildcard and value.strip() == "*":
         return True, frozenset()
     ports = []
-    for item in _split(value):
+    for item in _split(name, value):
         # strconv.ParseUint(s, 10, 16): digits only, 0..65535
         if not item.isdigit() or int(item) > 65535:
             raise AnnotationError(name, value, f"{item!r} is not a port number (0-65535)")
@@ -233,7 +245,7 @@ def _cidrs(name: str, value: str, *, wildcard: bool) -> tuple[bool, tuple[Cidr, 
     if wildcard and value.strip() == "*":
         return True, ()
     networks = []
-    for item in _split(value):
+    for item in _split(name, value):
         # netip.ParsePrefix needs an explicit prefix length; so do we
         if "/" not in item:
             raise AnnotationError(name, value, f"{item!r} is not a CIDR (like 10.0.0.0/8)")
@@ -254,7 +266,29 @@ def _get(annotations: dict[str, str], mesh: Mesh, key: str) -> tuple[str, str | 
 
 
 def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
-    """The pod's interception rules; raises AnnotationError on a bad value."""
+    """The pod's interception rules; raises AnnotationError on a bad value.
+
+    As istio-cni (cni/pkg/plugin/sidecar_redirect.go) and istio-iptables:
+
+    * lists are comma-separated; an empty item is an error (``_split``);
+    * ``excludeOutboundPorts`` defaults to the mesh's default (Istio: 15020)
+      only when the annotation is absent; a present annotation replaces it, so
+      ``excludeOutboundPorts: "5432"`` captures 15020 again, as istio-cni does.
+      Our datapath intercepts TCP only; istio-iptables also RETURNs UDP to
+      these ports, which for us is simply never redirected;
+    * ``excludeInboundPorts`` always adds the mesh defaults and the status port.
+
+    One deliberate difference, ``excludeOutboundIPRanges: "*"``: Istio rejects
+    it (istio-cni's ParsePrefix("*") fails the pod's ADD; istio-iptables exits
+    with "invalid value for OUTBOUND_IP_RANGES_EXCLUDE"), so such a pod never
+    starts.  We accept it and exclude every destination, IPv4 and IPv6 (one
+    ``::/0`` entry, which covers the IPv4-mapped addresses too): none of the
+    pod's outbound connections is redirected, while inbound capture is
+    unchanged.  "Exclude all" is the only meaning the value can have, failing
+    the ADD would only trade a clear intent for a pod that cannot start, and
+    upstream merbridge accepted the value too (but its list walk stopped at the
+    entry and excluded nothing).
+    """
     ann = _annotations(pod)
 
     name, value = _get(ann, mesh, STATUS_PORT)
@@ -282,17 +316,16 @@ def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
     name, value = _get(ann, mesh, EXCLUDE_OUTBOUND_IP_RANGES)
     excl_all, excl_cidrs = _cidrs(name, value or "", wildcard=True)
     if excl_all:
-        # "*" excludes every destination, v4 and v6 alike
+        # "*" excludes every destination, v4 and v6 alike (see the docstring)
         excl_cidrs = ((bytes(16), 0),)
     name, value = _get(ann, mesh, INCLUDE_OUTBOUND_PORTS)
     _, out_ports = _ports(name, value or "")
     name, value = _get(ann, mesh, EXCLUDE_OUTBOUND_PORTS)
-    _, out_excl = _ports(name, value or "")
-    # applied to TCP and UDP alike by the datapath, as istio-iptables does
-    out_excl = frozenset(out_excl | set(mesh.default_exclude_outbound_ports))
-    if len(out_excl) > MAX_PORTS:
-        raise AnnotationError(name, value or "", f"{len(out_excl)} ports with the defaults; "
-                                                  f"at most {MAX_PORTS} are supported")
+    if value is None:
+        # istio-cni: the default (15020) only when the annotation is absent
+        out_excl = frozenset(mesh.default_exclude_outbound_ports)
+    else:
+        _, out_excl = _ports(name, value)
 
     return PodPolicy(
         include_inbound_all=in_all,
@@ -316,9 +349,12 @@ def pod_ips(pod: dict) -> list[str]:
     ips = []
     for ip in raw:
         try:
-            text = str(netaddr.IPAddress(ip))
+            addr = netaddr.IPAddress(ip)
         except (netaddr.AddrFormatError, ValueError, TypeError):
             continue  # never produced by a kubelet; ignore rather than guess
+        if addr.value == 0:
+            continue  # 0.0.0.0 / :: is no pod's address (nor a slot in mb_pod_ips)
+        text = str(addr)
         if text not in ips:
             ips.append(text)
     return ips

@@ -17,10 +17,15 @@ DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
 DEFAULT_CNI_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_SOCKET_PATH = "/var/run/merbridge-cni.sock"
 DEFAULT_STATE_DIR = "/var/run/merbridge"
+#: where the runtime's pod network namespaces are (named, as ``ip netns`` keeps them)
+DEFAULT_NETNS_DIR = "/var/run/netns"
 #: see merbridge.daemon.metrics for why this address
 DEFAULT_METRICS_ADDR = "127.0.0.1:15990"
-#: as istio-cni's helm default: system pods are never intercepted
-DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
+#: as istio-cni: system pods and Istio's own control plane are never intercepted
+#: (the CNI plugin's netconf has the same default, cni/netconf.py)
+DEFAULT_EXCLUDE_NAMESPACES = ("kube-system", "istio-system")
+#: ambient mode: the namespace the node's ztunnel runs in (Istio's default)
+DEFAULT_ZTUNNEL_NAMESPACE = "istio-system"
 
 
 class ConfigError(ValueError):
@@ -65,10 +70,14 @@ class DaemonConfig:
     socket_path: str = DEFAULT_SOCKET_PATH
     metrics_addr: str = DEFAULT_METRICS_ADDR
     state_dir: str = DEFAULT_STATE_DIR
+    #: CNI mode: searched at start-up for pods that started while no daemon ran
+    netns_dir: str = DEFAULT_NETNS_DIR
     exclude_namespaces: tuple[str, ...] = field(default=DEFAULT_EXCLUDE_NAMESPACES)
     debug: bool = False
     #: Istio ambient mode (docs/ambient.md): pods by label -> node's ztunnel
     ambient: bool = False
+    #: only an ``app=ztunnel`` pod in this namespace is the node's ztunnel
+    ztunnel_namespace: str = DEFAULT_ZTUNNEL_NAMESPACE
 
     @property
     def mode(self) -> str:
@@ -86,6 +95,9 @@ class DaemonConfig:
                               "not used: it often differs from the Kubernetes node name)")
         if self.pods_dir and not os.path.isdir(self.pods_dir):
             raise ConfigError(f"--pods-dir {self.pods_dir} is not a directory")
+        if self.ambient and not self.ztunnel_namespace:
+            raise ConfigError("--ztunnel-namespace is empty: ambient mode needs the namespace "
+                              "the node's ztunnel runs in (Istio's default: istio-system)")
         cgroup = self.cgroup_path or find_cgroup2_mount()
         if not cgroup:
             raise ConfigError("no cgroup v2 mount found in /proc/mounts; mount one "

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from merbridge.daemon import inotify
 
@@ -48,9 +49,17 @@ class InstallError(Exception):
 # ------------------------------------------------------------------ pure
 
 
-def plugin_entry(socket_path: str, mode: str = "istio", log_level: str = "info") -> dict:
-    """The conflist entry the daemon chains in (read by merbridge-cni's netconf parser)."""
-    return {"type": PLUGIN_TYPE, "socketPath": socket_path, "mode": mode, "logLevel": log_level}
+def plugin_entry(socket_path: str, mode: str = "istio", log_level: str = "info",
+                 exclude_namespaces: Iterable[str] | None = None) -> dict:
+    """The conflist entry the daemon chains in (read by merbridge-cni's netconf parser).
+
+    ``exclude_namespaces`` (the daemon's ``--exclude-namespaces``) becomes the
+    plugin's ``excludeNamespaces``, so the plugin passes exactly those pods
+    straight through; without it the plugin's own default applies."""
+    entry = {"type": PLUGIN_TYPE, "socketPath": socket_path, "mode": mode, "logLevel": log_level}
+    if exclude_namespaces is not None:
+        entry["excludeNamespaces"] = list(exclude_namespaces)
+    return entry
 
 
 def is_conflist(config: dict) -> bool:

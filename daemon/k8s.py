@@ -12,7 +12,10 @@ nothing new is silent.
 
 Every pod source (this one and ``podsdir.PodsDirSource``) has the same shape:
 ``start()``, ``stop()``, ``wait_synced(timeout) -> bool``, ``snapshot()``,
-``get(namespace, name)``; the callback runs on the source's own thread.
+``namespaces()``, ``get(namespace, name)``; the callbacks run on the source's
+own threads, never while the source holds its lock, and in order per object.
+Namespaces (for ambient mode's namespace label) are watched only when an
+``on_namespace`` callback is given.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import functools
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 import kubernetes
@@ -77,80 +81,89 @@ def pod_key(pod: dict) -> str:
     return f"{meta.get('namespace') or 'default'}/{meta.get('name') or ''}"
 
 
-class KubernetesPodSource:
-    def __init__(self, callback: Callback, node_name: str, *, kubeconfig: str | None = None,
-                 api_client: k8s_client.ApiClient | None = None, resync_period: int = 0):
-        if not node_name:
-            raise KubernetesError("a node name is needed to select this node's pods "
-                                  "(--node-name or the NODE_NAME environment variable)")
-        self.node_name = node_name
+def namespace_key(namespace: dict) -> str:
+    return (namespace.get("metadata") or {}).get("name") or ""
+
+
+class _Watched:
+    """One informer: a list+watch of one resource kept as plain dicts by key.
+
+    The informer calls back on its one thread, so events reach ``callback`` in
+    the order the API server sent them.  The store is updated under the lock,
+    the callback runs after it is released: a consumer may call ``get()`` or
+    ``snapshot()`` from its callback, or hold its own lock while calling them
+    when another of its threads is in a callback waiting for that lock
+    (Registry.restore vs. a DELETED event), without a deadlock."""
+
+    def __init__(self, what: str, list_func: Callable[..., Any], api: k8s_client.ApiClient,
+                 callback: Callback, key: Callable[[dict], str], resync_period: int,
+                 field_selector: str | None = None):
+        self.what = what
+        self._api = api
         self._callback = callback
-        self._api = api_client or build_api_client(kubeconfig)
-        self._core = k8s_client.CoreV1Api(self._api)
-        self._pods: dict[str, dict] = {}
+        self._key = key
+        self._objects: dict[str, dict] = {}
         self._lock = threading.Lock()
-        self._synced = threading.Event()
+        self.synced = threading.Event()
         self._stopping = False
         self._watch_resp: Any = None
-        core_list = self._core.list_pod_for_all_namespaces
 
         # The informer calls this for the list and for each watch.  A watch
         # call means the preceding list has been fully delivered to our
         # handlers: that is when the source counts as synced.  Bookmarks are
         # asked for so a quiet node still advances its resourceVersion and
         # resumes without a re-list.  functools.wraps keeps the signature that
-        # kubernetes.watch.Watch inspects to find the item type (V1Pod).
-        @functools.wraps(core_list)
-        def list_pods(**kwargs: Any) -> Any:
+        # kubernetes.watch.Watch inspects to find the item type (V1Pod, ...).
+        @functools.wraps(list_func)
+        def listing(**kwargs: Any) -> Any:
             if self._stopping:
                 raise _Stopped()
             if not kwargs.get("watch"):
-                return core_list(**kwargs)
+                return list_func(**kwargs)
             kwargs.setdefault("allow_watch_bookmarks", True)
-            self._synced.set()
-            resp = core_list(**kwargs)
+            self.synced.set()
+            resp = list_func(**kwargs)
             with self._lock:
                 self._watch_resp = resp
                 if self._stopping:
                     _shutdown(resp)
             return resp
 
-        self._informer = SharedInformer(list_pods, resync_period=resync_period,
-                                        field_selector=f"spec.nodeName={node_name}")
+        self._informer = SharedInformer(listing, resync_period=resync_period,
+                                        field_selector=field_selector)
         for event_type in (ADDED, MODIFIED, DELETED):
             self._informer.add_event_handler(event_type, functools.partial(self._on_event, event_type))
         self._informer.add_event_handler(ERROR, self._on_error)
 
     def _on_event(self, event_type: str, obj: Any) -> None:
-        pod = self._api.sanitize_for_serialization(obj)
-        if not isinstance(pod, dict):
+        item = self._api.sanitize_for_serialization(obj)
+        if not isinstance(item, dict):
             return
-        key = pod_key(pod)
+        key = self._key(item)
         with self._lock:
-            old = self._pods.get(key)
+            old = self._objects.get(key)
             if event_type == DELETED:
                 if old is None:
                     return
-                del self._pods[key]
+                del self._objects[key]
                 emit = DELETED
             else:
-                if old == pod:
+                if old == item:
                     return  # a re-list or resync that changed nothing
-                self._pods[key] = pod
+                self._objects[key] = item
                 emit = ADDED if old is None else MODIFIED
-            try:
-                self._callback(emit, pod)
-            except Exception:  # a consumer bug must not kill the informer thread
-                log.exception("pod event handler failed event=%s pod=%s", emit, key)
+        try:
+            self._callback(emit, item)
+        except Exception:  # a consumer bug must not kill the informer thread
+            log.exception("%s event handler failed event=%s %s=%s", self.what, emit, self.what, key)
 
     def _on_error(self, exc: Any) -> None:
         if self._stopping:
             return
-        status = getattr(exc, "status", None)
-        if status == 410:
-            log.info("watch expired (410 Gone); re-listing pods node=%s", self.node_name)
+        if getattr(exc, "status", None) == 410:
+            log.info("watch expired (410 Gone); re-listing %ss", self.what)
         else:
-            log.warning("pod watch error node=%s error=%s", self.node_name, exc)
+            log.warning("%s watch error: %s", self.what, exc)
 
     def start(self) -> None:
         self._informer.start()
@@ -170,17 +183,60 @@ class KubernetesPodSource:
         finally:
             _informer_log.removeFilter(quiet)
 
-    def wait_synced(self, timeout: float | None = None) -> bool:
-        """True once the initial list has been delivered to the callback."""
-        return self._synced.wait(timeout)
-
     def snapshot(self) -> list[dict]:
         with self._lock:
-            return list(self._pods.values())
+            return list(self._objects.values())
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            return self._objects.get(key)
+
+
+class KubernetesPodSource:
+    """This node's pods; with ``on_namespace``, also every namespace (their
+    labels put pods into ambient mode), from a second informer over
+    ``list_namespace`` -- asked for only then, so the RBAC rule
+    ``namespaces: get, list, watch`` is needed only with ``--ambient``."""
+
+    def __init__(self, callback: Callback, node_name: str, *, kubeconfig: str | None = None,
+                 api_client: k8s_client.ApiClient | None = None, resync_period: int = 0,
+                 on_namespace: Callback | None = None):
+        if not node_name:
+            raise KubernetesError("a node name is needed to select this node's pods "
+                                  "(--node-name or the NODE_NAME environment variable)")
+        self.node_name = node_name
+        self._api = api_client or build_api_client(kubeconfig)
+        self._core = k8s_client.CoreV1Api(self._api)
+        self._pods = _Watched("pod", self._core.list_pod_for_all_namespaces, self._api, callback,
+                              pod_key, resync_period, field_selector=f"spec.nodeName={node_name}")
+        self._namespaces = None if on_namespace is None else _Watched(
+            "namespace", self._core.list_namespace, self._api, on_namespace, namespace_key,
+            resync_period)
+        self._watched = [w for w in (self._namespaces, self._pods) if w is not None]
+
+    def start(self) -> None:
+        for w in self._watched:
+            w.start()
+
+    def stop(self) -> None:
+        for w in self._watched:
+            w.stop()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """True once the initial lists have been delivered to the callbacks."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return all(w.synced.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                   for w in self._watched)
+
+    def snapshot(self) -> list[dict]:
+        return self._pods.snapshot()
+
+    def namespaces(self) -> list[dict]:
+        """Every namespace (empty without ``on_namespace``)."""
+        return self._namespaces.snapshot() if self._namespaces is not None else []
 
     def get(self, namespace: str, name: str) -> dict | None:
-        with self._lock:
-            return self._pods.get(f"{namespace}/{name}")
+        return self._pods.get(f"{namespace}/{name}")
 
 
 def client_version() -> str:

@@ -4,9 +4,15 @@ Ordinary Pod manifests -- YAML (several documents per file allowed), JSON, or
 a ``kind: List``/``PodList`` -- in one directory.  The directory is re-read
 whenever inotify reports a change, and the result is diffed with the previous
 one by namespace/name, so the callback sees the same ("ADDED" | "MODIFIED" |
-"DELETED", pod) events as from ``k8s.KubernetesPodSource``.  A file that
-cannot be parsed, or a document that is not a Pod, is logged with the reason
-and skipped; it never stops the source.  The only module importing ``yaml``.
+"DELETED", pod) events as from ``k8s.KubernetesPodSource``.  Namespace
+manifests (``kind: Namespace``/``NamespaceList``, in the same files or their
+own) are diffed the same way, by name, and go to ``on_namespace``: ambient
+mode reads their ``istio.io/dataplane-mode`` label.  Callbacks run after the
+source's lock is released (namespaces first, then pods), one rescan at a time,
+so a callback may call ``get()``/``snapshot()``.  A file that cannot be
+parsed, or a document that is neither a Pod nor a Namespace, is logged with
+the reason and skipped; it never stops the source.  The only module importing
+``yaml``.
 """
 from __future__ import annotations
 
@@ -41,8 +47,14 @@ class PodsDirError(Exception):
     """The pods directory itself is unusable."""
 
 
+#: list kinds, and the kind their items have when they omit it
+_LISTS = {"List": "Pod", "PodList": "Pod", "NamespaceList": "Namespace"}
+KINDS = ("Pod", "Namespace")
+
+
 def load_file(path: str) -> list[dict]:
-    """The Pods in one manifest file; raises ValueError with a readable reason."""
+    """The Pods and Namespaces in one manifest file; raises ValueError with a
+    readable reason.  A Pod without a namespace gets ``default``."""
     try:
         with open(path, encoding="utf-8") as f:
             docs = list(yaml.load_all(f, Loader=_Loader))
@@ -52,7 +64,7 @@ def load_file(path: str) -> list[dict]:
         raise ValueError(f"not valid YAML/JSON: {' '.join(str(exc).split())}") from None
     except RecursionError:  # deeply nested flow collections
         raise ValueError("not valid YAML/JSON: nested too deeply") from None
-    pods = []
+    objects = []
     for index, doc in enumerate(docs):
         if doc is None:
             continue
@@ -61,24 +73,28 @@ def load_file(path: str) -> list[dict]:
             log.warning("skipping %s in %s: not a mapping", where, path)
             continue
         kind = doc.get("kind")
-        in_list = kind in ("List", "PodList")
+        in_list = kind in _LISTS
         items = doc.get("items") or []
         if in_list and not isinstance(items, list):
             log.warning("skipping %s in %s: items is not a list", where, path)
             continue
         for item in items if in_list else [doc]:
             # items of a PodList often omit their kind
-            item_kind = item.get("kind", "Pod" if in_list else None) if isinstance(item, dict) else None
-            if item_kind != "Pod":
-                log.warning("skipping %s in %s: kind %r is not Pod", where, path, item_kind)
+            item_kind = item.get("kind", _LISTS.get(kind)) if isinstance(item, dict) else None
+            if item_kind not in KINDS:
+                log.warning("skipping %s in %s: kind %r is not Pod or Namespace", where, path,
+                            item_kind)
                 continue
             meta = item.get("metadata")
             if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
                 log.warning("skipping %s in %s: metadata.name is missing", where, path)
                 continue
-            meta.setdefault("namespace", "default")
-            pods.append(item)
-    return pods
+            if item_kind == "Pod":
+                meta.setdefault("namespace", "default")
+            else:
+                item["kind"] = "Namespace"   # load_dir tells the two apart by kind
+            objects.append(item)
+    return objects
 
 
 #: a file changed less than this long ago is parsed again even if its stat
@@ -87,13 +103,20 @@ RACY_S = 2.0
 
 
 def load_dir(directory: str, cache: dict | None = None) -> dict[str, dict]:
-    """namespace/name -> pod for every valid Pod in the directory (sorted file order).
+    """namespace/name -> pod for every valid Pod in the directory (sorted file order)."""
+    return load_all(directory, cache)[0]
 
-    ``cache`` (path -> (stat key, pods)), kept by the caller between calls,
+
+def load_all(directory: str, cache: dict | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(namespace/name -> pod, name -> namespace) for every valid Pod and
+    Namespace in the directory (sorted file order; the first definition wins).
+
+    ``cache`` (path -> (stat key, objects)), kept by the caller between calls,
     skips parsing files whose inode, size, mtime and ctime are unchanged, so
     one new manifest among a thousand costs one parse, not a thousand.
     """
     pods: dict[str, dict] = {}
+    namespaces: dict[str, dict] = {}
     origin: dict[str, str] = {}
     seen: set[str] = set()
     now = time.time_ns()
@@ -118,25 +141,43 @@ def load_dir(directory: str, cache: dict | None = None) -> dict[str, dict]:
                 log.warning("skipping %s: %s", path, exc)
             if cache is not None:
                 cache[path] = (stamp, found)
-        for pod in found:
-            key = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
-            if key in pods:
-                log.warning("skipping pod %s in %s: already defined in %s", key, path, origin[key])
+        for obj in found:
+            meta = obj["metadata"]
+            if obj.get("kind") == "Namespace":
+                what, key, into = "namespace", meta["name"], namespaces
+            else:
+                what, key, into = "pod", f"{meta['namespace']}/{meta['name']}", pods
+            if key in into:
+                log.warning("skipping %s %s in %s: already defined in %s", what, key, path,
+                            origin[what + key])
                 continue
-            pods[key], origin[key] = pod, path
+            into[key], origin[what + key] = obj, path
     if cache is not None:
         for path in set(cache) - seen:
             del cache[path]
-    return pods
+    return pods, namespaces
+
+
+def _diff(old: dict[str, dict], new: dict[str, dict]) -> list[tuple[str, dict]]:
+    events = [("DELETED", obj) for key, obj in old.items() if key not in new]
+    for key, obj in new.items():
+        if key not in old:
+            events.append(("ADDED", obj))
+        elif old[key] != obj:
+            events.append(("MODIFIED", obj))
+    return events
 
 
 class PodsDirSource:
-    def __init__(self, callback: Callback, pods_dir: str):
+    def __init__(self, callback: Callback, pods_dir: str, *, on_namespace: Callback | None = None):
         self.pods_dir = pods_dir
         self._callback = callback
+        self._on_namespace = on_namespace
         self._pods: dict[str, dict] = {}
-        self._files: dict = {}   # load_dir's parse cache
-        self._lock = threading.Lock()
+        self._namespaces: dict[str, dict] = {}
+        self._files: dict = {}   # load_all's parse cache
+        self._lock = threading.Lock()       # the state get()/snapshot() read
+        self._rescan = threading.Lock()     # one rescan (and its callbacks) at a time
         self._synced = threading.Event()
         self._stop = threading.Event()
         self._ino: inotify.Inotify | None = None
@@ -170,22 +211,26 @@ class PodsDirSource:
                    or os.path.islink(os.path.join(self.pods_dir, ev.name)) for ev in events)
 
     def rescan(self) -> None:
-        """Re-read the directory and emit the differences."""
-        new = load_dir(self.pods_dir, self._files)
-        with self._lock:
-            old, self._pods = self._pods, new
-            events = [("DELETED", pod) for key, pod in old.items() if key not in new]
-            for key, pod in new.items():
-                if key not in old:
-                    events.append(("ADDED", pod))
-                elif old[key] != pod:
-                    events.append(("MODIFIED", pod))
-            for event_type, pod in events:
-                try:
-                    self._callback(event_type, pod)
-                except Exception:
-                    log.exception("pod event handler failed event=%s pod=%s/%s", event_type,
-                                  pod["metadata"]["namespace"], pod["metadata"]["name"])
+        """Re-read the directory and emit the differences.
+
+        The callbacks run after ``_lock`` is released (a callback may call
+        ``get()``/``snapshot()``, or wait for a lock whose holder calls them),
+        under ``_rescan``, so two rescans never interleave their events."""
+        with self._rescan:
+            pods, namespaces = load_all(self.pods_dir, self._files)
+            with self._lock:
+                ns_events = _diff(self._namespaces, namespaces) if self._on_namespace else []
+                pod_events = _diff(self._pods, pods)
+                self._pods, self._namespaces = pods, namespaces
+            for callback, events in ((self._on_namespace, ns_events), (self._callback, pod_events)):
+                for event_type, obj in events:
+                    try:
+                        callback(event_type, obj)
+                    except Exception:
+                        meta = obj["metadata"]
+                        log.exception("%s event handler failed event=%s name=%s/%s",
+                                      obj.get("kind") or "Pod", event_type,
+                                      meta.get("namespace", ""), meta["name"])
 
     def stop(self) -> None:
         self._stop.set()
@@ -204,6 +249,10 @@ class PodsDirSource:
     def snapshot(self) -> list[dict]:
         with self._lock:
             return list(self._pods.values())
+
+    def namespaces(self) -> list[dict]:
+        with self._lock:
+            return list(self._namespaces.values())
 
     def get(self, namespace: str, name: str) -> dict | None:
         with self._lock:

@@ -379,8 +379,10 @@ def test_daemon_flag_follows_pod_labels(pin_dir):
     """``merbridge run --ambient=true`` (legacy mode, pods from --pods-dir, in
     the lab's node netns like a hostNetwork DaemonSet): the ztunnel address and
     pod cgroups come from the manifests, and editing a manifest's label moves
-    the running pod in and out of the mesh. In a non-initial netns the process
-    connector is unavailable, so this also runs the rescan fallback."""
+    the running pod in and out of the mesh; so does editing its Namespace
+    manifest's label, unless the pod opts out with ``none``. All with the same
+    daemon process. In a non-initial netns the process connector is
+    unavailable, so this also runs the rescan fallback."""
     from daemonenv import Env
 
     with Lab("mbt") as lab:
@@ -405,15 +407,24 @@ def test_daemon_flag_follows_pod_labels(pin_dir):
         try:
             zt.wait_listening(15001, zt.ip4, proc=zproc, log=zlog)
 
-            def publish(p, labels=None, app=None):
-                m = pod_dict(p.name, "default", uids[p.name], p.ips(), labels=labels, app=app)
-                m.update(apiVersion="v1", kind="Pod")
-                tmp = os.path.join(env.pods_dir, f".{p.name}.tmp")
+            def write(name, m):
+                tmp = os.path.join(env.pods_dir, f".{name}.tmp")
                 with open(tmp, "w") as f:
                     json.dump(m, f)
-                os.replace(tmp, os.path.join(env.pods_dir, f"{p.name}.json"))
+                os.replace(tmp, os.path.join(env.pods_dir, f"{name}.json"))
 
-            publish(zt, app="ztunnel")
+            def publish(p, labels=None, app=None, ns="default"):
+                m = pod_dict(p.name, ns, uids[p.name], p.ips(), labels=labels, app=app)
+                m.update(apiVersion="v1", kind="Pod")
+                write(p.name, m)
+
+            def label_namespace(labels=None):
+                write("ns-default", dict(namespace("default", labels), apiVersion="v1",
+                                         kind="Namespace"))
+
+            # ztunnel is identified by its label AND its namespace (istio-system)
+            publish(zt, app="ztunnel", ns="istio-system")
+            label_namespace()
             publish(a)
             publish(b)
             proc = env.start("--ambient=true")
@@ -437,6 +448,16 @@ def test_daemon_flag_follows_pod_labels(pin_dir):
             assert wait_peer(zt.ip4) == zt.ip4, env.log(proc)
             publish(a)
             assert wait_peer(a.ip4) == a.ip4, env.log(proc)
+            # the namespace label: in; the pod's own "none" opts it out; back; out
+            label_namespace({DATAPLANE_MODE: "ambient"})
+            assert wait_peer(zt.ip4) == zt.ip4, env.log(proc)
+            publish(a, labels={DATAPLANE_MODE: "none"})
+            assert wait_peer(a.ip4) == a.ip4, env.log(proc)
+            publish(a)
+            assert wait_peer(zt.ip4) == zt.ip4, env.log(proc)
+            label_namespace()
+            assert wait_peer(a.ip4) == a.ip4, env.log(proc)
+            assert proc.poll() is None and len(env.procs) == 1      # nothing restarted
             assert env.stop(proc) == 0
             assert env.attached() == []
         finally:

@@ -5,13 +5,15 @@ It speaks just enough of the real list/watch wire protocol for the official
 
 * ``GET /api/v1/pods[?fieldSelector=spec.nodeName=N]`` -> a PodList whose
   ``metadata.resourceVersion`` is the store's current version;
+* ``GET /api/v1/namespaces`` -> a NamespaceList, the same way (no selector);
 * ``...&watch=true&resourceVersion=RV`` -> a chunked stream of JSON lines
   ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": ...}`` with every
   change after RV; a RV older than the compaction point gets an ERROR event
   carrying a 410 "Expired" Status, exactly as the real server answers;
 * ``allowWatchBookmarks``/``timeoutSeconds`` are honoured.
 
-Tests drive it with ``upsert``/``delete`` (recorded changes), ``bookmark()``,
+Tests drive it with ``upsert``/``delete`` (recorded changes; pods, or
+namespaces with ``upsert_namespace``/``delete_namespace``), ``bookmark()``,
 ``drop_watches()`` (end every open stream, forcing a resume) and
 ``expire()`` (change state silently and compact history, forcing 410 and a
 re-list).  ``requests`` records each request's path and query.
@@ -29,6 +31,7 @@ from urllib.parse import parse_qs, urlparse
 class FakeApiServer:
     def __init__(self) -> None:
         self.pods: dict[str, dict] = {}
+        self.namespaces: dict[str, dict] = {}
         self.rv = 100
         self.compacted = 0          # watches from an older RV get 410
         self.history: list[tuple[int, str, dict]] = []
@@ -69,16 +72,17 @@ class FakeApiServer:
         self.history.append((self.rv, kind, copy.deepcopy(pod)))
         self._cond.notify_all()
 
-    def _stamp(self, pod: dict) -> dict:
+    def _stamp(self, obj: dict, kind: str = "Pod") -> dict:
         self.rv += 1
-        pod = copy.deepcopy(pod)
-        pod.setdefault("apiVersion", "v1")
-        pod.setdefault("kind", "Pod")
-        meta = pod.setdefault("metadata", {})
-        meta.setdefault("namespace", "default")
-        meta.setdefault("uid", f"uid-{meta['namespace']}-{meta['name']}")
+        obj = copy.deepcopy(obj)
+        obj.setdefault("apiVersion", "v1")
+        obj.setdefault("kind", kind)
+        meta = obj.setdefault("metadata", {})
+        if kind == "Pod":
+            meta.setdefault("namespace", "default")
+        meta.setdefault("uid", f"uid-{meta.get('namespace', '')}-{meta['name']}")
         meta["resourceVersion"] = str(self.rv)
-        return pod
+        return obj
 
     def upsert(self, pod: dict, *, record: bool = True) -> dict:
         with self._cond:
@@ -95,6 +99,22 @@ class FakeApiServer:
             pod = self._stamp(self.pods.pop(f"{namespace}/{name}"))
             if record:
                 self._record("DELETED", pod)
+
+    def upsert_namespace(self, namespace: dict, *, record: bool = True) -> dict:
+        with self._cond:
+            namespace = self._stamp(namespace, "Namespace")
+            name = namespace["metadata"]["name"]
+            kind = "MODIFIED" if name in self.namespaces else "ADDED"
+            self.namespaces[name] = namespace
+            if record:
+                self._record(kind, namespace)
+            return namespace
+
+    def delete_namespace(self, name: str, *, record: bool = True) -> None:
+        with self._cond:
+            namespace = self._stamp(self.namespaces.pop(name), "Namespace")
+            if record:
+                self._record("DELETED", namespace)
 
     def bookmark(self) -> None:
         with self._cond:
@@ -128,8 +148,10 @@ class FakeApiServer:
         url = urlparse(h.path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         self.requests.append((url.path, query))
-        if url.path != "/api/v1/pods":
+        kind = {"/api/v1/pods": "Pod", "/api/v1/namespaces": "Namespace"}.get(url.path)
+        if kind is None:
             return self._send_json(h, 404, _status(404, "NotFound", f"{url.path} not found"))
+        store = self.pods if kind == "Pod" else self.namespaces
         node = None
         selector = query.get("fieldSelector", "")
         if selector:
@@ -138,18 +160,19 @@ class FakeApiServer:
                 return self._send_json(h, 400, _status(400, "BadRequest", f"field {field} unsupported"))
             node = value
 
-        def visible(pod: dict) -> bool:
-            return node is None or (pod.get("spec") or {}).get("nodeName") == node
+        def visible(obj: dict) -> bool:
+            return obj.get("kind") == kind and (
+                node is None or (obj.get("spec") or {}).get("nodeName") == node)
 
         if query.get("watch") not in ("true", "True", "1"):
             with self._cond:
-                items = [copy.deepcopy(p) for p in self.pods.values() if visible(p)]
-                body = {"kind": "PodList", "apiVersion": "v1",
+                items = [copy.deepcopy(p) for p in store.values() if visible(p)]
+                body = {"kind": f"{kind}List", "apiVersion": "v1",
                         "metadata": {"resourceVersion": str(self.rv)}, "items": items}
             return self._send_json(h, 200, body)
-        self._watch(h, query, visible)
+        self._watch(h, query, visible, store)
 
-    def _watch(self, h, query, visible) -> None:
+    def _watch(self, h, query, visible, store) -> None:
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.send_header("Transfer-Encoding", "chunked")
@@ -162,7 +185,7 @@ class FakeApiServer:
                 gen = self._drop_gen
                 if rv in ("", "0"):
                     start = self.rv
-                    events = [("ADDED", p) for p in self.pods.values() if visible(p)]
+                    events = [("ADDED", p) for p in store.values() if visible(p)]
                 elif int(rv) < self.compacted:
                     err = _status(410, "Expired", f"too old resource version: {rv} ({self.compacted})")
                     self._chunk(h, {"type": "ERROR", "object": err})

@@ -1,8 +1,10 @@
 """Ambient mode without root: the membership decision, the cgroup path and
 netlink parsing helpers, the map encodings, and AmbientController against
 in-memory maps and a directory tree laid out like kubelet's cgroups."""
+import json
 import os
 import struct
+import time
 import uuid
 
 import pytest
@@ -11,6 +13,8 @@ from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as bpft
 from merbridge.daemon import procwatch
 from merbridge.daemon.ambient import DATAPLANE_MODE, AmbientController, ambient_state
+from merbridge.daemon.config import DaemonConfig
+from test_k8s_source import server, write_kubeconfig  # noqa: F401 (fixture)
 
 
 def pod(name="p", ns="default", uid=None, ips=("10.0.0.5",), labels=None, notes=None,
@@ -37,6 +41,7 @@ AMBIENT = {DATAPLANE_MODE: "ambient"}
     ({"notes": {"sidecar.istio.io/status": "{}"}}, AMBIENT, False),
     ({"host_network": True, "labels": AMBIENT}, None, False),
     ({"ns": "kube-system", "labels": AMBIENT}, None, False),
+    ({"ns": "istio-system", "labels": AMBIENT}, None, False),     # excluded by default too
 ])
 def test_ambient_state(kwargs, ns_labels, want):
     st = ambient_state(pod(**kwargs), ns_labels)
@@ -44,8 +49,20 @@ def test_ambient_state(kwargs, ns_labels, want):
 
 
 def test_ztunnel_is_never_in_the_mesh():
-    st = ambient_state(pod(labels={"app": "ztunnel", **AMBIENT}), AMBIENT)
+    st = ambient_state(pod(ns="istio-system", labels={"app": "ztunnel", **AMBIENT}), AMBIENT)
     assert st.ztunnel and not st.in_mesh
+
+
+@pytest.mark.parametrize("ns", ["default", "shop", "kube-system"])
+def test_ztunnel_label_outside_the_ztunnel_namespace_is_an_ordinary_pod(ns):
+    impostor = pod(ns=ns, labels={"app": "ztunnel", **AMBIENT})
+    st = ambient_state(impostor)
+    assert not st.ztunnel
+    assert st.in_mesh is (ns != "kube-system")       # it cannot opt out of the mesh by label
+    # a configured ztunnel namespace moves the identity with it
+    assert ambient_state(impostor, ztunnel_namespace=ns).ztunnel
+    assert not ambient_state(pod(ns="istio-system", labels={"app": "ztunnel"}),
+                             ztunnel_namespace=ns).ztunnel
 
 
 def test_uids_in_paths_both_kubelet_drivers():
@@ -178,6 +195,25 @@ def test_ztunnel_address_and_flag(env):
                                                 bpft.MB_SET_ZTUNNEL_IP6_LO))
 
 
+def test_ztunnel_impostor_gets_no_redirect_target_and_no_flag(env):
+    m, ctl, tree = env
+    real, fake = str(uuid.uuid4()), str(uuid.uuid4())
+    tree.pod(real)
+    fake_base = tree.pod(fake)
+    ctl.on_pod_event("ADDED", pod("evil", "default", fake, ("10.0.0.66",),
+                                  labels={"app": "ztunnel", **AMBIENT}))
+    assert all(m.settings.get(i) == 0 for i in (bpft.MB_SET_ZTUNNEL_IP4,
+                                                bpft.MB_SET_ZTUNNEL_IP6_HI))
+    e = m.cgroup_info.get(tree.id(fake_base))
+    assert not e.flags & bpft.MB_CG_F_ZTUNNEL and e.in_mesh == 1      # intercepted like any pod
+    assert m.ambient_ips.items() == ["10.0.0.66"]
+    ctl.on_pod_event("ADDED", pod("ztunnel-1", "istio-system", real, ("10.0.0.2",),
+                                  labels={"app": "ztunnel"}))
+    assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP4) == bpfmaps.ztunnel_settings("10.0.0.2")[
+        bpft.MB_SET_ZTUNNEL_IP4]
+    assert ctl.ztunnel_uid == real
+
+
 def test_process_in_new_cgroup_and_prune(env, tmp_path):
     m, ctl, tree = env
     uid = str(uuid.uuid4())
@@ -230,3 +266,79 @@ def test_doctor_ambient_check(tmp_path):
     empty = tmp_path / "nomounts"
     empty.write_text("proc /proc proc rw 0 0\n")
     assert ambient("6.1.0", empty) == "fail"
+
+
+# ---- the daemon's wiring: both pod sources feed namespaces to the controller ---
+
+def _until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def daemon_ambient(env):
+    """runtime.Daemon's own ``_pod_source`` and ``_on_pod_event`` around ``env``'s controller."""
+    from merbridge.daemon import runtime
+    made = []
+
+    def make(**cfg):
+        d = runtime.Daemon(DaemonConfig(ambient=True, **cfg))
+        d.ambient = env[1]
+        d.source = d._pod_source(d._on_pod_event)
+        made.append(d.source)
+        d.source.start()
+        assert d.source.wait_synced(10)
+        return d
+    yield make
+    for src in made:
+        src.stop()
+
+
+def test_daemon_feeds_namespaces_from_the_pods_dir(env, daemon_ambient, tmp_path):
+    m, ctl, tree = env
+    pods_dir = tmp_path / "pods"
+    pods_dir.mkdir()
+    uid = str(uuid.uuid4())
+    tree.pod(uid)
+    (pods_dir / "a.json").write_text(json.dumps(dict(pod("a", "shop", uid), kind="Pod")))
+
+    def label(value):
+        ns = {"kind": "Namespace", "metadata": {"name": "shop", "labels": {DATAPLANE_MODE: value}}}
+        (pods_dir / ".ns.tmp").write_text(json.dumps(ns))
+        os.replace(pods_dir / ".ns.tmp", pods_dir / "ns.json")
+    label("ambient")
+    daemon_ambient(pods_dir=str(pods_dir))
+    _until(lambda: m.ambient_ips.items() == ["10.0.0.5"])
+    label("none")                 # the running pod leaves the mesh: no pod event at all
+    _until(lambda: m.ambient_ips.items() == [])
+    label("ambient")
+    _until(lambda: m.ambient_ips.items() == ["10.0.0.5"])
+    (pods_dir / "ns.json").unlink()
+    _until(lambda: m.ambient_ips.items() == [])
+    assert "shop" not in ctl.namespaces
+
+
+def test_daemon_feeds_namespaces_from_kubernetes(env, server, daemon_ambient, tmp_path):
+    m, ctl, tree = env
+    uid = str(uuid.uuid4())
+    tree.pod(uid)
+    server.upsert(dict(pod("a", "shop", uid), spec={"nodeName": "n1", "containers": [{"name": "a"}]}))
+    server.upsert_namespace({"metadata": {"name": "shop", "labels": AMBIENT}})
+    daemon_ambient(node_name="n1", kubeconfig=write_kubeconfig(tmp_path / "kc", server))
+    _until(lambda: m.ambient_ips.items() == ["10.0.0.5"])
+    server.upsert_namespace({"metadata": {"name": "shop", "labels": {}}})
+    _until(lambda: m.ambient_ips.items() == [])
+    server.upsert_namespace({"metadata": {"name": "shop", "labels": AMBIENT}})
+    _until(lambda: m.ambient_ips.items() == ["10.0.0.5"])
+
+
+def test_empty_ztunnel_namespace_is_a_config_error(tmp_path):
+    from merbridge.daemon.config import ConfigError
+    cfg = DaemonConfig(ambient=True, ztunnel_namespace="", pods_dir=str(tmp_path),
+                       cgroup_path=str(tmp_path))
+    with pytest.raises(ConfigError, match="ztunnel-namespace"):
+        cfg.validate()
+    assert DaemonConfig(ztunnel_namespace="", pods_dir=str(tmp_path),
+                        cgroup_path=str(tmp_path)).validate()     # ambient off: unused

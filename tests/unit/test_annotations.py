@@ -194,7 +194,10 @@ OUTBOUND = [
     ({TP + "excludeOutboundIPRanges": "*"}, "1.2.3.4", 80, False),
     ({TP + "excludeOutboundIPRanges": "*"}, "fd00::1", 80, False),
     ({TP + "excludeOutboundPorts": "5432, 6379"}, "1.2.3.4", 6379, False),
-    ({TP + "excludeOutboundPorts": "5432"}, "1.2.3.4", 15020, False),   # default kept
+    # istio-cni: 15020 is the default only when the annotation is absent
+    ({TP + "excludeOutboundPorts": "5432"}, "1.2.3.4", 15020, True),
+    ({TP + "excludeOutboundPorts": "5432"}, "1.2.3.4", 5432, False),
+    ({TP + "excludeOutboundPorts": ""}, "1.2.3.4", 15020, True),
     ({TP + "excludeOutboundPorts": "8080", TP + "includeOutboundPorts": "8080"}, "1.2.3.4", 8080, False),
     # host bits are cleared the way iptables -d does
     ({TP + "includeOutboundIPRanges": "10.1.2.3/16"}, "10.1.200.1", 80, True),
@@ -256,6 +259,13 @@ BAD = [
     ("status.sidecar.istio.io/port", "abc"),
     ("status.sidecar.istio.io/port", "1,2"),
     ("status.sidecar.istio.io/port", ""),
+    # an empty list item fails the ADD, as istio-cni's ParseUint("")/ParsePrefix("")
+    (TP + "includeInboundPorts", "80,,90"),
+    (TP + "excludeOutboundPorts", "80,"),
+    (TP + "excludeInboundPorts", ",80"),
+    (TP + "includeOutboundPorts", "80, ,90"),
+    (TP + "includeOutboundIPRanges", "10.0.0.0/8,,10.1.0.0/16"),
+    (TP + "excludeOutboundIPRanges", "10.0.0.0/8,"),
 ]
 
 
@@ -265,6 +275,17 @@ def test_invalid_values_name_the_annotation(key, value):
         pod_policy(pod({key: value}), ISTIO)
     assert key in str(err.value) and repr(value) in str(err.value)
     assert err.value.annotation == key
+
+
+def test_empty_item_error_says_why():
+    with pytest.raises(AnnotationError, match="empty list item"):
+        pod_policy(pod({TP + "includeInboundPorts": "80,,90"}), ISTIO)
+
+
+def test_blank_value_is_the_empty_list():
+    p = pod_policy(pod({TP + "includeInboundPorts": " ", TP + "excludeOutboundPorts": " "}), ISTIO)
+    assert not p.include_inbound_all and p.include_inbound_ports == frozenset()
+    assert p.exclude_outbound_ports == frozenset()      # present, so no 15020 default
 
 
 def test_list_limits_are_errors_not_truncation():
@@ -300,5 +321,7 @@ def test_pod_ips_dual_stack_and_fallback():
     assert pod_ips({"status": {"podIP": "10.0.0.5"}}) == ["10.0.0.5"]
     assert pod_ips({"status": {}}) == []
     assert pod_ips({}) == []
+    assert pod_ips({"status": {"podIP": "::"}}) == []   # unspecified: no pod's address
+    assert pod_ips({"status": {"podIPs": [{"ip": "0.0.0.0"}, {"ip": "fd00::7"}]}}) == ["fd00::7"]
     assert an.pack_ip("10.0.0.5") == bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 5])
     assert an.pack_ip("fd00::1") == bytes([0xfd]) + bytes(14) + b"\x01"

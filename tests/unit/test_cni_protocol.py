@@ -73,6 +73,9 @@ def test_unknown_fields_are_ignored():
 
 def test_ips_are_normalized_and_constructor_validates():
     assert protocol.normalize_ip("fd00:0:0::2/64") == "fd00::2/64"
+    for unspecified in ("0.0.0.0/0", "::/0", "0.0.0.0/24"):
+        with pytest.raises(ProtocolError, match="unspecified"):
+            protocol.normalize_ip(unspecified)
     with pytest.raises(ProtocolError):
         CniRequest(command="ADD", container_id="c", netns="/n", ifname="eth0",
                    ips=("fd00:0:0::2/64",))

@@ -238,3 +238,22 @@ def test_unreadable_state_file_is_ignored(dirs, tmp_path):
     inst.install()
     inst.uninstall()
     assert (conf / "10-calico.conflist").read_bytes() == (TESTDATA / "calico.conflist").read_bytes()
+
+
+def test_entry_carries_the_daemons_exclude_namespaces():
+    """merbridge-cni reads excludeNamespaces from this entry: a daemon run with a
+    non-default --exclude-namespaces must hand it on, or CNI mode ignores it."""
+    from merbridge.cni import netconf
+    from merbridge.daemon import config
+
+    entry = install.plugin_entry("/run/s.sock", "istio", exclude_namespaces=("team-a", "team-b"))
+    assert entry["excludeNamespaces"] == ["team-a", "team-b"]
+    parsed = netconf.parse_netconf({"name": "n", "cniVersion": "1.0.0", **entry})
+    assert parsed.exclude_namespaces == ("team-a", "team-b")
+    # an empty list is passed on too: nothing is excluded
+    empty = install.plugin_entry("/run/s.sock", exclude_namespaces=())
+    assert netconf.parse_netconf({"name": "n", **empty}).exclude_namespaces == ()
+    # without one, the plugin's default is the daemon's default
+    assert "excludeNamespaces" not in ENTRY
+    assert netconf.parse_netconf({"name": "n", **ENTRY}).exclude_namespaces == \
+        config.DEFAULT_EXCLUDE_NAMESPACES == ("kube-system", "istio-system")

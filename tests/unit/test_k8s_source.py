@@ -42,18 +42,24 @@ def server():
         yield s
 
 
-@pytest.fixture
-def source_factory(server, tmp_path):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
+def write_kubeconfig(path, server):
+    """A kubeconfig for ``server`` (a FakeApiServer) at ``path``; returns its path as str."""
+    path.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
         "clusters": [{"name": "fake", "cluster": {"server": server.url}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}]}))
+    return str(path)
+
+
+@pytest.fixture
+def source_factory(server, tmp_path):
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server)
     sources = []
 
-    def make(recorder, node=NODE):
-        src = k8s.KubernetesPodSource(recorder, node, kubeconfig=str(kubeconfig))
+    def make(recorder, node=NODE, on_namespace=None):
+        src = k8s.KubernetesPodSource(recorder, node, kubeconfig=kubeconfig,
+                                      on_namespace=on_namespace)
         sources.append(src)
         src.start()
         return src
@@ -182,3 +188,53 @@ def test_configuration_errors_are_clear(tmp_path):
         k8s.KubernetesPodSource(lambda *a: None, "", kubeconfig=str(tmp_path / "x"))
     with pytest.raises(k8s.KubernetesError, match="kubeconfig"):
         k8s.KubernetesPodSource(lambda *a: None, NODE, kubeconfig=str(tmp_path / "missing"))
+
+
+def make_namespace(name, labels=None):
+    return {"metadata": {"name": name, "labels": dict(labels or {})}}
+
+
+def test_namespaces_are_listed_and_watched_with_on_namespace(server, source_factory):
+    server.upsert_namespace(make_namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
+    server.upsert(make_pod("a"))
+    pods, namespaces = Recorder(), Recorder()
+    src = source_factory(pods, on_namespace=namespaces)
+    assert src.wait_synced(10)
+    assert namespaces.names() == [("ADDED", "shop")]
+    assert pods.names() == [("ADDED", "a")]          # namespaces never reach the pod callback
+    assert [n["metadata"]["labels"] for n in src.namespaces()] == [
+        {"istio.io/dataplane-mode": "ambient"}]
+    # a label flip is a MODIFIED namespace event, a new namespace an ADDED one
+    server.upsert_namespace(make_namespace("shop"))
+    server.upsert_namespace(make_namespace("other"))
+    namespaces.wait(lambda ev: len(ev) == 3)
+    assert namespaces.names()[1:] == [("MODIFIED", "shop"), ("ADDED", "other")]
+    assert namespaces.events[1][2]["metadata"].get("labels") in (None, {})
+    server.delete_namespace("other")
+    namespaces.wait(lambda ev: ev[-1][0] == "DELETED")
+    assert sorted(n["metadata"]["name"] for n in src.namespaces()) == ["shop"]
+    assert pods.names() == [("ADDED", "a")]
+    # the namespace list+watch is cluster-wide (no node selector) and asks for bookmarks
+    ns_requests = [q for path, q in server.requests if path == "/api/v1/namespaces"]
+    assert any(q.get("watch") for q in ns_requests)
+    assert all("fieldSelector" not in q for q in ns_requests)
+    assert all(q.get("allowWatchBookmarks") == "true" for q in ns_requests if q.get("watch"))
+
+
+def test_namespace_watch_survives_410(server, source_factory):
+    namespaces = Recorder()
+    src = source_factory(Recorder(), on_namespace=namespaces)
+    assert src.wait_synced(10)
+    server.expire(lambda s: s.upsert_namespace(make_namespace("late"), record=False))
+    namespaces.wait(lambda ev: ("ADDED", "late") in [(t, n) for t, n, _ in ev])
+    server.upsert_namespace(make_namespace("after"))
+    namespaces.wait(lambda ev: ev[-1][1] == "after")
+
+
+def test_no_namespace_requests_without_on_namespace(server, source_factory):
+    server.upsert_namespace(make_namespace("shop"))
+    src = source_factory(Recorder())
+    assert src.wait_synced(10)
+    time.sleep(0.2)
+    assert src.namespaces() == []
+    assert not [p for p, _ in server.requests if p == "/api/v1/namespaces"]

@@ -49,7 +49,8 @@ class Recorder:
 
     def __call__(self, event_type, pod):
         with self.cond:
-            self.events.append((event_type, f"{pod['metadata']['namespace']}/{pod['metadata']['name']}", pod))
+            meta = pod["metadata"]   # a Namespace has no namespace: "/name"
+            self.events.append((event_type, f"{meta.get('namespace', '')}/{meta['name']}", pod))
             self.cond.notify_all()
 
     def wait_len(self, n, timeout=5):
@@ -62,8 +63,8 @@ class Recorder:
 def source(tmp_path):
     made = []
 
-    def make(rec):
-        src = podsdir.PodsDirSource(rec, str(tmp_path))
+    def make(rec, on_namespace=None):
+        src = podsdir.PodsDirSource(rec, str(tmp_path), on_namespace=on_namespace)
         made.append(src)
         src.start()
         return src
@@ -214,3 +215,42 @@ def test_a_file_inside_the_racy_window_is_parsed_again(tmp_path, monkeypatch):
     podsdir.load_dir(str(tmp_path), cache)
     podsdir.load_dir(str(tmp_path), cache)        # just written: stat cannot be trusted yet
     assert len(parsed) == 2
+
+
+NAMESPACE_SHOP = """\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    istio.io/dataplane-mode: ambient
+"""
+
+
+def test_namespace_manifests_go_to_on_namespace(tmp_path, source):
+    (tmp_path / "a.yaml").write_text(POD_A + "---\n" + NAMESPACE_SHOP)   # same file as a pod
+    (tmp_path / "more.json").write_text(json.dumps(
+        {"kind": "NamespaceList", "items": [{"metadata": {"name": "other"}}]}))
+    pods, namespaces = Recorder(), Recorder()
+    src = source(pods, on_namespace=namespaces)
+    assert [k for _, k, _ in pods.events] == ["shop/a"]          # namespaces are not pods
+    assert sorted(namespaces.wait_len(2)) == [("ADDED", "/other"), ("ADDED", "/shop")]
+    assert sorted(n["metadata"]["name"] for n in src.namespaces()) == ["other", "shop"]
+    assert src.get("shop", "a") is not None and len(src.snapshot()) == 1
+    # a label flip -> MODIFIED, a removed manifest -> DELETED; the pod is untouched
+    write_atomic(tmp_path / "a.yaml", POD_A + "---\n" + NAMESPACE_SHOP.replace("ambient", "none"))
+    assert namespaces.wait_len(3)[2] == ("MODIFIED", "/shop")
+    assert namespaces.events[2][2]["metadata"]["labels"] == {"istio.io/dataplane-mode": "none"}
+    (tmp_path / "more.json").unlink()
+    assert namespaces.wait_len(4)[3] == ("DELETED", "/other")
+    assert len(pods.events) == 1
+
+
+def test_duplicate_namespace_is_skipped(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="merbridge.daemon.podsdir")
+    (tmp_path / "a.yaml").write_text(NAMESPACE_SHOP)
+    (tmp_path / "b.yaml").write_text(NAMESPACE_SHOP.replace("ambient", "none"))
+    pods, namespaces = podsdir.load_all(str(tmp_path))
+    assert pods == {}
+    assert namespaces["shop"]["metadata"]["labels"] == {"istio.io/dataplane-mode": "ambient"}
+    assert "skipping namespace shop in" in caplog.text and "already defined in" in caplog.text
