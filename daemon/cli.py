@@ -3,6 +3,7 @@
     merbridge run --mode=istio --cni-mode=true --node-name=$(NODE_NAME) ...
     merbridge status | maps dump | doctor [--json]
     merbridge install-cni | uninstall-cni
+    merbridge drain                       (the DaemonSet's preStop)
 
 Boolean flags take the upstream (Go) syntax ``--cni-mode=true|false``; a bare
 ``--cni-mode`` means true.  The DaemonSet is switched between modes with
@@ -104,6 +105,8 @@ def main() -> None:
 @bool_option("--hardware-checksum", "Leave checksums to the NIC on XDP-rewritten packets.")
 @bool_option("--ambient", "Istio ambient mode: pods labelled istio.io/dataplane-mode=ambient "
              "(or in such a namespace) send their traffic to the node's ztunnel.")
+@click.option("--ztunnel-namespace", default=cfgmod.DEFAULT_ZTUNNEL_NAMESPACE, show_default=True,
+              metavar="NS", help="Ambient mode: only an app=ztunnel pod here is the node's ztunnel.")
 @click.option("--node-name", envvar="NODE_NAME", default="", metavar="NAME",
               help="This node's Kubernetes name [default: $NODE_NAME; never the hostname].")
 @path_option("--kubeconfig", None, "kubeconfig file [default: in-cluster service account].")
@@ -116,13 +119,17 @@ def main() -> None:
 @click.option("--metrics-addr", default=cfgmod.DEFAULT_METRICS_ADDR, show_default=True,
               metavar="HOST:PORT", help="/metrics, /healthz and /readyz ('' disables).")
 @state_option
+@path_option("--netns-dir", cfgmod.DEFAULT_NETNS_DIR, "CNI mode: where pod network namespaces "
+             "are; searched at start for pods that started while no daemon ran.")
 @click.option("--exclude-namespaces", default=",".join(cfgmod.DEFAULT_EXCLUDE_NAMESPACES),
               show_default=True, metavar="NS,...", help="Namespaces never intercepted.")
 @click.option("-d", "--debug", is_flag=True, help="Verbose logs.")
 def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kubeconfig: str | None,
         pods_dir: str | None, cgroup_path: str | None, bpffs_path: str, cni_bin_dir: str,
         cni_conf_dir: str, socket_path: str, metrics_addr: str, state_dir: str,
-        exclude_namespaces: str, debug: bool, ambient: bool = False) -> None:
+        exclude_namespaces: str, debug: bool, ambient: bool = False,
+        netns_dir: str = cfgmod.DEFAULT_NETNS_DIR,
+        ztunnel_namespace: str = cfgmod.DEFAULT_ZTUNNEL_NAMESPACE) -> None:
     """Run the node daemon until SIGTERM."""
     configure_logging(debug)
     config = cfgmod.DaemonConfig(
@@ -131,7 +138,7 @@ def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kube
         bpffs_path=bpffs_path, cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir,
         socket_path=socket_path, metrics_addr=metrics_addr, state_dir=state_dir,
         exclude_namespaces=tuple(n.strip() for n in exclude_namespaces.split(",") if n.strip()),
-        debug=debug, ambient=ambient)
+        debug=debug, ambient=ambient, netns_dir=netns_dir, ztunnel_namespace=ztunnel_namespace)
     try:
         config = config.validate()
     except cfgmod.ConfigError as exc:
@@ -313,6 +320,29 @@ def uninstall_cni(cni_bin_dir: str, cni_conf_dir: str, state_dir: str) -> None:
     except (OSError, ValueError) as exc:
         fail(f"uninstall failed: {exc}")
     click.echo("merbridge-cni removed")
+
+
+# ----------------------------------------------------------------- preStop
+
+@main.command()
+@socket_option
+@click.option("--timeout", type=click.FloatRange(min=1), default=45.0, show_default=True,
+              metavar="SECONDS", help="Give up (exit 1) after this long; keep it below the "
+              "pod's terminationGracePeriodSeconds.")
+def drain(socket_path: str, timeout: float) -> None:
+    """Tell the running daemon to take merbridge-cni out of the CNI config for good
+    (the original bytes come back) and report not ready; waits until that is done.
+    The daemon's SIGTERM does the rest. Exits 0 when no daemon serves the socket
+    (legacy mode, or not running): there is nothing to drain."""
+    from merbridge.daemon import cniserver
+    try:
+        detail = cniserver.request_drain(socket_path, timeout)
+    except cniserver.NotServing as exc:
+        click.echo(f"merbridge: nothing to drain: {exc}")
+        return
+    except cniserver.DrainError as exc:
+        fail(f"drain failed: {exc}")
+    click.echo(f"merbridge drained: {detail}")
 
 
 # ----------------------------------------------------------------- demo

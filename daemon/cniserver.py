@@ -15,9 +15,16 @@ This module is the single place where exceptions become error replies:
 
 Every branch returns right after writing its reply (Go merbridge's handlers
 did not, and went on after a 500).
+
+Besides the plugin's endpoints (``protocol.PATHS``, ``STATUS_PATH``) the socket
+serves ``POST /v1/drain`` for ``merbridge drain`` (the DaemonSet's preStop),
+when the handler has a ``drain()``; ``request_drain`` is its client. The reply
+is a ``StatusReply`` (ready: false, the handler's detail), or an ``ErrorReply``.
 """
 from __future__ import annotations
 
+import errno
+import http.client
 import logging
 import os
 import socket
@@ -26,6 +33,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterable, Mapping, Protocol
 
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 64
+DRAIN_PATH = protocol.API + "/drain"
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # CNI codes used by the server itself
@@ -73,6 +82,9 @@ class CniHandler(Protocol):
 
     def status(self) -> tuple[bool, str] | None:
         """(ready, detail); None means ready; raising a coded error means not ready."""
+
+    # optional: ``drain() -> str`` (a detail for the log of ``merbridge drain``);
+    # without it POST /v1/drain is 404
 
 
 def _coded(exc: BaseException) -> tuple[int, str, str] | None:
@@ -201,6 +213,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self._serve(self._get)
 
     def _post(self) -> tuple[int, Any]:
+        if self.path == DRAIN_PATH and hasattr(self.server.handler, "drain"):
+            self._body()
+            log.info("cni socket: drain requested")
+            return 200, protocol.StatusReply(False, str(self.server.handler.drain()))
         command = protocol.COMMAND_OF_PATH.get(self.path)
         if command is None:
             raise _Reject(404, INTERNAL, f"no such endpoint: POST {self.path[:100]}")
@@ -378,3 +394,59 @@ class CniServer:
         except FileNotFoundError:
             pass
         self._inode = None
+
+
+# ----------------------------------------------------------------- drain client
+
+class NotServing(Exception):
+    """No daemon answers on the socket (none running, or legacy mode): nothing to drain."""
+
+
+class DrainError(Exception):
+    """The daemon answered but did not drain; the message says why."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("merbridge", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+_ABSENT = (errno.ENOENT, errno.ECONNREFUSED)
+
+
+def request_drain(socket_path: str, timeout: float, retry_every: float = 0.5) -> str:
+    """POST /v1/drain until the daemon has drained (its detail), retrying while it
+    answers "try again later" (starting) for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = _UnixConnection(socket_path, max(deadline - time.monotonic(), 0.1))
+        try:
+            conn.request("POST", DRAIN_PATH, body=b"")
+            resp = conn.getresponse()
+            status, data = resp.status, resp.read()
+        except OSError as exc:
+            if exc.errno in _ABSENT:
+                raise NotServing(f"no merbridge daemon serves {socket_path}: "
+                                 f"{exc.strerror}") from None
+            raise DrainError(f"{socket_path}: {exc}") from None
+        except http.client.HTTPException as exc:
+            raise DrainError(f"{socket_path}: bad reply: {type(exc).__name__}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            if status == 200:
+                return protocol.StatusReply.from_json(data).detail
+            reply = protocol.ErrorReply.from_json(data)
+        except protocol.ProtocolError as exc:
+            raise DrainError(f"{socket_path}: bad reply (HTTP {status}): {exc}") from None
+        if reply.code != TRY_AGAIN_LATER:
+            raise DrainError(f"{reply.msg}: {reply.details}" if reply.details else reply.msg)
+        if time.monotonic() + retry_every > deadline:
+            raise DrainError(f"not drained within {timeout:g}s: {reply.msg}: {reply.details}")
+        time.sleep(retry_every)

@@ -33,6 +33,10 @@ class LegacyPods:
         self._error = error
         self.pods: dict[tuple[str, str], tuple[str, ...]] = {}  # (ns, name) -> ips written
 
+    def __len__(self) -> int:
+        """In-mesh pods written to ``mb_local_pods`` (legacy mode's pods_enrolled)."""
+        return len(self.pods)
+
     def _delete(self, ip: str) -> None:
         try:
             self.maps.local_pods.delete(ip)

@@ -16,6 +16,17 @@ Metrics (all prefixed ``merbridge_``): ``pods_enrolled`` (gauge),
 from a callback), ``heap_bytes{state}`` (malloc's in-use and free-but-kept
 bytes, read at scrape time; absent without glibc), ``heap_python_blocks``
 (gauge), ``heap_trims_total`` (counter), ``errors_total{kind}`` (counter).
+
+Where they come from in the daemon (daemon/runtime.py): ``pods_enrolled`` from
+the registry (CNI mode: enrolled containers) or, read at scrape time, the
+legacy bookkeeping (in-mesh pods written to ``mb_local_pods``);
+``cni_requests`` from the registry (ADD, DEL) and the CNI server's handler
+(CHECK, GC, STATUS; a STATUS that answers "not ready" counts as an error);
+``map_*`` from the datapath's typed map handles (``Maps.occupancy``);
+``errors_total`` counts every ERROR log record of the ``merbridge`` loggers,
+``kind`` being the module that logged it (``pods``, ``legacy``, ``install``,
+``cniserver``, ...): every error path already logs, so none is missed and none
+needs a second call beside its log line.
 """
 from __future__ import annotations
 
@@ -81,6 +92,17 @@ class _HeapCollector:
         return out
 
 
+class _ErrorLog(logging.Handler):
+    """ERROR and worse log records -> ``errors_total{kind=<module>}``."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        super().__init__(logging.ERROR)
+        self.metrics = metrics
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.metrics.error(record.name.rpartition(".")[2])
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -110,6 +132,17 @@ class Metrics:
 
     def set_pods_enrolled(self, count: int) -> None:
         self.pods_enrolled.set(count)
+
+    def set_pods_enrolled_source(self, source: Callable[[], float]) -> None:
+        """Read ``pods_enrolled`` from ``source`` at scrape time instead."""
+        self.pods_enrolled.set_function(source)
+
+    def count_logged_errors(self, logger: logging.Logger) -> Callable[[], None]:
+        """Count ``logger``'s (and its children's) ERROR records in ``errors_total``;
+        returns the function that stops it."""
+        handler = _ErrorLog(self)
+        logger.addHandler(handler)
+        return lambda: logger.removeHandler(handler)
 
     def set_map_occupancy(self, source: MapOccupancy | None) -> None:
         self._maps.source = source

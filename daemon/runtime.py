@@ -13,7 +13,9 @@ Start-up order (each step only when the previous one succeeded):
 5. legacy mode: ``mb_local_pods`` := the in-mesh pods of that listing.
    CNI mode: the CNI server, then ``restore`` (re-open the marker listeners and
    re-check XDP of every container in the state file; drop those whose netns is
-   gone), then install the plugin into the CNI config;
+   gone) and, after a clean stop, ``adopt`` (enrol in-mesh pods that started
+   while no daemon ran, found by pod IP in ``--netns-dir``) -- CNI commands
+   wait until both are done -- then install the plugin into the CNI config;
 6. only then ready (health and the CNI STATUS command say so). From here a
    trimmer hands malloc's idle pages back to the kernel a moment after each
    burst of pod work (daemon/memory.py).
@@ -25,6 +27,13 @@ the pins; close the CNI socket. The state file stays, so the next daemon
 re-enrols pods that are still running. After ``kill -9`` nothing of this runs:
 pins, attachments and XDP stay in the kernel and keep intercepting, and the next
 start adopts them.
+
+Drain (``merbridge drain``, the DaemonSet's preStop, over the CNI socket):
+not ready; stop the CNI installer and remove our conflist entry (the original
+bytes come back) and the plugin binary, while the daemon keeps running, so
+that neither its inotify re-installer nor anything else chains the plugin in
+again. Pods created from then on start without merbridge (the mesh's iptables
+take over); the SIGTERM that follows does the rest of the shutdown.
 """
 from __future__ import annotations
 
@@ -34,8 +43,9 @@ import logging
 import os
 import signal
 import threading
-from contextlib import ExitStack
-from typing import Any, Callable
+import time
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
 
 from merbridge.bpf import mesh as meshes
 from merbridge.daemon import memory
@@ -98,6 +108,8 @@ class Daemon:
         self._installer_thread: threading.Thread | None = None
         self.ambient = None   # ambient mode (H11): daemon/ambient.AmbientController
         self.trimmer = memory.Trimmer()
+        self._drain_lock = threading.Lock()
+        self._drained = False
 
     # -- start -----------------------------------------------------------
     def start(self) -> None:
@@ -140,6 +152,8 @@ class Daemon:
         from merbridge.daemon import metrics
         self.metrics = metrics.Metrics()
         self.metrics.set_heap(self.trimmer.stats)
+        self.metrics.set_map_occupancy(self.datapath.maps.occupancy)
+        self.stack.callback(self.metrics.count_logged_errors(logging.getLogger("merbridge")))
         self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
                                                     ready=self.ready.is_set)
         self.metrics_server.start()
@@ -155,12 +169,15 @@ class Daemon:
         if getattr(cfg, "ambient", False):   # ambient mode (H11, docs/ambient.md)
             from merbridge.daemon import ambient
             self.ambient = ambient.AmbientController(
-                self.datapath.maps, cfg.cgroup_path, exclude_namespaces=cfg.exclude_namespaces)
+                self.datapath.maps, cfg.cgroup_path, exclude_namespaces=cfg.exclude_namespaces,
+                ztunnel_namespace=cfg.ztunnel_namespace)
         self.source = self._pod_source(self._on_pod_event)
         self.registry = podreg.Registry(
             mesh=self.mesh, maps=self.datapath.maps, podnet=podnet, lookup=self.source.get,
             store=store, cni_mode=cfg.cni_mode, exclude_namespaces=cfg.exclude_namespaces,
             hardware_checksum=cfg.hardware_checksum, metrics=self.metrics)
+        if not cfg.cni_mode:
+            self.metrics.set_pods_enrolled_source(lambda: len(self.registry.legacy))
         self.source.start()
         while not self.source.wait_synced(0.2):
             if self.stopping.is_set():
@@ -170,7 +187,7 @@ class Daemon:
         else:
             self.registry.resync_legacy(self.source.snapshot())
         if self.ambient is not None:   # ambient mode (H11)
-            self.ambient.resync(self.source.snapshot())
+            self.ambient.resync(self.source.snapshot(), self.source.namespaces())
             self.ambient.start()
         self.registry.ready = True
         self.trimmer.start()
@@ -187,23 +204,33 @@ class Daemon:
 
     def _pod_source(self, callback):
         cfg = self.cfg
+        # ambient mode (H11) also follows namespace labels; only then are namespaces watched
+        on_namespace = self.ambient.on_namespace if self.ambient is not None else None
         if cfg.pods_dir:
             from merbridge.daemon import podsdir
-            return podsdir.PodsDirSource(callback, cfg.pods_dir)
+            return podsdir.PodsDirSource(callback, cfg.pods_dir, on_namespace=on_namespace)
         from merbridge.daemon import k8s
-        return k8s.KubernetesPodSource(callback, cfg.node_name, kubeconfig=cfg.kubeconfig)
+        return k8s.KubernetesPodSource(callback, cfg.node_name, kubeconfig=cfg.kubeconfig,
+                                       on_namespace=on_namespace)
 
     def _start_cni(self, store: StateStore) -> None:
         cfg = self.cfg
         from merbridge.daemon import cniserver, install
         self.server = cniserver.CniServer(cfg.socket_path,
-                                          Handler(self.registry, self.trimmer.poke))
-        self.server.start()
-        self.registry.restore(store.load())
+                                          Handler(self.registry, self.trimmer.poke,
+                                                  metrics=self.metrics, drain=self.drain))
+        # CNI commands wait until the state file is restored and the pods that
+        # started while no daemon ran are adopted (pods.py)
+        with self.registry.restoring():
+            self.server.start()
+            self.registry.restore(store.load())
+            if store.stopped_cleanly:      # our plugin was out of the CNI config meanwhile
+                self.registry.adopt(self.source.snapshot(), cfg.netns_dir)
         self.installer = install.Installer(
             cni_bin_dir=cfg.cni_bin_dir, cni_conf_dir=cfg.cni_conf_dir,
             plugin_source_path=self._plugin_executable(),
-            entry=install.plugin_entry(cfg.socket_path, self.mesh.name),
+            entry=install.plugin_entry(cfg.socket_path, self.mesh.name,
+                                       exclude_namespaces=cfg.exclude_namespaces),
             state_file=os.path.join(cfg.state_dir, INSTALL_STATE))
         self._installer_thread = threading.Thread(target=self.installer.watch,
                                                   name="cni-installer", daemon=True)
@@ -258,15 +285,50 @@ class Daemon:
         if self._installer_thread is not None:
             self._installer_thread.join(timeout=5)
 
+    def drain(self) -> str:
+        """preStop: not ready, and the CNI config as it was before us (see the module
+        docstring). Idempotent; refused (try again) while starting or stopping."""
+        with self._drain_lock:
+            if self._drained:
+                return "already drained"
+            if not self.ready.is_set() or self.installer is None:
+                raise podreg.PodError(podreg.TRY_AGAIN_LATER, "merbridge is not ready",
+                                      "starting or stopping; drain again in a moment")
+            self._drained = True
+            self.ready.clear()
+            self.registry.ready = False
+            self._stop_installer()
+            self.installer.uninstall()
+        log.info("drained: merbridge-cni removed from %s; waiting for SIGTERM",
+                 self.cfg.cni_conf_dir)
+        return f"merbridge-cni removed from {self.cfg.cni_conf_dir}"
+
 
 class Handler:
     """The CNI server's handler: protocol requests -> registry calls.
 
-    ``churned`` is called on each request that changes pods (the heap trimmer's poke)."""
+    ``churned`` is called on each request that changes pods (the heap trimmer's poke).
+    ``metrics`` counts CHECK, GC and STATUS (the registry counts ADD and DEL itself).
+    ``drain`` is the daemon's preStop (``merbridge drain``); STATUS says "draining"
+    after it."""
 
-    def __init__(self, registry: podreg.Registry, churned: Callable[[], None] = lambda: None):
+    def __init__(self, registry: podreg.Registry, churned: Callable[[], None] = lambda: None,
+                 metrics: Any = None, drain: Callable[[], str] | None = None):
         self.registry = registry
         self.churned = churned
+        self.metrics = metrics
+        self._drain = drain
+        self.drained = False
+
+    @contextmanager
+    def _counted(self, command: str) -> Iterator[None]:
+        t0, result = time.monotonic(), "error"
+        try:
+            yield
+            result = "ok"
+        finally:
+            if self.metrics is not None:
+                self.metrics.cni_request(command, result, time.monotonic() - t0)
 
     def add(self, req) -> dict:
         self.churned()
@@ -280,14 +342,28 @@ class Handler:
         self.registry.delete(_attachment(req))
 
     def check(self, req) -> None:
-        self.registry.check(_attachment(req))
+        with self._counted("CHECK"):
+            self.registry.check(_attachment(req))
 
     def gc(self, req) -> None:
         self.churned()
-        self.registry.gc((a.container_id, a.ifname) for a in req.attachments)
+        with self._counted("GC"):
+            self.registry.gc((a.container_id, a.ifname) for a in req.attachments)
 
     def status(self) -> tuple[bool, str]:
-        return (True, "ready") if self.registry.ready else (False, "merbridge is starting")
+        with self._counted("STATUS"):
+            if self.drained:
+                raise podreg.PodError(podreg.NOT_AVAILABLE, "merbridge is draining")
+            if not self.registry.ready:
+                raise podreg.PodError(podreg.NOT_AVAILABLE, "merbridge is starting")
+        return True, "ready"
+
+    def drain(self) -> str:
+        if self._drain is None:
+            raise podreg.PodError(podreg.NOT_AVAILABLE, "this daemon cannot drain")
+        detail = self._drain()
+        self.drained = True
+        return detail
 
 
 def _attachment(req) -> podreg.Attachment:

@@ -7,11 +7,13 @@ fresh lab; what is asserted is what the kernel and the file system show.
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 
-from daemonenv import Env
+import daemonhttp
+from daemonenv import MERBRIDGE, Env
 from merbridge.daemon import netns
 from merbridge.daemon.lab import Lab
 
@@ -127,13 +129,62 @@ def test_restart_drops_pods_that_went_away_meanwhile(two_pods):
 def test_a_second_daemon_on_the_same_pins_refuses(two_pods):
     env, a, b = two_pods
     proc = env.start()
-    second = env.start(wait=False)
+    attached = sorted(x.name for x in env.attached())
+    # its own state dir (and socket): only the pin dir lock, on the real bpffs, can refuse it
+    own = os.path.join(env.root, "state-2")
+    second = env.start(f"--state-dir={own}", f"--socket-path={env.root}/cni-2.sock", wait=False)
     rc = second.wait(timeout=60)
     assert rc != 0
-    assert "another merbridge daemon" in env.log(second)
+    log = env.log(second)
+    assert f"another merbridge daemon is running with pin dir {env.pin_dir}" in log, log
     assert proc.poll() is None
+    assert sorted(x.name for x in env.attached()) == attached      # nothing attached twice
+    assert not os.path.exists(f"{env.root}/cni-2.sock")
     ok(env.cni("ADD", a))                                    # the first still works
     assert env.stop(proc) == 0
+
+
+def test_drain_removes_the_plugin_for_good_while_the_daemon_runs(two_pods):
+    env, a, b = two_pods
+    primary = open(env.primary, "rb").read()
+    proc = env.start()
+    for pod in (a, b):
+        ok(env.cni("ADD", pod))
+    assert b"merbridge-cni" in open(env.primary, "rb").read()
+    assert daemonhttp.get(env, proc, "/readyz")[0] == 200
+    res = subprocess.run([MERBRIDGE, "drain", f"--socket-path={env.socket}", "--timeout=20"],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "merbridge drained" in res.stdout
+    # done when drain returns, with the daemon still running
+    assert proc.poll() is None
+    assert open(env.primary, "rb").read() == primary                # byte for byte
+    assert sorted(os.listdir(env.conf_dir)) == [os.path.basename(env.primary)]
+    assert not os.path.exists(os.path.join(env.bin_dir, "merbridge-cni"))
+    # the primary CNI rewrites its config: the installer would have reacted in
+    # milliseconds (inotify); after a drain nothing chains the plugin in again
+    with open(env.primary, "wb") as f:
+        f.write(primary)
+    time.sleep(3)
+    assert open(env.primary, "rb").read() == primary
+    assert not os.path.exists(os.path.join(env.bin_dir, "merbridge-cni"))
+    assert daemonhttp.get(env, proc, "/readyz") == (503, "not ready\n")
+    assert intercepted(a, b)                    # pods already enrolled: until SIGTERM
+    again = subprocess.run([MERBRIDGE, "drain", f"--socket-path={env.socket}"],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0 and "already drained" in again.stdout
+    assert env.stop(proc) == 0, env.log(proc)
+    assert "shutdown: failed" not in env.log(proc)
+    assert env.attached() == []
+    assert not os.path.exists(env.pin_dir) or os.listdir(env.pin_dir) == []
+    assert open(env.primary, "rb").read() == primary
+    assert not os.path.exists(env.socket)
+    for pod in (a, b):
+        assert env.marker(pod) == [] and env.xdp(pod) == (0, 0)
+    # after the daemon is gone, drain has nothing to do (a preStop never fails)
+    gone = subprocess.run([MERBRIDGE, "drain", f"--socket-path={env.socket}"],
+                          capture_output=True, text=True, timeout=30)
+    assert gone.returncode == 0 and "nothing to drain" in gone.stdout
 
 
 def test_legacy_mode_follows_the_pod_source(pin_dir):

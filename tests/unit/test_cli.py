@@ -126,6 +126,126 @@ def test_maps_dump_without_pins_is_a_clear_error(tmp_path):
     assert "no datapath pinned" in r.output and "Traceback" not in r.output
 
 
+# ----------------------------------------------------------------- drain (preStop)
+
+class DrainHandler:
+    """The daemon side of POST /v1/drain: refuses (try again) ``busy`` times first."""
+
+    def __init__(self, busy=0, error=None):
+        self.calls, self.busy, self.error = 0, busy, error
+
+    def drain(self):
+        from merbridge.daemon.pods import PodError
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        if self.calls <= self.busy:
+            raise PodError(11, "merbridge is not ready", "starting")
+        return "merbridge-cni removed from /etc/cni/net.d"
+
+
+@pytest.fixture
+def drain_socket(tmp_path):
+    """Serve a handler on a real CNI socket: ``serve(handler) -> socket path``."""
+    from merbridge.daemon.cniserver import CniServer
+    servers = []
+
+    def serve(handler):
+        path = str(tmp_path / f"cni-{len(servers)}.sock")
+        srv = CniServer(path, handler, allowed_uids=(os.getuid(),), owner=None)
+        srv.start()
+        servers.append(srv)
+        return path
+    yield serve
+    for srv in servers:
+        srv.stop()
+
+
+def drain(path, *extra):
+    return CliRunner().invoke(cli.main, ["drain", f"--socket-path={path}", *extra])
+
+
+def test_drain_waits_until_the_daemon_has_drained(drain_socket):
+    handler = DrainHandler(busy=2)                   # still starting for two attempts
+    r = drain(drain_socket(handler))
+    assert r.exit_code == 0, r.output
+    assert handler.calls == 3
+    assert "merbridge drained: merbridge-cni removed from /etc/cni/net.d" in r.output
+
+
+def test_drain_without_a_daemon_has_nothing_to_do(tmp_path):
+    r = drain(tmp_path / "none.sock")                   # legacy mode: no socket at all
+    assert r.exit_code == 0 and "nothing to drain" in r.output
+    stale = tmp_path / "stale.sock"                      # left by a daemon that died
+    import socket
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))
+    r = drain(stale)
+    assert r.exit_code == 0 and "nothing to drain" in r.output
+
+
+def test_drain_failures_are_clear_errors(drain_socket, tmp_path):
+    from merbridge.daemon.pods import PodError
+    r = drain(drain_socket(DrainHandler(error=PodError(999, "installer stuck", "EIO"))))
+    assert r.exit_code == 1 and "drain failed: installer stuck: EIO" in r.output
+    r = drain(drain_socket(DrainHandler(busy=100)), "--timeout=1")
+    assert r.exit_code == 1 and "not drained within 1s" in r.output
+    r = drain(drain_socket(object()))                # a server that cannot drain: 404
+    assert r.exit_code == 1 and "no such endpoint: POST /v1/drain" in r.output
+    import socket
+    import threading
+    garbage = str(tmp_path / "garbage.sock")            # something that is not our daemon
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(garbage)
+        listener.listen()
+
+        def answer():
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH\r\n")
+        t = threading.Thread(target=answer)
+        t.start()
+        r = drain(garbage)
+        t.join()
+    assert r.exit_code == 1 and "drain failed" in r.output and "bad reply" in r.output
+    assert "Traceback" not in r.output
+    assert drain(tmp_path / "x", "--timeout=0").exit_code == 2
+
+
+def test_daemon_drain_restores_the_conflist_and_is_refused_while_starting(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from merbridge.daemon import runtime
+    from merbridge.daemon.pods import PodError
+    conf, bindir = tmp_path / "net.d", tmp_path / "bin"
+    conf.mkdir()
+    original = b'{"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "bridge"}]}\n'
+    (conf / "10-n.conflist").write_bytes(original)
+    plugin = tmp_path / "plugin"
+    plugin.write_text("#!/bin/sh\n")
+    daemon = runtime.Daemon(SimpleNamespace(mode="istio", mesh="istio", cni_conf_dir=str(conf)))
+    daemon.registry = SimpleNamespace(ready=True)
+    daemon.installer = install.Installer(str(bindir), str(conf), str(plugin),
+                                         install.plugin_entry("/run/s.sock"))
+    watcher = threading.Thread(target=daemon.installer.watch)
+    watcher.start()
+    daemon._installer_thread = watcher
+    assert daemon.installer.ready.wait(10)
+    assert (conf / "10-n.conflist").read_bytes() != original
+    with pytest.raises(PodError, match="not ready") as err:     # still starting
+        daemon.drain()
+    assert err.value.code == 11 and watcher.is_alive()
+    daemon.ready.set()
+    assert daemon.drain() == f"merbridge-cni removed from {conf}"
+    assert not watcher.is_alive()                                # no re-installer any more
+    assert (conf / "10-n.conflist").read_bytes() == original
+    assert not (bindir / "merbridge-cni").exists()
+    assert not daemon.ready.is_set() and daemon.registry.ready is False
+    assert daemon.drain() == "already drained"
+
+
 # ----------------------------------------------------------------- doctor
 
 def test_doctor_reports_what_is_missing_and_how_to_fix(tmp_path):

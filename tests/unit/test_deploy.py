@@ -355,6 +355,22 @@ def test_args_are_accepted_by_merbridge_run(overlay):
     assert params[by_opt["--mode"]] == "istio"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prestop_drains_the_daemon_within_the_grace_period(overlay):
+    docs = rendered(overlay)
+    c = container(docs)
+    argv = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert argv[:2] == ["merbridge", "drain"]
+    from merbridge.daemon import cli
+    cmd = cli.main.commands["drain"]
+    with cmd.make_context("drain", argv[2:]) as ctx:
+        params = ctx.params
+    # it dials the socket the daemon serves, and gives up before the kubelet's SIGKILL
+    assert params["socket_path"] == flags(c["args"])["--socket-path"]
+    grace = one(docs, "DaemonSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert params["timeout"] + 20 <= grace
+
+
 # --- the image ------------------------------------------------------------
 
 def _dockerfile() -> list[list[str]]:

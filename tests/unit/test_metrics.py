@@ -123,3 +123,115 @@ def test_heap_metrics(served):
     m.set_heap(lambda: memory.Stats(malloc=None, python_blocks=1, trims=0))
     text = get(server, "/metrics")[1]
     assert "merbridge_heap_bytes" not in text and "merbridge_heap_trims_total 0.0" in text
+
+
+def test_logged_errors_are_counted_by_module(served):
+    import logging
+    m, server, _ = served
+    stop = m.count_logged_errors(logging.getLogger("merbridge"))
+    try:
+        logging.getLogger("merbridge.daemon.install").error("CNI install failed")
+        logging.getLogger("merbridge.daemon.pods").exception("restore failed")
+        logging.getLogger("merbridge.daemon.pods").warning("ADD failed: code 11")   # not an error
+        logging.getLogger("elsewhere").error("not ours")
+    finally:
+        stop()
+    logging.getLogger("merbridge.daemon.pods").error("after stop: not counted")
+    lines = set(get(server, "/metrics")[1].splitlines())
+    assert 'merbridge_errors_total{kind="install"} 1.0' in lines
+    assert 'merbridge_errors_total{kind="pods"} 1.0' in lines
+    assert not [ln for ln in lines if 'kind="elsewhere"' in ln]
+
+
+def test_pods_enrolled_read_at_scrape_time(served):
+    m, server, _ = served
+    pods = {"a": 1}
+    m.set_pods_enrolled_source(lambda: len(pods))
+    assert "merbridge_pods_enrolled 1.0" in get(server, "/metrics")[1].splitlines()
+    pods["b"] = 2
+    assert "merbridge_pods_enrolled 2.0" in get(server, "/metrics")[1].splitlines()
+
+
+def test_map_occupancy_of_the_typed_handles(served):
+    from merbridge.bpf import maps as bpfmaps
+    from merbridge.bpf import types as t
+
+    class Sized(bpfmaps.DictBackend):        # like the loader's kernel backend
+        max_entries = 4096
+
+        def __len__(self):
+            return len(self.data)
+
+    backends = {name: Sized() for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
+    backends[t.MAP_SETTINGS] = bpfmaps.DictBackend()    # capacity unknown: left out
+    maps = bpfmaps.Maps(backends)
+    maps.local_pods.put("10.0.0.5", bpfmaps.PodPolicy())
+    maps.mark_pod_ips.put(7, "10.0.0.5")
+    occupancy = maps.occupancy()
+    assert occupancy[t.MAP_LOCAL_PODS] == (1, 4096)
+    assert occupancy[t.MAP_PAIR_ORIG_DST] == (0, 4096)
+    assert t.MAP_SETTINGS not in occupancy
+    m, server, _ = served
+    m.set_map_occupancy(maps.occupancy)
+    lines = set(get(server, "/metrics")[1].splitlines())
+    assert 'merbridge_map_entries{map="mb_mark_pod_ips"} 1.0' in lines
+    assert 'merbridge_map_capacity{map="mb_mark_pod_ips"} 4096.0' in lines
+
+
+class FakeRegistry:
+    def __init__(self):
+        self.records, self.ready, self.fail = {}, True, set()
+
+    def _maybe_fail(self, what):
+        if what in self.fail:
+            from merbridge.daemon.pods import PodError
+            raise PodError(103, f"{what} failed")
+
+    def check(self, att):
+        self._maybe_fail("check")
+
+    def gc(self, attachments):
+        list(attachments)
+        self._maybe_fail("gc")
+
+
+def cni_req():
+    from types import SimpleNamespace
+    return SimpleNamespace(container_id="c1", netns="/proc/1/ns/net", ifname="eth0",
+                           pod_namespace="default", pod_name="p", pod_uid="u",
+                           ips=["10.0.0.2/24"], attachments=[])
+
+
+def test_handler_counts_check_gc_and_status():
+    from merbridge.daemon import runtime
+    from merbridge.daemon.pods import PodError
+    m, reg = metrics.Metrics(), FakeRegistry()
+    handler = runtime.Handler(reg, metrics=m)
+    handler.check(cni_req())
+    handler.gc(cni_req())
+    assert handler.status() == (True, "ready")
+    reg.fail = {"check", "gc"}
+    for call in (handler.check, handler.gc):
+        with pytest.raises(PodError):
+            call(cni_req())
+    reg.ready = False
+    with pytest.raises(PodError, match="starting"):
+        handler.status()
+    lines = set(m.render().decode().splitlines())
+    for command in ("CHECK", "GC", "STATUS"):
+        assert f'merbridge_cni_requests_total{{command="{command}",result="ok"}} 1.0' in lines
+        assert f'merbridge_cni_requests_total{{command="{command}",result="error"}} 1.0' in lines
+        assert f'merbridge_cni_request_duration_seconds_count{{command="{command}"}} 2.0' in lines
+
+
+def test_handler_drain_then_status_says_draining():
+    from merbridge.daemon import runtime
+    from merbridge.daemon.pods import PodError
+    drained = []
+    handler = runtime.Handler(FakeRegistry(), drain=lambda: drained.append(1) or "done")
+    assert handler.status() == (True, "ready")
+    assert handler.drain() == "done" and drained == [1]
+    with pytest.raises(PodError, match="draining"):
+        handler.status()
+    with pytest.raises(PodError, match="cannot drain"):
+        runtime.Handler(FakeRegistry()).drain()

@@ -1,0 +1,102 @@
+"""A real daemon's /metrics (scraped over HTTP in the node netns): enrolled pods,
+CNI requests by command and result, map occupancy equal to what bpftool reads
+from the pinned maps, and errors by the module that logged them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+import daemonhttp
+from daemonenv import Env
+from merbridge.bpf import types as t
+from merbridge.daemon.lab import Lab
+from test_daemon_lifecycle import ok, two_pods  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.root
+
+#: maps whose contents only the daemon changes (the LRU ones also learn from traffic)
+DAEMON_MAPS = (t.MAP_LOCAL_PODS, t.MAP_MARK_POD_IPS, t.MAP_NETNS_POD, t.MAP_SETTINGS,
+               t.MAP_COUNTERS)
+
+
+def bpftool(env: Env, name: str) -> tuple[int, int]:
+    """(entries, max_entries) of a pinned map, as bpftool sees it."""
+    path = os.path.join(env.pin_dir, name)
+    show = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "pinned", path],
+                                     capture_output=True, text=True, check=True).stdout)
+    dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "pinned", path],
+                                     capture_output=True, text=True, check=True).stdout)
+    return len(dump), show["max_entries"]
+
+
+def until(pred, what: str, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def assert_occupancy(env: Env, m: dict[str, float]) -> None:
+    for name in DAEMON_MAPS:
+        entries, capacity = bpftool(env, name)
+        assert m[f'merbridge_map_entries{{map="{name}"}}'] == entries, name
+        assert m[f'merbridge_map_capacity{{map="{name}"}}'] == capacity, name
+    # every map the daemon owns is there (the sockhash has no typed handle)
+    assert {k for k in m if k.startswith("merbridge_map_capacity")} == {
+        f'merbridge_map_capacity{{map="{n}"}}' for n in t.ALL_MAPS if n != t.MAP_SOCK_PAIR}
+
+
+def test_cni_mode_metrics(two_pods):  # noqa: F811
+    env, a, b = two_pods
+    proc = env.start()
+    for pod in (a, b):
+        ok(env.cni("ADD", pod))
+    ok(env.cni("CHECK", a))
+    ok(env.cni("DEL", b))
+    assert env.cni("CHECK", b).returncode != 0          # in the mesh but not enrolled
+    ok(env.cni("GC", attachments=["ctr-a"]))
+    m = daemonhttp.scrape(env, proc)
+    assert m["merbridge_pods_enrolled"] == 1
+    req = 'merbridge_cni_requests_total{{command="{}",result="{}"}}'
+    assert m[req.format("ADD", "ok")] == 2
+    assert m[req.format("CHECK", "ok")] == 1 and m[req.format("CHECK", "error")] == 1
+    assert m[req.format("DEL", "ok")] == 1
+    assert m[req.format("GC", "ok")] == 1
+    assert m[req.format("STATUS", "ok")] >= 1           # env.start() waited with STATUS
+    assert m['merbridge_cni_request_duration_seconds_count{command="ADD"}'] == 2
+    assert m['merbridge_map_entries{map="mb_local_pods"}'] == 2     # a's IPv4 and IPv6
+    assert m['merbridge_map_entries{map="mb_mark_pod_ips"}'] == 1
+    assert_occupancy(env, m)
+    assert not [k for k in m if k.startswith("merbridge_errors_total")]
+    # an enrolled pod's annotations go bad: logged as an error, counted by module
+    env.publish(a, {"traffic.sidecar.istio.io/includeInboundPorts": "not-a-port"})
+    until(lambda: daemonhttp.scrape(env, proc).get('merbridge_errors_total{kind="pods"}') == 1,
+          f"no error counted:\n{env.log(proc)}")
+    assert env.stop(proc) == 0
+
+
+def test_legacy_mode_counts_the_pods_it_writes(pin_dir):
+    with Lab("mbt") as lab:
+        a, b = lab.add_pod("a"), lab.add_pod("b")
+        env = Env(lab, pin_dir, cni_mode=False)
+        try:
+            env.publish(a)
+            env.publish(b)
+            proc = env.start()
+            m = daemonhttp.scrape(env, proc)
+            assert m["merbridge_pods_enrolled"] == 2
+            assert m['merbridge_map_entries{map="mb_local_pods"}'] == 4
+            assert_occupancy(env, m)
+            env.unpublish(b)
+            until(lambda: daemonhttp.scrape(env, proc)["merbridge_pods_enrolled"] == 1,
+                  "pods_enrolled did not follow the pod source")
+            m = daemonhttp.scrape(env, proc)
+            assert m['merbridge_map_entries{map="mb_local_pods"}'] == 2
+            assert not [k for k in m if k.startswith("merbridge_cni_requests_total")]
+            assert env.stop(proc) == 0
+        finally:
+            env.close()
