@@ -288,6 +288,15 @@ def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
     the ADD would only trade a clear intent for a pod that cannot start, and
     upstream merbridge accepted the value too (but its list walk stopped at the
     entry and excluded nothing).
+
+    Kubelet's health probes are not read from the pod spec: Istio's injector
+    rewrites HTTP, TCP and gRPC probes to the status port (15020, never
+    captured, inbound or by XDP), and where a pod turns that rewrite off
+    (``sidecar.istio.io/rewriteAppHTTPProbers: "false"``) istio-iptables
+    captures the probe like any other inbound connection.  Leaving an app's
+    probe port out of XDP would also let every other node's mesh (mTLS)
+    traffic to that port skip the sidecar, since XDP cannot tell kubelet's
+    packets from a peer's.
     """
     ann = _annotations(pod)
 
