@@ -160,13 +160,13 @@ class RecordingHandler:
         return [name for name, _ in self.calls]
 
 
-def invoke_plugin(node: str, exe: str, env: dict, stdin: bytes):
+def invoke_plugin(node: str, exe: str, env: dict, stdin: bytes, timeout: float = 60):
     """Run a CNI plugin executable directly in the node netns, the way libcni
     execs it: ``env`` (str or bytes values) plus a node PATH, ``stdin`` bytes.
 
     Returns (exit code, stdout JSON or None, stderr)."""
     p = subprocess.run(["nsenter", f"--net={netns_path(node)}", exe], input=stdin,
-                       capture_output=True, timeout=60, env={"PATH": NODE_PATH, **env})
+                       capture_output=True, timeout=timeout, env={"PATH": NODE_PATH, **env})
     assert b"Traceback" not in p.stderr, p.stderr.decode(errors="replace")
     return p.returncode, (json.loads(p.stdout) if p.stdout else None), \
         p.stderr.decode(errors="replace")

@@ -26,7 +26,7 @@ import tempfile
 import pytest
 
 from cnikit import CNITOOL, NODE_PATH, CniNetwork, Cnitool, RecordingHandler, netns_path, run
-from daemonkit import MerbridgeDaemon, remove_cgroup
+from daemonkit import MerbridgeDaemon, Pod, make_pod, remove_cgroup, remove_pod
 from merbridge.cni.main import build_zipapp
 from merbridge.daemon.cniserver import CniServer
 from merbridge.daemon.lab import CGROUP_ROOT
@@ -169,7 +169,9 @@ class DaemonWorld:
 
 
 @pytest.fixture(scope="module")
-def daemon_world(tmp_path_factory):
+def daemon_world(request, tmp_path_factory):
+    """The module's real daemon; a module may set ``DAEMON_ARGS`` (extra
+    ``merbridge run`` options, e.g. ``("--hardware-checksum=true",)``)."""
     from merbridge.bpf import loader
     from merbridge.daemon import netns
 
@@ -203,7 +205,8 @@ def daemon_world(tmp_path_factory):
         netns.set_sysctl(node, "net.ipv4.ip_forward", 1)
         netns.set_sysctl(node, "net.ipv6.conf.all.forwarding", 1)
 
-        daemon = MerbridgeDaemon(node, root, os.path.join(bpffs, "merbridge"), cgroup)
+        daemon = MerbridgeDaemon(node, root, os.path.join(bpffs, "merbridge"), cgroup,
+                                 extra_args=tuple(getattr(request.module, "DAEMON_ARGS", ())))
         net = CniNetwork(name=f"mbt-{tag}-d", conf_dir=daemon.conf_dir,
                          ipam_dir=os.path.join(root, "ipam"), socket_path=daemon.socket,
                          cni_version="1.0.0", subnet4=DAEMON_SUBNET4, subnet6=DAEMON_SUBNET6,
@@ -232,3 +235,22 @@ def daemon_world(tmp_path_factory):
         if mounted:
             run("umount", bpffs, check=False)
         os.rmdir(bpffs)
+
+
+@pytest.fixture
+def pods(daemon_world):
+    """``make(name, in_mesh=True, annotations=None)``: a bare pod netns + cgroup and
+    its manifest in the pods dir; afterwards cnitool DEL, netns and cgroup removed."""
+    w = daemon_world
+    made: list[Pod] = []
+
+    def make(name: str, in_mesh: bool = True, annotations: dict | None = None) -> Pod:
+        pod = make_pod(w, f"{name}-{secrets.token_hex(2)}", in_mesh, annotations)
+        made.append(pod)
+        return pod
+
+    try:
+        yield make
+    finally:
+        for pod in made:
+            remove_pod(w, pod)

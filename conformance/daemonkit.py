@@ -15,7 +15,7 @@ import sys
 import time
 
 from cnikit import (CNI_PLUGIN_DIR, LIBCNI_CACHE, cnitool_container_id, invoke_plugin,
-                    netns_path, run)
+                    kubelet_args, netns_path, run)
 from merbridge.bpf.mesh import MARK_LISTENER_PORT, MESHES
 
 #: the venv's console script (sys.executable is the venv's python)
@@ -54,6 +54,7 @@ class MerbridgeDaemon:
     pin_dir: str
     cgroup: str
     proc: subprocess.Popen | None = None
+    extra_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.bin_dir, self.conf_dir = f"{self.root}/bin", f"{self.root}/net.d"
@@ -73,7 +74,7 @@ class MerbridgeDaemon:
                 f"--state-dir={self.state_dir}", f"--cni-bin-dir={self.bin_dir}",
                 f"--cni-conf-dir={self.conf_dir}", f"--socket-path={self.socket}",
                 f"--pods-dir={self.pods_dir}", "--metrics-addr=127.0.0.1:0",
-                "--node-name=conformance"]
+                "--node-name=conformance", *self.extra_args]
 
     def start(self, timeout: float = 120) -> None:
         with open(self.log_path, "ab") as log:
@@ -186,14 +187,25 @@ def listeners(pod: str, port: int = MARK_LISTENER_PORT) -> list[str]:
 def xdp_prog(ns: str, ifname: str) -> tuple[int, str]:
     """(program id, program name) of the XDP program on ``ifname`` in ``ns``; (0, "")."""
     links = json.loads(run("ip", "-n", ns, "-d", "-j", "link", "show", "dev", ifname).stdout)
-    xdp = links[0].get("xdp") or {}
+    prog_id = _xdp_id(links[0])
+    if not prog_id:
+        return 0, ""
+    info = json.loads(run("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
+    return prog_id, info.get("name", "")
+
+
+def xdp_progs(ns: str) -> dict[str, int]:
+    """XDP program id of every interface in ``ns`` that has one (one ``ip link``)."""
+    links = json.loads(run("ip", "-n", ns, "-d", "-j", "link", "show").stdout)
+    return {link["ifname"]: _xdp_id(link) for link in links if _xdp_id(link)}
+
+
+def _xdp_id(link: dict) -> int:
+    xdp = link.get("xdp") or {}
     prog = xdp.get("prog") or {}
     if not prog and xdp.get("attached"):
         prog = xdp["attached"][0].get("prog") or {}
-    if not prog.get("id"):
-        return 0, ""
-    info = json.loads(run("bpftool", "-j", "prog", "show", "id", str(prog["id"])).stdout)
-    return prog["id"], info.get("name", "")
+    return prog.get("id") or 0
 
 
 @dataclasses.dataclass
@@ -209,6 +221,36 @@ class Pod:
         return netns_path(self.ns)
 
 
+def make_pod(w, name: str, in_mesh: bool = True, annotations: dict | None = None) -> Pod:
+    """A bare pod netns + a child cgroup of ``w.cgroup``, its manifest in the
+    daemon's pods dir; not networked yet (``cnitool add`` does that)."""
+    from merbridge.daemon import netns
+
+    uid = f"uid-{name}-{w.tag}"
+    pod = Pod(name, f"mbt-{w.tag}-{name}", os.path.join(w.cgroup, name), uid,
+              kubelet_args(name=name, uid=uid))
+    netns.create_netns(pod.ns)
+    try:
+        os.mkdir(pod.cgroup)
+    except BaseException:
+        netns.remove_netns(pod.ns)
+        raise
+    w.daemon.publish(pod_manifest("default", name, uid, in_mesh, annotations))
+    return pod
+
+
+def remove_pod(w, pod: Pod) -> None:
+    """The runtime's DEL through the chain, then the pod's cgroup, netns and manifest."""
+    from merbridge.daemon import netns
+
+    try:
+        w.cnitool("del", w.net, pod.ns, cni_args=pod.args)
+    finally:
+        remove_cgroup(pod.cgroup)
+        netns.remove_netns(pod.ns)
+        w.daemon.unpublish(pod.name)
+
+
 def host_veth(result: dict) -> str:
     """The host-side veth in the bridge's result (the interface without a sandbox
     that is not the bridge)."""
@@ -220,14 +262,27 @@ def host_veth(result: dict) -> str:
 
 def snapshot(w, pod: Pod, veth: str | None) -> dict:
     """Everything merbridge could have left for ``pod`` (and in general)."""
+    return {**node_state(w), **pod_state(w, pod, veth)}
+
+
+def node_state(w) -> dict:
+    """The daemon's node-wide state: map entries, state-file records, libcni cache."""
+    netns_pod = getattr(w.maps, "netns_pod", None)
     return {
         "mark_pod_ips": sorted(w.maps.mark_pod_ips.items()),
         "local_pods": sorted(ip for ip, _ in w.maps.local_pods.items()),
+        "netns_pod": sorted(netns_pod.all_items()) if netns_pod is not None else [],
+        "records": sorted(w.daemon.records().items()),
+        "cache": sorted(f for f in os.listdir(LIBCNI_CACHE) if f.startswith(w.net.name)),
+    }
+
+
+def pod_state(w, pod: Pod, veth: str | None) -> dict:
+    """``pod``'s marker listener and the XDP on both ends of its veth."""
+    return {
         "listener": listeners(pod.ns) if os.path.exists(pod.path) else [],
         "xdp_pod": xdp_prog(pod.ns, "eth0")[0] if eth0_exists(pod) else 0,
         "xdp_host": xdp_prog(w.node, veth)[0] if veth else 0,
-        "records": sorted(w.daemon.records()),
-        "cache": sorted(f for f in os.listdir(LIBCNI_CACHE) if f.startswith(w.net.name)),
     }
 
 
@@ -245,6 +300,13 @@ def direct(w, command: str, pod: Pod, cid: str, prev: dict | None = None,
            version: str = "1.0.0", **extra):
     """The installed merbridge-cni invoked as libcni would (its conflist entry,
     the network's name and version, the cached prevResult)."""
+    env, conf = plugin_call(w, command, pod, cid, prev, version, **extra)
+    return invoke_plugin(w.node, w.daemon.plugin, env, json.dumps(conf).encode())
+
+
+def plugin_call(w, command: str, pod: Pod, cid: str, prev: dict | None = None,
+                version: str = "1.0.0", **extra) -> tuple[dict, dict]:
+    """(env, stdin config) libcni gives the installed merbridge-cni for ``pod``."""
     entry = [p for p in w.daemon.conflists()[0]["plugins"] if p["type"] == "merbridge-cni"][0]
     conf = {"cniVersion": version, "name": w.net.name, **entry, **extra}
     if prev is not None:
@@ -252,7 +314,39 @@ def direct(w, command: str, pod: Pod, cid: str, prev: dict | None = None,
     env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": pod.path,
            "CNI_IFNAME": "eth0", "CNI_PATH": f"{CNI_PLUGIN_DIR}:{w.daemon.bin_dir}",
            "CNI_ARGS": pod.args}
-    return invoke_plugin(w.node, w.daemon.plugin, env, json.dumps(conf).encode())
+    return env, conf
+
+
+def enrolled(w, pod: Pod, result: dict, hardware_checksum: bool = False) -> dict:
+    """Assert the kernel and the daemon hold ``pod``'s enrolment; returns its record."""
+    cid = cid_of(pod)
+    rec = w.daemon.records()[cid]
+    ip4, ip6 = sorted((ip["address"].split("/")[0] for ip in result["ips"]),
+                      key=lambda a: ":" in a)
+    assert rec["phase"] == "enrolled" and rec["ips"] == [ip4, ip6]
+    key = rec["key"]
+    assert marker_marks(pod.ns) == [key]                 # ss -ltne: :39807 fwmark:<key>
+    assert w.maps.mark_pod_ips.get(key) == ip4
+    assert w.maps.local_pods.get(ip4) is not None and w.maps.local_pods.get(ip6) is not None
+    assert (rec["netns_cookie"], (ip4, ip6), key) in w.maps.netns_pod.all_items()
+    assert xdp_prog(pod.ns, "eth0")[1] == "mb_xdp_ingress"
+    assert xdp_prog(w.node, host_veth(result))[1] == "mb_xdp_egress"
+    offloads = tx_checksums(pod)
+    assert offloads and all(offloads.values()) if hardware_checksum \
+        else not any(offloads.values()), offloads
+    return rec
+
+
+def tx_checksums(pod: Pod, ifname: str = "eth0") -> dict[str, bool]:
+    """``ethtool -k`` in the pod netns: {feature: on} of the tx checksum offloads
+    merbridge turns off (``netns.TX_CHECKSUM_FEATURES``; fixed ones left out)."""
+    from merbridge.daemon.netns import TX_CHECKSUM_FEATURES
+
+    out = run("nsenter", f"--net={pod.path}", "ethtool", "-k", ifname).stdout
+    feats = (line.strip().split(": ", 1) for line in out.splitlines()
+             if ": " in line and "[fixed]" not in line)
+    return {name: state.startswith("on") for name, state in feats
+            if name in TX_CHECKSUM_FEATURES}
 
 
 def cid_of(pod: Pod) -> str:

@@ -19,15 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import secrets
 import subprocess
 
 import pytest
 
-from cnikit import (CNI_PLUGIN_DIR, LIBCNI_CACHE, invoke_plugin, kubelet_args, netns_path,
+from cnikit import (CNI_PLUGIN_DIR, LIBCNI_CACHE, invoke_plugin, netns_path,
                     prev_result_logged, run)
-from daemonkit import (Pod, cid_of, cnitool_ok, direct, eth0_exists, host_veth, listeners,
-                       marker_marks, pod_manifest, remove_cgroup, snapshot, xdp_prog)
+from daemonkit import (Pod, cid_of, cnitool_ok, direct, enrolled, eth0_exists, host_veth,
+                       listeners, plugin_call, snapshot, tx_checksums, xdp_prog)
 from merbridge.daemon import netns
 
 pytestmark = pytest.mark.root
@@ -36,36 +35,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, os.pardir, "tests", "root", "xdp_peer.py")
 PYTHON = "/usr/bin/python3"
 IN_PORT = 15006
-
-
-@pytest.fixture
-def pods(daemon_world):
-    """``make(name, in_mesh=True, annotations=None)``: a bare pod netns + cgroup and
-    its manifest in the pods dir; afterwards cnitool DEL, netns and cgroup removed."""
-    w = daemon_world
-    made: list[Pod] = []
-
-    def make(name: str, in_mesh: bool = True, annotations: dict | None = None) -> Pod:
-        name = f"{name}-{secrets.token_hex(2)}"
-        uid = f"uid-{name}-{w.tag}"
-        pod = Pod(name, f"mbt-{w.tag}-{name}", os.path.join(w.cgroup, name), uid,
-                  kubelet_args(name=name, uid=uid))
-        netns.create_netns(pod.ns)
-        made.append(pod)
-        os.mkdir(pod.cgroup)
-        w.daemon.publish(pod_manifest("default", name, uid, in_mesh, annotations))
-        return pod
-
-    try:
-        yield make
-    finally:
-        for pod in made:
-            try:
-                w.cnitool("del", w.net, pod.ns, cni_args=pod.args)
-            finally:
-                remove_cgroup(pod.cgroup)
-                netns.remove_netns(pod.ns)
-                w.daemon.unpublish(pod.name)
 
 
 # -- tests ------------------------------------------------------------------------
@@ -77,22 +46,6 @@ def test_daemon_chained_itself_into_the_primary_conflist(daemon_world):
     assert bridge == w.net.bridge_conf()                  # the primary entry untouched
     assert ours["type"] == "merbridge-cni" and ours["socketPath"] == w.daemon.socket
     assert os.access(w.daemon.plugin, os.X_OK)
-
-
-def enrolled(w, pod: Pod, result: dict) -> dict:
-    """Assert the kernel and the daemon hold ``pod``'s enrolment; returns its record."""
-    cid = cid_of(pod)
-    rec = w.daemon.records()[cid]
-    ip4, ip6 = sorted((ip["address"].split("/")[0] for ip in result["ips"]),
-                      key=lambda a: ":" in a)
-    assert rec["phase"] == "enrolled" and rec["ips"] == [ip4, ip6]
-    key = rec["key"]
-    assert marker_marks(pod.ns) == [key]                 # ss -ltne: :39807 fwmark:<key>
-    assert w.maps.mark_pod_ips.get(key) == ip4
-    assert w.maps.local_pods.get(ip4) is not None and w.maps.local_pods.get(ip6) is not None
-    assert xdp_prog(pod.ns, "eth0")[1] == "mb_xdp_ingress"
-    assert xdp_prog(w.node, host_veth(result))[1] == "mb_xdp_egress"
-    return rec
 
 
 def withdrawn(w, pod: Pod, result: dict, key: int) -> None:
@@ -171,7 +124,7 @@ def test_cnitool_result_is_the_bridge_result(daemon_world, pods, tmp_path):
     enrolled(w, pod, result)
 
 
-@pytest.mark.parametrize("damage", ["xdp", "mark_pod_ips", "local_pods"])
+@pytest.mark.parametrize("damage", ["xdp", "mark_pod_ips", "local_pods", "netns_pod", "tx_csum"])
 def test_check_fails_when_state_is_removed_behind_the_daemons_back(daemon_world, pods, damage):
     w = daemon_world
     pod = pods("chk")
@@ -184,9 +137,16 @@ def test_check_fails_when_state_is_removed_behind_the_daemons_back(daemon_world,
     elif damage == "mark_pod_ips":
         w.maps.mark_pod_ips.delete(rec["key"])
         why = "mark_pod_ips"
-    else:
+    elif damage == "local_pods":
         w.maps.local_pods.delete(rec["ips"][1])
         why = f"local_pods has no {rec['ips'][1]}"
+    elif damage == "netns_pod":   # the entry that keeps the pod intercepted with no daemon
+        assert w.maps.netns_pod.delete(rec["netns_cookie"])
+        why = f"netns_pod has no entry for netns cookie {rec['netns_cookie']:#x}"
+    else:                         # offload back on: the XDP egress rewrite corrupts checksums
+        run("nsenter", f"--net={pod.path}", "ethtool", "-K", "eth0", "tx", "on")
+        assert any(tx_checksums(pod).values())
+        why = "tx checksum offload is on for eth0"
     p = w.cnitool("check", w.net, pod.ns, cni_args=pod.args)
     assert p.returncode != 0 and why in p.stderr, p.stderr
     rc, out, _ = direct(w, "CHECK", pod, cid_of(pod), prev=result)
@@ -348,6 +308,9 @@ MALFORMED = {
     # the daemon refuses it with libcni's ErrInvalidNetNS (Debian's bridge says 999)
     "nonexistent-netns": (lambda env, conf: ({**env, "CNI_NETNS": "/var/run/netns/mbt-gone"},
                                              conf), 8),
+    # an interface XDP cannot go on: refused before anything is written (was 999)
+    "CNI_IFNAME-not-a-veth": (_set_env("CNI_IFNAME", "lo"), 4),
+    "CNI_IFNAME-missing-interface": (_set_env("CNI_IFNAME", "eth9"), 4),
 }
 
 
@@ -366,11 +329,7 @@ def test_malformed_add_gets_its_code_and_leaves_nothing(daemon_world, pods, case
     before = snapshot(w, pod, veth)
     assert before["listener"] == [] and before["xdp_pod"] == 0
 
-    entry = w.daemon.conflists()[0]["plugins"][1]
-    conf = {"cniVersion": "1.0.0", "name": w.net.name, **entry, "prevResult": prev}
-    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": cid_of(pod), "CNI_NETNS": pod.path,
-           "CNI_IFNAME": "eth0", "CNI_PATH": f"{CNI_PLUGIN_DIR}:{w.daemon.bin_dir}",
-           "CNI_ARGS": pod.args}
+    env, conf = plugin_call(w, "ADD", pod, cid_of(pod), prev)
     mutate, code = MALFORMED[case]
     bad_env, bad_conf = mutate(dict(env), dict(conf))
     stdin = bad_conf if isinstance(bad_conf, bytes) else json.dumps(bad_conf).encode()
@@ -412,11 +371,7 @@ def test_malformed_check_del_gc_leave_the_enrolment_alone(daemon_world, pods, ca
     enrolled(w, pod, result)
     before = snapshot(w, pod, host_veth(result))
     command, mutate, code = ENROLLED_MALFORMED[case]
-    entry = w.daemon.conflists()[0]["plugins"][1]
-    conf = {"cniVersion": "1.0.0", "name": w.net.name, **entry, "prevResult": result}
-    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": cid_of(pod), "CNI_NETNS": pod.path,
-           "CNI_IFNAME": "eth0", "CNI_PATH": f"{CNI_PLUGIN_DIR}:{w.daemon.bin_dir}",
-           "CNI_ARGS": pod.args}
+    env, conf = plugin_call(w, command, pod, cid_of(pod), result)
     if command == "GC":     # a GC that, were it valid, would remove this pod
         conf = {**conf, "cni.dev/valid-attachments": []}
     bad_env, bad_conf = mutate(env, conf)

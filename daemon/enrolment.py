@@ -31,6 +31,7 @@ log = logging.getLogger("merbridge.daemon.pods")
 TRY_AGAIN_LATER = 11
 NOT_AVAILABLE = 50
 INVALID_NETNS = 8
+INVALID_ENVIRONMENT = 4
 INTERNAL = 999
 INVALID_ANNOTATIONS = 101
 NO_POD_IP = 102
@@ -210,6 +211,23 @@ class Pieces:
             out.append("marker listener is not open")
         if not self.podnet.xdp_attached(rec.netns, rec.ifname):
             out.append(f"XDP is not attached to {rec.ifname}")
+        table = self._netns_pods()
+        if table is not None and getattr(self.podnet, "netns_cookie", None) is not None:
+            entry = {c: (ips, mark) for c, ips, mark in table.all_items()}.get(rec.netns_cookie)
+            if entry != (want, rec.key):
+                out.append(f"netns_pod has no entry for netns cookie {rec.netns_cookie:#x} "
+                           f"(key {rec.key:#x}, {', '.join(want)})")
+        tx_checksum = getattr(self.podnet, "tx_checksum", None)
+        if tx_checksum is not None and not self.hardware_checksum:
+            try:
+                on = [name for name, enabled in tx_checksum(rec.netns, rec.ifname).items()
+                      if enabled]
+            except Exception as exc:
+                out.append(f"cannot read the tx checksum offload of {rec.ifname}: {exc}")
+            else:
+                if on:
+                    out.append(f"tx checksum offload is on for {rec.ifname} ({', '.join(on)}); "
+                               "merbridge needs it off unless --hardware-checksum=true")
         return out
 
 

@@ -104,6 +104,11 @@ class PodNet:
     def detach_xdp(self, netns_path: str, ifname: str) -> None:
         netns.detach_xdp(netns_path, ifname, peer_netns=self.peer_netns)
 
+    def check_ifname(self, netns_path: str, ifname: str) -> str:
+        """``ifname`` must be a veth in the pod netns with its peer in
+        ``peer_netns`` (where the egress program goes); returns the peer's name."""
+        return netns.peer_of(netns_path, ifname, self.peer_netns)
+
     def xdp_attached(self, netns_path: str, ifname: str) -> bool:
         """Are *our current* programs on both ends? (After a daemon restart the
         previous daemon's programs may still be attached; they are replaced.)"""
@@ -119,6 +124,10 @@ class PodNet:
     # -- checksums, addresses ---------------------------------------------------
     def tx_checksum_off(self, netns_path: str, ifname: str) -> None:
         netns.set_tx_checksum(netns_path, ifname, False)
+
+    def tx_checksum(self, netns_path: str, ifname: str) -> dict[str, bool]:
+        """The tx checksum offloads of the pod interface: {feature: enabled} (CHECK)."""
+        return netns.tx_checksum(netns_path, ifname)
 
     def addresses(self, netns_path: str, ifname: str) -> list[str]:
         return netns.pod_addresses(netns_path, ifname)

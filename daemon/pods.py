@@ -70,8 +70,9 @@ from merbridge.bpf import types as bpftypes
 from merbridge.bpf.mesh import Mesh
 from merbridge.daemon import annotations
 from merbridge.daemon.enrolment import (  # noqa: F401  (re-exported: the registry's API)
-    INTERNAL, INVALID_ANNOTATIONS, INVALID_NETNS, KEY_MASK, NO_POD_IP, NODE_FULL, NOT_AVAILABLE,
-    NOT_ENROLLED, TRY_AGAIN_LATER, _BAD_MANIFEST, PodError, Pieces, map_full, netns_id)
+    INTERNAL, INVALID_ANNOTATIONS, INVALID_ENVIRONMENT, INVALID_NETNS, KEY_MASK, NO_POD_IP,
+    NODE_FULL, NOT_AVAILABLE, NOT_ENROLLED, TRY_AGAIN_LATER, _BAD_MANIFEST, PodError, Pieces,
+    map_full, netns_id)
 from merbridge.daemon.legacy import LegacyPods
 from merbridge.daemon.state import ADDING, ENROLLED, Record, StateStore
 
@@ -303,6 +304,18 @@ class Registry(Pieces):
         except Exception as exc:
             raise PodError(INVALID_NETNS, "invalid netns", str(exc)[:500]) from exc
 
+    def _check_ifname(self, path: str, ifname: str) -> None:
+        """Refuse, before anything is written, a pod interface the XDP programs
+        cannot go on: missing, or not a veth with its peer on the node."""
+        check = getattr(self.podnet, "check_ifname", None)
+        if check is None:
+            return
+        try:
+            check(path, ifname)
+        except Exception as exc:
+            raise PodError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
+                           str(exc)[:500]) from exc
+
     def _add(self, att: Attachment) -> None:
         old = self._record_for(att)
         if old is not None and old.container_id != att.container_id:
@@ -322,6 +335,7 @@ class Registry(Pieces):
                      att.namespace, att.name)
             return
         policy = self._policy(pod)
+        self._check_ifname(att.netns, att.ifname)
         ips = tuple(att.ips) or self._pod_ips(pod) or tuple(
             self.podnet.addresses(att.netns, att.ifname))
         if not ips:

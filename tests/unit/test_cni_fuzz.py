@@ -7,6 +7,9 @@ the node zipapp as a real process. Invariants: exit code 0 or 1, nothing but
 one JSON document on stdout, no traceback, no code 999 (every bad input has a
 specific code), DEL never fails once the skel accepted the call, and ADD's
 output is prevResult unchanged.
+
+Here the daemon is a fake or down; ``conformance/test_daemon_fuzz.py`` runs the
+installed plugin against the real daemon and checks that no case leaves state.
 """
 from __future__ import annotations
 
