@@ -10,9 +10,10 @@
 
 #include "helpers.h"
 
-#define MB_ACT_PASS 0
-#define MB_ACT_OUT  1   /* -> loopback : MB_OUT_PORT */
-#define MB_ACT_IN   2   /* -> same address : MB_IN_PORT */
+#define MB_ACT_PASS  0
+#define MB_ACT_OUT   1   /* -> loopback : MB_OUT_PORT */
+#define MB_ACT_IN    2   /* another local pod -> same address : MB_IN_PORT */
+#define MB_ACT_IN_LO 3   /* the proxy through lo -> loopback : MB_IN_PORT */
 
 struct mb_conn {
 	const struct mb_addr *dst;
@@ -78,14 +79,33 @@ static __always_inline int mb_is_own_ip(const struct mb_conn *c)
 	       (mb_addr_eq(c->dst, &c->self->ip4) || mb_addr_eq(c->dst, &c->self->ip6));
 }
 
+/* Does the call leave through lo (iptables' "-o lo")? Loopback, the pod's
+ * own IPs, and the inbound-passthrough address: istio-iptables puts ::6 on
+ * lo (127.0.0.6 is loopback anyway), and Istio's IPv6 validation probe
+ * dials [::6]:15002. */
+static __always_inline int mb_via_lo(const struct mb_conn *c)
+{
+	return mb_addr_is_loopback(c->dst) || mb_addr_is_passthrough(c->dst) || mb_is_own_ip(c);
+}
+
+/* Is the source the proxy's inbound-passthrough address? Bound to 127.0.0.6
+ * / ::6, or about to be: an unbound socket dialing ::6 gets ::6 itself from
+ * IPv6 source selection (an IPv4 one dialing 127/8 gets 127.0.0.1). */
+static __always_inline int mb_from_passthrough(const struct mb_conn *c)
+{
+	return mb_addr_is_passthrough(c->src) ||
+	       (mb_addr_is_zero(c->src) && !mb_addr_is_v4(c->dst) && mb_addr_is_passthrough(c->dst));
+}
+
 /* A bypass that, in legacy mode with the pod IP still unknown, asks sockops
- * to learn the netns' IP from this (non-loopback) connection. */
+ * to learn the netns' IP from this connection, unless it leaves through lo
+ * (its source would be a loopback address or ::6, not the pod IP). */
 static __always_inline void mb_bypass(const struct mb_conn *c, struct mb_verdict *v, u32 counter)
 {
 	v->act = MB_ACT_PASS;
 	v->counter = counter;
 #if !MB_CNI_MODE
-	if (!c->ip_known && !mb_addr_is_loopback(c->dst))
+	if (!c->ip_known && !mb_via_lo(c))
 		v->flags = MB_ORIGIN_F_LEARN;
 #endif
 }
@@ -100,14 +120,14 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 		{ mb_bypass(c, v, MB_C_BYPASS_POLICY); return; }
 
 	/* 2. the proxy's inbound-passthrough source, and HBONE */
-	if (mb_addr_is_passthrough(c->src) || c->port == MB_HBONE_PORT) {
+	if (mb_from_passthrough(c) || c->port == MB_HBONE_PORT) {
 		v->act = MB_ACT_PASS;
 		v->counter = MB_C_BYPASS_PASSTHROUGH;
 		return;
 	}
 
-	/* 3.-6. calls that leave through lo: loopback and the pod's own IPs */
-	int via_lo = mb_addr_is_loopback(c->dst) || mb_is_own_ip(c);
+	/* 3.-6. calls that leave through lo (mb_via_lo) */
+	int via_lo = mb_via_lo(c);
 	/* "-o lo -m owner ! --uid-owner P -j RETURN" (and the same for the
 	 * GID), unless includeOutboundIPRanges names a loopback address */
 	int lo_return = !(c->own && mb_policy_includes_loopback(c->own));
@@ -125,7 +145,14 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 		 * excludeOutboundPorts (1.), the passthrough source and 15008 (2.)
 		 * come first. The GID's rule comes after the UID's lo RETURN, so
 		 * a caller with only the proxy's GID gets there only when that
-		 * RETURN is left out. Anything else through lo is left alone. */
+		 * RETURN is left out. Anything else through lo is left alone.
+		 * REDIRECT in OUTPUT sends a local packet to 127.0.0.1 (::1), so
+		 * that is where the call goes (MB_ACT_IN_LO), bound to the pod IP
+		 * like an app's call to 15001: the validation probe's listener is
+		 * on 127.0.0.1:15006, and with Istio's rules still in the pod the
+		 * proxy's "--uid-owner RETURN" leaves 127.0.0.1 alone (another
+		 * address through lo would be REDIRECTed once more, and the
+		 * accepted socket's tuple would no longer be the pair entry's). */
 		if (via_lo) {
 			if (mb_addr_is_localhost(c->dst) || (!c->is_proxy_uid && lo_return))
 				{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
@@ -142,7 +169,7 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 				return;
 			}
 		}
-		v->act = MB_ACT_IN;
+		v->act = via_lo ? MB_ACT_IN_LO : MB_ACT_IN;
 		v->counter = MB_C_REDIRECT_IN;
 		v->flags = MB_ORIGIN_F_REDIRECT | MB_ORIGIN_F_INBOUND;
 		return;

@@ -9,11 +9,14 @@
  *          mb_counters.
  * Why: this replaces istio-iptables' nat OUTPUT chain for IPv4 TCP. An app's
  * connect from a mesh pod goes to the sidecar's outbound listener
- * 127.0.0.1:MB_OUT_PORT; the proxy's connect to a local mesh pod goes to that
- * pod's MB_IN_PORT (the decision is connect.h:mb_decide). The source is bound
- * to the pod IP when known, so the rewritten 4-tuple is unique on the node;
- * otherwise the destination is spread over 127.128.0.0/12 (the "quadruple
- * conflict" of the node-global pair maps).
+ * 127.0.0.1:MB_OUT_PORT; the proxy's connect to another local mesh pod goes
+ * to that pod's MB_IN_PORT, and its call through lo (its own pod IP, 127/8
+ * but 127.0.0.1) to its own 127.0.0.1:MB_IN_PORT, where iptables' REDIRECT
+ * would send it (the decision is connect.h:mb_decide). The source of a call
+ * sent to loopback is bound to the pod IP when known, so the rewritten
+ * 4-tuple is unique on the node; otherwise an app's destination is spread
+ * over 127.128.0.0/12 (the "quadruple conflict" of the node-global pair
+ * maps) and the proxy's stays 127.0.0.1.
  */
 #include "connect.h"
 #include "maps.h"
@@ -110,27 +113,32 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		cookie = bpf_get_socket_cookie(ctx);
 		mb_cookie_orig_dst.update(&cookie, &o);
 	}
+	if (v.act == MB_ACT_PASS)
+		return 1;
 	if (v.act == MB_ACT_IN) {
 		ctx->user_port = bpf_htons(MB_IN_PORT);
 		return 1;
 	}
-	if (v.act != MB_ACT_OUT)
-		return 1;
-
-	ctx->user_port = bpf_htons(MB_OUT_PORT);
+	/* MB_ACT_OUT, MB_ACT_IN_LO: to loopback */
+	ctx->user_port = bpf_htons(v.act == MB_ACT_OUT ? MB_OUT_PORT : MB_IN_PORT);
 	struct mb_addr *bind_ip = mb_pod_ip(&self, 1);
+	int bound = 0;
 
 	if (bind_ip) {
 		struct sockaddr_in sa = {};
 
 		sa.sin_family = AF_INET;
 		sa.sin_addr.s_addr = bind_ip->ip[3];
-		if (bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
-			mb_count(MB_C_BIND_POD_IP);
-			ctx->user_ip4 = bpf_htonl(0x7f000001);
-			return 1;
-		}
-		mb_count(MB_C_BIND_FAILED);
+		bound = bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+		mb_count(bound ? MB_C_BIND_POD_IP : MB_C_BIND_FAILED);
+	}
+	/* unbound, the proxy's call still goes to 127.0.0.1: its inbound
+	 * listener need not be on 0.0.0.0 (the validation probe's is on
+	 * 127.0.0.1), and iptables would REDIRECT another 127/8 address once
+	 * more */
+	if (bound || v.act == MB_ACT_IN_LO) {
+		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		return 1;
 	}
 	u32 idx = MB_SET_LEGACY_SEQ;
 	u64 *seq = mb_settings.lookup(&idx);

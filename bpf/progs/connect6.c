@@ -5,14 +5,17 @@
  *          mb_settings (legacy destination sequence).
  * Writes:  mb_netns_pod (CNI mode: probe cache), mb_cookie_orig_dst, mb_counters.
  * Why: the IPv6 twin of connect4.c (same decision, connect.h:mb_decide). An
- * app's connect goes to [::1]:MB_OUT_PORT; a dual-stack socket connecting to
- * an IPv4-mapped address goes to ::ffff:127.0.0.1 instead, because the
- * connection will really be IPv4. The source is bound to the pod IP of the
- * same family when known (CNI mode: mb_mark_pod_ips holds a dual-stack pod's
- * IPv4 and IPv6 address). Without one, an IPv4-mapped destination uses the
- * 127.128.0.0/12 scheme; a pure IPv6 one has no spare loopback addresses and
- * stays unbound (see docs/datapath.md, quadruple conflict): only a pod with
- * no IPv6 address at all (or legacy mode) gets there.
+ * app's connect goes to [::1]:MB_OUT_PORT, the proxy's call through lo to
+ * [::1]:MB_IN_PORT; a dual-stack socket connecting to an IPv4-mapped address
+ * goes to ::ffff:127.0.0.1 instead, because the connection will really be
+ * IPv4. The source is bound to the pod IP of the same family when known (CNI
+ * mode: mb_mark_pod_ips holds a dual-stack pod's IPv4 and IPv6 address).
+ * Without one, an app's IPv4-mapped destination uses the 127.128.0.0/12
+ * scheme; a pure IPv6 one has no spare loopback addresses and stays unbound
+ * (see docs/datapath.md, quadruple conflict): only a pod with no IPv6
+ * address at all (or legacy mode) gets there. Without a pod IP to bind, the
+ * proxy's call through lo still goes to ::1 / ::ffff:127.0.0.1 (connect4.c
+ * says why).
  */
 #include "connect.h"
 #include "maps.h"
@@ -117,17 +120,18 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 		cookie = bpf_get_socket_cookie(ctx);
 		mb_cookie_orig_dst.update(&cookie, &o);
 	}
+	if (v.act == MB_ACT_PASS)
+		return 1;
 	if (v.act == MB_ACT_IN) {
 		ctx->user_port = bpf_htons(MB_IN_PORT);
 		return 1;
 	}
-	if (v.act != MB_ACT_OUT)
-		return 1;
-
-	ctx->user_port = bpf_htons(MB_OUT_PORT);
+	/* MB_ACT_OUT, MB_ACT_IN_LO: to loopback */
+	ctx->user_port = bpf_htons(v.act == MB_ACT_OUT ? MB_OUT_PORT : MB_IN_PORT);
 	/* the pod IP of the connection's family: IPv4 (as ::ffff:a.b.c.d)
 	 * for an IPv4-mapped destination, else IPv6 */
 	struct mb_addr *bind_ip = mb_pod_ip(&self, mapped);
+	int bound = 0;
 
 	if (bind_ip) {
 		struct sockaddr_in6 sa = {};
@@ -137,21 +141,18 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 		sa.sin6_addr.in6_u.u6_addr32[1] = bind_ip->ip[1];
 		sa.sin6_addr.in6_u.u6_addr32[2] = bind_ip->ip[2];
 		sa.sin6_addr.in6_u.u6_addr32[3] = bind_ip->ip[3];
-		if (bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
-			mb_count(MB_C_BIND_POD_IP);
-			ctx->user_ip6[0] = 0;
-			ctx->user_ip6[1] = 0;
-			ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
-			ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
-			return 1;
-		}
-		mb_count(MB_C_BIND_FAILED);
+		bound = bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+		mb_count(bound ? MB_C_BIND_POD_IP : MB_C_BIND_FAILED);
 	}
 	ctx->user_ip6[0] = 0;
 	ctx->user_ip6[1] = 0;
+	ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
 	if (!mapped) {
-		ctx->user_ip6[2] = 0;
 		ctx->user_ip6[3] = bpf_htonl(1);
+		return 1;
+	}
+	if (bound || v.act == MB_ACT_IN_LO) {
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
 		return 1;
 	}
 	u32 idx = MB_SET_LEGACY_SEQ;
@@ -161,7 +162,6 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 	if (seq)
 		n = __sync_fetch_and_add(seq, 1);
 	mb_count(MB_C_LEGACY_DST);
-	ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
 	ctx->user_ip6[3] = mb_legacy_dst4(n);
 	return 1;
 }

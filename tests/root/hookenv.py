@@ -20,8 +20,22 @@ from merbridge.daemon.lab import CGROUP_ROOT  # the cgroup v2 mount
 
 PY = sys.executable
 
-SERVER = r'''
-import json, socket, struct, sys
+# SO_ORIGINAL_DST of an accepted socket, as a proxy asks it (both families)
+ORIG_DST = r'''
+import socket, struct
+def orig_dst(c):
+    try:
+        if c.family == socket.AF_INET:
+            raw = c.getsockopt(socket.SOL_IP, 80, 16)
+            return [socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0]]
+        raw = c.getsockopt(socket.IPPROTO_IPV6, 80, 28)  # SOL_IPV6
+        return [socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0]]
+    except OSError as e:
+        return "errno %d" % e.errno
+'''
+
+SERVER = ORIG_DST + r'''
+import json, socket, sys
 import time
 tag, fam, addr, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 mark = int(sys.argv[5]) if len(sys.argv) > 5 else 0
@@ -38,16 +52,7 @@ print("ready", flush=True)
 time.sleep(accept_delay)   # connections wait in the backlog meanwhile
 while True:
     c, peer = s.accept()
-    orig = None
-    try:
-        if af == socket.AF_INET:
-            raw = c.getsockopt(socket.SOL_IP, 80, 16)
-            orig = [socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack("!H", raw[2:4])[0]]
-        else:
-            raw = c.getsockopt(socket.IPPROTO_IPV6, 80, 28)  # SOL_IPV6
-            orig = [socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack("!H", raw[2:4])[0]]
-    except OSError as e:
-        orig = "errno %d" % e.errno
+    orig = orig_dst(c)
     data = c.recv(100).decode()
     c.sendall(json.dumps({"tag": tag, "orig": orig, "peer": list(peer[:2]),
                           "local": list(c.getsockname()[:2]), "data": data}).encode())
@@ -75,6 +80,42 @@ try:
     print(json.dumps({"reply": json.loads(buf), "sock": list(s.getsockname()[:2])}))
 except OSError as e:
     print(json.dumps({"error": e.errno}))
+'''
+
+
+# Istio's iptables validation probe (istio-iptables' validation/validator.go),
+# run as the proxy's UID and GID: listen on 127.0.0.1 (v6: ::1) :15001 and
+# :15006, dial 127.0.0.6 (::6) :15002 from 127.0.0.1 (::1) port 0. It passes
+# when the connection lands on one of the two listeners and SO_ORIGINAL_DST
+# says port 15002. Prints where it landed (port, local, peer, orig) or the
+# error. Usage: PROBE 4|6
+PROBE = ORIG_DST + r'''
+import json, select, sys
+v6 = sys.argv[1] == "6"
+af = socket.AF_INET6 if v6 else socket.AF_INET
+listen, dial = ("::1", "::6") if v6 else ("127.0.0.1", "127.0.0.6")
+listeners = {}
+for port in (15001, 15006):
+    l = socket.socket(af, socket.SOCK_STREAM)
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind((listen, port))
+    l.listen(8)
+    listeners[l] = port
+c = socket.socket(af, socket.SOCK_STREAM)
+c.settimeout(5)
+c.bind((listen, 0))
+try:
+    c.connect((dial, 15002))
+except OSError as e:
+    print(json.dumps({"error": e.errno}))
+    sys.exit()
+ready = select.select(list(listeners), [], [], 5)[0]
+if not ready:
+    print(json.dumps({"error": "not accepted"}))
+    sys.exit()
+a, peer = ready[0].accept()
+print(json.dumps({"port": listeners[ready[0]], "local": list(a.getsockname()[:2]),
+                  "peer": list(peer[:2]), "orig": orig_dst(a)}))
 '''
 
 
@@ -163,8 +204,9 @@ class Pod:
         subprocess.run(["nsenter", f"--net={self.netns}", tool], input=rules, text=True,
                        check=True, capture_output=True)
 
-    def run(self, code: str, *args: str, uid: int | None = None) -> str:
-        argv = self._argv(code, list(args), uid, None, True)
+    def run(self, code: str, *args: str, uid: int | None = None,
+            gid: int | None = None) -> str:
+        argv = self._argv(code, list(args), uid, gid, True)
         out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         if out.returncode != 0:
             raise RuntimeError(out.stderr)

@@ -12,21 +12,26 @@ Istio. Both modes, IPv4 and IPv6:
                          -> B-app (peer 127.0.0.6 / ::6)
 
 with exactly one outbound and one inbound hop (no double interception).
+The proxy's own calls through lo (its own pod IP, Istio's validation probe)
+are NATed once too: our rewrite sends them to 127.0.0.1 / ::1, which Istio's
+"--uid-owner 1337 -j RETURN" leaves alone.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from dataclasses import dataclass
 
 import pytest
 
+from hookenv import PROBE
 from merbridge.bpf import loader
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab, Pod, Sidecar
+from merbridge.daemon.lab import PYTHON, Lab, Pod, Sidecar
 
 pytestmark = pytest.mark.root
 
@@ -51,6 +56,7 @@ class Env:
     a: Pod
     b: Pod
     c: Pod
+    v: Pod
     sa: Sidecar
     sb: Sidecar
     pin_dir: str
@@ -66,21 +72,24 @@ class Env:
 
 @contextlib.contextmanager
 def coexist_setup(bpffs: str, cni_mode: bool):
-    """Pods A and B with sidecars AND istio-iptables, C outside the mesh;
-    the datapath attached to the lab cgroup and both pods enrolled."""
+    """Pods A and B with sidecars AND istio-iptables, C outside the mesh, V
+    with istio-iptables but no sidecar yet (where istio-validation runs);
+    the datapath attached to the lab cgroup and A, B and V enrolled (both
+    pod IPs per mark, as the daemon does)."""
     pin_dir = os.path.join(bpffs, "merbridge")
     closers: list = []
     with Lab("mbt") as lab:
         a, b = lab.add_pod("a"), lab.add_pod("b")
         c = lab.add_pod("c", in_mesh=False)
+        v = lab.add_pod("v")
         for pod in (a, b, c):
             pod.start_app(8080)
         b.start_app(9090)
         sa, sb = a.start_sidecar(), b.start_sidecar()
-        a.apply_istio_iptables()
-        b.apply_istio_iptables()
+        for pod in (a, b, v):
+            pod.apply_istio_iptables()
         dp = loader.Datapath(pin_dir, ISTIO, cni_mode)
-        env = Env(lab, dp, cni_mode, a, b, c, sa, sb, pin_dir)
+        env = Env(lab, dp, cni_mode, a, b, c, v, sa, sb, pin_dir)
         try:
             dp.load()
             dp.attach(lab.cgroup)
@@ -88,13 +97,13 @@ def coexist_setup(bpffs: str, cni_mode: bool):
             policy_a = PodPolicy(status_port=ISTIO.status_port,
                                  exclude_outbound_ports=frozenset({9090}))
             policy_b = PodPolicy(status_port=ISTIO.status_port)
-            for key, pod, policy in ((1, a, policy_a), (2, b, policy_b)):
+            for key, pod, policy in ((1, a, policy_a), (2, b, policy_b), (3, v, policy_b)):
                 for addr in pod.ips():
                     dp.maps.local_pods.put(addr, policy)
                 if cni_mode:
                     sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
                     closers.append(sock.close)
-                    dp.maps.mark_pod_ips.put(key, pod.ip4)
+                    dp.maps.mark_pod_ips.put(key, *pod.ips())
             yield env
         finally:
             for close in closers:
@@ -147,6 +156,61 @@ def test_ebpf_first_again_after_the_pod_ip_is_known(env, family):
     through_sidecars(env, family)
 
 
+def learn_pod_ip(e: Env) -> None:
+    """Legacy mode: A's IP is known once its proxy made a connection of its own."""
+    if not e.cni_mode:
+        assert e.a.connect(e.c.ip4, 8080, uid=ISTIO.proxy_uid).ok
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_proxy_calls_its_own_pod_ip(env, family):
+    """The proxy calling its own pod IP ("-o lo ! -d 127.0.0.1/32 --uid-owner
+    1337 -j ISTIO_IN_REDIRECT") lands on its own inbound listener, which sees
+    A:8080 and passes the call on to its app; one hop only. Our rewrite goes
+    to 127.0.0.1 / ::1:15006, which iptables leaves alone: had it gone to
+    A:15006, iptables would REDIRECT it once more and conntrack's answer
+    (A:15006) would hide ours."""
+    e = env
+    if not e.cni_mode and family == "ipv6":
+        pytest.skip("legacy mode learns one pod IP per netns (A's IPv4 here), so A's "
+                    "IPv6 address is not known as its own (docs/datapath.md)")
+    learn_pod_ip(e)
+    na = len(e.sa.entries())
+    before = e.dp.maps.counters()
+    r = e.a.connect(ip(e.a, family), 8080, uid=ISTIO.proxy_uid)
+    assert r.ok, r.error
+    assert r.pod == "a" and r.peer[0] == passthrough(family)
+    inb = e.sa.wait_entries(since=na, dir="inbound")
+    assert [(x["dst"], x["dport"], x["src"]) for x in inb] == [
+        (ip(e.a, family), 8080, ip(e.a, family))]
+    assert len(e.sa.entries(na)) == 1
+    after = e.dp.maps.counters()
+    assert after["redirect_in"] - before["redirect_in"] == 1
+    assert after["bind_pod_ip"] - before["bind_pod_ip"] == 1
+    assert after["getsockopt_answer"] - before["getsockopt_answer"] >= 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_istio_validation_probe_passes_with_istio_rules(env, family):
+    """istio-validation (hookenv.PROBE) in V: the connection lands on
+    127.0.0.1 (::1):15006 with SO_ORIGINAL_DST 127.0.0.6 (::6):15002,
+    rewritten by us, not by iptables (whose second REDIRECT would have left
+    conntrack answering :15006 and the probe failing)."""
+    e = env
+    before = e.dp.maps.counters()
+    res = e.v.run([PYTHON, "-I", "-c", PROBE, family[-1]], uid=ISTIO.proxy_uid,
+                  gid=ISTIO.proxy_gid)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    loopback = "127.0.0.1" if family == "ipv4" else "::1"
+    assert "error" not in r, r
+    assert (r["port"], r["local"], r["orig"]) == (
+        ISTIO.in_port, [loopback, ISTIO.in_port], [passthrough(family), 15002])
+    after = e.dp.maps.counters()
+    assert after["redirect_in"] - before["redirect_in"] == 1
+    assert after["getsockopt_answer"] - before["getsockopt_answer"] == 1
+
+
 BOUND_CLIENT = r"""
 import json, socket, sys
 s = socket.socket()
@@ -164,8 +228,7 @@ def test_conntrack_answer_wins_for_connections_iptables_redirected(env):
     kernel (conntrack) answers SO_ORIGINAL_DST and must not be overridden,
     even by a stale entry of ours under the very same tuple."""
     e = env
-    if not e.cni_mode:   # legacy: A's policy applies once its IP is learned
-        assert e.a.connect(e.c.ip4, 8080, uid=ISTIO.proxy_uid).ok
+    learn_pod_ip(e)   # legacy: A's policy applies once its IP is learned
     sport = 40001
     from merbridge.bpf import types as t
     stale = t.MbOrigin(addr=t.MbAddr.of("10.9.9.9"), port=socket.htons(1234),

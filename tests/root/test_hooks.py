@@ -9,13 +9,14 @@ test's netns.
 from __future__ import annotations
 
 import ctypes as ct
+import json
 import os
 import subprocess
 import uuid
 
 import pytest
 
-from hookenv import Pod
+from hookenv import PROBE, Pod
 from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
@@ -28,6 +29,7 @@ POD4, DST4 = "10.231.0.1", "10.231.0.2"
 POD6, DST6 = "fd00:231::1", "fd00:231::2"
 MARK = 0x2310001
 MARK2 = 0x2310002   # test_probe_cache_*
+MARK3 = 0x2310003   # test_istio_validation_probe_*
 
 
 @pytest.fixture(scope="module")
@@ -266,10 +268,18 @@ def test_proxy_to_local_pod_goes_to_its_inbound_listener(dp, pod):
         dp.maps.local_pods.delete(DST4)
 
 
-def test_proxy_hairpin_to_own_pod_ip_and_passthrough_source(pod):
+def test_proxy_hairpin_to_own_pod_ip_and_passthrough_source(dp, pod):
     # the sidecar calling its own pod IP goes to its own inbound listener ...
+    before = dp.maps.counters()
     r = pod.connect(POD4, 8080, uid=1337)
     assert r["reply"]["tag"] == "inbound" and r["reply"]["orig"] == [POD4, 8080]
+    # ... at 127.0.0.1, where iptables' REDIRECT sends it, from the pod IP
+    # (unique on the node, as an app's call to 15001)
+    assert r["reply"]["local"] == ["127.0.0.1", 15006]
+    assert r["reply"]["peer"][0] == POD4 and r["sock"][0] == POD4
+    after = dp.maps.counters()
+    assert after["redirect_in"] - before["redirect_in"] == 1
+    assert after["bind_pod_ip"] - before["bind_pod_ip"] == 1
     # ... whose passthrough connection from 127.0.0.6 is left alone (no loop)
     r = pod.connect(POD4, 8080, bind="127.0.0.6", uid=1337)
     assert r["reply"]["tag"] == "direct" and r["reply"]["peer"][0] == "127.0.0.6"
@@ -288,9 +298,14 @@ HAIRPIN_CASES = [(who, *case) for who in ({"uid": 1337}, {"gid": 1337}) for case
     (POD4, 8080, "127.0.0.6"),  # inbound passthrough source: direct
     ("127.0.0.1", 8080, ""),    # 127.0.0.1: direct
     ("127.0.0.2", 8080, ""),    # other 127/8 addresses leave through lo: inbound
+    ("127.0.0.6", 8080, ""),    # the same (source 127.0.0.1, not the passthrough)
     (POD6, 8081, ""),           # IPv6 own pod IP: inbound
     ("::1", 8081, ""),          # ::1: direct
+    ("::6", 8081, "::6"),       # IPv6 inbound passthrough source: direct
+    ("::6", 8081, ""),          # the same: source selection picks ::6 itself
+    ("::6", 8081, "::1"),       # ::6 is on lo (istio-iptables puts it there): inbound
 )]
+N_HAIRPIN = len(HAIRPIN_CASES) // 2   # cases per caller
 HAIRPIN_POLICIES = {
     # includeInboundPorts="*" minus 8080 and the status port 15020
     "exclusions": (dict(exclude_inbound_ports=(8080, 15020, 15021, 15090)),
@@ -306,6 +321,7 @@ HAIRPIN_POLICIES = {
 def _hairpin_pod(v4: list[str], v6: list[str], cgroup: bool) -> Pod:
     p = Pod(v4=v4, v6=v6, cgroup=cgroup)
     try:
+        p.ip("addr", "add", "::6/128", "dev", "lo")   # as istio-iptables does
         for tag, port in (("direct", 8080), ("status", 15020), ("excluded-out", 9099),
                           ("hbone", 15008)):
             p.serve(tag, "0.0.0.0", port, in_cgroup=False)
@@ -320,15 +336,20 @@ def _hairpin_pod(v4: list[str], v6: list[str], cgroup: bool) -> Pod:
 
 
 def _landed(p: Pod, who: dict, dst: str, port: int, bind: str) -> tuple:
+    """(listener, SO_ORIGINAL_DST, the accepted socket's local address) for
+    the inbound listener, (listener, None, None) for the others."""
     r = p.connect(dst, port, bind=bind, **who)["reply"]
-    return r["tag"], r["orig"] if r["tag"].startswith("inbound") else None
+    if not r["tag"].startswith("inbound"):
+        return r["tag"], None, None
+    return r["tag"], r["orig"], r["local"]
 
 
 @pytest.mark.parametrize("config", sorted(HAIRPIN_POLICIES))
 def test_proxy_hairpin_matches_istio_iptables(dp, config):
     """The same calls in a pod with istio-iptables' rules (the oracle,
     daemon/labconfig.py) and in a pod with our datapath land on the same
-    listener with the same SO_ORIGINAL_DST."""
+    listener with the same SO_ORIGINAL_DST, at the same local address
+    (REDIRECT in OUTPUT sends a local call to 127.0.0.1 / ::1)."""
     iptables_opts, policy = HAIRPIN_POLICIES[config]
     oracle = ours = None
     try:
@@ -347,15 +368,18 @@ def test_proxy_hairpin_matches_istio_iptables(dp, config):
         assert got == want
         # the oracle really is istio's: excluded inbound ports and the status
         # port hairpin to the inbound listener, the exclusions below do not
-        assert [tag for tag, _ in want[:9]] == [
+        assert [tag for tag, *_ in want[:N_HAIRPIN]] == [
             "inbound", "inbound", "excluded-out", "hbone", "direct", "direct",
-            "inbound", "inbound6", "direct6"]
-        assert want[0][1] == [POD4, 8080] and want[7][1] == [POD6, 8081]
+            "inbound", "inbound", "inbound6", "direct6", "direct6", "direct6", "inbound6"]
+        assert want[0][1] == [POD4, 8080] and want[8][1] == [POD6, 8081]
+        assert want[7][1] == ["127.0.0.6", 8080] and want[12][1] == ["::6", 8081]
+        assert [local for _, _, local in want[:N_HAIRPIN] if local] == [
+            ["127.0.0.1", 15006]] * 4 + [["::1", 15006]] * 2
         # a caller with only the proxy's GID is RETURNed by the UID's
         # "-o lo ! --uid-owner" rule before the GID's hairpin rule
-        assert [tag for tag, _ in want[9:]] == [
+        assert [tag for tag, *_ in want[N_HAIRPIN:]] == [
             "direct", "status", "excluded-out", "hbone", "direct", "direct",
-            "direct", "direct6", "direct6"]
+            "direct", "direct", "direct6", "direct6", "direct6", "direct6", "direct6"]
     finally:
         if ours is not None:
             dp.detach(ours.cgroup)
@@ -365,6 +389,57 @@ def test_proxy_hairpin_matches_istio_iptables(dp, config):
         dp.maps.mark_pod_ips.delete(MARK)
         if oracle is not None:
             oracle.close()
+
+
+PROBE_LANDED = {"4": (["127.0.0.1", 15006], ["127.0.0.6", 15002]),
+                "6": (["::1", 15006], ["::6", 15002])}
+
+
+@pytest.mark.parametrize("family", sorted(PROBE_LANDED))
+@pytest.mark.parametrize("cni_mode", [True, False], ids=["cni", "legacy"])
+def test_istio_validation_probe_passes_in_pure_ebpf(dp, cni_mode, family):
+    """Istio's validation probe (istio-iptables' validator.go, run by the
+    istio-validation init container) with our datapath alone: as UID/GID 1337
+    it listens on 127.0.0.1 (::1) :15001 and :15006 and dials 127.0.0.6 (::6)
+    :15002 from 127.0.0.1 (::1). That call leaves through lo, so it lands on
+    15006 at 127.0.0.1 (::1), where iptables' REDIRECT would send it, with
+    SO_ORIGINAL_DST 127.0.0.6 (::6) :15002. The prober binds its source
+    first, so it keeps it. In legacy mode the prober's own 127.0.0.1:15001
+    (::1) listener makes the pod a mesh pod."""
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    d = dp
+    p = Pod(v4=[POD4], v6=[POD6])
+    try:
+        p.ip("addr", "add", "::6/128", "dev", "lo")   # as istio-iptables does
+        if cni_mode:
+            p.serve("marker", "0.0.0.0", 39807, mark=MARK3, in_cgroup=False)
+            dp.maps.mark_pod_ips.put(MARK3, POD4, POD6)
+            for ip in (POD4, POD6):
+                dp.maps.local_pods.put(ip, PodPolicy())
+        else:
+            d = loader.Datapath(pin, ISTIO, cni_mode=False).load()
+        d.attach(p.cgroup)
+        before = d.maps.counters()
+        r = json.loads(p.run(PROBE, family, uid=1337, gid=1337))
+        local, orig = PROBE_LANDED[family]
+        assert "error" not in r, r
+        assert (r["port"], r["local"], r["orig"]) == (15006, local, orig)
+        assert r["peer"][0] == local[0]
+        after = d.maps.counters()
+        assert after["redirect_in"] - before["redirect_in"] == 1
+        assert after["getsockopt_answer"] - before["getsockopt_answer"] == 1
+    finally:
+        if d is dp:
+            dp.detach(p.cgroup)
+            for ip in (POD4, POD6):
+                dp.maps.local_pods.delete(ip)
+            dp.maps.mark_pod_ips.delete(MARK3)
+        else:
+            d.detach()
+            d.close()
+            loader.detach_cgroup(p.cgroup)
+        loader.remove_pins(pin)
+        p.close()
 
 
 def test_loopback_in_include_ranges_drops_the_lo_return(dp, pod):
