@@ -346,11 +346,10 @@ def detach_sockhash(pin_dir: str) -> int:
         os.close(fd)
 
 
-#: map -> value size of this build (struct values whose layout has changed:
-#: bcc reuses a pin whatever its sizes, and the programs then fail the
-#: verifier with a bare EACCES)
-PINNED_VALUE_SIZES = {t.MAP_MARK_POD_IPS: ct.sizeof(t.MbPodIps),
-                      t.MAP_NETNS_POD: ct.sizeof(t.MbNetnsPod)}
+#: map -> value size of this build, for every struct-valued map (bcc reuses
+#: a pin whatever its sizes, and the programs then fail the verifier with a
+#: bare EACCES)
+PINNED_VALUE_SIZES = {name: ct.sizeof(cls) for name, cls in t.MAP_VALUES.items()}
 
 
 def check_pinned_layouts(pin_dir: str) -> None:

@@ -153,15 +153,28 @@ class LocalPods:
                 for k, v in self.b.items()]
 
 
-class MarkPodIps:
+class _PodIpsValues:
+    """A map of integer keys (packed as ``key_format``) to struct mb_pod_ips.
+    ``items`` gives each entry's first IP (IPv4 first), ``all_items`` all."""
+    key_format = "=I"
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def all_items(self) -> list[tuple[int, tuple[str, ...]]]:
+        return [(struct.unpack(self.key_format, k)[0], t.MbPodIps.from_buffer_copy(v).ips())
+                for k, v in self.b.items()]
+
+    def items(self) -> list[tuple[int, str]]:
+        return [(key, ips[0]) for key, ips in self.all_items()]
+
+
+class MarkPodIps(_PodIpsValues):
     """mb_mark_pod_ips: marker listener SO_MARK -> the pod's IPs, at most one
     per family (struct mb_pod_ips). Written by the daemon.
 
     ``get``/``items`` give a pod's first IP (IPv4 first), ``ips``/
     ``all_items`` every IP it has."""
-
-    def __init__(self, backend: MapBackend) -> None:
-        self.b = backend
 
     @staticmethod
     def _key(key: int) -> bytes:
@@ -184,13 +197,6 @@ class MarkPodIps:
 
     def delete(self, key: int) -> bool:
         return self.b.delete(self._key(key))
-
-    def all_items(self) -> list[tuple[int, tuple[str, ...]]]:
-        return [(struct.unpack("=I", k)[0], t.MbPodIps.from_buffer_copy(v).ips())
-                for k, v in self.b.items()]
-
-    def items(self) -> list[tuple[int, str]]:
-        return [(key, ips[0]) for key, ips in self.all_items()]
 
 
 class _Origins:
@@ -232,14 +238,11 @@ class CookieOrigDst(_Origins):
         return [(struct.unpack("=Q", k)[0], o) for k, o in self.raw_items()]
 
 
-class NetnsIp:
-    """mb_netns_ip: netns cookie -> learned pod IP (legacy mode feedback)."""
-
-    def __init__(self, backend: MapBackend) -> None:
-        self.b = backend
-
-    def items(self) -> list[tuple[int, str]]:
-        return [(struct.unpack("=Q", k)[0], t.addr_unpack(v)) for k, v in self.b.items()]
+class NetnsIp(_PodIpsValues):
+    """mb_netns_ip (legacy mode feedback): netns cookie -> the pod IPs sockops
+    learned so far, at most one per family (struct mb_pod_ips). ``items``
+    gives each netns' first IP (IPv4 first), ``all_items`` all of them."""
+    key_format = "=Q"
 
 
 class NetnsPod:
@@ -347,7 +350,7 @@ class Maps:
             t.MAP_MARK_POD_IPS: {str(k): list(ips) for k, ips in self.mark_pod_ips.all_items()},
             t.MAP_PAIR_ORIG_DST: {str(p): origin(o) for p, o in self.pair_orig_dst.items()},
             t.MAP_COOKIE_ORIG_DST: {str(c): origin(o) for c, o in self.cookie_orig_dst.items()},
-            t.MAP_NETNS_IP: {str(c): ip for c, ip in self.netns_ip.items()},
+            t.MAP_NETNS_IP: {str(c): list(ips) for c, ips in self.netns_ip.all_items()},
             t.MAP_NETNS_POD: {str(c): {"ips": list(ips), "mark": m}
                               for c, ips, m in self.netns_pod.all_items()},
             t.MAP_SETTINGS: {str(i): self.settings.get(i) for i in range(t.MB_N_SETTINGS)},

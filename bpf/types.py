@@ -130,7 +130,8 @@ class MbPair(ct.Structure):
 
 
 class MbPodIps(ct.Structure):
-    """Must match struct mb_pod_ips in bpf/include/merbridge.h (0s: none of that family)."""
+    """Must match struct mb_pod_ips in bpf/include/merbridge.h (0s: none of that
+    family). Value of mb_mark_pod_ips and mb_netns_ip."""
     _fields_ = [("ip4", MbAddr), ("ip6", MbAddr)]
 
     @classmethod
@@ -191,6 +192,16 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "mb_pod_ips": MbPodIps,
 }
 
+#: map -> mirror of its struct value (maps.h). loader.check_pinned_layouts
+#: refuses a pin whose value size is not this build's (bcc would reuse it and
+#: the verifier refuse the programs with a bare EACCES); tests/unit/
+#: test_layout.py checks that every struct-valued map of maps.h is here.
+MAP_VALUES: dict[str, type[ct.Structure]] = {
+    MAP_COOKIE_ORIG_DST: MbOrigin, MAP_PAIR_ORIG_DST: MbOrigin,
+    MAP_LOCAL_PODS: MbPodConfig, MAP_MARK_POD_IPS: MbPodIps, MAP_NETNS_IP: MbPodIps,
+    MAP_NETNS_POD: MbNetnsPod,
+}
+
 
 # ---- addresses ---------------------------------------------------------------
 #: the first 12 bytes of an IPv4 address in the 16-byte form (::ffff:a.b.c.d)
@@ -234,3 +245,4 @@ class MbCgroupInfo(ct.Structure):
 
 
 MIRRORS["mb_cgroup_info"] = MbCgroupInfo
+MAP_VALUES[MAP_CGROUP_INFO] = MbCgroupInfo

@@ -21,7 +21,8 @@ struct mb_conn {
 	u16 port;                       /* destination port, host order */
 	int is_proxy;                   /* caller's UID or GID is the proxy's */
 	int is_proxy_uid;               /* caller's UID is the proxy's */
-	int ip_known;
+	int ip_known;                   /* the pod IP of the connection's family is
+					 * known (legacy mode: learned) */
 	const struct mb_pod_ips *self;  /* the caller's pod IPs (0s: unknown) */
 	const struct mb_pod_config *own;     /* caller's pod policy (may be 0) */
 	const struct mb_pod_config *target;  /* dst's pod policy, proxy only (may be 0) */
@@ -38,20 +39,6 @@ struct mb_verdict {
 static __always_inline int mb_pod_ips_eq(const struct mb_pod_ips *a, const struct mb_pod_ips *b)
 {
 	return mb_addr_eq(&a->ip4, &b->ip4) && mb_addr_eq(&a->ip6, &b->ip6);
-}
-
-/* Legacy mode learns one address per netns (mb_netns_ip; 0: none yet):
- * file it under its family in ips. Returns ips, 0 without an address. */
-static __always_inline struct mb_pod_ips *mb_pod_ips_of(struct mb_pod_ips *ips,
-							const struct mb_addr *a)
-{
-	if (!a)
-		return 0;
-	if (mb_addr_is_v4(a))
-		ips->ip4 = *a;
-	else
-		ips->ip6 = *a;
-	return ips;
 }
 
 /* The pod's address of one family (v4: IPv4, also for an IPv4-mapped
@@ -97,8 +84,9 @@ static __always_inline int mb_from_passthrough(const struct mb_conn *c)
 	       (mb_addr_is_zero(c->src) && !mb_addr_is_v4(c->dst) && mb_addr_is_passthrough(c->dst));
 }
 
-/* A bypass that, in legacy mode with the pod IP still unknown, asks sockops
- * to learn the netns' IP from this connection, unless it leaves through lo
+/* A bypass that, in legacy mode with the pod IP of the connection's family
+ * still unknown, asks sockops to learn it from this connection (so a
+ * dual-stack pod learns both of its addresses), unless it leaves through lo
  * (its source would be a loopback address or ::6, not the pod IP). */
 static __always_inline void mb_bypass(const struct mb_conn *c, struct mb_verdict *v, u32 counter)
 {

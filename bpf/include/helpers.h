@@ -75,6 +75,23 @@ static __always_inline int mb_addr_is_passthrough(const struct mb_addr *a)
 	return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == 0 && a->ip[3] == bpf_htonl(6);
 }
 
+/* fe80::/10: an interface's own link-local address, never a pod IP */
+static __always_inline int mb_addr_is_link_local(const struct mb_addr *a)
+{
+	return (a->ip[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000);
+}
+
+/* File a pod address under its family in ips, keeping the other family's
+ * slot: legacy mode learns a dual-stack pod's two addresses one at a time
+ * (mb_netns_ip). */
+static __always_inline void mb_pod_ips_set(struct mb_pod_ips *ips, const struct mb_addr *a)
+{
+	if (mb_addr_is_v4(a))
+		ips->ip4 = *a;
+	else
+		ips->ip6 = *a;
+}
+
 static __always_inline int mb_cidr_match(const struct mb_cidr *c, const struct mb_addr *a)
 {
 	int bits = c->prefixlen;

@@ -82,12 +82,15 @@ BPF_TABLE_PINNED("hash", struct mb_addr, struct mb_pod_config, mb_local_pods,
 BPF_TABLE_PINNED("hash", u32, struct mb_pod_ips, mb_mark_pod_ips,
 		 MB_MAX_PODS, MB_PIN(mb_mark_pod_ips));
 
-/* Legacy mode feedback: network namespace cookie -> that netns' pod IP.
- * Written by sockops when a connection of a mesh netns that connect4/6 marked
- * LEARN establishes with a non-loopback local address; read by connect4/6.
- * Keyed by netns (not by pid as upstream's process_ip) so every process of
- * the pod benefits from one learned connection. */
-BPF_TABLE_PINNED("lru_hash", u64, struct mb_addr, mb_netns_ip,
+/* Legacy mode feedback: network namespace cookie -> that netns' pod IPs,
+ * one per family (0s: not learned yet). Written by sockops when a connection
+ * of a mesh netns that connect4/6 marked LEARN establishes with a local
+ * address that can be a pod IP: it fills that address's family and keeps the
+ * other (read-modify-write). Read by connect4/6, which mark LEARN while the
+ * pod IP of the connection's family is unknown, so a dual-stack pod learns
+ * both. Keyed by netns (not by pid as upstream's process_ip) so every process
+ * of the pod benefits from one learned connection per family. */
+BPF_TABLE_PINNED("lru_hash", u64, struct mb_pod_ips, mb_netns_ip,
 		 MB_MAX_PODS, MB_PIN(mb_netns_ip));
 
 /* CNI mode: network namespace cookie -> {pod IPs, marker SO_MARK}, a cache

@@ -141,9 +141,10 @@ struct mb_pair {
 };
 
 /* A pod's addresses, one per family (all zero: the pod has none of that
- * family). Value of mb_mark_pod_ips: a dual-stack pod's connects are bound
- * to its pod IP of the connection's family, so its rewritten 4-tuples are
- * unique on the node in both families. */
+ * family, or legacy mode has not learned it yet). Value of mb_mark_pod_ips
+ * (CNI mode) and mb_netns_ip (legacy mode): a dual-stack pod's connects are
+ * bound to its pod IP of the connection's family, so its rewritten 4-tuples
+ * are unique on the node in both families. */
 struct mb_pod_ips {
 	struct mb_addr ip4;        /* ::ffff:a.b.c.d */
 	struct mb_addr ip6;

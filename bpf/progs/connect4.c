@@ -77,9 +77,8 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		mb_count(MB_C_BYPASS_NOT_MESH);
 		return 1;
 	}
-	struct mb_pod_ips learned = {};
-
-	ip = mb_pod_ips_of(&learned, mb_netns_ip.lookup(&netns));
+	/* what sockops learned so far, one address per family */
+	ip = mb_netns_ip.lookup(&netns);
 #endif
 	mb_addr_from_v4(&dst, ctx->user_ip4);
 	mb_addr_from_v4(&src, ctx->sk->src_ip4);
@@ -89,12 +88,17 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 	c.self = &self;
 	if (ip) {
 		self = *ip;
-		c.ip_known = 1;
 		struct mb_addr *key = mb_pod_ip_any(&self);
 
 		if (key)
 			c.own = mb_local_pods.lookup(key);
 	}
+	/* the pod IP of the connection's family (legacy mode: while it is
+	 * unknown, a connection left alone is marked LEARN); a redirected
+	 * connect is bound to it */
+	struct mb_addr *bind_ip = mb_pod_ip(&self, 1);
+
+	c.ip_known = bind_ip != 0;
 	ugid = bpf_get_current_uid_gid();
 	c.is_proxy_uid = (u32)ugid == MB_PROXY_UID;
 	c.is_proxy = c.is_proxy_uid || (u32)(ugid >> 32) == MB_PROXY_GID;
@@ -121,7 +125,6 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 	}
 	/* MB_ACT_OUT, MB_ACT_IN_LO: to loopback */
 	ctx->user_port = bpf_htons(v.act == MB_ACT_OUT ? MB_OUT_PORT : MB_IN_PORT);
-	struct mb_addr *bind_ip = mb_pod_ip(&self, 1);
 	int bound = 0;
 
 	if (bind_ip) {

@@ -13,7 +13,8 @@
  * Without one, an app's IPv4-mapped destination uses the 127.128.0.0/12
  * scheme; a pure IPv6 one has no spare loopback addresses and stays unbound
  * (see docs/datapath.md, quadruple conflict): only a pod with no IPv6
- * address at all (or legacy mode) gets there. Without a pod IP to bind, the
+ * address at all (or legacy mode before it learned the IPv6 pod IP) gets
+ * there. Without a pod IP to bind, the
  * proxy's call through lo still goes to ::1 / ::ffff:127.0.0.1 (connect4.c
  * says why).
  */
@@ -77,9 +78,8 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 		mb_count(MB_C_BYPASS_NOT_MESH);
 		return 1;
 	}
-	struct mb_pod_ips learned = {};
-
-	ip = mb_pod_ips_of(&learned, mb_netns_ip.lookup(&netns));
+	/* what sockops learned so far, one address per family */
+	ip = mb_netns_ip.lookup(&netns);
 #endif
 	dst.ip[0] = ctx->user_ip6[0];
 	dst.ip[1] = ctx->user_ip6[1];
@@ -96,12 +96,18 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 	c.self = &self;
 	if (ip) {
 		self = *ip;
-		c.ip_known = 1;
 		struct mb_addr *key = mb_pod_ip_any(&self);
 
 		if (key)
 			c.own = mb_local_pods.lookup(key);
 	}
+	/* the pod IP of the connection's family: IPv4 (as ::ffff:a.b.c.d)
+	 * for an IPv4-mapped destination, else IPv6 (legacy mode: while it is
+	 * unknown, a connection left alone is marked LEARN); a redirected
+	 * connect is bound to it */
+	struct mb_addr *bind_ip = mb_pod_ip(&self, mapped);
+
+	c.ip_known = bind_ip != 0;
 	ugid = bpf_get_current_uid_gid();
 	c.is_proxy_uid = (u32)ugid == MB_PROXY_UID;
 	c.is_proxy = c.is_proxy_uid || (u32)(ugid >> 32) == MB_PROXY_GID;
@@ -128,9 +134,6 @@ int mb_connect6(struct bpf_sock_addr *ctx)
 	}
 	/* MB_ACT_OUT, MB_ACT_IN_LO: to loopback */
 	ctx->user_port = bpf_htons(v.act == MB_ACT_OUT ? MB_OUT_PORT : MB_IN_PORT);
-	/* the pod IP of the connection's family: IPv4 (as ::ffff:a.b.c.d)
-	 * for an IPv4-mapped destination, else IPv6 */
-	struct mb_addr *bind_ip = mb_pod_ip(&self, mapped);
 	int bound = 0;
 
 	if (bind_ip) {

@@ -2,15 +2,18 @@
  *
  * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
  * Reads:   mb_cookie_orig_dst (what connect4/6 decided for this socket),
+ *          mb_netns_ip (legacy: the pod IPs learned so far),
  *          mb_settings (MB_SET_SKMSG_OFF: keep new connections out of the
  *          sockhash, so sk_msg never touches them; MB_SET_SKMSG_MAX_QUEUE:
  *          the sk_msg byte budget of a new socket).
  * Writes:  mb_pair_orig_dst (4-tuple -> original destination, for
  *          getsockopt), mb_sock_pair (both local ends, for sk_msg) and
  *          their mb_skmsg_budget entries,
- *          mb_netns_ip (legacy feedback), mb_counters; deletes the
- *          mb_cookie_orig_dst entry it consumed and, when an accepting
- *          socket closes, the mb_pair_orig_dst entry it was answered from.
+ *          mb_netns_ip (legacy feedback: the pod IP of the learning
+ *          connection's family, the other family's kept), mb_counters;
+ *          deletes the mb_cookie_orig_dst entry it consumed and, when an
+ *          accepting socket closes, the mb_pair_orig_dst entry it was
+ *          answered from.
  * Why: connect only knows a socket cookie; the proxy that accepts the
  * connection only knows its 4-tuple. Once established, the connecting side's
  * tuple is final, so the original destination moves from the cookie to the
@@ -88,11 +91,20 @@ static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
 	mb_cookie_orig_dst.delete(&cookie);
 	if (origin.flags & MB_ORIGIN_F_LEARN) {
 		/* legacy: a non-rewritten connection of a mesh pod shows the
-		 * pod's own address as its source */
-		if (!mb_addr_is_loopback(&p.sip)) {
+		 * pod's own address of its family as its source. It fills that
+		 * family's slot and keeps the other one (a dual-stack pod learns
+		 * its two addresses from two connections). Two CPUs learning the
+		 * two families at once may lose one slot: connect4/6 keep
+		 * marking LEARN until it is filled again. */
+		if (!mb_addr_is_loopback(&p.sip) && !mb_addr_is_link_local(&p.sip)) {
 			u64 netns = bpf_get_netns_cookie(skops);
+			struct mb_pod_ips ips = {};
+			struct mb_pod_ips *known = mb_netns_ip.lookup(&netns);
 
-			mb_netns_ip.update(&netns, &p.sip);
+			if (known)
+				ips = *known;
+			mb_pod_ips_set(&ips, &p.sip);
+			mb_netns_ip.update(&netns, &ips);
 			mb_count(MB_C_LEARNED_IP);
 		}
 		return;

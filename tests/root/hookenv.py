@@ -68,8 +68,10 @@ s = socket.socket(af, socket.SOCK_STREAM)
 s.settimeout(5)
 if bind:
     s.bind((bind, 0))
+# a link-local "fe80::x%dev" needs its scope id: getaddrinfo gives the 4-tuple
+target = socket.getaddrinfo(addr, port, af)[0][4] if "%" in addr else (addr, port)
 try:
-    s.connect((addr, port))
+    s.connect(target)
     s.sendall(b"hello")
     buf = b""
     while True:

@@ -12,11 +12,12 @@ import ctypes as ct
 import json
 import os
 import subprocess
+import time
 import uuid
 
 import pytest
 
-from hookenv import PROBE, Pod
+from hookenv import PROBE, Pod, sh
 from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
@@ -502,7 +503,8 @@ def test_bcc_layouts_match_mirrors(dp):
     b = next(iter(dp._objs.values()))
     for name, key, leaf in [(t.MAP_PAIR_ORIG_DST, t.MbPair, t.MbOrigin),
                             (t.MAP_LOCAL_PODS, t.MbAddr, t.MbPodConfig),
-                            (t.MAP_COOKIE_ORIG_DST, None, t.MbOrigin)]:
+                            (t.MAP_COOKIE_ORIG_DST, None, t.MbOrigin),
+                            (t.MAP_NETNS_IP, None, t.MbPodIps)]:
         table = b.get_table(name.encode())
         for mine, theirs in ((key, table.Key), (leaf, table.Leaf)):
             if mine is None:
@@ -554,22 +556,25 @@ def test_reload_replaces_and_unpin_leaves_nothing():
         p.close()
 
 
-def test_pin_of_an_older_layout_is_a_clear_error():
-    """mb_mark_pod_ips once held one 16-byte address per mark: a daemon of
-    this version over such pins says so (bcc would reuse the pin and the
-    verifier refuse the programs with a bare EACCES), and leaves the pin."""
+@pytest.mark.parametrize("name,kind,key_size", [(t.MAP_MARK_POD_IPS, "hash", "4"),
+                                                (t.MAP_NETNS_IP, "lru_hash", "8")])
+def test_pin_of_an_older_layout_is_a_clear_error(name, kind, key_size):
+    """mb_mark_pod_ips once held one 16-byte address per mark, mb_netns_ip
+    one per netns: a daemon of this version over such pins says so (bcc would
+    reuse the pin and the verifier refuse the programs with a bare EACCES),
+    and leaves the pin."""
     pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
     os.mkdir(pin)
-    old = os.path.join(pin, t.MAP_MARK_POD_IPS)
+    old = os.path.join(pin, name)
     try:
-        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "4",
-                        "value", "16", "entries", "1024", "name", t.MAP_MARK_POD_IPS],
+        subprocess.run(["bpftool", "map", "create", old, "type", kind, "key", key_size,
+                        "value", "16", "entries", "1024", "name", name],
                        check=True, capture_output=True)
         d = loader.Datapath(pin, ISTIO, cni_mode=True)
         with pytest.raises(loader.DatapathError, match="pinned by another merbridge version"):
             d.load()
         d.close()
-        assert os.listdir(pin) == [t.MAP_MARK_POD_IPS]
+        assert os.listdir(pin) == [name]
     finally:
         loader.remove_pins(pin)
 
@@ -643,6 +648,87 @@ def test_legacy_mode_in_mesh_by_sidecar_listener_and_learns_pod_ip():
         r = p.connect(DST4, 8080)
         assert r["reply"]["tag"] == "proxy" and r["reply"]["peer"][0] == POD4
         assert r["reply"]["local"] == ["127.0.0.1", 15001]
+    finally:
+        if d is not None:
+            d.detach()
+            d.close()
+        loader.detach_cgroup(p.cgroup)
+        loader.remove_pins(pin)
+        p.close()
+
+
+def _link_local(p: Pod, dev: str) -> str:
+    """dev's fe80:: address in p, once duplicate address detection is done."""
+    out = ""
+    for _ in range(100):
+        out = sh("ip", "-n", p.name, "-6", "-o", "addr", "show", "dev", dev, "scope", "link").stdout
+        if out and "tentative" not in out:
+            return out.split()[3].split("/")[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no usable link-local address on {dev}: {out!r}")
+
+
+def test_legacy_mode_dual_stack_pod_learns_both_pod_ips():
+    """Legacy mode learns the pod IPs per family (mb_netns_ip holds one of
+    each): with the IPv4 address known, connects still ask to learn the
+    IPv6 one, and sockops files it next to the IPv4 address. Then the app's
+    v4 and v6 connects are bound to the respective pod IP, and the proxy's
+    calls to its own v4 and v6 pod IPs go through lo to its own 15006 at
+    127.0.0.1 / ::1 (had only one address been learned, its call to the
+    other would look like a call to another local pod: podIP:15006)."""
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    p = Pod(v4=[POD4, DST4], v6=[POD6, DST6])
+    d = None
+    try:
+        d = loader.Datapath(pin, ISTIO, cni_mode=False).load()
+        p.serve("direct", "0.0.0.0", 8080, in_cgroup=False)
+        p.serve("direct6", "::", 8081, fam="6only", in_cgroup=False)
+        p.serve("proxy", "127.0.0.1", 15001, uid=1337, gid=1337)
+        p.serve("proxy6", "::1", 15001, fam="6", uid=1337, gid=1337)
+        p.serve("inbound", "0.0.0.0", 15006, uid=1337, gid=1337)
+        p.serve("inbound6", "::", 15006, fam="6only", uid=1337, gid=1337)
+        for ip in (POD4, POD6):   # the legacy daemon writes every pod IP
+            d.maps.local_pods.put(ip, PodPolicy())
+        d.attach(p.cgroup)
+
+        def learned() -> list[tuple[str, ...]]:
+            return [ips for _, ips in d.maps.netns_ip.all_items()]
+
+        assert learned() == []
+        # the proxy's own (bypassed) connections, one per family
+        assert p.connect(DST4, 8080, bind=POD4, uid=1337)["reply"]["tag"] == "direct"
+        assert learned() == [(POD4,)]
+        # a link-local source is no pod IP: not learned
+        ll = _link_local(p, "eth0")
+        assert p.connect(f"{ll}%eth0", 8081, uid=1337)["reply"]["tag"] == "direct6"
+        assert learned() == [(POD4,)]
+        r = p.connect(DST6, 8081)   # v6 pod IP not known yet: redirected unbound
+        assert r["reply"]["tag"] == "proxy6" and r["reply"]["peer"][0] == "::1"
+        assert p.connect(DST6, 8081, bind=POD6, uid=1337)["reply"]["tag"] == "direct6"
+        assert learned() == [(POD4, POD6)]
+        n_learned = d.maps.counters()["learned_ip"]
+        assert n_learned == 2
+        before = d.maps.counters()
+        for dst, port, tag, pod_ip, lo in ((DST4, 8080, "proxy", POD4, "127.0.0.1"),
+                                           (DST6, 8081, "proxy6", POD6, "::1")):
+            r = p.connect(dst, port)
+            assert r["reply"]["tag"] == tag and r["reply"]["orig"] == [dst, port]
+            assert r["reply"]["local"] == [lo, 15001]
+            assert r["reply"]["peer"][0] == pod_ip and r["sock"][0] == pod_ip
+            r = p.connect(pod_ip, port, uid=1337)
+            assert r["reply"]["tag"] == tag.replace("proxy", "inbound")
+            assert r["reply"]["orig"] == [pod_ip, port]
+            assert r["reply"]["local"] == [lo, 15006]
+            assert r["reply"]["peer"][0] == pod_ip
+        after = d.maps.counters()
+        assert after["redirect_out"] - before["redirect_out"] == 2
+        assert after["redirect_in"] - before["redirect_in"] == 2
+        assert after["bind_pod_ip"] - before["bind_pod_ip"] == 4
+        assert after["getsockopt_answer"] - before["getsockopt_answer"] == 4
+        # both families known: nothing more to learn
+        assert p.connect(DST6, 8081, uid=1337)["reply"]["tag"] == "direct6"
+        assert after["learned_ip"] == n_learned == d.maps.counters()["learned_ip"]
+        assert learned() == [(POD4, POD6)]
     finally:
         if d is not None:
             d.detach()

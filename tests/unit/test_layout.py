@@ -2,21 +2,25 @@
 
 gcc compiles a small program against the header that prints sizeof/offsetof
 of every mirrored struct and the value of every shared constant as JSON; the
-test compares that with the mirrors. No root, no bcc.
+test compares that with the mirrors; maps.h's struct-valued maps must be in
+the pinned-layout guard (types.MAP_VALUES). No root, no bcc.
 """
 import ctypes as ct
 import json
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as t
 
 INCLUDE = Path(t.__file__).parent / "include"
 HEADER = INCLUDE / "merbridge.h"
+MAPS_H = INCLUDE / "maps.h"
 
 
 def _constants() -> dict[str, int]:
@@ -89,6 +93,18 @@ def test_every_header_struct_is_mirrored():
     assert set(t.MIRRORS) - declared == set()   # and no mirror of a struct that is gone
 
 
+def test_every_struct_valued_map_is_guarded_against_old_pins():
+    """Each map of maps.h whose value is a struct mb_* is in types.MAP_VALUES
+    with the mirror of that very struct: loader.check_pinned_layouts then
+    refuses a pin an older build left with other value sizes (mb_netns_ip
+    once held one mb_addr per netns, now a struct mb_pod_ips)."""
+    pattern = r'BPF_TABLE_PINNED\(\s*"\w+",\s*[\w ]+?,\s*struct (mb_\w+),\s*(mb_\w+),'
+    declared = {name: cname for cname, name in re.findall(pattern, MAPS_H.read_text())}
+    assert declared[t.MAP_NETNS_IP] == "mb_pod_ips"
+    mirrors = {cls: cname for cname, cls in t.MIRRORS.items()}
+    assert {name: mirrors[cls] for name, cls in t.MAP_VALUES.items()} == declared
+
+
 def test_pod_ips_one_per_family():
     v = t.MbPodIps.of(["fd00::5", "10.0.0.5"])
     assert v.ips() == ("10.0.0.5", "fd00::5")
@@ -98,6 +114,18 @@ def test_pod_ips_one_per_family():
     for bad in ([], ["10.0.0.5", "10.0.0.6"], ["fd00::5", "fd00::6"]):
         with pytest.raises(ValueError):
             t.MbPodIps.of(bad)
+
+
+def test_netns_ip_values_are_pod_ips():
+    """mb_netns_ip (legacy feedback) holds a netns' learned IPs, one per
+    family; the handle and ``maps dump`` give both."""
+    m = bpfmaps.Maps({n: bpfmaps.DictBackend() for n in t.ALL_MAPS})
+    b = m.backends[t.MAP_NETNS_IP]
+    b.put(struct.pack("=Q", 7), bytes(t.MbPodIps.of(["fd00::5", "10.0.0.5"])))
+    b.put(struct.pack("=Q", 8), bytes(t.MbPodIps.of(["fd00::8"])))
+    assert sorted(m.netns_ip.all_items()) == [(7, ("10.0.0.5", "fd00::5")), (8, ("fd00::8",))]
+    assert sorted(m.netns_ip.items()) == [(7, "10.0.0.5"), (8, "fd00::8")]
+    assert m.dump()[t.MAP_NETNS_IP] == {"7": ["10.0.0.5", "fd00::5"], "8": ["fd00::8"]}
 
 
 def test_counter_names_unique():
