@@ -308,7 +308,7 @@ MALFORMED = {
     # the daemon refuses it with libcni's ErrInvalidNetNS (Debian's bridge says 999)
     "nonexistent-netns": (lambda env, conf: ({**env, "CNI_NETNS": "/var/run/netns/mbt-gone"},
                                              conf), 8),
-    # an interface XDP cannot go on: refused before anything is written (was 999)
+    # an interface XDP cannot go on: code 4, everything rolled back (was 999)
     "CNI_IFNAME-not-a-veth": (_set_env("CNI_IFNAME", "lo"), 4),
     "CNI_IFNAME-missing-interface": (_set_env("CNI_IFNAME", "eth9"), 4),
 }

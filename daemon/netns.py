@@ -15,7 +15,7 @@ import ipaddress
 import os
 import subprocess
 import uuid
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pyroute2 import IPRoute, netns as _netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -311,6 +311,11 @@ class PodNetnsError(NetnsError):
     """A pod netns path or interface was refused, or pod plumbing failed."""
 
 
+class NotPodVethError(PodNetnsError):
+    """The pod's interface is missing, not a veth, or its peer is not in the
+    node netns: no XDP program can go on it (a bad CNI_IFNAME, not a fault)."""
+
+
 def _check_ifname(ifname: str) -> None:
     if (not isinstance(ifname, str) or not 0 < len(ifname) < 16
             or any(c in ifname for c in "/\0 \t\n:") or ifname in (".", "..")):
@@ -499,9 +504,9 @@ def _find_peer(pod_ipr: IPRoute, peer_ipr: IPRoute, netns_path: str, ifname: str
     """
     pod = _link(pod_ipr, ifname=ifname)
     if pod is None:
-        raise PodNetnsError(f"no interface {ifname} in {netns_path}")
+        raise NotPodVethError(f"no interface {ifname} in {netns_path}")
     if _veth_kind(pod) != "veth":
-        raise PodNetnsError(f"{ifname} in {netns_path} is not a veth")
+        raise NotPodVethError(f"{ifname} in {netns_path} is not a veth")
     nsid = pod.get_attr("IFLA_LINK_NETNSID")
     peer_fd = os.open(peer_netns or "/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -509,11 +514,11 @@ def _find_peer(pod_ipr: IPRoute, peer_ipr: IPRoute, netns_path: str, ifname: str
     finally:
         os.close(peer_fd)
     if nsid is None or not want or want.get("nsid") != nsid:
-        raise PodNetnsError(
+        raise NotPodVethError(
             f"the peer of {ifname} in {netns_path} is not in {peer_netns or 'the node netns'}")
     peer = _link(peer_ipr, index=pod.get_attr("IFLA_LINK"))
     if peer is None or _veth_kind(peer) != "veth" or peer.get_attr("IFLA_LINK") != pod["index"]:
-        raise PodNetnsError(f"cannot find the host-side peer of {ifname} in {netns_path}")
+        raise NotPodVethError(f"cannot find the host-side peer of {ifname} in {netns_path}")
     return pod, peer
 
 
@@ -540,7 +545,8 @@ def _clear_xdp(ipr: IPRoute, link) -> None:
 
 
 def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
-               mode: str = "native", peer_netns: str | None = None) -> XdpAttachment:
+               mode: str = "native", peer_netns: str | None = None,
+               prepare: Callable[[], None] | None = None) -> XdpAttachment:
     """Attach ``ingress_fd`` to the pod's ``ifname`` and ``egress_fd`` to its
     host-side veth peer, which lives in ``peer_netns`` (None: this process's
     netns, the node's in production).
@@ -549,13 +555,17 @@ def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
     daemon restart that is our own old one: netlink XDP attachments outlive
     the process that made them). The egress side goes first so that no SYN
     is redirected before its reply can be rewritten back; if the ingress
-    attach fails the egress one is removed again.
+    attach fails the egress one is removed again. ``prepare`` runs once the
+    pair is verified (NotPodVethError otherwise) and before anything is
+    attached: PodNet turns tx checksum offload off there.
     """
     _check_ifname(ifname)
     if mode not in XDP_MODES:
         raise PodNetnsError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
     with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
+        if prepare is not None:
+            prepare()
         try:
             _set_xdp(peer_ipr, peer["index"], egress_fd, XDP_MODES[mode])
             _set_xdp(pod_ipr, pod["index"], ingress_fd, XDP_MODES[mode])

@@ -29,6 +29,7 @@ from typing import Callable
 
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
 from merbridge.daemon import netns
+from merbridge.daemon.enrolment import INVALID_ENVIRONMENT, PodError
 
 PodNetError = netns.PodNetnsError
 SO_NETNS_COOKIE = 71  # linux/socket.h (5.14+); not in Python's socket module
@@ -87,15 +88,25 @@ class PodNet:
     # -- XDP -----------------------------------------------------------------
     def attach_xdp(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
         """Both XDP programs on the pod's veth pair; tx checksum offload off
-        first (unless hardware_checksum), so no segment is rewritten unfinished."""
-        if not self.hardware_checksum:
+        first (unless hardware_checksum), so no segment is rewritten unfinished.
+
+        An interface that is not a veth with its peer in ``peer_netns`` (a bad
+        CNI_IFNAME such as ``lo``) is refused with CNI code 4 before its tx
+        checksum is touched; the check is part of the attach, so an ADD pays
+        no extra netlink round trips for it."""
+        def tx_off() -> None:
             netns.set_tx_checksum(netns_path, ifname, False)
+
         ingress, egress = self._xdp_programs()
         modes = ("native", "generic") if self.xdp_mode == "auto" else (self.xdp_mode,)
         for i, mode in enumerate(modes):
             try:
                 return netns.attach_xdp(netns_path, ifname, ingress, egress, mode=mode,
-                                        peer_netns=self.peer_netns)
+                                        peer_netns=self.peer_netns,
+                                        prepare=None if self.hardware_checksum or i else tx_off)
+            except netns.NotPodVethError as exc:
+                raise PodError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
+                               str(exc)[:500]) from exc
             except PodNetError:
                 if i == len(modes) - 1:
                     raise
@@ -103,11 +114,6 @@ class PodNet:
 
     def detach_xdp(self, netns_path: str, ifname: str) -> None:
         netns.detach_xdp(netns_path, ifname, peer_netns=self.peer_netns)
-
-    def check_ifname(self, netns_path: str, ifname: str) -> str:
-        """``ifname`` must be a veth in the pod netns with its peer in
-        ``peer_netns`` (where the egress program goes); returns the peer's name."""
-        return netns.peer_of(netns_path, ifname, self.peer_netns)
 
     def xdp_attached(self, netns_path: str, ifname: str) -> bool:
         """Are *our current* programs on both ends? (After a daemon restart the

@@ -304,18 +304,6 @@ class Registry(Pieces):
         except Exception as exc:
             raise PodError(INVALID_NETNS, "invalid netns", str(exc)[:500]) from exc
 
-    def _check_ifname(self, path: str, ifname: str) -> None:
-        """Refuse, before anything is written, a pod interface the XDP programs
-        cannot go on: missing, or not a veth with its peer on the node."""
-        check = getattr(self.podnet, "check_ifname", None)
-        if check is None:
-            return
-        try:
-            check(path, ifname)
-        except Exception as exc:
-            raise PodError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
-                           str(exc)[:500]) from exc
-
     def _add(self, att: Attachment) -> None:
         old = self._record_for(att)
         if old is not None and old.container_id != att.container_id:
@@ -335,7 +323,6 @@ class Registry(Pieces):
                      att.namespace, att.name)
             return
         policy = self._policy(pod)
-        self._check_ifname(att.netns, att.ifname)
         ips = tuple(att.ips) or self._pod_ips(pod) or tuple(
             self.podnet.addresses(att.netns, att.ifname))
         if not ips:
