@@ -20,14 +20,13 @@ import glob
 import hashlib
 import json
 import os
-import re
 import secrets
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 
+import daemonhttp
 from daemonenv import Env
 from merbridge.bpf import types as t
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
@@ -241,19 +240,8 @@ class Observer:
         raise AssertionError(f"no {field}")
 
     def scrape(self) -> dict[str, float]:
-        """The daemon's /metrics as {"name{labels}": value}, fetched from inside the
-        node netns (the port is the one the daemon logged for --metrics-addr=...:0)."""
-        proc = next(p for p in self.env.procs if p.pid == self.pid)
-        found = re.search(r"metrics and health on ([\d.]+):(\d+)", self.env.log(proc))
-        assert found, "the daemon logged no metrics address"
-        url = f"http://{found[1]}:{found[2]}/metrics"
-        res = netns.run([sys.executable, "-c", "import sys, urllib.request; sys.stdout.write("
-                         "urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", url],
-                        ns=self.env.lab.nodes[0].ns)
-        assert res.returncode == 0, res.stderr
-        return {name: float(value) for name, _, value in
-                (line.rpartition(" ") for line in res.stdout.splitlines())
-                if name and not name.startswith("#")}
+        """The daemon's /metrics as {"name{labels}": value} (daemonhttp.scrape)."""
+        return daemonhttp.scrape(self.env, next(p for p in self.env.procs if p.pid == self.pid))
 
     def map_entries(self) -> dict[str, int]:
         maps = self.env.maps()
