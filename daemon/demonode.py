@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 from merbridge.bpf.mesh import MESHES
 from merbridge.daemon import annotations, demoreport, netns
 from merbridge.daemon.config import find_cgroup2_mount
-from merbridge.daemon.lab import Lab, Pod
+from merbridge.daemon.lab import Lab, Pod, uninterrupted
 
 MESH = MESHES["istio"]
 PREFIX = "mbdemo"
@@ -72,6 +72,8 @@ class Node:
         self.root = ""
         self.bpffs = ""
         self.bpffs_mounted = False
+        self.bridge = ""                  # set as set-up goes: teardown reads them at any point
+        self.conflist = ""
         self.daemon: subprocess.Popen | None = None
         self.pods: dict[str, Pod] = {}
         self.specs = {s.name: s for s in specs}
@@ -84,22 +86,27 @@ class Node:
             return {}
         return {"name": self.name, "netns": self.lab.nodes[0].ns, "cgroup": self.lab.cgroup,
                 "root": self.root, "bpffs": self.bpffs,
-                "conflist": getattr(self, "conflist", ""), "subnets": [SUBNET4, SUBNET6]}
+                "conflist": self.conflist, "subnets": [SUBNET4, SUBNET6]}
 
     # -- set-up ------------------------------------------------------------
     def setup(self) -> None:
         cgroup_root = find_cgroup2_mount() or "/sys/fs/cgroup/unified"
         self.progress(f"creating the node netns and cgroup {cgroup_root}/{PREFIX}-<id>")
-        self.lab = Lab(PREFIX, cgroup_root=cgroup_root)
-        self.name = self.lab.name
+        with uninterrupted():
+            self.lab = Lab(PREFIX, cgroup_root=cgroup_root)
+            self.name = self.lab.name
         self.node_ns = netns.netns_path(self.lab.nodes[0].ns)
-        self.root = tempfile.mkdtemp(prefix=self.name + "-")
+        with uninterrupted():
+            self.root = tempfile.mkdtemp(prefix=self.name + "-")
         for d in ("bin", "net.d", "state", "pods", "ipam", "bpffs"):
             os.mkdir(os.path.join(self.root, d))
         self.dirs = {d: os.path.join(self.root, d) for d in ("bin", "net.d", "state", "pods", "ipam")}
         self.bpffs = os.path.join(self.root, "bpffs")
-        _run(["mount", "-t", "bpf", "bpf", self.bpffs])
-        self.bpffs_mounted = True
+        with uninterrupted():
+            try:
+                _run(["mount", "-t", "bpf", "bpf", self.bpffs])
+            finally:
+                self.bpffs_mounted = _mounted(self.bpffs)
         self.pin_dir = os.path.join(self.bpffs, "merbridge")
         self.socket = os.path.join(self.root, "merbridge-cni.sock")
         self.bridge = "mbd" + self.name.rsplit("-", 1)[1][:8]
@@ -158,7 +165,7 @@ class Node:
         self.progress("starting `merbridge run --cni-mode=true` in the node netns "
                       "(compiling and loading the eBPF programs)")
         self.daemon_log = os.path.join(self.root, "daemon.log")
-        with open(self.daemon_log, "wb") as log:
+        with open(self.daemon_log, "wb") as log, uninterrupted():
             self.daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -200,11 +207,13 @@ class Node:
             self._publish(spec)
         pod = self.lab.add_bare_pod(spec.name, in_mesh=spec.in_mesh)
         self.pods[spec.name] = pod
-        res = self._cnitool("add", pod)
+        with uninterrupted():    # a whole ADD, so teardown DELs exactly what was added
+            res = self._cnitool("add", pod)
+            if res.returncode == 0:
+                self.added.append(spec.name)
         if res.returncode != 0:
             raise DemoError(f"cnitool add {spec.name} failed (rc {res.returncode}): "
                             f"{(res.stdout + res.stderr).strip()}\n{self.daemon_tail()}")
-        self.added.append(spec.name)
         result = json.loads(res.stdout)
         for ip in (entry["address"].split("/")[0] for entry in result.get("ips", [])):
             if ":" in ip:
@@ -302,7 +311,8 @@ class Node:
             checked["cgroups gone"] = not os.path.exists(self.lab.cgroup)
             checked["netns gone"] = not any(n.startswith(self.name) for n in _netns_names())
             checked["no interfaces in the host netns"] = not any(
-                self.bridge in link or self.name in link for link in netns.links(None))
+                (self.bridge and self.bridge in link) or self.name in link
+                for link in netns.links(None))
         if self.bpffs_mounted:
             step("umount the bpffs", lambda: _run(["umount", self.bpffs]))
             checked["bpffs unmounted"] = not _mounted(self.bpffs)

@@ -195,28 +195,60 @@ def test_refuses_with_a_clear_message_when_the_host_lacks_something():
     assert not {n for n in set(os.listdir("/var/run/netns")) - before if n.startswith("mbdemo-")}
 
 
-def test_sigterm_mid_way_still_tears_everything_down():
+#: the demo's progress lines up to the last connection (teardown ignores signals);
+#: the first, the read-only host check, runs before anything is created
+STEPS = 18
+
+
+@pytest.mark.parametrize("step", range(2, STEPS + 1))
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_interrupt_at_every_step_still_tears_everything_down(step, sig):
+    """A signal right after the step-th progress line lands in whatever the demo
+    does next: creating a netns (in a forked helper), mounting the bpffs,
+    starting the daemon, a CNI ADD, a connection; nothing may be left."""
+    _interrupt_and_check(step, sig)
+
+
+def test_ctrl_c_mid_way_still_tears_everything_down():
+    _interrupt_and_check(8, signal.SIGINT)
+
+
+def _demo_leftovers():
+    """Names of anything a demo makes that can outlive it, by its mbdemo- prefix."""
+    with open("/proc/mounts") as f:
+        mounts = [line.split()[1] for line in f if "mbdemo-" in line]
+    return (set(glob.glob("/var/run/netns/mbdemo-*")) | set(glob.glob("/sys/fs/cgroup/*/mbdemo-*"))
+            | set(glob.glob("/sys/fs/cgroup/mbdemo-*")) | set(glob.glob("/tmp/mbdemo-*"))
+            | set(glob.glob("/var/lib/cni/results/mbdemo-*")) | set(mounts))
+
+
+def _interrupt_and_check(step, sig):
+    before = _demo_leftovers()
     proc = subprocess.Popen([MERBRIDGE, "demo", "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
     try:
-        for line in proc.stderr:          # interrupt once pods are networked and enrolled
+        for line in proc.stderr:
             seen.append(line)
-            if "pod frontend: CNI ADD" in line:
-                proc.send_signal(signal.SIGTERM)
+            if sum(1 for s in seen if s.startswith("[")) == step:
+                proc.send_signal(sig)
                 break
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert len([s for s in seen if s.startswith("[")]) == step, "".join(seen)
     report = json.loads(out)
     assert proc.returncode == 1 and report["error"] == "interrupted", "".join(seen) + err
     cleanup = report["cleanup"]
     assert cleanup["clean"], ([k for k, ok in cleanup["checked"].items() if not ok],
                               cleanup["errors"])
     assert "Traceback" not in err
+    assert _demo_leftovers() <= before
     node = report["node"]
+    if not node:     # interrupted before the lab existed: nothing was made
+        return
     assert node["name"].startswith("mbdemo-")
     assert not [n for n in os.listdir("/var/run/netns") if n.startswith(node["name"])]
     assert not os.path.exists(node["cgroup"]) and not os.path.exists(node["root"])
