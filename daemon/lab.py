@@ -281,7 +281,7 @@ class Lab:
         if not self.cgroup_root:
             raise LabError("no cgroup v2 mount in /proc/mounts: a lab makes its cgroups "
                            "below it (mount -t cgroup2 none /sys/fs/cgroup)")
-        self.name = f"{self.prefix}-{uuid.uuid4().hex[:8]}"
+        self.name = self.name or f"{self.prefix}-{uuid.uuid4().hex[:8]}"
         self.cgroup = os.path.join(self.cgroup_root, self.name)
         try:
             with uninterrupted():
