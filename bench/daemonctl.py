@@ -25,14 +25,14 @@ POD_TEMPLATE = {
 }
 
 
-def pod_manifest(name: str, ip: str | None = None) -> dict:
-    """An in-mesh pod; without ``ip`` it is a pod the CNI has not networked
-    yet (CNI mode takes the address from ADD's prevResult)."""
+def pod_manifest(name: str, ip: str | None = None, ip6: str | None = None) -> dict:
+    """An in-mesh pod (dual-stack with ``ip6``); without ``ip`` it is a pod the
+    CNI has not networked yet (CNI mode takes the address from ADD's prevResult)."""
     pod = json.loads(json.dumps(POD_TEMPLATE))
     pod["metadata"]["name"] = name
     if ip is not None:
         pod["status"]["podIP"] = ip
-        pod["status"]["podIPs"] = [{"ip": ip}]
+        pod["status"]["podIPs"] = [{"ip": ip}] + ([{"ip": ip6}] if ip6 else [])
     return pod
 
 
@@ -60,11 +60,11 @@ class Daemon:
         self.started = 0.0
         self.log_path = os.path.join(self.dir, "daemon.log")
 
-    def write_pod(self, name: str, ip: str | None = None) -> None:
+    def write_pod(self, name: str, ip: str | None = None, ip6: str | None = None) -> None:
         """Put a pod manifest into the daemon's --pods-dir (atomically)."""
         tmp = os.path.join(self.pods_dir, f".{name}.json")
         with open(tmp, "w") as f:
-            json.dump(pod_manifest(name, ip), f)
+            json.dump(pod_manifest(name, ip, ip6), f)
         os.rename(tmp, os.path.join(self.pods_dir, f"{name}.json"))
 
     def argv(self) -> list[str]:

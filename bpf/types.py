@@ -15,7 +15,7 @@ from typing import Iterable
 
 # ---- constants mirrored from merbridge.h ----------------------------------
 MB_MAX_CONNS = 65535
-MB_MAX_PODS = 1024
+MB_MAX_PODS = 4096
 MB_N_SETTINGS = 16
 MB_N_COUNTERS = 32
 MB_MAX_PORTS = 32

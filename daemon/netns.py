@@ -733,6 +733,17 @@ def detach_tc(netns_path: str, ifname: str, peer_netns: str | None = None) -> bo
     return True
 
 
+def tc_filter_names(netns_path: str | None, ifname: str,
+                    allow_own: bool = False) -> dict[str, str]:
+    """{"to_pod"/"from_pod": filter name} of our tc filters on ``ifname``."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path, allow_own) as ipr:
+        link = _link(ipr, ifname=ifname)
+        if link is None:
+            raise PodNetnsError(f"no interface {ifname} in {netns_path}")
+        return _tc_filters(ipr, link["index"])
+
+
 def tc_names(netns_path: str, ifname: str, peer_netns: str | None = None) -> dict[str, str]:
     """{"to_pod"/"from_pod": filter name} of our tc filters on the pod's peer."""
     _check_ifname(ifname)

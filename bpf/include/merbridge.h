@@ -49,7 +49,8 @@
 
 /* ---- map sizes ----------------------------------------------------------- */
 #define MB_MAX_CONNS 65535       /* cookie/pair/sockhash maps */
-#define MB_MAX_PODS 1024         /* local pods, marks, learned netns IPs */
+#define MB_MAX_PODS 4096         /* local pods (one entry per pod IP: 1,000 dual-stack
+                                  * pods need 2,000), marks, learned netns IPs */
 #define MB_N_SETTINGS 16
 #define MB_N_COUNTERS 32
 
