@@ -68,9 +68,11 @@ class Daemon:
         os.rename(tmp, os.path.join(self.pods_dir, f"{name}.json"))
 
     def argv(self) -> list[str]:
-        exe = os.path.join(os.path.dirname(os.path.realpath(sys.executable)), "merbridge")
+        # the venv bench/run runs in (sys.executable unresolved: a venv's python
+        # is a symlink to the system one), else this checkout's .venv
+        exe = os.path.join(os.path.dirname(sys.executable), "merbridge")
         venv_exe = os.path.join(common.TOP, ".venv", "bin", "merbridge")
-        exe = venv_exe if os.path.exists(venv_exe) else exe
+        exe = exe if os.path.exists(exe) else venv_exe
         from merbridge.daemon import netns as nsutil
         return nsutil.command([exe, "run", f"--cni-mode={'true' if self.cni_mode else 'false'}",
                 f"--bpffs-path={self.pin_dir}", f"--cgroup-path={self.cgroup}",
