@@ -148,7 +148,7 @@ def _hop(direction: str, new: dict[str, list[dict]], delta: dict[str, int]) -> d
     name, e = seen[0]
     via = None
     if direction == "inbound":   # which hook sent it to 15006, from the kernel's counters
-        via = ("XDP" if delta.get("xdp_new_flow") else
+        via = ("tc/XDP" if delta.get("xdp_new_flow") else
                "connect hook" if delta.get("redirect_in") else None)
     return {"intercepted": True, "sidecar": name, "via": via,
             "original_dst": hostport(e.get("dst"), e.get("dport")),
