@@ -221,11 +221,21 @@ def markdown(results: dict, img_prefix: str = "") -> str:
             L.append(f"| {case} | {_f(st.get('p50'))} | {_f(st.get('p90'))} | "
                      f"{_f(st.get('p99'))} | {_f(st.get('mean'))} |")
         if c.get("prog_stats"):
-            L.append("\nbpf_stats (kernel.bpf_stats_enabled=1 during the redirected run):\n")
-            L.append("| program | runs | ns per run |\n|---|---:|---:|")
+            L.append("\nbpf_stats (kernel.bpf_stats_enabled=1 during one redirected round; "
+                     "\"sk_msg off\": the same with MB_SET_SKMSG_OFF, no psock):\n")
+            L.append("| program | runs | ns per run | ns per connection | sk_msg off: ns per "
+                     "connection |\n|---|---:|---:|---:|---:|")
+            off = {p["name"]: p for p in c.get("prog_stats_skmsg_off", [])}
+            n = max(1, c.get("samples", 0) // max(1, c.get("rounds", 1)))
             for p in c["prog_stats"]:
                 per = p["run_time_ns"] / p["run_cnt"] if p.get("run_cnt") else None
-                L.append(f"| {p['name']} ({p.get('type')}) | {p.get('run_cnt')} | {_f(per)} |")
+                o = off.get(p["name"])
+                L.append(f"| {p['name']} ({p.get('type')}) | {p.get('run_cnt')} | {_f(per)} | "
+                         f"{_f(p['run_time_ns'] / n)} | "
+                         f"{_f(o['run_time_ns'] / n) if o else '–'} |")
+        if c.get("delta_skmsg_off_ns") is not None:
+            L.append(f"\nRedirected connect() with sk_msg off: +{_f(c['delta_skmsg_off_ns'])} ns "
+                     f"over bare (with sk_msg: +{_f(c.get('delta_ns'))} ns).")
         L.append("")
 
     cni = results.get("cni")
