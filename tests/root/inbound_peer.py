@@ -2,7 +2,8 @@
 
 echo PORT...       listen on every PORT (IPv4); each connection gets a line
                    with its local address and SO_ORIGINAL_DST, then every line
-                   it sends is echoed back. Prints "ready".
+                   it sends is echoed back; "bye" makes the server close first.
+                   Prints "ready".
 idle HOST PORT     connect, read the greeting and one echo, print them as JSON,
                    then wait for a line on stdin; send one more line after it,
                    print the echo (or the error) as JSON and exit.
@@ -29,6 +30,8 @@ def echo(ports):
             f = c.makefile("rwb", buffering=0)
             f.write((json.dumps({"sock": list(c.getsockname()), "orig": orig_dst(c)}) + "\n").encode())
             for line in f:
+                if line == b"bye\n":     # the pod closes first (TIME_WAIT on its side)
+                    break
                 f.write(line)
 
     def accept(s):

@@ -124,6 +124,13 @@ def established(maps) -> dict:
             for p, o in maps.pair_orig_dst.items()}
 
 
+def tcp_mib(ns: str) -> dict[str, int]:
+    """The Tcp: line of /proc/net/snmp in netns ``ns``."""
+    out = netns.run(["cat", "/proc/net/snmp"], ns=ns).stdout.splitlines()
+    head, vals = [line.split() for line in out if line.startswith("Tcp:")]
+    return {k: int(v) for k, v in zip(head[1:], vals[1:])}
+
+
 def open_idle(topo, host: str, port: int = 8080) -> tuple[subprocess.Popen, dict]:
     proc = netns.spawn(["/usr/bin/python3", PEER, "idle", host, str(port)], ns=topo["rem"],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -215,3 +222,39 @@ def test_sockops_entry_is_never_overwritten(topo, enrolled):
         assert established(maps)[key_of(pair)] == want
     finally:
         maps.pair_orig_dst.delete(pair)
+
+
+def test_pod_closing_first_keeps_the_port_through_time_wait(topo, enrolled):
+    """The pod closes first: its socket goes to TIME_WAIT, the flow leaves
+    mb_pair_orig_dst for mb_in_pending (closing), and the client's FIN and the
+    pod's last ACK still carry the right ports, so the client closes cleanly
+    (no socket of it left in LAST_ACK, retransmitting a FIN nobody answers)."""
+    maps = enrolled
+    code = ("import json,socket,time\n"
+            f"c=socket.create_connection(('{PODB}', 8080), timeout=5)\n"
+            "f=c.makefile('rwb', buffering=0)\n"
+            "hello=json.loads(f.readline())\n"
+            "f.write(b'bye\\n')\n"
+            "eof=f.read()\n"
+            "port=c.getsockname()[1]\n"
+            "c.close()\n"
+            "time.sleep(0.5)\n"
+            "print(json.dumps({'orig': hello['orig'], 'eof': eof.decode(), 'port': port}))\n")
+    c0, t0 = maps.counters(), tcp_mib(topo["rem"])
+    res = netns.run(["/usr/bin/python3", "-c", code], ns=topo["rem"], timeout=20)
+    t1 = tcp_mib(topo["rem"])
+    # the pod's last ACK came back with port 8080: the client neither
+    # retransmitted its FIN nor reset an unknown :15006 segment
+    assert (t1["RetransSegs"] - t0["RetransSegs"], t1["OutRsts"] - t0["OutRsts"]) == (0, 0)
+    assert res.returncode == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert r["orig"] == [PODB, 8080] and r["eof"] == ""
+    key = (REM, r["port"], PODB, IN_PORT)
+    assert key not in established(maps)
+    closing = {key_of(p): (socket.ntohs(f.port), f.flags) for p, f in maps.in_pending.items()}
+    assert closing.get(key) == (8080, t.MB_IN_F_CLOSING)
+    assert maps.counters()["in_closed"] - c0["in_closed"] == 1
+    left = netns.run(["ss", "-tanH", "state", "last-ack", "state", "fin-wait-1",
+                      "state", "closing"], ns=topo["rem"]).stdout
+    assert f":{r['port']} " not in left, left
+    maps.in_pending.delete_ip(PODB)
