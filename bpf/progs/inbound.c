@@ -293,7 +293,8 @@ static __always_inline void mb_xdp_set_port(__u16 *check, __u16 *field, __u16 va
 	*field = val;
 }
 
-int mb_xdp_ingress(struct xdp_md *ctx)
+/* Both directions: ingress (to the pod) is a constant per program. */
+static __always_inline int mb_xdp_rewrite(struct xdp_md *ctx, const int ingress)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -304,27 +305,20 @@ int mb_xdp_ingress(struct xdp_md *ctx)
 	tcp = mb_in_tcp(data, data_end, mb_in_parse(data, data_end, &pkt));
 	if (!tcp)
 		return XDP_PASS;
-	port = mb_in_to_pod(&pkt, tcp);
+	port = ingress ? mb_in_to_pod(&pkt, tcp) : mb_in_from_pod(&pkt, tcp);
 	if (port)
-		mb_xdp_set_port(&tcp->check, &tcp->dest, port);
+		mb_xdp_set_port(&tcp->check, ingress ? &tcp->dest : &tcp->source, port);
 	return XDP_PASS;
+}
+
+int mb_xdp_ingress(struct xdp_md *ctx)
+{
+	return mb_xdp_rewrite(ctx, 1);
 }
 
 int mb_xdp_egress(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct mb_in_pkt pkt = {};
-	struct tcphdr *tcp;
-	__u16 port;
-
-	tcp = mb_in_tcp(data, data_end, mb_in_parse(data, data_end, &pkt));
-	if (!tcp)
-		return XDP_PASS;
-	port = mb_in_from_pod(&pkt, tcp);
-	if (port)
-		mb_xdp_set_port(&tcp->check, &tcp->source, port);
-	return XDP_PASS;
+	return mb_xdp_rewrite(ctx, 0);
 }
 
 /* ==== tc ================================================================= */
@@ -358,7 +352,8 @@ static __always_inline void mb_tc_set_port(struct __sk_buff *skb, int off, int f
 	bpf_skb_store_bytes(skb, off + field, &val, sizeof(val), 0);
 }
 
-int mb_tc_to_pod(struct __sk_buff *skb)
+/* Both directions: to_pod is a constant, so each program keeps one branch. */
+static __always_inline int mb_tc_rewrite(struct __sk_buff *skb, const int to_pod)
 {
 	struct mb_in_pkt pkt = {};
 	struct tcphdr *tcp;
@@ -369,27 +364,20 @@ int mb_tc_to_pod(struct __sk_buff *skb)
 	tcp = mb_in_tcp((void *)(long)skb->data, (void *)(long)skb->data_end, off);
 	if (!tcp)
 		return TC_ACT_OK;
-	old = tcp->dest;
-	port = mb_in_to_pod(&pkt, tcp);
+	old = to_pod ? tcp->dest : tcp->source;
+	port = to_pod ? mb_in_to_pod(&pkt, tcp) : mb_in_from_pod(&pkt, tcp);
 	if (port)
-		mb_tc_set_port(skb, off, offsetof(struct tcphdr, dest), old, port);
+		mb_tc_set_port(skb, off, to_pod ? offsetof(struct tcphdr, dest) :
+					      offsetof(struct tcphdr, source), old, port);
 	return TC_ACT_OK;
+}
+
+int mb_tc_to_pod(struct __sk_buff *skb)
+{
+	return mb_tc_rewrite(skb, 1);
 }
 
 int mb_tc_from_pod(struct __sk_buff *skb)
 {
-	struct mb_in_pkt pkt = {};
-	struct tcphdr *tcp;
-	__u16 port, old;
-	int off;
-
-	off = mb_tc_parse(skb, &pkt);
-	tcp = mb_in_tcp((void *)(long)skb->data, (void *)(long)skb->data_end, off);
-	if (!tcp)
-		return TC_ACT_OK;
-	old = tcp->source;
-	port = mb_in_from_pod(&pkt, tcp);
-	if (port)
-		mb_tc_set_port(skb, off, offsetof(struct tcphdr, source), old, port);
-	return TC_ACT_OK;
+	return mb_tc_rewrite(skb, 0);
 }

@@ -173,6 +173,7 @@ class ChurnNet:
                     break
                 with self.lock:
                     self.refused += 1
+                    self.last_refusal = f"{pod}: {added.stderr.strip()[-300:]}"
                 self.cnitool("del", pod)
                 time.sleep(0.5)
             if added.returncode == 0 and (hold or withdrawn):

@@ -19,13 +19,11 @@ import time
 
 import pytest
 
-from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
-from merbridge.daemon.lab import CGROUP_ROOT
 
-from test_xdp import make_podnet, nothing_attached, wait_for
+from test_xdp import datapath, make_podnet, nothing_attached, wait_for  # noqa: F401
 
 pytestmark = pytest.mark.root
 
@@ -36,23 +34,6 @@ POLICY = PodPolicy(include_inbound_all=True)
 FLOOD = 200_000
 FLOOD_PORTS = "8080,8081,8082,8083"
 MAX_CONNS = t.MB_MAX_CONNS   # mb_pair_orig_dst, mb_in_pending
-
-
-@pytest.fixture(scope="module")
-def datapath():
-    tag = os.urandom(4).hex()
-    cgroup = os.path.join(CGROUP_ROOT, f"mbt-{tag}-inflows")
-    dp = loader.Datapath(f"/sys/fs/bpf/mbt-{tag}", mesh.get("istio"), cni_mode=True)
-    os.mkdir(cgroup)
-    try:
-        dp.load()
-        dp.attach(cgroup)
-        yield dp, cgroup
-    finally:
-        dp.detach()
-        dp.close()
-        dp.unpin()
-        os.rmdir(cgroup)
 
 
 @pytest.fixture(scope="module")
