@@ -262,11 +262,11 @@ class Datapath:
         return self._fns[names[0]].fd, self._fns[names[1]].fd
 
     def xdp_programs(self) -> tuple[int, int]:
-        """(ingress fd, egress fd) of bpf/progs/xdp.c, compiled on first use."""
+        """(ingress fd, egress fd) of the XDP programs in bpf/progs/inbound.c, compiled on first use."""
         return self._pod_programs((XDP_INGRESS, XDP_EGRESS), BPF.XDP)
 
     def tc_programs(self) -> tuple[int, int]:
-        """(to-pod fd, from-pod fd) of bpf/progs/tc.c, compiled on first use."""
+        """(to-pod fd, from-pod fd) of the tc programs in bpf/progs/inbound.c, compiled on first use."""
         return self._pod_programs((TC_TO_POD, TC_FROM_POD), BPF.SCHED_CLS)
 
     # ---- attach ---------------------------------------------------------------

@@ -233,7 +233,7 @@ class PairOrigDst(_Origins):
 
 
 class InPending:
-    """mb_in_pending: inbound flows (xdp.c / tc.c) that are not established,
+    """mb_in_pending: inbound flows (bpf/progs/inbound.c) that are not established,
     half-open or closing; same key as mb_pair_orig_dst."""
 
     def __init__(self, backend: MapBackend) -> None:

@@ -62,7 +62,7 @@ COUNTERS: dict[int, str] = {
     21: "msg_peer_missing",
     22: "getsockopt_nat",
 }
-#: first counter index reserved for bpf/progs/xdp.c (24..31)
+#: first counter index reserved for bpf/progs/inbound.c (24..31)
 MB_C_XDP_FIRST = 24
 MB_C_XDP_NEW_FLOW = 24
 MB_C_XDP_BYPASS_POLICY = 25
@@ -71,7 +71,7 @@ MB_C_XDP_RST_DELETE = 27
 MB_C_IN_ESTABLISHED = 28
 MB_C_IN_CONFLICT = 29
 MB_C_IN_CLOSED = 30
-#: xdp.c's counters (index -> name), kept apart from COUNTERS, whose slots
+#: inbound.c's counters (index -> name), kept apart from COUNTERS, whose slots
 #: all lie below MB_C_XDP_FIRST
 XDP_COUNTERS: dict[int, str] = {
     MB_C_XDP_NEW_FLOW: "xdp_new_flow",

@@ -25,7 +25,7 @@ from merbridge.bpf.mesh import Mesh
 from merbridge.bpf.policy import PodPolicy
 
 HBONE_PORT = 15008
-#: bpf/progs/xdp.c's counter slots (merbridge.h reserves 24..31 for it)
+#: bpf/progs/inbound.c's counter slots (merbridge.h reserves 24..31 for it)
 XDP_COUNTERS = {"c24": "xdp_new_flow", "c25": "xdp_bypass", "c26": "xdp_flow_fail",
                 "c27": "xdp_rst_delete"}
 EXCLUDE_OUTBOUND_PORTS = "excludeOutboundPorts"

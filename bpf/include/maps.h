@@ -44,7 +44,7 @@ BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst,
 
 /* 4-tuple of the connecting socket -> original destination.
  * Written by sockops (ACTIVE_ESTABLISHED, from mb_cookie_orig_dst) and by the
- * inbound datapath, xdp.c or tc.c (key {client ip, client port, pod ip,
+ * inbound datapath, bpf/progs/inbound.c (key {client ip, client port, pod ip,
  * MB_IN_PORT}, flag XDP), only for an established flow (the client's ACK
  * matched the pod's SYN-ACK) and never over an entry without the flag.
  * Read by getsockopt (SO_ORIGINAL_DST, reversed tuple of the accepted socket)
@@ -55,7 +55,7 @@ BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst,
 BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_origin, mb_pair_orig_dst,
 		 MB_MAX_CONNS, MB_PIN(mb_pair_orig_dst));
 
-/* Inbound flows (xdp.c / tc.c) that are not established: half-open (a SYN
+/* Inbound flows (bpf/progs/inbound.c) that are not established: half-open (a SYN
  * seen, the handshake not complete) or closing (the pod's socket in
  * TIME_WAIT). Same key as mb_pair_orig_dst. Written and read by the inbound
  * datapath (a SYN creates, the pod's SYN-ACK arms, the client's matching ACK

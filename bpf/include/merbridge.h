@@ -108,7 +108,7 @@
                                     * normal path from now on (once per socket) */
 #define MB_C_GETSOCKOPT_NAT    22  /* SO_ORIGINAL_DST: conntrack's NAT answer kept
                                     * (iptables redirected that connection) */
-#define MB_C_XDP_FIRST         24  /* 24..31: bpf/progs/xdp.c */
+#define MB_C_XDP_FIRST         24  /* 24..31: bpf/progs/inbound.c (tc or XDP) */
 #define MB_C_XDP_NEW_FLOW      24  /* SYN redirected to MB_IN_PORT, flow recorded */
 #define MB_C_XDP_BYPASS_POLICY 25  /* SYN to a local pod, its inbound policy says no */
 #define MB_C_XDP_FLOW_FAIL     26  /* flow record could not be written */
@@ -138,7 +138,7 @@ struct mb_origin {
 	__u16 flags;               /* MB_ORIGIN_F_* */
 };
 
-/* An inbound flow the datapath (xdp.c, tc.c) redirects but that is not
+/* An inbound flow the datapath (bpf/progs/inbound.c) redirects but that is not
  * established (yet, or any more). Value of mb_in_pending, keyed like
  * mb_pair_orig_dst ({client, pod, client port, MB_IN_PORT}). */
 struct mb_in_flow {

@@ -13,7 +13,7 @@
  *          connection's family, the other family's kept), mb_counters;
  *          deletes the mb_cookie_orig_dst entry it consumed and, when an
  *          accepting socket closes, the mb_pair_orig_dst entry it was
- *          answered from (an inbound flow of xdp.c / tc.c going to
+ *          answered from (an inbound flow of inbound.c going to
  *          TIME_WAIT moves to mb_in_pending instead).
  * Why: connect only knows a socket cookie; the proxy that accepts the
  * connection only knows its 4-tuple. Once established, the connecting side's
@@ -142,7 +142,7 @@ static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
 	}
 }
 
-/* The pod's socket of an inbound flow (xdp.c / tc.c, bpf/include/inbound.h)
+/* The pod's socket of an inbound flow (bpf/progs/inbound.c, tc or XDP)
  * closed: the flow is no longer established. Closed from FIN_WAIT2 or
  * CLOSING, the socket went on to TIME_WAIT, whose last ACKs (and its answer
  * to a retransmitted FIN) still need the original port: the flow moves to

@@ -1,6 +1,6 @@
 """The inbound port rewrite on a real veth pair, with each hook: tc
-(bpf/progs/tc.c, cls_bpf on the host-side peer, the pod's tx checksum offload
-left on) and XDP (bpf/progs/xdp.c, native and generic, tx checksum off).
+(bpf/progs/inbound.c, cls_bpf on the host-side peer, the pod's tx checksum offload
+left on) and XDP (the same bpf/progs/inbound.c, native and generic, tx checksum off).
 
 Topology (all namespaces private to the test module):
 
