@@ -66,7 +66,10 @@ class PodNet:
     ``Datapath.xdp_programs``; it is called lazily, so the registry can be built
     before the programs are loaded. ``peer_netns`` is where the host-side
     veth peers live: None for the daemon's own netns (the node's, in
-    production); tests pass their "node" netns path.
+    production); tests pass their "node" netns path. ``inbound_hook`` defaults
+    to "xdp" here so a caller that only has ``xdp_programs`` keeps working;
+    the daemon passes its --inbound-hook (default DEFAULT_INBOUND_HOOK, tc)
+    with ``tc_programs``.
     """
 
     def __init__(self, xdp_programs: Callable[[], tuple[int, int]], *,
