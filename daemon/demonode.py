@@ -223,11 +223,14 @@ class Node:
             else:
                 pod.ip4 = ip
         pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", self.node_ns)
+        tc = netns.tc_filter_names(self.node_ns, pod.host_if, allow_own=True)
         xdp = netns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0]
+        hook = (f"tc {', '.join(sorted(tc.values()))} on {pod.host_if}" if tc else
+                f"XDP prog {xdp} on eth0" if xdp else "")
         self.progress(f"pod {spec.name}: CNI ADD (bridge, host-local, merbridge-cni) -> "
                       f"{pod.ip4}, {pod.ip6}; "
-                      + (f"enrolled by the daemon, XDP prog {xdp} on eth0" if xdp
-                         else "left alone by the daemon (no XDP)"))
+                      + (f"enrolled by the daemon, {hook}" if hook
+                         else "left alone by the daemon (no tc/XDP)"))
 
     # -- the maps: the daemon's decisions ----------------------------------
     def pod_views(self) -> dict[str, demoreport.PodView]:

@@ -102,7 +102,7 @@ def test_outside_to_mesh_is_captured_inbound_by_xdp(demo):
     backend, legacy = ips(report)["backend"][0], ips(report)["legacy"][0]
     assert not r["outbound"]["intercepted"]
     assert r["inbound"]["intercepted"] and r["inbound"]["sidecar"] == "backend"
-    assert r["inbound"]["via"] == "XDP" and r["counters"].get("xdp_new_flow") == 1
+    assert r["inbound"]["via"] == "tc/XDP" and r["counters"].get("xdp_new_flow") == 1
     assert r["inbound"]["original_dst"] == hostport(backend, 8080)
     assert r["inbound"]["client"].startswith(legacy + ":")
     assert r["app_peer"] == "127.0.0.6"
@@ -117,7 +117,7 @@ def test_excluded_port_bypasses_the_own_sidecar_only_for_that_port(demo):
     assert r["expected"]["outbound_rule"] == "batch: excludeOutboundPorts=9090"
     assert r["counters"].get("bypass_policy") == 1 and "redirect_out" not in r["counters"]
     # the destination still captures its inbound port, as iptables on it would
-    assert r["inbound"]["intercepted"] and r["inbound"]["via"] == "XDP"
+    assert r["inbound"]["intercepted"] and r["inbound"]["via"] == "tc/XDP"
     other = table[("batch", None, "backend", 8080, "ipv4")]
     assert other["outbound"]["intercepted"] and other["outbound"]["sidecar"] == "batch"
 
