@@ -199,6 +199,11 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
             out["pods"] = _enrolled_pods(maps, state_dir)
         finally:
             maps.close()
+    try:  # CNI mode: what the reconciler brought in and what it still looks for
+        with open(os.path.join(state_dir, "reconcile.json")) as f:
+            out["reconcile"] = json.load(f)
+    except (OSError, ValueError):
+        pass
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -214,6 +219,14 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
         mark = f" mark={pod['mark']}" if pod.get("mark") else ""
         click.echo(f"  {pod['ip']:<39} {who}{mark}")
         click.echo(f"    {pod['policy']}")
+    rec = out.get("reconcile")
+    if isinstance(rec, dict):
+        ago = time.time() - float(rec.get("time", 0))
+        click.echo(f"reconciled: {ago:.0f}s ago: {rec.get('replayed', 0)} replayed, "
+                   f"{rec.get('adopted', 0)} adopted, {rec.get('dropped', 0)} dropped; "
+                   f"pending ADDs: {', '.join(rec.get('pending') or []) or 'none'}; "
+                   f"in the mesh but not enrolled: "
+                   f"{', '.join(rec.get('unenrolled') or []) or 'none'}")
     click.echo("maps:")
     for name, n in sorted(out.get("map_entries", {}).items()):
         click.echo(f"  {name}: {n}")

@@ -262,8 +262,10 @@ class Registry(Pieces):
             return rec
         now = netns_id(att.netns)
         with self._lock:
+            # the same netns under another path (adopt may know it as /proc/<pid>/ns/net)
             return next((r for r in self.records.values() if r.container_id.startswith(ADOPTED)
-                         and r.netns == att.netns and now in (None, r.netns_id)), None)
+                         and (r.netns == att.netns and now in (None, r.netns_id)
+                              or now is not None and r.netns_id == now)), None)
 
     # -- CNI commands ----------------------------------------------------
     def add(self, att: Attachment) -> None:

@@ -70,14 +70,16 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile pass failed")
 
+    def count_adopted(self, n: int) -> None:
+        self.totals["adopted"] += n
+        if self.metrics is not None and n:
+            self.metrics.pods_recovered.labels(how="adopted").inc(n)
+
     def run_once(self) -> None:
         left = self.replay()
-        adopted = self.registry.adopt(self.snapshot(), self.netns_dir, self.proc_path)
-        self.totals["adopted"] += adopted
+        self.count_adopted(self.registry.adopt(self.snapshot(), self.netns_dir, self.proc_path))
         unenrolled = list(getattr(self.registry, "unaccounted", []))
         if self.metrics is not None:
-            if adopted:
-                self.metrics.pods_recovered.labels(how="adopted").inc(adopted)
             self.metrics.pods_pending.set(len(left))
             self.metrics.pods_unenrolled.set(len(unenrolled))
         self._write_status(left, unenrolled)

@@ -228,14 +228,15 @@ class Daemon:
             self.registry.restore(store.load())
             # pods that started while no daemon ran: our plugin was out of the CNI
             # config (a clean stop, or never installed) or could not reach us
-            self.registry.adopt(self.source.snapshot(), cfg.netns_dir,
-                                getattr(cfg, "proc_path", None) or None)
+            adopted = self.registry.adopt(self.source.snapshot(), cfg.netns_dir,
+                                          getattr(cfg, "proc_path", None) or None)
         from merbridge.daemon import reconcile
         self.reconciler = reconcile.Reconciler(
             self.registry, self.server, self.source.snapshot,
             pending_dir=os.path.join(cfg.state_dir, "pending"), netns_dir=cfg.netns_dir,
             proc_path=getattr(cfg, "proc_path", None) or None, state_dir=cfg.state_dir,
             interval=getattr(cfg, "reconcile_interval", 1.0), metrics=self.metrics)
+        self.reconciler.count_adopted(adopted)
         self.reconciler.run_once()         # remembered fail-open ADDs, then unseen pods
         self.reconciler.start()
         self.installer = install.Installer(

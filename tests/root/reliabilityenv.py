@@ -48,6 +48,8 @@ class ChurnNet:
     octet: int = field(default_factory=lambda: 200 + secrets.randbelow(30))
     created: set = field(default_factory=set)
     refused: int = 0
+    #: ADDs that passed while no daemon served them (failOpen)
+    passed_open: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -169,6 +171,9 @@ class ChurnNet:
             deadline = time.monotonic() + retry_for
             while True:
                 added = self.cnitool("add", pod)
+                if "passing through (failOpen)" in added.stderr:
+                    with self.lock:
+                        self.passed_open += 1
                 if added.returncode == 0 or time.monotonic() > deadline:
                     break
                 with self.lock:
