@@ -387,6 +387,9 @@ func offlineCommand(env map[string]string, stdin []byte, readErr, why error, ver
 				"no prevResult: list merbridge-cni after the main plugin")
 		}
 		out := pyStyle(passthrough(nc.prevResult, *version))
+		var prev bytes.Buffer
+		json.Compact(&prev, nc.prevResult)
+		logf(10, "DEBUG", "ADD %s prevResult: %s", cid, pyStyle(prev.Bytes()))
 		pod, e := target(env["CNI_ARGS"], nc)
 		if e != nil || pod == nil {
 			return out, e

@@ -199,6 +199,18 @@ class ChurnNet:
             os.unlink(path)
 
 
+def wire_bare_pod(pod, env: Env, result: str) -> None:
+    """Fill a bare lab pod's addresses and host-side interface from the chain's
+    ADD result (``cnitool add``'s stdout)."""
+    for entry in json.loads(result)["ips"]:
+        ip = entry["address"].split("/")[0]
+        if ":" in ip:
+            pod.ip6 = ip
+        else:
+            pod.ip4 = ip
+    pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", env.node_netns)
+
+
 class Observer:
     """What a leak would show, for one daemon process."""
 

@@ -29,7 +29,7 @@ from daemonenv import MERBRIDGE, Env
 from daemonhttp import scrape as metrics_of
 from merbridge.daemon import netns
 from merbridge.daemon.lab import Lab
-from reliabilityenv import CNITOOL, ChurnNet
+from reliabilityenv import CNITOOL, ChurnNet, wire_bare_pod
 from test_daemon_lifecycle import intercepted, ok
 from test_daemon_restart import records
 
@@ -51,13 +51,7 @@ def chained_pod(lab, net, env, name, conf_dir=None):
                                           f"K8S_POD_NAME={name};K8S_POD_UID=uid-{name}-{lab.name}"},
                          capture_output=True, text=True, timeout=60)
     ok(res)
-    for entry in json.loads(res.stdout)["ips"]:
-        ip = entry["address"].split("/")[0]
-        if ":" in ip:
-            pod.ip6 = ip
-        else:
-            pod.ip4 = ip
-    pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", env.node_netns)
+    wire_bare_pod(pod, env, res.stdout)
     pod.start_app(8080)
     pod.start_sidecar()
     env.publish(pod)
