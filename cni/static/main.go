@@ -770,7 +770,8 @@ func target(cniArgs string, nc *netConf) (*pod, *cniError) {
 	return &pod{args["K8S_POD_NAMESPACE"], args["K8S_POD_NAME"], args["K8S_POD_UID"]}, nil
 }
 
-// checkRequest: what building the protocol's CniRequest checks (plugin._request).
+// checkRequest: what building the protocol's CniRequest checks (plugin._request),
+// in its order: the shape of "ips", each address, the shape of "interfaces", limits.
 func checkRequest(env map[string]string, nc *netConf, p *pod, version string) *cniError {
 	bad := func(why string) *cniError { return badKey("prevResult", why) }
 	cannot := func(why string) *cniError {
@@ -795,6 +796,20 @@ func checkRequest(env map[string]string, nc *netConf, p *pod, version string) *c
 		}
 		json.Unmarshal(v, &ips)
 	}
+	for _, ip := range ips {
+		var text string
+		json.Unmarshal(ip["address"], &text)
+		if !strings.Contains(text, "/") || utf8.RuneCountInString(text) > 64 {
+			return cannot(fmt.Sprintf("ip '%s' must be 'address/prefix'", truncate(text, 64)))
+		}
+		prefix, err := netip.ParsePrefix(text)
+		if err != nil || prefix.Addr().Zone() != "" {
+			return cannot(fmt.Sprintf("ip '%s' is not a valid 'address/prefix'", truncate(text, 64)))
+		}
+		if prefix.Addr().IsUnspecified() {
+			return cannot(fmt.Sprintf("ip '%s' is the unspecified address, no pod's address", truncate(text, 64)))
+		}
+	}
 	nIfaces := 0
 	if v, ok := prev["interfaces"]; ok {
 		var items []interface{}
@@ -816,20 +831,6 @@ func checkRequest(env map[string]string, nc *netConf, p *pod, version string) *c
 			if s, _ := obj["sandbox"].(string); s != "" {
 				nIfaces++
 			}
-		}
-	}
-	for _, ip := range ips {
-		var text string
-		json.Unmarshal(ip["address"], &text)
-		if !strings.Contains(text, "/") || utf8.RuneCountInString(text) > 64 {
-			return cannot(fmt.Sprintf("ip '%s' must be 'address/prefix'", truncate(text, 64)))
-		}
-		prefix, err := netip.ParsePrefix(text)
-		if err != nil || prefix.Addr().Zone() != "" {
-			return cannot(fmt.Sprintf("ip '%s' is not a valid 'address/prefix'", truncate(text, 64)))
-		}
-		if prefix.Addr().IsUnspecified() {
-			return cannot(fmt.Sprintf("ip '%s' is the unspecified address, no pod's address", truncate(text, 64)))
 		}
 	}
 	if len(ips) > 64 || nIfaces > 64 {
