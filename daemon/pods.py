@@ -526,16 +526,33 @@ class Registry(Pieces):
         if find is None:
             return 0
         wanted = []
+        # this runs every second: records are indexed once, and a pod's verdict
+        # (in the mesh, its IPs) is kept while the pod source hands out the same
+        # object (a changed pod is a new object)
+        with self._lock:
+            uids: dict[tuple[str, str], list[str]] = {}
+            for r in self.records.values():
+                uids.setdefault((r.namespace, r.name), []).append(r.uid)
+        verdicts = self.__dict__.setdefault("_adopt_verdicts", {})
+        seen = {}
         for pod in pods:
-            try:
-                if self._matching(pod) or not self._in_mesh(pod):
-                    continue
-                ips = self._pod_ips(pod)
-            except PodError as exc:
-                log.warning("adopt: %s", exc)
-                continue
-            if ips and not self._host_network(pod):
-                wanted.append((pod, ips))
+            ns, name, uid = pod_meta(pod)
+            if any(not uid or not u or u == uid for u in uids.get((ns, name), ())):
+                continue                   # it has a record (as _matching)
+            key = (ns, name, uid, id(pod))
+            verdict = verdicts.get(key)
+            if verdict is None or verdict[0] is not pod:
+                try:
+                    ips = self._pod_ips(pod) if self._in_mesh(pod) else ()
+                except PodError as exc:
+                    log.warning("adopt: %s", exc)
+                    ips = ()
+                verdict = (pod, ips if not self._host_network(pod) else ())
+            seen[key] = verdict
+            if verdict[1]:
+                wanted.append((pod, verdict[1]))
+        verdicts.clear()
+        verdicts.update(seen)
         if not wanted:
             told.clear()
             return 0
@@ -547,7 +564,6 @@ class Registry(Pieces):
             self.unaccounted = ["/".join(pod_meta(p)[:2]) for p, _ in wanted]
             return 0
         adopted = 0
-        say = log.info
         owners: dict[str, list[tuple[str, str]]] = {}
         for path, addrs in found.items():
             for ifname, ip in addrs:
@@ -555,7 +571,8 @@ class Registry(Pieces):
         for pod, ips in wanted:
             ns, name, uid = pod_meta(pod)
             self.unaccounted.append(f"{ns}/{name}")
-            say = log.debug if (ns, name, uid) in told else log.info
+            again = (ns, name, uid) in told
+            say, warn = (log.debug, log.debug) if again else (log.info, log.warning)
             told.add((ns, name, uid))
             primary = self._primary_ip(ips)
             where = owners.get(primary, [])
@@ -564,16 +581,16 @@ class Registry(Pieces):
                     f" or {proc_path}" if proc_path else "", primary, ns, name)
                 continue
             if len(where) > 1:
-                say("adopt: pod %s/%s not enrolled: its IP %s is on %s", ns, name,
-                    primary, ", ".join(f"{i} in {p}" for p, i in where))
+                warn("adopt: pod %s/%s not enrolled: its IP %s is on %s", ns, name,
+                     primary, ", ".join(f"{i} in {p}" for p, i in where))
                 continue
             path, ifname = where[0]
             with self._lock:
                 taken = any(r.netns == path or set(r.ips) & set(ips)
                             for r in self.records.values())
             if taken:
-                say("adopt: pod %s/%s: netns %s or its IPs belong to another "
-                    "record; not enrolled", ns, name, path)
+                warn("adopt: pod %s/%s: netns %s or its IPs belong to another "
+                     "record; not enrolled", ns, name, path)
                 continue
             try:
                 self._add_command(Attachment(container_id=f"{ADOPTED}{ns}/{name}/{uid}",
