@@ -1,4 +1,9 @@
-"""Entry point of ``merbridge-cni``, and the builder of its node executable.
+"""Entry point of the Python ``merbridge-cni``, and the builder of its zipapp.
+
+The node normally runs the static executable (``cni/static``), which needs
+nothing from the node and runs the same skel and plugin inside the daemon
+(``inprocess.py``); the zipapp below is the fallback the daemon installs when
+no static build is found (it needs python3 on the node).
 
 ``main()`` wires the real process I/O into the skel. ``build_zipapp(dest)``
 writes a self-contained executable (a zipapp with only ``merbridge/cni/*.py``

@@ -8,6 +8,11 @@ handlers start from a validated config. Our keys:
 ``timeoutSeconds``     per request to the daemon (default 10)
 ``excludeNamespaces``  pods here pass straight through (default kube-system, istio-system)
 ``logLevel``           debug | info | warning | error (default info)
+``failOpen``           true (default): an ADD the daemon cannot serve (unreachable, or
+                       "try again later") succeeds, passing prevResult through, and is
+                       remembered in ``pendingDir`` for the daemon to replay; false: it
+                       fails with code 11 (try again later), as before
+``pendingDir``         where remembered ADDs go (default /var/run/merbridge/pending)
 
 ``prevResult`` is kept exactly as received: the plugin prints it back unchanged.
 """
@@ -21,6 +26,9 @@ DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 300.0
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system", "istio-system")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_FAIL_OPEN = True
+#: the daemon's default --state-dir + "/pending" (daemon/config.py)
+DEFAULT_PENDING_DIR = "/var/run/merbridge/pending"
 #: sun_path is 108 bytes including the terminating NUL
 MAX_SOCKET_PATH = 107
 #: the spec's reserved GC key, and the spelling libcni also sends (cni#1101)
@@ -31,12 +39,14 @@ class NetConf:
     """The validated config of one invocation."""
 
     __slots__ = ("name", "cni_version", "socket_path", "timeout", "exclude_namespaces",
-                 "log_level", "prev_result")
+                 "log_level", "prev_result", "fail_open", "pending_dir")
 
     def __init__(self, name: str, cni_version: str, socket_path: str = DEFAULT_SOCKET_PATH,
                  timeout: float = DEFAULT_TIMEOUT,
                  exclude_namespaces: tuple = DEFAULT_EXCLUDE_NAMESPACES,
-                 log_level: str = "info", prev_result: dict | None = None) -> None:
+                 log_level: str = "info", prev_result: dict | None = None,
+                 fail_open: bool = DEFAULT_FAIL_OPEN,
+                 pending_dir: str = DEFAULT_PENDING_DIR) -> None:
         self.name = name
         self.cni_version = cni_version
         self.socket_path = socket_path
@@ -44,6 +54,8 @@ class NetConf:
         self.exclude_namespaces = exclude_namespaces
         self.log_level = log_level
         self.prev_result = prev_result
+        self.fail_open = fail_open
+        self.pending_dir = pending_dir
 
 
 def _bad(key: str, why: str) -> CniError:
@@ -75,8 +87,17 @@ def parse_netconf(config: dict) -> NetConf:
     if prev is not None and not isinstance(prev, dict):
         raise _bad("prevResult", "must be a JSON object")
 
+    fail_open = config.get("failOpen", DEFAULT_FAIL_OPEN)
+    if not isinstance(fail_open, bool):
+        raise _bad("failOpen", "must be true or false")
+
+    pending_dir = config.get("pendingDir", DEFAULT_PENDING_DIR)
+    if not isinstance(pending_dir, str) or not pending_dir.startswith("/") \
+            or len(pending_dir) > 4096 or "\0" in pending_dir:
+        raise _bad("pendingDir", "must be an absolute path")
+
     return NetConf(config["name"], config.get("cniVersion") or "", socket_path, float(timeout),
-                   tuple(exclude), log_level, prev)
+                   tuple(exclude), log_level, prev, fail_open, pending_dir)
 
 
 def parse_cni_args(text: str) -> dict:

@@ -1,11 +1,16 @@
 """The plugin's commands: parse, forward to the daemon, pass prevResult through.
 
 ADD   needs a prevResult (we are a chained plugin). Pods named in CNI_ARGS and
-      not in ``excludeNamespaces`` are forwarded; if the daemon cannot be
-      reached the ADD fails with code 11 (try again later), so a pod that
-      should be meshed never starts without interception. The output is
+      not in ``excludeNamespaces`` are forwarded. If the daemon cannot be
+      reached, or answers code 11 (try again later), then with ``failOpen``
+      (the default) the ADD succeeds and is remembered in ``pendingDir``
+      (``pending.py``), which the daemon replays when it is back -- the pod is
+      never blocked by merbridge, and Istio's own iptables rules intercept it
+      meanwhile; without ``failOpen`` it fails with code 11, so a pod that
+      should be meshed never starts without merbridge. The output is
       prevResult, unchanged, with the config's cniVersion.
 DEL   always succeeds: repeated, daemon down, netns gone, even a bad config.
+      It forgets a remembered ADD of the container.
       Problems are logged on stderr; the daemon reconciles from pod events
       and its GC.
 CHECK forwards; fails when the daemon is down or has no state for the pod.
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import json
 
-from . import errors, netconf, protocol, skel
+from . import errors, netconf, pending, protocol, skel
 from .errors import CniError
 
 
@@ -41,9 +46,22 @@ def _unavailable():
     return DaemonUnavailable
 
 
+def invocation(cmd: skel.CmdArgs) -> protocol.ExecRequest:
+    """The invocation ``cmd`` came from, as the wire record (env as bytes, stdin)."""
+    values = {"CNI_COMMAND": cmd.command, "CNI_CONTAINERID": cmd.container_id,
+              "CNI_NETNS": cmd.netns, "CNI_IFNAME": cmd.ifname, "CNI_ARGS": cmd.args,
+              "CNI_PATH": cmd.path, "CNI_NETNS_OVERRIDE": cmd.netns_override}
+    return protocol.ExecRequest({k: v.encode("utf-8", "surrogateescape")
+                                 for k, v in values.items() if v}, cmd.stdin_data)
+
+
 class Plugin:
-    def __init__(self, client_factory=default_client) -> None:
+    """``replay``: this is the daemon replaying a remembered ADD, which is never
+    remembered again (its code 11 goes back to the replayer)."""
+
+    def __init__(self, client_factory=default_client, replay: bool = False) -> None:
         self.client_factory = client_factory
+        self.replay = replay
         self.log = skel.Log(None, "error")
 
     def configure_log(self, cmd: skel.CmdArgs, log: skel.Log) -> None:
@@ -100,13 +118,34 @@ class Plugin:
         pod = self._target(cmd, conf)
         if pod is not None:
             req = self._request(cmd, conf, pod)
-            extras = self._call(conf, req)
+            try:
+                extras = self._call(conf, req)
+            except CniError as e:
+                if e.code != errors.TRY_AGAIN_LATER or not conf.fail_open or self.replay:
+                    raise
+                self._remember(cmd, conf, pod, e)
+                return out
             self.log.info(f"ADD {pod} {cmd.container_id} {list(req.ips)}: enrolled {extras}")
         return out
+
+    def _remember(self, cmd: skel.CmdArgs, conf: netconf.NetConf, pod: netconf.Pod,
+                  why: CniError) -> None:
+        """failOpen: the pod starts now; the daemon enrols it from the record later."""
+        try:
+            where = pending.remember(conf.pending_dir, cmd.container_id,
+                                     invocation(cmd).to_json())
+        except (OSError, protocol.ProtocolError) as e:
+            where = f"nowhere ({e}); the daemon finds the pod by its IP"
+        self.log.warning(f"ADD {pod} {cmd.container_id}: {why}; passing through (failOpen), "
+                         f"remembered in {where}")
 
     def delete(self, cmd: skel.CmdArgs) -> None:
         try:
             conf = netconf.parse_netconf(cmd.config)
+            try:
+                pending.forget(conf.pending_dir, cmd.container_id)
+            except OSError as e:
+                self.log.warning(f"DEL {cmd.container_id}: cannot forget its ADD: {e}")
             pod = self._target(cmd, conf)
             if pod is None:
                 return None

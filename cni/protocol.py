@@ -16,7 +16,17 @@ Endpoints:
 ``POST /v1/cni/check``      ``CniRequest``  200 ``AddReply`` (empty); else ``ErrorReply``
 ``POST /v1/cni/gc``         ``CniRequest``  200 ``AddReply`` (empty); else ``ErrorReply``
 ``GET  /v1/status``         (none)          200 or 503 ``StatusReply``
+``POST /v1/cni/exec``       ``ExecRequest`` 200 ``ExecReply``; else ``ErrorReply``
 ==========================  ==============  =========================================
+
+``/v1/cni/exec`` is what the node's static plugin executable (``cni/static``)
+sends: the invocation itself (the ``CNI_*`` variables and stdin, as bytes),
+which the daemon runs through this package's skel and plugin in-process
+(``cni/inprocess.py``) and answers with what the plugin would have printed
+and its exit status. The same record is what a fail-open ADD leaves in the
+pending directory when no daemon answers (``plugin.py``), for the daemon to
+replay when it is back. Go's copies of these names are generated from this
+module (``cni/gocontract.py``; ``tests/unit/test_static_plugin.py`` checks).
 
 An ``ErrorReply`` carries a CNI code (spec codes, or ours from 100) which the
 plugin re-emits to the runtime unchanged.
@@ -31,7 +41,11 @@ PATHS = {"ADD": API + "/cni/add", "DEL": API + "/cni/del",
          "CHECK": API + "/cni/check", "GC": API + "/cni/gc"}
 COMMAND_OF_PATH = {path: command for command, path in PATHS.items()}
 STATUS_PATH = API + "/status"
+EXEC_PATH = API + "/cni/exec"
 CONTENT_TYPE = "application/json"
+#: the variables an ExecRequest carries: the CNI spec's, as the skel reads them
+EXEC_ENV = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS",
+            "CNI_PATH", "CNI_NETNS_OVERRIDE")
 
 #: caps that bound what either side must buffer or trust
 MAX_BODY = 1 << 20
@@ -41,6 +55,10 @@ MAX_IPS = 64
 MAX_INTERFACES = 64
 MAX_ATTACHMENTS = 8192
 MAX_RESULT_KEYS = 64
+#: stdin beyond this is refused by the skel (code 6); the executable forwards at most one more byte
+MAX_STDIN = 1 << 20
+#: an ExecRequest/ExecReply carries up to MAX_STDIN + 1 bytes of stdin or output, base64-encoded
+MAX_EXEC_BODY = 2 << 20
 
 
 class ProtocolError(ValueError):
@@ -121,9 +139,9 @@ def _list(obj: dict, key: str, limit: int) -> list:
     return value
 
 
-def _object(data: bytes) -> dict:
-    if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_BODY:
-        raise ProtocolError(f"body must be at most {MAX_BODY} bytes")
+def _object(data: bytes, limit: int = MAX_BODY) -> dict:
+    if not isinstance(data, (bytes, bytearray)) or len(data) > limit:
+        raise ProtocolError(f"body must be at most {limit} bytes")
     try:
         obj = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -305,3 +323,71 @@ class StatusReply(_Record):
         if not isinstance(obj.get("ready"), bool):
             raise ProtocolError("'ready' must be a boolean")
         return cls(obj["ready"], _str(obj, "detail", MAX_PATH))
+
+
+def _b64(obj: dict, key: str, limit: int) -> bytes:
+    import base64
+    value = obj.get(key, "")
+    if not isinstance(value, str) or len(value) > (limit + 2) // 3 * 4:
+        raise ProtocolError(f"{key!r} must be base64 of at most {limit} bytes")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        raise ProtocolError(f"{key!r} is not base64") from None
+
+
+def _b64text(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode("ascii")
+
+
+class ExecRequest(_Record):
+    """One invocation of the plugin executable: its ``CNI_*`` variables (only the
+    names of ``EXEC_ENV``, values as bytes) and its stdin."""
+
+    __slots__ = ("env", "stdin")
+    _fields = (("env", {}), ("stdin", b""))
+
+    def _check(self) -> None:
+        if not isinstance(self.env, dict) or not all(
+                k in EXEC_ENV and isinstance(v, bytes) and len(v) <= MAX_PATH
+                for k, v in self.env.items()):
+            raise ProtocolError(f"env must map names of {EXEC_ENV} to at most {MAX_PATH} bytes")
+        if not isinstance(self.stdin, bytes) or len(self.stdin) > MAX_STDIN + 1:
+            raise ProtocolError(f"stdin must be at most {MAX_STDIN + 1} bytes")
+
+    def getenv(self, name: str) -> str | None:
+        """The variable as ``os.environ`` would show it (undecodable bytes as surrogates)."""
+        value = self.env.get(name)
+        return None if value is None else value.decode("utf-8", "surrogateescape")
+
+    def to_json(self) -> bytes:
+        return _dump({"env": {k: _b64text(v) for k, v in sorted(self.env.items())},
+                      "stdin": _b64text(self.stdin)})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ExecRequest:
+        obj = _object(data, MAX_EXEC_BODY)
+        env = obj.get("env", {})
+        if not isinstance(env, dict) or len(env) > len(EXEC_ENV):
+            raise ProtocolError("'env' must be an object")
+        return cls({k: _b64(env, k, MAX_PATH) for k in env}, _b64(obj, "stdin", MAX_STDIN + 1))
+
+
+class ExecReply(_Record):
+    """What the plugin printed (stdout, stderr) and its exit status."""
+
+    __slots__ = ("exit", "stdout", "stderr")
+    _fields = (("exit", 0), ("stdout", b""), ("stderr", b""))
+
+    def to_json(self) -> bytes:
+        return _dump({"exit": self.exit, "stdout": _b64text(self.stdout),
+                      "stderr": _b64text(self.stderr[-MAX_STDIN:])})
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ExecReply:
+        obj = _object(data, MAX_EXEC_BODY)
+        code = obj.get("exit")
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 255:
+            raise ProtocolError("'exit' must be an integer in 0..255")
+        return cls(code, _b64(obj, "stdout", MAX_STDIN + 1), _b64(obj, "stderr", MAX_STDIN))

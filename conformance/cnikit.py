@@ -45,10 +45,14 @@ class CniNetwork:
     subnet6: str
     bridge: str
     log_level: str = "debug"
+    #: failOpen of the merbridge-cni entry; remembered ADDs go to pending_dir
+    fail_open: bool = False
+    pending_dir: str = ""
 
     def plugin_conf(self) -> dict:
         return {"type": "merbridge-cni", "socketPath": self.socket_path, "timeoutSeconds": 5,
-                "logLevel": self.log_level}
+                "logLevel": self.log_level, "failOpen": self.fail_open,
+                "pendingDir": self.pending_dir or os.path.join(self.conf_dir, "pending")}
 
     def conflist(self, chained: bool = True) -> dict:
         """The whole chain, or (``chained=False``) only the primary plugin: what a

@@ -6,7 +6,8 @@
 * ``network_factory`` chained conflists (``cnikit.CniNetwork``) in tmp dirs; removes
                      the libcni result-cache entries their runs created;
 * ``cnitool``        ``cnikit.Cnitool`` bound to the node netns and the plugin dir;
-* ``plugin_exe``     the node executable (zipapp) built from this checkout;
+* ``plugin_exe``     the node executable (static, ``scripts/build-cni``) built from this
+                     checkout; the real daemon installs the same file (MERBRIDGE_CNI_PLUGIN);
 * ``run_plugin``     invokes the plugin directly, the way libcni would (STATUS, GC);
 * ``fake_daemon``    the daemon's ``CniServer`` with ``cnikit.RecordingHandler``;
 * ``daemon_world``   (module) the REAL daemon, ``merbridge run --cni-mode=true``, in
@@ -77,8 +78,18 @@ def node(netns_factory) -> str:
 @pytest.fixture(scope="session")
 def plugin_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("cni-bin")
-    build_zipapp(str(d / "merbridge-cni"))
+    exe = str(d / "merbridge-cni")
+    subprocess.run([os.path.join(os.path.dirname(HERE), "scripts", "build-cni"), exe],
+                   check=True)
+    os.environ["MERBRIDGE_CNI_PLUGIN"] = exe      # for the daemons the suite starts
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def zipapp_exe(tmp_path_factory) -> str:
+    """The Python plugin (the fallback without a static build), for comparison."""
+    d = tmp_path_factory.mktemp("cni-zipapp")
+    return build_zipapp(str(d / "merbridge-cni"))
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +180,7 @@ class DaemonWorld:
 
 
 @pytest.fixture(scope="module")
-def daemon_world(request, tmp_path_factory):
+def daemon_world(request, tmp_path_factory, plugin_dir):
     """The module's real daemon; a module may set ``DAEMON_ARGS`` (extra
     ``merbridge run`` options, e.g. ``("--hardware-checksum=true",)``)."""
     from merbridge.bpf import loader

@@ -74,7 +74,8 @@ class MerbridgeDaemon:
                 f"--state-dir={self.state_dir}", f"--cni-bin-dir={self.bin_dir}",
                 f"--cni-conf-dir={self.conf_dir}", f"--socket-path={self.socket}",
                 f"--pods-dir={self.pods_dir}", "--metrics-addr=127.0.0.1:0",
-                "--node-name=conformance", *self.extra_args]
+                "--node-name=conformance", f"--netns-dir={self.root}/netns", "--proc-path=",
+                *self.extra_args]
 
     def start(self, timeout: float = 120) -> None:
         with open(self.log_path, "ab") as log:

@@ -9,6 +9,7 @@ GC) are invoked directly, the way libcni would.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -129,7 +130,9 @@ def test_del_with_the_daemon_down(v, cnitool, network_factory, netns_factory, fa
 @pytest.mark.parametrize("v", CHAIN_VERSIONS)
 def test_add_with_the_daemon_down_fails_with_try_again_later(v, cnitool, network_factory,
                                                              netns_factory, run_plugin, tmp_path):
+    """failOpen false (``--cni-fail-open=false``): the fail-closed behaviour."""
     net, pod = network_factory(v), netns_factory("pod")   # nothing listens on the socket
+    assert net.fail_open is False
     p = cnitool("add", net, pod)
     assert p.returncode != 0
     assert "merbridge daemon unavailable, try again later" in p.stderr
@@ -215,3 +218,26 @@ def test_gc_keeps_only_valid_attachments(cnitool, network_factory, netns_factory
     assert rc == 1 and out["code"] == 11
     for pod in pods:
         assert cnitool("del", net, pod).returncode == 0
+
+
+@pytest.mark.parametrize("v", CHAIN_VERSIONS)
+def test_add_with_the_daemon_down_passes_when_fail_open(v, cnitool, network_factory,
+                                                        netns_factory, run_plugin):
+    """failOpen (the daemon's default): the pod starts, prevResult passes through, and
+    the ADD is remembered for the daemon; the runtime's DEL forgets it."""
+    net, pod = network_factory(v), netns_factory("pod")   # nothing listens on the socket
+    net.fail_open = True
+    net.write()
+    p = cnitool("add", net, pod)
+    assert p.returncode == 0, p.stderr
+    assert "passing through (failOpen)" in p.stderr
+    result = json.loads(p.stdout)
+    assert sorted(ip["address"] for ip in result["ips"]) == pod_addresses(pod)
+    pending_dir = net.plugin_conf()["pendingDir"]
+    [name] = os.listdir(pending_dir)
+    record = json.load(open(os.path.join(pending_dir, name)))
+    assert name == cnitool_container_id(netns_path(pod)) + ".json" and "stdin" in record
+    p = cnitool("del", net, pod)
+    assert p.returncode == 0, p.stderr
+    assert os.listdir(pending_dir) == []
+    assert net.allocated_ips() == [] and node_veths(cnitool.node) == []

@@ -127,13 +127,25 @@ def main() -> None:
              "are; searched at start for pods that started while no daemon ran.")
 @click.option("--exclude-namespaces", default=",".join(cfgmod.DEFAULT_EXCLUDE_NAMESPACES),
               show_default=True, metavar="NS,...", help="Namespaces never intercepted.")
+@path_option("--cni-plugin", None, "CNI mode: the merbridge-cni executable to install "
+             "(scripts/build-cni) [default: the first of "
+             + ", ".join(cfgmod.DEFAULT_CNI_PLUGIN_PATHS) + "].", envvar="MERBRIDGE_CNI_PLUGIN")
+@click.option("--cni-fail-open", type=click.BOOL, default=True, is_flag=False, flag_value=True,
+              metavar="true|false", show_default=True,
+              help="CNI mode: an ADD while the daemon is down or cannot serve it succeeds "
+              "(Istio's iptables intercept the pod meanwhile) and the daemon enrols the pod when "
+              "back; false: it fails with code 11 (try again later).")
+@path_option("--proc-path", cfgmod.DEFAULT_PROC_PATH, "CNI mode: the node's /proc, searched "
+             "for the network namespaces of pods started while no daemon ran ('' : only "
+             "--netns-dir is searched).")
 @click.option("-d", "--debug", is_flag=True, help="Verbose logs.")
 def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kubeconfig: str | None,
         pods_dir: str | None, cgroup_path: str | None, bpffs_path: str, cni_bin_dir: str,
         cni_conf_dir: str, socket_path: str, metrics_addr: str, state_dir: str,
         exclude_namespaces: str, debug: bool, ambient: bool = False,
         netns_dir: str = cfgmod.DEFAULT_NETNS_DIR,
-        ztunnel_namespace: str = cfgmod.DEFAULT_ZTUNNEL_NAMESPACE,
+        ztunnel_namespace: str = cfgmod.DEFAULT_ZTUNNEL_NAMESPACE, cni_plugin: str | None = None,
+        cni_fail_open: bool = True, proc_path: str = cfgmod.DEFAULT_PROC_PATH,
         inbound_hook: str = "tc") -> None:
     """Run the node daemon until SIGTERM."""
     configure_logging(debug)
@@ -144,7 +156,8 @@ def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kube
         bpffs_path=bpffs_path, cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir,
         socket_path=socket_path, metrics_addr=metrics_addr, state_dir=state_dir,
         exclude_namespaces=tuple(n.strip() for n in exclude_namespaces.split(",") if n.strip()),
-        debug=debug, ambient=ambient, netns_dir=netns_dir, ztunnel_namespace=ztunnel_namespace)
+        debug=debug, ambient=ambient, netns_dir=netns_dir, ztunnel_namespace=ztunnel_namespace,
+        cni_plugin=cni_plugin or "", fail_open=cni_fail_open, proc_path=proc_path or "")
     try:
         config = config.validate()
     except cfgmod.ConfigError as exc:
@@ -192,6 +205,11 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
             out["pods"] = _enrolled_pods(maps, state_dir)
         finally:
             maps.close()
+    try:  # CNI mode: what the reconciler brought in and what it still looks for
+        with open(os.path.join(state_dir, "reconcile.json")) as f:
+            out["reconcile"] = json.load(f)
+    except (OSError, ValueError):
+        pass
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -207,6 +225,14 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
         mark = f" mark={pod['mark']}" if pod.get("mark") else ""
         click.echo(f"  {pod['ip']:<39} {who}{mark}")
         click.echo(f"    {pod['policy']}")
+    rec = out.get("reconcile")
+    if isinstance(rec, dict):
+        ago = time.time() - float(rec.get("time", 0))
+        click.echo(f"reconciled: {ago:.0f}s ago: {rec.get('replayed', 0)} replayed, "
+                   f"{rec.get('adopted', 0)} adopted, {rec.get('dropped', 0)} dropped; "
+                   f"pending ADDs: {', '.join(rec.get('pending') or []) or 'none'}; "
+                   f"in the mesh but not enrolled: "
+                   f"{', '.join(rec.get('unenrolled') or []) or 'none'}")
     click.echo("maps:")
     for name, n in sorted(out.get("map_entries", {}).items()):
         click.echo(f"  {name}: {n}")
@@ -281,8 +307,11 @@ INSTALL_STATE = "cni-install.json"
 def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,
                plugin: str | None, state_dir: str) -> Any:
     from merbridge.daemon import install
+    plugin = cfgmod.cni_plugin_path(plugin or "")
     if plugin is None:
         from merbridge.cni import main as cni_main
+        click.echo("merbridge: no static merbridge-cni built (scripts/build-cni); installing the "
+                   "Python one, which needs python3 on the node", err=True)
         os.makedirs(state_dir, exist_ok=True)
         plugin = cni_main.build_zipapp(os.path.join(state_dir, "merbridge-cni"))
     return install.Installer(cni_bin_dir, cni_conf_dir, plugin,
@@ -296,7 +325,8 @@ def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,
 @conf_dir_option
 @socket_option
 @state_option
-@path_option("--plugin", None, "merbridge-cni executable to copy [default: built from this install].")
+@path_option("--plugin", None, "merbridge-cni executable to copy [default: the static build, "
+             "see run --cni-plugin].", envvar="MERBRIDGE_CNI_PLUGIN")
 def install_cni(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str, state_dir: str,
                 plugin: str | None) -> None:
     """Copy merbridge-cni and chain it into the primary CNI config (once; `run` keeps it there)."""

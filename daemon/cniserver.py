@@ -16,6 +16,13 @@ This module is the single place where exceptions become error replies:
 Every branch returns right after writing its reply (Go merbridge's handlers
 did not, and went on after a 500).
 
+``POST /v1/cni/exec`` carries a whole invocation of the node's static plugin
+executable (``protocol.ExecRequest``); it is run in-process through
+``merbridge.cni.inprocess`` (the plugin's own skel and commands), whose calls
+reach the handler through ``local_post``/``local_status`` with the same
+answers the socket would give, and whose "plugin's own netns" is the peer's
+(``/proc/<SO_PEERCRED pid>/ns/net``).
+
 Besides the plugin's endpoints (``protocol.PATHS``, ``STATUS_PATH``) the socket
 serves ``POST /v1/drain`` for ``merbridge drain`` (the DaemonSet's preStop),
 when the handler has a ``drain()``; ``request_drain`` is its client. The reply
@@ -162,6 +169,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
         except OSError:
             return
+        self._peer_pid = pid
         if uid not in self.server.allowed_uids:
             self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
             log.warning("cni socket: refused pid %d uid %d", pid, uid)
@@ -190,15 +198,15 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except OSError as e:
             log.debug("cni socket: reply not delivered: %s", e)
 
-    def _body(self) -> bytes:
+    def _body(self, limit: int = protocol.MAX_BODY) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise _Reject(411, DECODING_FAILURE, "chunked bodies are not accepted")
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise _Reject(411, DECODING_FAILURE, "Content-Length required")
-        if int(length) > protocol.MAX_BODY:
+        if int(length) > limit:
             raise _Reject(413, DECODING_FAILURE, "request too large",
-                          f"limit {protocol.MAX_BODY} bytes")
+                          f"limit {limit} bytes")
         data = self.rfile.read(int(length))
         if len(data) != int(length):
             raise _Reject(408, DECODING_FAILURE, "request body incomplete or too slow")
@@ -217,57 +225,78 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._body()
             log.info("cni socket: drain requested")
             return 200, protocol.StatusReply(False, str(self.server.handler.drain()))
+        if self.path == protocol.EXEC_PATH:
+            from merbridge.cni import inprocess
+            req = protocol.ExecRequest.from_json(self._body(protocol.MAX_EXEC_BODY))
+            return 200, inprocess.execute(req, self.server.local_post, self.server.local_status,
+                                          same_netns=self._in_peer_netns)
         command = protocol.COMMAND_OF_PATH.get(self.path)
         if command is None:
             raise _Reject(404, INTERNAL, f"no such endpoint: POST {self.path[:100]}")
-        req = protocol.CniRequest.from_json(self._body(), command)
-        handler = self.server.handler
-        log.debug("cni socket: %s %s %s/%s", command, req.container_id, req.pod_namespace,
-                  req.pod_name)
-        if command == "ADD":
-            extras = handler.add(req) or {}
-            return 200, protocol.AddReply(dict(extras))
-        {"DEL": handler.delete, "CHECK": handler.check, "GC": handler.gc}[command](req)
-        return 200, protocol.AddReply()
+        return _forward(self.server.handler,
+                        protocol.CniRequest.from_json(self._body(), command))
+
+    def _in_peer_netns(self, path: str) -> bool:
+        """Whether ``path`` is the network namespace of the plugin process we serve."""
+        try:
+            ours = os.stat(f"/proc/{int(self._peer_pid)}/ns/net")
+            theirs = os.stat(path)
+        except (OSError, ValueError):
+            return False
+        return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
     def _get(self) -> tuple[int, Any]:
         if self.path != protocol.STATUS_PATH:
             raise _Reject(404, INTERNAL, f"no such endpoint: GET {self.path[:100]}")
         self._drained = True
         self._deadline.cancel()
-        try:
-            state = self.server.handler.status()
-        except Exception as e:
-            coded = _coded(e)
-            if coded is None:
-                raise
-            state = (False, f"{coded[1]}: {coded[2]}" if coded[2] else coded[1])
-        ready, detail = (True, "ready") if state is None else state
-        return (200 if ready else 503), protocol.StatusReply(bool(ready), str(detail))
+        return _status(self.server.handler)
 
     def _serve(self, route) -> None:
-        """The one place where exceptions become replies; each branch returns at once."""
-        try:
-            status, reply = route()
-        except _Reject as e:
-            self._send(e.status, e.reply)
-            return
-        except protocol.ProtocolError as e:
-            self._send(400, protocol.ErrorReply(DECODING_FAILURE, "invalid request", str(e)))
-            return
-        except Exception as e:
-            coded = _coded(e)
-            if coded is not None:
-                code, msg, details = coded
-                log.info("cni socket: %s failed: code %d: %s %s", self.path, code, msg, details)
-                http = 503 if code in (TRY_AGAIN_LATER, NOT_AVAILABLE) else 500
-                self._send(http, protocol.ErrorReply(code, msg, details[:protocol.MAX_PATH]))
-                return
-            log.exception("cni socket: %s failed unexpectedly", self.path)
-            self._send(500, protocol.ErrorReply(INTERNAL, "internal error in merbridge daemon",
-                                                f"{type(e).__name__}: {e}"[:500]))
-            return
-        self._send(status, reply)
+        self._send(*_answer(route, self.path))
+
+
+def _forward(handler: Any, req: protocol.CniRequest) -> tuple[int, Any]:
+    """One plugin command to the handler: (200, AddReply)."""
+    log.debug("cni socket: %s %s %s/%s", req.command, req.container_id, req.pod_namespace,
+              req.pod_name)
+    if req.command == "ADD":
+        extras = handler.add(req) or {}
+        return 200, protocol.AddReply(dict(extras))
+    {"DEL": handler.delete, "CHECK": handler.check, "GC": handler.gc}[req.command](req)
+    return 200, protocol.AddReply()
+
+
+def _status(handler: Any) -> tuple[int, Any]:
+    try:
+        state = handler.status()
+    except Exception as e:
+        coded = _coded(e)
+        if coded is None:
+            raise
+        state = (False, f"{coded[1]}: {coded[2]}" if coded[2] else coded[1])
+    ready, detail = (True, "ready") if state is None else state
+    return (200 if ready else 503), protocol.StatusReply(bool(ready), str(detail))
+
+
+def _answer(route, what: str) -> tuple[int, Any]:
+    """The one place where exceptions become replies: (HTTP status, reply record)."""
+    try:
+        return route()
+    except _Reject as e:
+        return e.status, e.reply
+    except protocol.ProtocolError as e:
+        return 400, protocol.ErrorReply(DECODING_FAILURE, "invalid request", str(e))
+    except Exception as e:
+        coded = _coded(e)
+        if coded is not None:
+            code, msg, details = coded
+            log.info("cni socket: %s failed: code %d: %s %s", what, code, msg, details)
+            http = 503 if code in (TRY_AGAIN_LATER, NOT_AVAILABLE) else 500
+            return http, protocol.ErrorReply(code, msg, details[:protocol.MAX_PATH])
+        log.exception("cni socket: %s failed unexpectedly", what)
+        return 500, protocol.ErrorReply(INTERNAL, "internal error in merbridge daemon",
+                                        f"{type(e).__name__}: {e}"[:500])
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
@@ -282,6 +311,13 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
         self.allowed_uids = allowed_uids
         self.request_timeout = request_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+
+    # the in-process plugin's way to the handler (merbridge.cni.inprocess)
+    def local_post(self, req: protocol.CniRequest) -> tuple[int, Any]:
+        return _answer(lambda: _forward(self.handler, req), protocol.PATHS[req.command])
+
+    def local_status(self) -> tuple[int, Any]:
+        return _answer(lambda: _status(self.handler), protocol.STATUS_PATH)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -379,6 +415,13 @@ class CniServer:
         finally:
             probe.close()
         raise ServerError(f"another process is serving {self.socket_path}")
+
+    def local_post(self, req: protocol.CniRequest) -> tuple[int, Any]:
+        """A plugin command answered as over the socket (for ``merbridge.cni.inprocess``)."""
+        return self._server.local_post(req)
+
+    def local_status(self) -> tuple[int, Any]:
+        return self._server.local_status()
 
     def stop(self) -> None:
         """Stop accepting, close the socket and remove the path if it is still ours."""

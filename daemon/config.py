@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field, replace
 
 from merbridge.bpf import mesh as meshes
@@ -19,6 +20,14 @@ DEFAULT_SOCKET_PATH = "/var/run/merbridge-cni.sock"
 DEFAULT_STATE_DIR = "/var/run/merbridge"
 #: where the runtime's pod network namespaces are (named, as ``ip netns`` keeps them)
 DEFAULT_NETNS_DIR = "/var/run/netns"
+#: the node's merbridge-cni executable (the static build of cni/static): where the
+#: image puts it (deploy/Dockerfile), then where scripts/prepare-host puts it
+DEFAULT_CNI_PLUGIN_PATHS = ("/usr/local/lib/merbridge/merbridge-cni",
+                            os.path.join(sys.prefix, "libexec", "merbridge", "merbridge-cni"))
+#: where the node's processes are seen (the DaemonSet mounts the host's at /host/proc)
+DEFAULT_PROC_PATH = "/proc"
+#: CNI mode: seconds between passes that enrol remembered and unseen pods
+DEFAULT_RECONCILE_INTERVAL = 1.0
 #: see merbridge.daemon.metrics for why this address
 DEFAULT_METRICS_ADDR = "127.0.0.1:15990"
 #: as istio-cni: system pods and Istio's own control plane are never intercepted
@@ -26,6 +35,13 @@ DEFAULT_METRICS_ADDR = "127.0.0.1:15990"
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system", "istio-system")
 #: ambient mode: the namespace the node's ztunnel runs in (Istio's default)
 DEFAULT_ZTUNNEL_NAMESPACE = "istio-system"
+
+
+def cni_plugin_path(explicit: str = "") -> str | None:
+    """The plugin executable to install: ``explicit``, else the first built one found."""
+    if explicit:
+        return explicit
+    return next((p for p in DEFAULT_CNI_PLUGIN_PATHS if os.access(p, os.X_OK)), None)
 
 
 class ConfigError(ValueError):
@@ -71,14 +87,26 @@ class DaemonConfig:
     socket_path: str = DEFAULT_SOCKET_PATH
     metrics_addr: str = DEFAULT_METRICS_ADDR
     state_dir: str = DEFAULT_STATE_DIR
-    #: CNI mode: searched at start-up for pods that started while no daemon ran
+    #: CNI mode: searched for pods that started while no daemon ran
     netns_dir: str = DEFAULT_NETNS_DIR
+    #: CNI mode: the plugin executable to install ("" = the first of DEFAULT_CNI_PLUGIN_PATHS)
+    cni_plugin: str = ""
+    #: CNI mode: an ADD the daemon cannot serve passes (and is replayed later) instead of failing
+    fail_open: bool = True
+    #: CNI mode: the node's /proc, searched for the netns of pods started while no daemon ran
+    proc_path: str = DEFAULT_PROC_PATH
+    reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
     exclude_namespaces: tuple[str, ...] = field(default=DEFAULT_EXCLUDE_NAMESPACES)
     debug: bool = False
     #: Istio ambient mode (docs/ambient.md): pods by label -> node's ztunnel
     ambient: bool = False
     #: only an ``app=ztunnel`` pod in this namespace is the node's ztunnel
     ztunnel_namespace: str = DEFAULT_ZTUNNEL_NAMESPACE
+
+    @property
+    def pending_dir(self) -> str:
+        """Where the plugin remembers the ADDs no daemon served (cni/pending.py)."""
+        return os.path.join(self.state_dir, "pending")
 
     @property
     def mode(self) -> str:
@@ -99,6 +127,9 @@ class DaemonConfig:
         if self.ambient and not self.ztunnel_namespace:
             raise ConfigError("--ztunnel-namespace is empty: ambient mode needs the namespace "
                               "the node's ztunnel runs in (Istio's default: istio-system)")
+        if self.cni_plugin and not os.access(self.cni_plugin, os.X_OK):
+            raise ConfigError(f"--cni-plugin {self.cni_plugin} is not an executable file "
+                              "(build it with scripts/build-cni)")
         cgroup = self.cgroup_path or find_cgroup2_mount()
         if not cgroup:
             raise ConfigError("no cgroup v2 mount found in /proc/mounts; mount one "

@@ -50,15 +50,22 @@ class InstallError(Exception):
 
 
 def plugin_entry(socket_path: str, mode: str = "istio", log_level: str = "info",
-                 exclude_namespaces: Iterable[str] | None = None) -> dict:
+                 exclude_namespaces: Iterable[str] | None = None,
+                 fail_open: bool | None = None, pending_dir: str | None = None) -> dict:
     """The conflist entry the daemon chains in (read by merbridge-cni's netconf parser).
 
     ``exclude_namespaces`` (the daemon's ``--exclude-namespaces``) becomes the
     plugin's ``excludeNamespaces``, so the plugin passes exactly those pods
-    straight through; without it the plugin's own default applies."""
+    straight through; without it the plugin's own default applies. Likewise
+    ``fail_open`` (``--cni-fail-open``) and ``pending_dir`` (in ``--state-dir``)
+    become ``failOpen`` and ``pendingDir``."""
     entry = {"type": PLUGIN_TYPE, "socketPath": socket_path, "mode": mode, "logLevel": log_level}
     if exclude_namespaces is not None:
         entry["excludeNamespaces"] = list(exclude_namespaces)
+    if fail_open is not None:
+        entry["failOpen"] = fail_open
+    if pending_dir is not None:
+        entry["pendingDir"] = pending_dir
     return entry
 
 

@@ -115,6 +115,15 @@ class Metrics:
                                      "Time to handle a CNI request", ["command"], registry=r,
                                      buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.errors = Counter("merbridge_errors", "Errors by kind", ["kind"], registry=r)
+        # CNI mode: pods the ADD path missed (daemon down, not yet installed), see reconcile.py
+        self.pods_recovered = Counter("merbridge_pods_recovered", "Pods enrolled after their "
+                                      "CNI ADD: replayed (a remembered fail-open ADD) or adopted "
+                                      "(found by IP in the node's netns)", ["how"], registry=r)
+        self.pods_pending = Gauge("merbridge_pods_pending", "Remembered fail-open ADDs not "
+                                  "replayed yet", registry=r)
+        self.pods_unenrolled = Gauge("merbridge_pods_unenrolled", "In-mesh pods of this node "
+                                     "with an IP but not enrolled (netns not found yet)",
+                                     registry=r)
         self._maps = _MapCollector()
         r.register(self._maps)
         self._heap = _HeapCollector()

@@ -826,24 +826,59 @@ def netns_addresses(netns_dir: str) -> dict[str, list[tuple[str, str]]]:
     runtime creates it with its first pod). Only reads: nothing is created or
     changed in any namespace.
     """
+    found: dict[str, list[tuple[str, str]]] = {}
+    for path in _named_netns(netns_dir):
+        addrs = netns_addrs(path)
+        if addrs is not None:
+            found[path] = addrs
+    return found
+
+
+def _named_netns(netns_dir: str) -> list[str]:
     netns_dir = os.path.abspath(netns_dir)
     try:
         names = sorted(os.listdir(netns_dir))
     except FileNotFoundError:
-        return {}
+        return []
     except OSError as e:
         raise PodNetnsError(f"cannot list netns directory {netns_dir}: {e.strerror}") from None
-    found: dict[str, list[tuple[str, str]]] = {}
-    for name in names:
-        path = os.path.join(netns_dir, name)
+    return [os.path.join(netns_dir, name) for name in names]
+
+
+def netns_addrs(path: str) -> list[tuple[str, str]] | None:
+    """``[(ifname, ip), ...]`` in netns ``path`` but on ``lo``; None when ``path``
+    is not (or no longer) a network namespace other than ours."""
+    try:
+        with _ipr_path(path) as ipr:
+            ifnames = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            addrs = [(ifnames.get(a["index"]), a.get_attr("IFA_ADDRESS"))
+                     for a in ipr.get_addr()]
+    except (PodNetnsError, OSError, NetlinkError):
+        return None
+    return [(ifname, str(ipaddress.ip_address(ip))) for ifname, ip in addrs
+            if ifname and ifname != "lo" and ip]
+
+
+def node_netns(netns_dir: str, proc_path: str) -> dict[tuple[int, int], str]:
+    """``{(st_dev, st_ino): path}`` of every network namespace in use on the node:
+    the named ones in ``netns_dir`` (their path is what the runtime's CNI calls
+    carry), then those only a process holds, as ``<proc_path>/<pid>/ns/net``
+    (a runtime that does not name its pod namespaces, or a name removed while
+    the pod runs). Our own netns is left out. Only stat() calls."""
+    found: dict[tuple[int, int], str] = {}
+    own = os.stat("/proc/self/ns/net")
+    paths = _named_netns(netns_dir)
+    try:
+        pids = sorted((e for e in os.listdir(proc_path) if e.isdigit()), key=int)
+    except OSError:
+        pids = []
+    paths += [os.path.join(proc_path, pid, "ns", "net") for pid in pids]
+    for path in paths:
         try:
-            with _ipr_path(path) as ipr:
-                ifnames = {link["index"]: link.get_attr("IFLA_IFNAME")
-                           for link in ipr.get_links()}
-                addrs = [(ifnames.get(a["index"]), a.get_attr("IFA_ADDRESS"))
-                         for a in ipr.get_addr()]
-        except (PodNetnsError, OSError, NetlinkError):
-            continue
-        found[path] = [(ifname, str(ipaddress.ip_address(ip))) for ifname, ip in addrs
-                       if ifname and ifname != "lo" and ip]
+            st = os.stat(path)
+        except OSError:
+            continue          # gone meanwhile, or not ours to see
+        key = (st.st_dev, st.st_ino)
+        if key != (own.st_dev, own.st_ino) and _stat.S_ISREG(st.st_mode):
+            found.setdefault(key, path)
     return found

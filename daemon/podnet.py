@@ -194,9 +194,28 @@ class PodNet:
     def addresses(self, netns_path: str, ifname: str) -> list[str]:
         return netns.pod_addresses(netns_path, ifname)
 
-    def netns_addresses(self, netns_dir: str) -> dict[str, list[tuple[str, str]]]:
-        """The addresses in every named netns of ``netns_dir`` (``adopt``'s search)."""
-        return netns.netns_addresses(netns_dir)
+    def netns_addresses(self, netns_dir: str,
+                        proc_path: str | None = None) -> dict[str, list[tuple[str, str]]]:
+        """The addresses in every named netns of ``netns_dir`` (``adopt``'s search);
+        with ``proc_path`` also in the netns of every process on the node. Each
+        namespace is read once and remembered by inode while it exists (``adopt``
+        runs every second while a pod is unaccounted for)."""
+        if proc_path is None:
+            return netns.netns_addresses(netns_dir)
+        cache = self.__dict__.setdefault("_netns_cache", {})
+        seen = netns.node_netns(netns_dir, proc_path)
+        for key in list(cache):
+            if key not in seen:
+                del cache[key]
+        found = {}
+        for key, path in seen.items():
+            if key not in cache:
+                addrs = netns.netns_addrs(path)
+                if not addrs:      # not a netns, or not addressed yet: ask again next time
+                    continue
+                cache[key] = addrs
+            found[path] = cache[key]
+        return found
 
     # -- identity of the pod netns (H9: reliability) -------------------------------
     def check_netns(self, netns_path: str) -> str:

@@ -262,8 +262,10 @@ class Registry(Pieces):
             return rec
         now = netns_id(att.netns)
         with self._lock:
+            # the same netns under another path (adopt may know it as /proc/<pid>/ns/net)
             return next((r for r in self.records.values() if r.container_id.startswith(ADOPTED)
-                         and r.netns == att.netns and now in (None, r.netns_id)), None)
+                         and (r.netns == att.netns and now in (None, r.netns_id)
+                              or now is not None and r.netns_id == now)), None)
 
     # -- CNI commands ----------------------------------------------------
     def add(self, att: Attachment) -> None:
@@ -333,6 +335,12 @@ class Registry(Pieces):
                      uid=att.uid or pod_meta(pod)[2], ips=ips, phase=ADDING,
                      netns_id=netns_id(att.netns))
         with self._lock:
+            if att.container_id.startswith(ADOPTED) and any(
+                    r.netns == att.netns or (rec.netns_id and r.netns_id == rec.netns_id)
+                    or set(r.ips) & set(ips) for r in self.records.values()):
+                # the runtime's own ADD got there first: it enrols the pod
+                raise PodError(TRY_AGAIN_LATER, "pod is being enrolled by its CNI ADD",
+                               f"{att.namespace}/{att.name} in {att.netns}")
             used = self._keys_in_use()
             if len(used) >= bpftypes.MB_MAX_PODS:
                 raise PodError(NODE_FULL, "node pod limit reached",
@@ -503,56 +511,86 @@ class Registry(Pieces):
                     table.delete(cookie)
             self._save()
 
-    def adopt(self, pods: Iterable[dict], netns_dir: str) -> None:
+    def adopt(self, pods: Iterable[dict], netns_dir: str, proc_path: str | None = None) -> int:
         """Enrol each in-mesh pod of ``pods`` that has no record: find its netns in
-        ``netns_dir`` as the one whose interface carries the pod's primary IP and
+        ``netns_dir`` (and, with ``proc_path``, among the netns of the node's
+        processes) as the one whose interface carries the pod's primary IP and
         run the ADD path on it (marker, maps, XDP, policy, state record). A pod
-        that no netns matches, or several do, is left alone with a log line."""
+        that no netns matches, or several do, is left alone with a log line
+        (once per pod: the reconciler calls this every second). Returns how
+        many pods it enrolled; ``unaccounted`` is left holding the in-mesh pods
+        with an IP and no record that it could not enrol."""
+        self.unaccounted: list[str] = []
+        told = self.__dict__.setdefault("_adopt_told", set())
         find = getattr(self.podnet, "netns_addresses", None)
         if find is None:
-            return
+            return 0
         wanted = []
+        # this runs every second: records are indexed once, and a pod's verdict
+        # (in the mesh, its IPs) is kept while the pod source hands out the same
+        # object (a changed pod is a new object)
+        with self._lock:
+            uids: dict[tuple[str, str], list[str]] = {}
+            for r in self.records.values():
+                uids.setdefault((r.namespace, r.name), []).append(r.uid)
+        verdicts = self.__dict__.setdefault("_adopt_verdicts", {})
+        seen = {}
         for pod in pods:
-            try:
-                if self._matching(pod) or not self._in_mesh(pod):
-                    continue
-                ips = self._pod_ips(pod)
-            except PodError as exc:
-                log.warning("adopt: %s", exc)
-                continue
-            if ips:
-                wanted.append((pod, ips))
+            ns, name, uid = pod_meta(pod)
+            if any(not uid or not u or u == uid for u in uids.get((ns, name), ())):
+                continue                   # it has a record (as _matching)
+            key = (ns, name, uid, id(pod))
+            verdict = verdicts.get(key)
+            if verdict is None or verdict[0] is not pod:
+                try:
+                    ips = self._pod_ips(pod) if self._in_mesh(pod) else ()
+                except PodError as exc:
+                    log.warning("adopt: %s", exc)
+                    ips = ()
+                verdict = (pod, ips if not self._host_network(pod) else ())
+            seen[key] = verdict
+            if verdict[1]:
+                wanted.append((pod, verdict[1]))
+        verdicts.clear()
+        verdicts.update(seen)
         if not wanted:
-            return
+            told.clear()
+            return 0
         try:
-            found = find(netns_dir)
+            found = find(netns_dir, proc_path) if proc_path else find(netns_dir)
         except Exception as exc:           # start-up goes on: these pods stay as they are
             log.error("adopt: cannot search %s for the netns of %d pod(s): %s", netns_dir,
                       len(wanted), exc)
-            return
+            self.unaccounted = ["/".join(pod_meta(p)[:2]) for p, _ in wanted]
+            return 0
+        adopted = 0
         owners: dict[str, list[tuple[str, str]]] = {}
         for path, addrs in found.items():
             for ifname, ip in addrs:
                 owners.setdefault(ip, []).append((path, ifname))
         for pod, ips in wanted:
             ns, name, uid = pod_meta(pod)
+            self.unaccounted.append(f"{ns}/{name}")
+            again = (ns, name, uid) in told
+            say, warn = (log.debug, log.debug) if again else (log.info, log.warning)
+            told.add((ns, name, uid))
             primary = self._primary_ip(ips)
             where = owners.get(primary, [])
             if not where:
-                log.info("adopt: no netns in %s carries %s of pod %s/%s", netns_dir, primary,
-                         ns, name)
+                say("adopt: no netns in %s%s carries %s of pod %s/%s", netns_dir,
+                    f" or {proc_path}" if proc_path else "", primary, ns, name)
                 continue
             if len(where) > 1:
-                log.warning("adopt: pod %s/%s not enrolled: its IP %s is on %s", ns, name,
-                            primary, ", ".join(f"{i} in {p}" for p, i in where))
+                warn("adopt: pod %s/%s not enrolled: its IP %s is on %s", ns, name,
+                     primary, ", ".join(f"{i} in {p}" for p, i in where))
                 continue
             path, ifname = where[0]
             with self._lock:
                 taken = any(r.netns == path or set(r.ips) & set(ips)
                             for r in self.records.values())
             if taken:
-                log.warning("adopt: pod %s/%s: netns %s or its IPs belong to another "
-                            "record; not enrolled", ns, name, path)
+                warn("adopt: pod %s/%s: netns %s or its IPs belong to another "
+                     "record; not enrolled", ns, name, path)
                 continue
             try:
                 self._add_command(Attachment(container_id=f"{ADOPTED}{ns}/{name}/{uid}",
@@ -560,8 +598,16 @@ class Registry(Pieces):
                                              name=name, uid=uid, ips=ips))
             except PodError:
                 continue                   # logged by the ADD path
+            adopted += 1
+            self.unaccounted.pop()
             log.info("adopted pod %s/%s, started while no daemon ran: netns %s %s", ns, name,
                      path, ifname)
+        return adopted
+
+    @staticmethod
+    def _host_network(pod: dict) -> bool:
+        spec = pod.get("spec") if isinstance(pod, dict) else None
+        return isinstance(spec, dict) and spec.get("hostNetwork") is True
 
     def shutdown(self) -> None:
         """Close every marker listener and detach every XDP program; the records

@@ -48,6 +48,7 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 from merbridge.bpf import mesh as meshes
+from merbridge.daemon import config as cfgmod
 from merbridge.daemon import memory
 from merbridge.daemon import pods as podreg
 from merbridge.daemon.state import StateStore
@@ -105,6 +106,7 @@ class Daemon:
         self.registry: podreg.Registry | None = None
         self.datapath = self.source = self.server = self.installer = self.metrics = None
         self.metrics_server = None
+        self.reconciler = None
         self._installer_thread: threading.Thread | None = None
         self.ambient = None   # ambient mode (H11): daemon/ambient.AmbientController
         self.trimmer = memory.Trimmer()
@@ -226,13 +228,26 @@ class Daemon:
         with self.registry.restoring():
             self.server.start()
             self.registry.restore(store.load())
-            if store.stopped_cleanly:      # our plugin was out of the CNI config meanwhile
-                self.registry.adopt(self.source.snapshot(), cfg.netns_dir)
+            # pods that started while no daemon ran: our plugin was out of the CNI
+            # config (a clean stop, or never installed) or could not reach us
+            adopted = self.registry.adopt(self.source.snapshot(), cfg.netns_dir,
+                                          getattr(cfg, "proc_path", None) or None)
+        from merbridge.daemon import reconcile
+        self.reconciler = reconcile.Reconciler(
+            self.registry, self.server, self.source.snapshot,
+            pending_dir=os.path.join(cfg.state_dir, "pending"), netns_dir=cfg.netns_dir,
+            proc_path=getattr(cfg, "proc_path", None) or None, state_dir=cfg.state_dir,
+            interval=getattr(cfg, "reconcile_interval", 1.0), metrics=self.metrics)
+        self.reconciler.count_adopted(adopted)
+        self.reconciler.run_once()         # remembered fail-open ADDs, then unseen pods
+        self.reconciler.start()
         self.installer = install.Installer(
             cni_bin_dir=cfg.cni_bin_dir, cni_conf_dir=cfg.cni_conf_dir,
             plugin_source_path=self._plugin_executable(),
             entry=install.plugin_entry(cfg.socket_path, self.mesh.name,
-                                       exclude_namespaces=cfg.exclude_namespaces),
+                                       exclude_namespaces=cfg.exclude_namespaces,
+                                       fail_open=getattr(cfg, "fail_open", True),
+                                       pending_dir=os.path.join(cfg.state_dir, "pending")),
             state_file=os.path.join(cfg.state_dir, INSTALL_STATE))
         self._installer_thread = threading.Thread(target=self.installer.watch,
                                                   name="cni-installer", daemon=True)
@@ -242,8 +257,16 @@ class Daemon:
         self._wait(self.installer.ready, f"a primary CNI config in {cfg.cni_conf_dir}")
 
     def _plugin_executable(self) -> str:
-        """The node's merbridge-cni: a zipapp of our own merbridge.cni, built into the
-        state dir. (The one daemon use of cni beyond protocol: packaging it.)"""
+        """The node's merbridge-cni: the static executable (``--cni-plugin``, or where
+        the image and prepare-host put it), which needs nothing from the node. Without
+        one, a zipapp of our own merbridge.cni built into the state dir, which needs
+        the node's python3 (a warning says so)."""
+        found = cfgmod.cni_plugin_path(getattr(self.cfg, "cni_plugin", ""))
+        if found is not None:
+            return found
+        log.warning("no static merbridge-cni found (%s); installing the Python plugin, which "
+                    "needs python3 on the node: build it with scripts/build-cni",
+                    ", ".join(cfgmod.DEFAULT_CNI_PLUGIN_PATHS))
         from merbridge.cni import main as cni_main
         return cni_main.build_zipapp(os.path.join(self.cfg.state_dir, "merbridge-cni"))
 
@@ -254,6 +277,8 @@ class Daemon:
         if self.registry is not None:
             self.registry.ready = False
         steps = []
+        if self.reconciler is not None:
+            steps.append(("stop the reconciler", self.reconciler.stop))
         if self.installer is not None:
             steps += [("stop the CNI installer", self._stop_installer),
                       ("uninstall the CNI plugin", self.installer.uninstall)]

@@ -13,6 +13,17 @@ import pytest
 from merbridge.daemon.lab import CGROUP_ROOT, Lab
 
 
+@pytest.fixture(scope="session", autouse=True)
+def static_plugin(tmp_path_factory) -> str:
+    """The node's merbridge-cni (``scripts/build-cni``, static) built from this checkout;
+    every daemon the tests start installs it (MERBRIDGE_CNI_PLUGIN)."""
+    exe = str(tmp_path_factory.mktemp("cni-static") / "merbridge-cni")
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([os.path.join(top, "scripts", "build-cni"), exe], check=True)
+    os.environ["MERBRIDGE_CNI_PLUGIN"] = exe
+    return exe
+
+
 @pytest.fixture
 def unique() -> str:
     """A fresh ``mbt-<hex>`` name for anything the test creates."""

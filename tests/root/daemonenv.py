@@ -72,6 +72,8 @@ class Env:
     bpffs: str
     cni_mode: bool = True
     inbound_hook: str = "tc"        # the daemon's --inbound-hook
+    #: the daemon's --cni-fail-open, and the failOpen of the calls made by ``cni()``
+    fail_open: bool = False
     root: str = ""
     procs: list = field(default_factory=list)
 
@@ -109,7 +111,10 @@ class Env:
                 f"--state-dir={self.state_dir}", f"--cni-bin-dir={self.bin_dir}",
                 f"--cni-conf-dir={self.conf_dir}", f"--socket-path={self.socket}",
                 f"--pods-dir={self.pods_dir}", "--metrics-addr=127.0.0.1:0",
-                "--node-name=lab", f"--inbound-hook={self.inbound_hook}", *extra]
+                "--node-name=lab", f"--inbound-hook={self.inbound_hook}",
+                f"--cni-fail-open={str(self.fail_open).lower()}",
+                # pods are found only where a test says (the node's are not ours)
+                f"--netns-dir={self.root}/netns", "--proc-path=", *extra]
 
     def start(self, *extra: str, wait: bool = True) -> subprocess.Popen:
         log = open(os.path.join(self.root, f"daemon-{len(self.procs)}.log"), "wb")
@@ -172,7 +177,8 @@ class Env:
                   attachments: list | None, netns_path: str | None) -> tuple[dict, dict]:
         """The netconf and environment a runtime gives the plugin."""
         conf = {"cniVersion": cni_version, "name": "mbtest", "type": "merbridge-cni",
-                "socketPath": self.socket}
+                "socketPath": self.socket, "failOpen": self.fail_open,
+                "pendingDir": os.path.join(self.state_dir, "pending")}
         env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": command, "CNI_PATH": self.bin_dir}
         if pod is not None:
             path = netns_path or netns.netns_path(pod.ns)

@@ -48,6 +48,8 @@ class ChurnNet:
     octet: int = field(default_factory=lambda: 200 + secrets.randbelow(30))
     created: set = field(default_factory=set)
     refused: int = 0
+    #: ADDs that passed while no daemon served them (failOpen)
+    passed_open: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -169,6 +171,9 @@ class ChurnNet:
             deadline = time.monotonic() + retry_for
             while True:
                 added = self.cnitool("add", pod)
+                if "passing through (failOpen)" in added.stderr:
+                    with self.lock:
+                        self.passed_open += 1
                 if added.returncode == 0 or time.monotonic() > deadline:
                     break
                 with self.lock:
@@ -193,6 +198,18 @@ class ChurnNet:
             netns.remove_netns(ns)
         for path in glob.glob(os.path.join(LIBCNI_CACHE, f"{glob.escape(self.name)}-*")):
             os.unlink(path)
+
+
+def wire_bare_pod(pod, env: Env, result: str) -> None:
+    """Fill a bare lab pod's addresses and host-side interface from the chain's
+    ADD result (``cnitool add``'s stdout)."""
+    for entry in json.loads(result)["ips"]:
+        ip = entry["address"].split("/")[0]
+        if ":" in ip:
+            pod.ip6 = ip
+        else:
+            pod.ip4 = ip
+    pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", env.node_netns)
 
 
 class Observer:

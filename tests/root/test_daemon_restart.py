@@ -26,7 +26,7 @@ import pytest
 from daemonenv import Env, PendingCni
 from merbridge.daemon import netns
 from merbridge.daemon.lab import Lab
-from reliabilityenv import ChurnNet, Observer
+from reliabilityenv import ChurnNet, Observer, wire_bare_pod
 from test_daemon_lifecycle import intercepted, ok
 from test_reliability_crash import map_view
 
@@ -139,13 +139,7 @@ def test_pod_started_while_stopped_is_enrolled_at_start(pin_dir):
             d = lab.add_bare_pod("d")
             res = net.cnitool("add", "d")
             ok(res)
-            for entry in json.loads(res.stdout)["ips"]:
-                ip = entry["address"].split("/")[0]
-                if ":" in ip:
-                    d.ip6 = ip
-                else:
-                    d.ip4 = ip
-            d.host_if = netns.peer_of(netns.netns_path(d.ns), "eth0", env.node_netns)
+            wire_bare_pod(d, env, res.stdout)
             d.start_sidecar()
             env.publish(d)
             assert env.marker(d) == [] and env.xdp(d) == (0, 0)

@@ -61,7 +61,7 @@ def settle(pred, timeout=10.0):
 @pytest.fixture
 def node(pin_dir):
     with Lab("mbt") as lab:
-        env = Env(lab, pin_dir)
+        env = Env(lab, pin_dir, fail_open=True)
         net = ChurnNet(env)
         try:
             yield env, net

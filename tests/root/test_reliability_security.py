@@ -94,15 +94,25 @@ def test_socket_is_root_only(world):
     res = as_uid(["/usr/bin/python3", "-c", CLIENT, env.socket],
                  input=request(a, netns.netns_path(a.ns)).to_json().decode())
     assert res.stdout.strip() == "CONNECT 13", res          # EACCES
-    # ... and its plugin run fails with "try again later", enrolling nothing
-    res = as_uid([os.path.join(env.bin_dir, "merbridge-cni")], env={
-        "PATH": "/usr/bin:/bin", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "ctr-x",
-        "CNI_NETNS": netns.netns_path(a.ns), "CNI_IFNAME": "eth0", "CNI_PATH": env.bin_dir,
-        "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={a.name}"},
-        input=json.dumps({"cniVersion": "1.0.0", "name": "mbtest", "type": "merbridge-cni",
-                          "socketPath": env.socket, "prevResult": {"ips": []}}))
-    assert res.returncode == 1 and json.loads(res.stdout)["code"] == 11, res
-    nothing_enrolled(env, a)
+    # ... and its plugin run fails with "try again later" (failOpen false) or passes
+    # prevResult through (failOpen), enrolling nothing and remembering nothing
+    pending = os.path.join(env.state_dir, "pending")
+    for fail_open in (False, True):
+        res = as_uid([os.path.join(env.bin_dir, "merbridge-cni")], env={
+            "PATH": "/usr/bin:/bin", "CNI_COMMAND": "ADD", "CNI_CONTAINERID": "ctr-x",
+            "CNI_NETNS": netns.netns_path(a.ns), "CNI_IFNAME": "eth0", "CNI_PATH": env.bin_dir,
+            "CNI_ARGS": f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={a.name}"},
+            input=json.dumps({"cniVersion": "1.0.0", "name": "mbtest", "type": "merbridge-cni",
+                              "socketPath": env.socket, "prevResult": {"ips": []},
+                              "failOpen": fail_open, "pendingDir": pending}))
+        if fail_open:
+            assert res.returncode == 0 and json.loads(res.stdout) == {
+                "cniVersion": "1.0.0", "ips": []}, res
+            assert "permission denied" in res.stderr
+        else:
+            assert res.returncode == 1 and json.loads(res.stdout)["code"] == 11, res
+        assert not os.path.exists(pending) or os.listdir(pending) == []
+        nothing_enrolled(env, a)
 
 
 def test_peer_credentials_are_checked_even_if_the_mode_is_loosened(world):

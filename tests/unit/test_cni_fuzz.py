@@ -199,6 +199,7 @@ def test_fuzz_as_a_process(exe, tmp_path, environ, conf, how):
     # a socket path that never exists (never the default path, where a real
     # daemon may listen): the daemon is down for every real-process case
     conf["socketPath"] = str(tmp_path / "no-daemon.sock")
+    conf["pendingDir"] = str(tmp_path / "pending")     # never the node's (failOpen)
     stdin = encode(conf, how)
     p = subprocess.run(["/usr/bin/python3", "-IS", exe], input=stdin, capture_output=True,
                        env=environ, timeout=20)

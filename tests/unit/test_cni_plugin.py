@@ -49,7 +49,7 @@ def sock(tmp_path, handler):
 
 def config(v, sock, prev=True, **over):
     c = {"cniVersion": v, "name": "k8s-pod-network", "type": "merbridge-cni",
-         "socketPath": sock, "timeoutSeconds": 2}
+         "socketPath": sock, "timeoutSeconds": 2, "failOpen": False}
     if prev:
         c["prevResult"] = prev_result(v) if prev is True else prev
     c.update(over)

@@ -62,7 +62,7 @@ def test_add_round_trip_and_errors_as_a_process(exe, tmp_path):
     prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/p"}],
             "ips": [{"interface": 0, "address": "10.244.1.2/24"}], "dns": {}}
     conf = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "merbridge-cni",
-                       "socketPath": sock, "prevResult": prev}).encode()
+                       "socketPath": sock, "prevResult": prev, "failOpen": False}).encode()
     environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/p",
                "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",
                "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"}
@@ -91,7 +91,7 @@ def test_closed_stdio_does_not_crash(exe):
 def test_add_imports_only_what_it_needs(exe, tmp_path):
     """The modules that made every pod start ~30 ms slower stay out of an ADD."""
     conf = json.dumps({"cniVersion": "1.0.0", "name": "n", "type": "merbridge-cni",
-                       "socketPath": str(tmp_path / "absent.sock"),
+                       "socketPath": str(tmp_path / "absent.sock"), "failOpen": False,
                        "prevResult": {"cniVersion": "1.0.0",
                                       "ips": [{"address": "10.244.1.2/24"}]}}).encode()
     environ = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/p",

@@ -391,11 +391,12 @@ def _dockerfile() -> list[list[str]]:
 def test_dockerfile_essentials():
     ins = _dockerfile()
     froms = [rest for word, rest in ins if word == "FROM"]
-    assert froms and all(re.match(r"debian:bookworm(-slim)?(@|$)", f) for f in froms)
+    assert froms and all(re.match(r"debian:bookworm(-slim)?(@\S+)?( AS \w+)?$", f)
+                         for f in froms)
     runs = " ; ".join(rest for word, rest in ins if word == "RUN")
-    apt = re.search(r"apt-get install ([^;&]*)", runs)
-    assert apt, "no apt-get install"
-    pkgs = set(shlex.split(apt.group(1)))
+    apts = re.findall(r"apt-get install ([^;&]*)", runs)
+    assert apts, "no apt-get install"
+    pkgs = set(shlex.split(apts[-1]))             # the final stage's
     assert {"python3", "python3-venv", "python3-bpfcc", "bpftool", "iproute2", "ethtool",
             "ca-certificates"} <= pkgs
     # bcc is importable only from Debian's site packages
@@ -405,6 +406,11 @@ def test_dockerfile_essentials():
     assert any(c[0] == "." for c in copies), "the build context is not copied"
     src = next(c[1] for c in copies if c[0] == ".")
     assert f"{venv}/bin/pip install" in runs and src in runs
+    # the node's merbridge-cni: static, built in its own stage (no Go in the
+    # image), shipped where the daemon looks for it first
+    from merbridge.daemon.config import DEFAULT_CNI_PLUGIN_PATHS
+    assert "scripts/build-cni" in runs and "golang-go" in shlex.split(apts[0])
+    assert ["--from=cni", "/out/merbridge-cni", DEFAULT_CNI_PLUGIN_PATHS[0]] in copies
     entry = [rest for word, rest in ins if word == "ENTRYPOINT"]
     assert entry == ['["merbridge"]']
     env = " ".join(rest for word, rest in ins if word == "ENV")

@@ -1,0 +1,3 @@
+module merbridge/cni/static
+
+go 1.19
