@@ -105,13 +105,6 @@ def established(maps) -> dict:
             for p, o in maps.pair_orig_dst.items()}
 
 
-def tcp_mib(ns: str) -> dict[str, int]:
-    """The Tcp: line of /proc/net/snmp in netns ``ns``."""
-    out = netns.run(["cat", "/proc/net/snmp"], ns=ns).stdout.splitlines()
-    head, vals = [line.split() for line in out if line.startswith("Tcp:")]
-    return {k: int(v) for k, v in zip(head[1:], vals[1:])}
-
-
 def open_idle(topo, host: str, port: int = 8080) -> tuple[subprocess.Popen, dict]:
     proc = netns.spawn(["/usr/bin/python3", PEER, "idle", host, str(port)], ns=topo["rem"],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -221,12 +214,10 @@ def test_pod_closing_first_keeps_the_port_through_time_wait(topo, enrolled):
             "c.close()\n"
             "time.sleep(0.5)\n"
             "print(json.dumps({'orig': hello['orig'], 'eof': eof.decode(), 'port': port}))\n")
-    c0, t0 = maps.counters(), tcp_mib(topo["rem"])
+    c0 = maps.counters()
     res = netns.run(["/usr/bin/python3", "-c", code], ns=topo["rem"], timeout=20)
-    t1 = tcp_mib(topo["rem"])
-    # the pod's last ACK came back with port 8080: the client neither
-    # retransmitted its FIN nor reset an unknown :15006 segment
-    assert (t1["RetransSegs"] - t0["RetransSegs"], t1["OutRsts"] - t0["OutRsts"]) == (0, 0)
+    # (the netns-wide TCP counters are no witness here: the pod still retransmits
+    # SYN-ACKs to the earlier tests' spoofed SYNs, and this netns resets them)
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["orig"] == [PODB, 8080] and r["eof"] == ""
