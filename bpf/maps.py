@@ -86,7 +86,13 @@ def encode_policy(policy: PodPolicy) -> t.MbPodConfig:
         raise PolicyTooLarge(f"status_port {policy.status_port} is outside 0..65535")
     c.status_port = policy.status_port
     c.flags = ((t.MB_POD_F_INCLUDE_IN_ALL if policy.include_inbound_all else 0)
-               | (t.MB_POD_F_INCLUDE_OUT_ALL if policy.include_outbound_all else 0))
+               | (t.MB_POD_F_INCLUDE_OUT_ALL if policy.include_outbound_all else 0)
+               | (t.MB_POD_F_DNS_CAPTURE if policy.dns_capture else 0))
+    for name in ("proxy_uid", "proxy_gid"):
+        value = getattr(policy, name)
+        if not 0 <= value < 2 ** 32:
+            raise PolicyTooLarge(f"{name} {value} is outside 0..{2 ** 32 - 1}")
+        setattr(c, name, value)
     for field, src in (("include_in_ports", policy.include_inbound_ports),
                        ("exclude_in_ports", policy.exclude_inbound_ports),
                        ("include_out_ports", policy.include_outbound_ports),
@@ -127,6 +133,9 @@ def decode_policy(c: t.MbPodConfig) -> PodPolicy:
         include_outbound_ports=ports("include_out_ports"),
         exclude_outbound_ports=ports("exclude_out_ports"),
         status_port=c.status_port,
+        dns_capture=bool(c.flags & t.MB_POD_F_DNS_CAPTURE),
+        proxy_uid=c.proxy_uid,
+        proxy_gid=c.proxy_gid,
     )
 
 
@@ -238,6 +247,11 @@ class CookieOrigDst(_Origins):
         return [(struct.unpack("=Q", k)[0], o) for k, o in self.raw_items()]
 
 
+class SockPeer(CookieOrigDst):
+    """mb_sock_peer: socket cookie -> what the app asked for (a redirected
+    socket's original destination, a DNS query's server); deleted with the socket."""
+
+
 class NetnsIp(_PodIpsValues):
     """mb_netns_ip (legacy mode feedback): netns cookie -> the pod IPs sockops
     learned so far, at most one per family (struct mb_pod_ips). ``items``
@@ -320,6 +334,7 @@ class Maps:
         self.ambient_ips = AmbientIps(backends[t.MAP_AMBIENT_IPS])
         self.skmsg_budget = SkmsgBudget(backends[t.MAP_SKMSG_BUDGET])
         self.netns_pod = NetnsPod(backends[t.MAP_NETNS_POD])
+        self.sock_peer = SockPeer(backends[t.MAP_SOCK_PEER])
         self._closer = closer
 
     def counters(self) -> dict[str, int]:
@@ -355,6 +370,7 @@ class Maps:
                               for c, ips, m in self.netns_pod.all_items()},
             t.MAP_SETTINGS: {str(i): self.settings.get(i) for i in range(t.MB_N_SETTINGS)},
             t.MAP_SKMSG_BUDGET: {str(p): left for p, left in self.skmsg_budget.items()},
+            t.MAP_SOCK_PEER: {str(c): origin(o) for c, o in self.sock_peer.items()},
             t.MAP_COUNTERS: self.counters(),
         }
 
