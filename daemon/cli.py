@@ -184,6 +184,7 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
             out["map_entries"] = {name: len(v) if hasattr(v, "__len__") else v
                                   for name, v in dump.items()}
             out["pods"] = _enrolled_pods(maps, state_dir)
+            out["dns_queries_captured"] = maps.counters().get("dns_captured", 0)
         finally:
             maps.close()
     if as_json:
@@ -201,6 +202,9 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
         mark = f" mark={pod['mark']}" if pod.get("mark") else ""
         click.echo(f"  {pod['ip']:<39} {who}{mark}")
         click.echo(f"    {pod['policy']}")
+    if "dns_queries_captured" in out:
+        click.echo(f"dns:      {out['dns_queries_captured']} queries captured to the "
+                   "sidecar's DNS proxy (pods marked 'dns captured')")
     click.echo("maps:")
     for name, n in sorted(out.get("map_entries", {}).items()):
         click.echo(f"  {name}: {n}")

@@ -248,3 +248,48 @@ except Exception as e:
     out["error"] = "%s: %s" % (type(e).__name__, e)
 print(json.dumps(out))
 """
+
+
+# One DNS A query (tests, the demo): how ("udp": sendto/recvfrom, "connected"
+# UDP, "tcp"), the server, the name; prints the answer's IPv4 address and where
+# the reply came from (recvfrom's source, or the connected socket's
+# getpeername), or the error. Port 53.
+DNS_QUERY = r"""
+import json, random, socket, struct, sys
+how, host = sys.argv[1], sys.argv[2]
+af = socket.AF_INET6 if ":" in host else socket.AF_INET
+qid = random.randrange(65536)
+q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in sys.argv[3].split(".")) + b"\0"
+q += struct.pack("!HH", 1, 1)
+out = {}
+try:
+    if how == "tcp":
+        s = socket.socket(af, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect((host, 53))
+        s.sendall(struct.pack("!H", len(q)) + q)
+        buf = b""
+        while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        r, src = buf[2:], s.getpeername()
+    else:
+        s = socket.socket(af, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        if how == "connected":
+            s.connect((host, 53))
+            s.send(q)
+            r, src = s.recv(4096), s.getpeername()
+        else:
+            s.sendto(q, (host, 53))
+            r, src = s.recvfrom(4096)
+    assert struct.unpack("!H", r[:2])[0] == qid
+    out["from"] = [src[0], src[1]]
+    out["answer"] = socket.inet_ntoa(r[-4:])
+except Exception as e:
+    out["error"] = "%s: %s" % (type(e).__name__, e)
+print(json.dumps(out))
+"""

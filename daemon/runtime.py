@@ -153,6 +153,7 @@ class Daemon:
         self.metrics = metrics.Metrics()
         self.metrics.set_heap(self.trimmer.stats)
         self.metrics.set_map_occupancy(self.datapath.maps.occupancy)
+        self.metrics.set_datapath_counters(self.datapath.maps.counters)
         self.stack.callback(self.metrics.count_logged_errors(logging.getLogger("merbridge")))
         self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
                                                     ready=self.ready.is_set)

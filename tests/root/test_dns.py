@@ -17,7 +17,6 @@ resolver that drops a reply from an unexpected source, is asked too.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import pytest
@@ -26,7 +25,7 @@ from merbridge.bpf import loader
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
-from merbridge.daemon.lab import PYTHON, Lab, Pod
+from merbridge.daemon.lab import Lab, Pod
 
 pytestmark = pytest.mark.root
 
@@ -35,70 +34,13 @@ MODES = [pytest.param(True, id="cni"), pytest.param(False, id="legacy")]
 NAME = "svc.example"
 REAL, PROXIED = "10.99.0.1", "10.99.0.53"
 
-# one A query for svc.example.: how ("udp" sendto/recvfrom, "connected" UDP,
-# "tcp"), the server; prints the answer's address and where the reply came
-# from (recvfrom's source, or the connected socket's getpeername)
-QUERY = r"""
-import json, random, socket, struct, sys
-how, host = sys.argv[1], sys.argv[2]
-af = socket.AF_INET6 if ":" in host else socket.AF_INET
-qid = random.randrange(65536)
-q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-q += b"".join(bytes([len(p)]) + p.encode() for p in sys.argv[3].split(".")) + b"\0"
-q += struct.pack("!HH", 1, 1)
-out = {}
-try:
-    if how == "tcp":
-        s = socket.socket(af, socket.SOCK_STREAM)
-        s.settimeout(5)
-        s.connect((host, 53))
-        s.sendall(struct.pack("!H", len(q)) + q)
-        buf = b""
-        while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-        r, src = buf[2:], s.getpeername()
-    else:
-        s = socket.socket(af, socket.SOCK_DGRAM)
-        s.settimeout(5)
-        if how == "connected":
-            s.connect((host, 53))
-            s.send(q)
-            r, src = s.recv(4096), s.getpeername()
-        else:
-            s.sendto(q, (host, 53))
-            r, src = s.recvfrom(4096)
-    assert struct.unpack("!H", r[:2])[0] == qid
-    out["from"] = [src[0], src[1]]
-    out["answer"] = socket.inet_ntoa(r[-4:])
-except Exception as e:
-    out["error"] = "%s: %s" % (type(e).__name__, e)
-print(json.dumps(out))
-"""
-
-
 def dnsmasq(pod: Pod, port: int, addrs: list[str], answer: str, uid: int | None = None,
             upstream: str | None = None) -> None:
-    """A dnsmasq answering svc.example. with ``answer`` on ``addrs``:``port``
-    (UDP and TCP); other names go to ``upstream`` if given."""
-    argv = ["dnsmasq", "--keep-in-foreground", "--no-hosts", "--no-resolv",
-            "--conf-file=/dev/null", "--pid-file", f"--port={port}", "--bind-dynamic",
-            f"--address=/{NAME}/{answer}", "--log-facility=-"]
-    argv += [f"--listen-address={a}" for a in addrs]
-    if upstream:
-        argv.append(f"--server={upstream}")
-    log = os.path.join(pod.lab.workdir, f"dnsmasq-{pod.name}-{port}.log")
-    with open(log, "ab") as f:
-        proc = pod.spawn(argv, uid=uid, gid=uid, stdout=f, stderr=f)
-    pod.wait_listening(port, proc=proc, log=log)
+    pod.start_dns(port, addrs, {NAME: answer}, uid=uid, upstream=upstream)
 
 
 def query(pod: Pod, how: str, host: str, uid: int | None = None) -> dict:
-    res = pod.run([PYTHON, "-I", "-c", QUERY, how, host, NAME], uid=uid, gid=uid)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
+    return pod.dns_query(how, host, NAME, uid=uid)
 
 
 def dig(pod: Pod, host: str, tcp: bool = False) -> str:
