@@ -121,3 +121,17 @@ def test_describe_shows_dns_and_identity():
     text = describe(PodPolicy(dns_capture=True, proxy_uid=2000, proxy_gid=2000))
     assert "dns captured" in text and "proxy uid 2000 gid 2000" in text
     assert "dns" not in describe(PodPolicy())
+
+
+def test_metrics_count_captured_dns_queries():
+    from merbridge.daemon import metrics
+    m = metrics.Metrics()
+    assert b"dns_queries_captured" not in m.render()   # no datapath yet
+    counters = {"dns_captured": 7, "redirect_out": 3}
+    m.set_datapath_counters(lambda: counters)
+    assert "merbridge_dns_queries_captured_total 7.0" in m.render().decode().splitlines()
+
+    def gone():
+        raise OSError("map closed")
+    m.set_datapath_counters(gone)   # a scrape never fails because a map is gone
+    assert b"dns_queries_captured" not in m.render()
