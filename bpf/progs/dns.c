@@ -27,6 +27,7 @@
  * whichever of the two runs first.
  */
 #include "connect.h"
+#include "sockaddr.h"
 #include "maps.h"
 
 static __always_inline void mb_count(u32 idx)
@@ -159,10 +160,7 @@ static __always_inline int mb_dns_out6(struct bpf_sock_addr *ctx)
 		return 1;
 	if (ctx->protocol != IPPROTO_UDP && ctx->protocol != IPPROTO_TCP)
 		return 1;
-	dst.ip[0] = ctx->user_ip6[0];
-	dst.ip[1] = ctx->user_ip6[1];
-	dst.ip[2] = ctx->user_ip6[2];
-	dst.ip[3] = ctx->user_ip6[3];
+	mb_ctx_get6(ctx, &dst);
 	src.ip[0] = ctx->sk->src_ip6[0];
 	src.ip[1] = ctx->sk->src_ip6[1];
 	src.ip[2] = ctx->sk->src_ip6[2];
@@ -170,12 +168,13 @@ static __always_inline int mb_dns_out6(struct bpf_sock_addr *ctx)
 	if (!mb_dns_wanted(ctx, &src))
 		return 1;
 	mb_dns_record(ctx, &dst);
-	int mapped = mb_addr_is_v4(&dst);
+	struct mb_addr proxy = {};
 
-	ctx->user_ip6[0] = 0;
-	ctx->user_ip6[1] = 0;
-	ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
-	ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+	if (mb_addr_is_v4(&dst))
+		mb_addr_from_v4(&proxy, bpf_htonl(0x7f000001));
+	else
+		proxy.ip[3] = bpf_htonl(1);
+	mb_ctx_set6(ctx, &proxy);
 	ctx->user_port = bpf_htons(MB_DNS_PORT);
 	return 1;
 }
@@ -196,20 +195,14 @@ int mb_dnsrecv6(struct bpf_sock_addr *ctx)
 
 	if (!MB_DNS_PORT || ctx->user_port != bpf_htons(MB_DNS_PORT))
 		return 1;
-	from.ip[0] = ctx->user_ip6[0];
-	from.ip[1] = ctx->user_ip6[1];
-	from.ip[2] = ctx->user_ip6[2];
-	from.ip[3] = ctx->user_ip6[3];
+	mb_ctx_get6(ctx, &from);
 	if (!mb_addr_is_localhost(&from))
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(ctx);
 	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
 
 	if (o && (o->flags & MB_ORIGIN_F_DNS)) {
-		ctx->user_ip6[0] = o->addr.ip[0];
-		ctx->user_ip6[1] = o->addr.ip[1];
-		ctx->user_ip6[2] = o->addr.ip[2];
-		ctx->user_ip6[3] = o->addr.ip[3];
+		mb_ctx_set6(ctx, &o->addr);
 		ctx->user_port = o->port;
 	}
 	return 1;

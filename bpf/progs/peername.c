@@ -26,6 +26,7 @@
  * iptables.
  */
 #include "connect.h"
+#include "sockaddr.h"
 #include "maps.h"
 
 /* The pod IPs of the caller's network namespace as the datapath knows them
@@ -60,10 +61,7 @@ int mb_peername6(struct bpf_sock_addr *ctx)
 	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
 
 	if (o) {
-		ctx->user_ip6[0] = o->addr.ip[0];
-		ctx->user_ip6[1] = o->addr.ip[1];
-		ctx->user_ip6[2] = o->addr.ip[2];
-		ctx->user_ip6[3] = o->addr.ip[3];
+		mb_ctx_set6(ctx, &o->addr);
 		ctx->user_port = o->port;
 	}
 	return 1;
@@ -95,10 +93,7 @@ int mb_sockname6(struct bpf_sock_addr *ctx)
 
 	if (!o || mb_addr_is_loopback(&o->addr))
 		return 1;
-	local.ip[0] = ctx->user_ip6[0];
-	local.ip[1] = ctx->user_ip6[1];
-	local.ip[2] = ctx->user_ip6[2];
-	local.ip[3] = ctx->user_ip6[3];
+	mb_ctx_get6(ctx, &local);
 	if (!mb_addr_is_loopback(&local))
 		return 1;
 	struct mb_pod_ips *ips = mb_netns_ips(ctx);
@@ -110,10 +105,7 @@ int mb_sockname6(struct bpf_sock_addr *ctx)
 
 	if (mb_addr_is_zero(pod))
 		return 1;
-	ctx->user_ip6[0] = pod->ip[0];
-	ctx->user_ip6[1] = pod->ip[1];
-	ctx->user_ip6[2] = pod->ip[2];
-	ctx->user_ip6[3] = pod->ip[3];
+	mb_ctx_set6(ctx, pod);
 	return 1;
 }
 

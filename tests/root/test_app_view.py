@@ -28,6 +28,7 @@ from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
 from merbridge.daemon.lab import PYTHON, Lab, Pod
+from test_e2e_sidecar import enrol
 
 pytestmark = pytest.mark.root
 
@@ -107,16 +108,6 @@ class Env:
     closers: list = field(default_factory=list)
 
 
-def enrol(e: Env, pod: Pod, key: int) -> None:
-    """What the daemon does for a mesh pod (see test_e2e_sidecar.enrol)."""
-    for addr in pod.ips():
-        e.dp.maps.local_pods.put(addr, PodPolicy(status_port=ISTIO.status_port))
-    if e.cni_mode:
-        sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
-        e.closers.append(sock.close)
-        e.dp.maps.mark_pod_ips.put(key, *pod.ips())
-
-
 def learn(e: Env) -> None:
     """Legacy mode: the pods' IPs (both families) are known once their
     proxies made connections of their own, as Envoy does at start."""
@@ -159,8 +150,9 @@ def flush_nat(pod: Pod) -> None:
 def attach(e: Env) -> None:
     e.dp.load()
     e.dp.attach(e.lab.cgroup)
-    enrol(e, e.lab.pods["a"], 1)
-    enrol(e, e.lab.pods["b"], 2)
+    for key, name in ((1, "a"), (2, "b")):
+        enrol(e.dp, e.lab.pods[name], key, PodPolicy(status_port=ISTIO.status_port),
+              e.cni_mode, e.closers)
     learn(e)
 
 

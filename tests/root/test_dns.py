@@ -24,8 +24,8 @@ import pytest
 from merbridge.bpf import loader
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
-from merbridge.daemon import netns
 from merbridge.daemon.lab import Lab, Pod
+from test_e2e_sidecar import enrol
 
 pytestmark = pytest.mark.root
 
@@ -71,14 +71,9 @@ def dns_setup(bpffs: str, cni_mode: bool):
             dp.load()
             dp.attach(lab.cgroup)
             for key, pod, dns in ((1, a, True), (2, b, False)):
-                for addr in pod.ips():
-                    dp.maps.local_pods.put(addr, PodPolicy(status_port=ISTIO.status_port,
-                                                           dns_capture=dns))
-                if cni_mode:
-                    sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
-                    closers.append(sock.close)
-                    dp.maps.mark_pod_ips.put(key, *pod.ips())
-                else:
+                enrol(dp, pod, key, PodPolicy(status_port=ISTIO.status_port, dns_capture=dns),
+                      cni_mode, closers)
+                if not cni_mode:
                     # legacy: the pod IPs are learned from the proxy's own connections
                     for addr in (n.ip4, n.ip6):
                         pod.connect(addr, 53, uid=ISTIO.proxy_uid, timeout=1)

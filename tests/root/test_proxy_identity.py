@@ -23,6 +23,7 @@ from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
 from merbridge.daemon.lab import Lab, Pod
+from test_e2e_sidecar import enrol
 
 pytestmark = pytest.mark.root
 
@@ -71,14 +72,9 @@ def setup(bpffs: str, cni_mode: bool):
             dp.load()
             dp.attach(lab.cgroup)
             for key, pod, uid in ((1, p, PROXY), (2, r, 0)):
-                policy = PodPolicy(status_port=ISTIO.status_port, proxy_uid=uid, proxy_gid=uid)
-                for addr in pod.ips():
-                    dp.maps.local_pods.put(addr, policy)
-                if cni_mode:
-                    sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
-                    closers.append(sock.close)
-                    dp.maps.mark_pod_ips.put(key, *pod.ips())
-                else:
+                enrol(dp, pod, key, PodPolicy(status_port=ISTIO.status_port, proxy_uid=uid,
+                                              proxy_gid=uid), cni_mode, closers)
+                if not cni_mode:
                     # legacy mode knows a pod's policy (its proxy's UID) only
                     # once its IP was learned; until then the mesh default
                     # (1337) is the proxy, whose connection teaches it
