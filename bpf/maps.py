@@ -258,6 +258,11 @@ class NetnsIp(_PodIpsValues):
     gives each netns' first IP (IPv4 first), ``all_items`` all of them."""
     key_format = "=Q"
 
+    def put(self, cookie: int, *ips: str) -> None:
+        """Written by the legacy daemon for a pod whose proxy has its own UID/GID
+        (legacy.LegacyPods._seed). ValueError without an IP or with two of one family."""
+        self.b.put(struct.pack(self.key_format, cookie), bytes(t.MbPodIps.of(ips)))
+
 
 class NetnsPod:
     """mb_netns_pod (CNI mode): netns cookie -> (pod IPs, mark), connect4/6's

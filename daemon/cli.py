@@ -119,8 +119,9 @@ def main() -> None:
 @click.option("--metrics-addr", default=cfgmod.DEFAULT_METRICS_ADDR, show_default=True,
               metavar="HOST:PORT", help="/metrics, /healthz and /readyz ('' disables).")
 @state_option
-@path_option("--netns-dir", cfgmod.DEFAULT_NETNS_DIR, "CNI mode: where pod network namespaces "
-             "are; searched at start for pods that started while no daemon ran.")
+@path_option("--netns-dir", cfgmod.DEFAULT_NETNS_DIR, "Where pod network namespaces are. CNI "
+             "mode: searched at start for pods that started while no daemon ran; legacy mode: "
+             "for pods whose proxy runs as its own UID/GID.")
 @click.option("--exclude-namespaces", default=",".join(cfgmod.DEFAULT_EXCLUDE_NAMESPACES),
               show_default=True, metavar="NS,...", help="Namespaces never intercepted.")
 @click.option("-d", "--debug", is_flag=True, help="Verbose logs.")

@@ -179,6 +179,11 @@ class Daemon:
             hardware_checksum=cfg.hardware_checksum, metrics=self.metrics)
         if not cfg.cni_mode:
             self.metrics.set_pods_enrolled_source(lambda: len(self.registry.legacy))
+            # pods whose proxy runs as its own UID/GID: their netns by pod IP
+            from merbridge.daemon import netns as netns_mod
+            netns_dir = cfg.netns_dir
+            self.registry.legacy.find_netns_cookie = (
+                lambda ips: netns_mod.find_netns_cookie(netns_dir, ips))
         self.source.start()
         while not self.source.wait_synced(0.2):
             if self.stopping.is_set():

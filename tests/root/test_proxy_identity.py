@@ -9,12 +9,17 @@ oracle, the real istio-iptables rules with ``--proxy-uid 2000 --proxy-gid
 running as 2000, so a reply from port 15001 means "captured". The proxy's
 UID, or its GID alone, is never captured; a process of the pod running as
 1337 (only the mesh default) is, in P exactly as in Q. Pod R keeps the default
-(1337) and shows the per-pod setting does not leak to other pods.
+(1337) and shows the per-pod setting does not leak to other pods. Legacy mode:
+P's netns -> IPs entry is written the way the legacy daemon does it (found by
+pod IP, daemon/legacy.py), since its proxy's own traffic cannot teach it.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
+import threading
 
 import pytest
 
@@ -23,6 +28,7 @@ from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
 from merbridge.daemon.lab import Lab, Pod
+from merbridge.daemon.legacy import LegacyPods
 from test_e2e_sidecar import enrol
 
 pytestmark = pytest.mark.root
@@ -59,6 +65,8 @@ print(r["pod"], r["local"][1])
 @contextlib.contextmanager
 def setup(bpffs: str, cni_mode: bool):
     closers: list = []
+    nsdir = tempfile.mkdtemp(prefix="mbt-netns-")   # our pods' netns only, as --netns-dir
+    closers.append(lambda: shutil.rmtree(nsdir))
     with Lab("mbt") as lab:
         p, q, r = lab.add_pod("p"), lab.add_pod("q", in_mesh=False), lab.add_pod("r")
         c = lab.add_pod("c", in_mesh=False)
@@ -72,12 +80,17 @@ def setup(bpffs: str, cni_mode: bool):
             dp.load()
             dp.attach(lab.cgroup)
             for key, pod, uid in ((1, p, PROXY), (2, r, 0)):
-                enrol(dp, pod, key, PodPolicy(status_port=ISTIO.status_port, proxy_uid=uid,
-                                              proxy_gid=uid), cni_mode, closers)
-                if not cni_mode:
-                    # legacy mode knows a pod's policy (its proxy's UID) only
-                    # once its IP was learned; until then the mesh default
-                    # (1337) is the proxy, whose connection teaches it
+                policy = PodPolicy(status_port=ISTIO.status_port, proxy_uid=uid, proxy_gid=uid)
+                if cni_mode:
+                    enrol(dp, pod, key, policy, cni_mode, closers)
+                elif uid:
+                    # legacy mode learns a pod's IP (hence its policy) from a
+                    # connection left alone, which a proxy of its own UID
+                    # cannot make: the daemon finds the netns by pod IP
+                    legacy_pod(dp, pod, policy, nsdir)
+                else:
+                    # the default proxy's own connection teaches it
+                    enrol(dp, pod, key, policy, cni_mode, closers)
                     assert landed(pod, c.ip4, ISTIO.proxy_uid, ISTIO.proxy_gid) == ("c", 8080)
             yield lab, dp
         finally:
@@ -92,6 +105,21 @@ def setup(bpffs: str, cni_mode: bool):
 def env(request, make_bpffs):
     with make_bpffs() as bpffs, setup(bpffs, request.param) as e:
         yield e
+
+
+def legacy_pod(dp, pod: Pod, policy: PodPolicy, nsdir: str) -> None:
+    """The legacy daemon's handling of an in-mesh pod (daemon/legacy.py), its
+    netns found in ``nsdir`` (links to the lab's: other labs on the machine
+    may use the same addresses)."""
+    for other in pod.lab.pods.values():
+        os.symlink(netns.netns_path(other.ns), os.path.join(nsdir, other.ns))
+    legacy = LegacyPods(dp.maps, threading.RLock(), lambda _: (pod.ips(), policy),
+                        lambda _: ("default", pod.name, "uid"), ValueError)
+    legacy.find_netns_cookie = lambda ips: netns.find_netns_cookie(nsdir, ips)
+    legacy.event("ADDED", {})
+    cookie = netns.netns_cookie(netns.netns_path(pod.ns))
+    assert dict(dp.maps.netns_ip.all_items())[cookie] == pod.ips()
+    assert dp.maps.counters()["learned_ip"] == 0   # the daemon told it, no traffic did
 
 
 CAPTURED = ("p", ISTIO.out_port)

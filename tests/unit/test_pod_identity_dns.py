@@ -135,3 +135,48 @@ def test_metrics_count_captured_dns_queries():
         raise OSError("map closed")
     m.set_datapath_counters(gone)   # a scrape never fails because a map is gone
     assert b"dns_queries_captured" not in m.render()
+
+
+def _legacy(found):
+    import threading
+
+    from merbridge.bpf import maps as mapsmod
+    from merbridge.daemon.legacy import LegacyPods
+    m = mapsmod.Maps({name: mapsmod.DictBackend() for name in t.ALL_MAPS})
+    decided = {}
+    lp = LegacyPods(m, threading.RLock(), lambda pod: decided["v"],
+                    lambda pod: ("ns", pod["name"], "uid"), ValueError)
+    asked = []
+
+    def find(ips):
+        asked.append(ips)
+        if isinstance(found, Exception):
+            raise found
+        return found
+    lp.find_netns_cookie = find
+    return lp, m, decided, asked
+
+
+def test_legacy_daemon_seeds_the_netns_of_a_pod_with_its_own_proxy_uid():
+    """Legacy mode learns a pod's IP only from traffic its datapath left alone;
+    a proxy with its own UID would never make any, so the daemon writes
+    mb_netns_ip itself, and only for such pods."""
+    lp, m, decided, asked = _legacy(77)
+    decided["v"] = (("10.0.0.5", "fd00::5"), PodPolicy(proxy_uid=2000))
+    lp.event("ADDED", {"name": "a"})
+    assert asked == [("10.0.0.5", "fd00::5")]
+    assert m.netns_ip.all_items() == [(77, ("10.0.0.5", "fd00::5"))]
+    decided["v"] = (("10.0.0.6",), PodPolicy())   # the mesh default: traffic teaches it
+    lp.event("ADDED", {"name": "b"})
+    assert len(asked) == 1 and len(m.netns_ip.all_items()) == 1
+    assert m.local_pods.get("10.0.0.6") == PodPolicy()
+
+
+@pytest.mark.parametrize("found", [None, OSError("netns gone")])
+def test_legacy_seed_not_found_leaves_the_policy_written(found, caplog):
+    lp, m, decided, _ = _legacy(found)
+    decided["v"] = (("10.0.0.5",), PodPolicy(proxy_gid=4000))
+    lp.event("ADDED", {"name": "a"})
+    assert m.local_pods.get("10.0.0.5") == PodPolicy(proxy_gid=4000)
+    assert m.netns_ip.all_items() == []
+    assert "10.0.0.5" in caplog.text
