@@ -25,4 +25,15 @@ static __always_inline void mb_ctx_set6(struct bpf_sock_addr *ctx, const struct 
 	ctx->user_ip6[3] = a->ip[3];
 }
 
+/* Does a socket whose real peer port is port (network order) still carry
+ * the rewrite its mb_sock_peer entry records? A REDIRECT went to the proxy's
+ * outbound or inbound port, a DNS query to the DNS proxy. Guards against a
+ * socket connected again elsewhere after its first connect failed. */
+static __always_inline int mb_peer_port_ours(const struct mb_origin *o, u32 port)
+{
+	if (o->flags & MB_ORIGIN_F_DNS)
+		return MB_DNS_PORT && port == bpf_htons(MB_DNS_PORT);
+	return port == bpf_htons(MB_OUT_PORT) || port == bpf_htons(MB_IN_PORT);
+}
+
 #endif /* MERBRIDGE_SOCKADDR_H */

@@ -48,7 +48,7 @@ int mb_peername4(struct bpf_sock_addr *ctx)
 	u64 cookie = bpf_get_socket_cookie(ctx);
 	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
 
-	if (o && mb_addr_is_v4(&o->addr)) {
+	if (o && mb_addr_is_v4(&o->addr) && mb_peer_port_ours(o, ctx->user_port)) {
 		ctx->user_ip4 = o->addr.ip[3];
 		ctx->user_port = o->port;
 	}
@@ -60,7 +60,7 @@ int mb_peername6(struct bpf_sock_addr *ctx)
 	u64 cookie = bpf_get_socket_cookie(ctx);
 	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
 
-	if (o) {
+	if (o && mb_peer_port_ours(o, ctx->user_port)) {
 		mb_ctx_set6(ctx, &o->addr);
 		ctx->user_port = o->port;
 	}
@@ -113,9 +113,14 @@ int mb_sockrelease(struct bpf_sock *sk)
 {
 	u64 cookie;
 
+	/* every TCP and UDP socket: its peer port says nothing reliable here (a
+	 * failed connect, shutdown or AF_UNSPEC connect zero it), and an entry
+	 * must never outlive its socket in this plain hash */
 	if (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_UDP)
 		return 1;
 	cookie = bpf_get_socket_cookie(sk);
-	mb_sock_peer.delete(&cookie);
+	/* most released sockets have no entry: a lookup is cheaper than a delete */
+	if (mb_sock_peer.lookup(&cookie))
+		mb_sock_peer.delete(&cookie);
 	return 1;
 }

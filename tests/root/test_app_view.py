@@ -240,3 +240,32 @@ def test_views_survive_a_restart(make_bpffs, cni_mode):
                 assert later == {"sock": first["sock"], "peer": first["peer"]}
             after = view(a, host, 8080)
             assert after["peer"] == [host, 8080] and after["sock"][0] == first["sock"][0]
+
+
+V6_ONLY_LISTENER = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind(("::1", int(sys.argv[1])))
+s.listen(8)
+time.sleep(3600)
+"""
+
+
+def test_failed_redirected_connect_leaves_no_entry(views):
+    """A redirected connect that fails (no outbound listener: the sidecar is
+    down) is released like any socket; its mb_sock_peer entry goes with it,
+    even though the failed connect zeroed the socket's peer."""
+    e = views["env"]
+    d = e.lab.add_pod("d")
+    enrol(e.dp, d, 4, PodPolicy(status_port=ISTIO.status_port), e.cni_mode, e.closers)
+    if not e.cni_mode:
+        # legacy mode's mesh probe wants an outbound listener: an IPv6-only
+        # one on [::1], which the IPv4 connect's rewrite cannot reach
+        d.spawn([PYTHON, "-I", "-c", V6_ONLY_LISTENER, str(ISTIO.out_port)])
+        d.wait_listening(ISTIO.out_port, "::1")
+    before = e.dp.maps.counters()["redirect_out"]
+    r = d.connect(e.lab.pods["c"].ip4, 8080)
+    assert not r.ok and "Refused" in (r.error or "")
+    assert e.dp.maps.counters()["redirect_out"] == before + 1
+    assert dict(e.dp.maps.sock_peer.items()) == {}
