@@ -76,6 +76,33 @@ PROGRAMS: tuple[Prog, ...] = (
          BPFAttachType.CGROUP_GETSOCKOPT, "cgroup"),
     Prog("redir.c", "mb_msg_redir", BPFProgType.SK_MSG,
          BPFAttachType.SK_MSG_VERDICT, "sockhash"),
+) + (
+    # the app's view of a redirected socket (issue 16): getpeername answers
+    # the original destination, getsockname the pod IP; entries go with the socket
+    Prog("peername.c", "mb_peername4", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET4_GETPEERNAME, "cgroup"),
+    Prog("peername.c", "mb_peername6", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET6_GETPEERNAME, "cgroup"),
+    Prog("peername.c", "mb_sockname4", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET4_GETSOCKNAME, "cgroup"),
+    Prog("peername.c", "mb_sockname6", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET6_GETSOCKNAME, "cgroup"),
+    Prog("peername.c", "mb_sockrelease", BPFProgType.CGROUP_SOCK,
+         BPFAttachType.CGROUP_INET_SOCK_RELEASE, "cgroup"),
+    # DNS capture to the sidecar's DNS proxy (mesh.Mesh.dns_port; no-ops for a
+    # mesh without one): connect next to connect4/6, whichever runs first
+    Prog("dns.c", "mb_dnsconn4", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET4_CONNECT, "cgroup"),
+    Prog("dns.c", "mb_dnsconn6", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_INET6_CONNECT, "cgroup"),
+    Prog("dns.c", "mb_dnssend4", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_UDP4_SENDMSG, "cgroup"),
+    Prog("dns.c", "mb_dnssend6", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_UDP6_SENDMSG, "cgroup"),
+    Prog("dns.c", "mb_dnsrecv4", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_UDP4_RECVMSG, "cgroup"),
+    Prog("dns.c", "mb_dnsrecv6", BPFProgType.CGROUP_SOCK_ADDR,
+         BPFAttachType.CGROUP_UDP6_RECVMSG, "cgroup"),
 )
 CGROUP_ATTACH_TYPES = {p.attach_type: p.func for p in PROGRAMS if p.target == "cgroup"}
 OUR_NAMES = {p.func for p in PROGRAMS}
@@ -193,6 +220,7 @@ class Datapath:
             f"-DMB_OUT_PORT={m.out_port}", f"-DMB_IN_PORT={m.in_port}",
             f"-DMB_PROXY_UID={m.proxy_uid}", f"-DMB_PROXY_GID={m.proxy_gid}",
             f"-DMB_MESH={m.code}", f"-DMB_CNI_MODE={int(self.cni_mode)}",
+            f"-DMB_DNS_PORT={m.dns_port}",
             f"-DMB_DEBUG={int(self.debug)}", f"-DMB_MARK_PORT={MARK_LISTENER_PORT}",
             "-Wno-unused-function",
         ]
@@ -211,9 +239,12 @@ class Datapath:
             raise DatapathError(f"{self.pin_dir} is not on a bpf filesystem")
         check_pinned_layouts(self.pin_dir)
         try:
+            by_source: dict[str, BPF] = {}   # several programs of one file: one compile
             for p in PROGRAMS + (AMBIENT_PROGRAMS if self.ambient else ()):
-                src = os.path.join(PROGS_DIR, p.source)
-                b = BPF(src_file=src.encode(), cflags=self.cflags())
+                b = by_source.get(p.source)
+                if b is None:
+                    src = os.path.join(PROGS_DIR, p.source)
+                    b = by_source[p.source] = BPF(src_file=src.encode(), cflags=self.cflags())
                 kw = {"attach_type": p.attach_type} if p.target == "cgroup" else {}
                 self._fns[p.func] = b.load_func(p.func.encode(), p.prog_type, **kw)
                 self._objs[p.func] = b
@@ -310,7 +341,7 @@ class Datapath:
     def close(self) -> None:
         if self._maps is not None:
             self._maps = None
-        for b in self._objs.values():
+        for b in {id(b): b for b in self._objs.values()}.values():  # one per source file
             b.cleanup()
         self._objs.clear()
         self._fns.clear()

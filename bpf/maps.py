@@ -87,7 +87,13 @@ def encode_policy(policy: PodPolicy) -> t.MbPodConfig:
         raise PolicyTooLarge(f"status_port {policy.status_port} is outside 0..65535")
     c.status_port = policy.status_port
     c.flags = ((t.MB_POD_F_INCLUDE_IN_ALL if policy.include_inbound_all else 0)
-               | (t.MB_POD_F_INCLUDE_OUT_ALL if policy.include_outbound_all else 0))
+               | (t.MB_POD_F_INCLUDE_OUT_ALL if policy.include_outbound_all else 0)
+               | (t.MB_POD_F_DNS_CAPTURE if policy.dns_capture else 0))
+    for name in ("proxy_uid", "proxy_gid"):
+        value = getattr(policy, name)
+        if not 0 <= value < 2 ** 32:
+            raise PolicyTooLarge(f"{name} {value} is outside 0..{2 ** 32 - 1}")
+        setattr(c, name, value)
     for field, src in (("include_in_ports", policy.include_inbound_ports),
                        ("exclude_in_ports", policy.exclude_inbound_ports),
                        ("include_out_ports", policy.include_outbound_ports),
@@ -128,6 +134,9 @@ def decode_policy(c: t.MbPodConfig) -> PodPolicy:
         include_outbound_ports=ports("include_out_ports"),
         exclude_outbound_ports=ports("exclude_out_ports"),
         status_port=c.status_port,
+        dns_capture=bool(c.flags & t.MB_POD_F_DNS_CAPTURE),
+        proxy_uid=c.proxy_uid,
+        proxy_gid=c.proxy_gid,
     )
 
 
@@ -260,11 +269,21 @@ class CookieOrigDst(_Origins):
         return [(struct.unpack("=Q", k)[0], o) for k, o in self.raw_items()]
 
 
+class SockPeer(CookieOrigDst):
+    """mb_sock_peer: socket cookie -> what the app asked for (a redirected
+    socket's original destination, a DNS query's server); deleted with the socket."""
+
+
 class NetnsIp(_PodIpsValues):
     """mb_netns_ip (legacy mode feedback): netns cookie -> the pod IPs sockops
     learned so far, at most one per family (struct mb_pod_ips). ``items``
     gives each netns' first IP (IPv4 first), ``all_items`` all of them."""
     key_format = "=Q"
+
+    def put(self, cookie: int, *ips: str) -> None:
+        """Written by the legacy daemon for a pod whose proxy has its own UID/GID
+        (legacy.LegacyPods._seed). ValueError without an IP or with two of one family."""
+        self.b.put(struct.pack(self.key_format, cookie), bytes(t.MbPodIps.of(ips)))
 
 
 class NetnsPod:
@@ -343,6 +362,7 @@ class Maps:
         self.skmsg_budget = SkmsgBudget(backends[t.MAP_SKMSG_BUDGET])
         self.netns_pod = NetnsPod(backends[t.MAP_NETNS_POD])
         self.in_pending = InPending(backends[t.MAP_IN_PENDING])
+        self.sock_peer = SockPeer(backends[t.MAP_SOCK_PEER])
         self._closer = closer
 
     def counters(self) -> dict[str, int]:
@@ -381,6 +401,7 @@ class Maps:
             t.MAP_IN_PENDING: {str(p): {"port": socket.ntohs(f.port), "flags": f.flags,
                                         "ack": socket.ntohl(f.ack)}
                                for p, f in self.in_pending.items()},
+            t.MAP_SOCK_PEER: {str(c): origin(o) for c, o in self.sock_peer.items()},
             t.MAP_COUNTERS: self.counters(),
         }
 

@@ -23,7 +23,8 @@ class Mesh:
     #: the proxy's UID and GID: never intercepted
     proxy_uid: int
     proxy_gid: int
-    #: DNS capture port (0: none)
+    #: the sidecar's DNS proxy port, where a pod with DNS capture sends its
+    #: port-53 queries (bpf/progs/dns.c; 0: the mesh has no DNS proxy)
     dns_port: int
     #: the source address the proxy binds for inbound passthrough (Envoy: 127.0.0.6)
     inbound_passthrough_ip: str
@@ -63,8 +64,9 @@ MESHES: dict[str, Mesh] = {
         default_exclude_outbound_ports=(), code=3,
     ),
     "osm": Mesh(
+        # OSM's Envoy has no DNS proxy: nothing to capture DNS for
         name="osm", out_port=15001, in_port=15003, proxy_uid=1500, proxy_gid=1500,
-        dns_port=15053, inbound_passthrough_ip="127.0.0.6", sidecar_container="envoy",
+        dns_port=0, inbound_passthrough_ip="127.0.0.6", sidecar_container="envoy",
         status_port=15901,
         default_exclude_inbound_ports=(15000, 15001, 15003, 15010, 15021, 15050, 15128,
                                        15901, 15902, 15903, 15904),

@@ -41,6 +41,13 @@ class PodPolicy:
     exclude_outbound_ports: frozenset[int] = field(default_factory=frozenset)
     #: the sidecar's status/health port, never captured inbound (0: none)
     status_port: int = 0
+    #: DNS capture (Istio: ISTIO_META_DNS_CAPTURE): the pod's TCP and UDP
+    #: queries to port 53 go to the mesh's DNS proxy port (bpf/progs/dns.c)
+    dns_capture: bool = False
+    #: the proxy's UID and GID, never intercepted (istio-cni: the
+    #: istio-proxy container's runAsUser / runAsGroup); 0: the mesh default
+    proxy_uid: int = 0
+    proxy_gid: int = 0
 
 
 def format_cidr(cidr: Cidr) -> str:
@@ -72,4 +79,8 @@ def describe(policy: PodPolicy) -> str:
         outbound += (f" except {cidrs(policy.exclude_outbound_cidrs)}"
                      f" ports {ports(policy.exclude_outbound_ports)}")
     status = f"; status port {policy.status_port}" if policy.status_port else ""
-    return f"{inbound}; {outbound}{status}"
+    dns = "; dns captured" if policy.dns_capture else ""
+    ids = ""
+    if policy.proxy_uid or policy.proxy_gid:
+        ids = f"; proxy uid {policy.proxy_uid or '-'} gid {policy.proxy_gid or '-'}"
+    return f"{inbound}; {outbound}{status}{dns}{ids}"

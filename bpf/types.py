@@ -28,9 +28,12 @@ MB_ORIGIN_F_REDIRECT = 0x01
 MB_ORIGIN_F_LEARN = 0x02
 MB_ORIGIN_F_INBOUND = 0x04
 MB_ORIGIN_F_XDP = 0x08
+MB_ORIGIN_F_DNS = 0x10
 
 MB_POD_F_INCLUDE_IN_ALL = 0x01
 MB_POD_F_INCLUDE_OUT_ALL = 0x02
+MB_POD_F_DNS_CAPTURE = 0x04
+MB_DNS_SERVER_PORT = 53
 
 MB_SET_SKMSG_OFF = 0
 MB_SET_SKMSG_MAX_QUEUE = 1
@@ -61,6 +64,7 @@ COUNTERS: dict[int, str] = {
     20: "pair_deleted",
     21: "msg_peer_missing",
     22: "getsockopt_nat",
+    23: "dns_captured",
 }
 #: first counter index reserved for bpf/progs/inbound.c (24..31)
 MB_C_XDP_FIRST = 24
@@ -94,9 +98,10 @@ MAP_SETTINGS = "mb_settings"
 MAP_COUNTERS = "mb_counters"
 MAP_SKMSG_BUDGET = "mb_skmsg_budget"
 MAP_NETNS_POD = "mb_netns_pod"
+MAP_SOCK_PEER = "mb_sock_peer"
 ALL_MAPS = (MAP_COOKIE_ORIG_DST, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
             MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET,
-            MAP_NETNS_POD)
+            MAP_NETNS_POD, MAP_SOCK_PEER)
 MAP_IN_PENDING = "mb_in_pending"
 ALL_MAPS = ALL_MAPS + (MAP_IN_PENDING,)
 
@@ -199,6 +204,8 @@ class MbPodConfig(ct.Structure):
         ("exclude_out_ports", ct.c_uint16 * MB_MAX_PORTS),
         ("include_out_cidrs", MbCidr * MB_MAX_CIDRS),
         ("exclude_out_cidrs", MbCidr * MB_MAX_CIDRS),
+        ("proxy_uid", ct.c_uint32),
+        ("proxy_gid", ct.c_uint32),
     ]
 
 
@@ -216,7 +223,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
 MAP_VALUES: dict[str, type[ct.Structure]] = {
     MAP_COOKIE_ORIG_DST: MbOrigin, MAP_PAIR_ORIG_DST: MbOrigin,
     MAP_LOCAL_PODS: MbPodConfig, MAP_MARK_POD_IPS: MbPodIps, MAP_NETNS_IP: MbPodIps,
-    MAP_NETNS_POD: MbNetnsPod, MAP_IN_PENDING: MbInFlow,
+    MAP_NETNS_POD: MbNetnsPod, MAP_SOCK_PEER: MbOrigin, MAP_IN_PENDING: MbInFlow,
 }
 
 

@@ -336,7 +336,11 @@ def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
     else:
         _, out_excl = _ports(name, value)
 
+    proxy_uid, proxy_gid = proxy_identity(pod, mesh)
     return PodPolicy(
+        dns_capture=dns_capture(pod, mesh),
+        proxy_uid=proxy_uid,
+        proxy_gid=proxy_gid,
         include_inbound_all=in_all,
         include_inbound_ports=in_ports,
         exclude_inbound_ports=in_excl,
@@ -347,6 +351,59 @@ def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
         exclude_outbound_ports=out_excl,
         status_port=status_port,
     )
+
+
+#: Istio's DNS proxying switch, as the injector renders it (from meshConfig
+#: defaultConfig.proxyMetadata or the proxy.istio.io/config annotation) into
+#: the istio-proxy container's env, where istio-cni reads it
+DNS_CAPTURE_ENV = "ISTIO_META_DNS_CAPTURE"
+#: Kuma's builtin DNS (kuma-dp's DNS proxy on 15053), a pod annotation
+KUMA_BUILTIN_DNS = "kuma.io/builtin-dns"
+
+
+def dns_capture(pod: dict, mesh: Mesh) -> bool:
+    """Are the pod's port-53 queries sent to the mesh's DNS proxy?
+
+    Istio: as istio-cni (cni/pkg/plugin/sidecar_redirect.go), the
+    ``ISTIO_META_DNS_CAPTURE`` value of the istio-proxy container's env, read
+    with Go's ParseBool; a value it rejects leaves capture off (istio-cni
+    logs and carries on). Kuma: ``kuma.io/builtin-dns: enabled``. A mesh
+    without a DNS proxy (``mesh.dns_port == 0``): never.
+    """
+    if not mesh.dns_port:
+        return False
+    if mesh.name == "kuma":
+        return _annotations(pod).get(KUMA_BUILTIN_DNS, "").strip().lower() == "enabled"
+    if mesh.name != "istio":
+        return False
+    sidecar = _find_container(pod, mesh.sidecar_container)
+    value = _env(sidecar, DNS_CAPTURE_ENV) if sidecar else None
+    return value is not None and parse_bool(value) is True
+
+
+def proxy_identity(pod: dict, mesh: Mesh) -> tuple[int, int]:
+    """(UID, GID) the pod's proxy runs as, 0 for the mesh default.
+
+    As istio-cni: the sidecar container's ``securityContext.runAsUser`` /
+    ``runAsGroup`` when set and non-zero (OpenShift gives the proxy a UID from
+    the namespace's range), else the mesh's (1337). Not the pod-level
+    securityContext, which istio-cni does not read either. A value that is
+    not a whole number in 1..2^32-1 is an error (the API server would have
+    refused it).
+    """
+    sidecar = _find_container(pod, mesh.sidecar_container)
+    ctx = (sidecar or {}).get("securityContext") or {}
+    ids = []
+    for key in ("runAsUser", "runAsGroup"):
+        value = ctx.get(key)
+        if value is None or value == 0:
+            ids.append(0)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2 ** 32:
+            raise AnnotationError(f"{mesh.sidecar_container}.securityContext.{key}", str(value),
+                                  "expected a user or group id (1..4294967295)")
+        ids.append(value)
+    return ids[0], ids[1]
 
 
 def pod_ips(pod: dict) -> list[str]:

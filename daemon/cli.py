@@ -123,8 +123,9 @@ def main() -> None:
 @click.option("--metrics-addr", default=cfgmod.DEFAULT_METRICS_ADDR, show_default=True,
               metavar="HOST:PORT", help="/metrics, /healthz and /readyz ('' disables).")
 @state_option
-@path_option("--netns-dir", cfgmod.DEFAULT_NETNS_DIR, "CNI mode: where pod network namespaces "
-             "are; searched at start for pods that started while no daemon ran.")
+@path_option("--netns-dir", cfgmod.DEFAULT_NETNS_DIR, "Where pod network namespaces are. CNI "
+             "mode: searched at start for pods that started while no daemon ran; legacy mode: "
+             "for pods whose proxy runs as its own UID/GID.")
 @click.option("--exclude-namespaces", default=",".join(cfgmod.DEFAULT_EXCLUDE_NAMESPACES),
               show_default=True, metavar="NS,...", help="Namespaces never intercepted.")
 @path_option("--cni-plugin", None, "CNI mode: the merbridge-cni executable to install "
@@ -203,6 +204,7 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
             out["map_entries"] = {name: len(v) if hasattr(v, "__len__") else v
                                   for name, v in dump.items()}
             out["pods"] = _enrolled_pods(maps, state_dir)
+            out["dns_queries_captured"] = maps.counters().get("dns_captured", 0)
         finally:
             maps.close()
     try:  # CNI mode: what the reconciler brought in and what it still looks for
@@ -225,6 +227,9 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
         mark = f" mark={pod['mark']}" if pod.get("mark") else ""
         click.echo(f"  {pod['ip']:<39} {who}{mark}")
         click.echo(f"    {pod['policy']}")
+    if "dns_queries_captured" in out:
+        click.echo(f"dns:      {out['dns_queries_captured']} queries captured to the "
+                   "sidecar's DNS proxy (pods marked 'dns captured')")
     rec = out.get("reconcile")
     if isinstance(rec, dict):
         ago = time.time() - float(rec.get("time", 0))

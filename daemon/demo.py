@@ -34,7 +34,7 @@ from merbridge.daemon.lab import LabError
 PODS = (
     PodSpec("backend", True, apps=(8080, 9090)),
     PodSpec("legacy", False, apps=(8080,)),
-    PodSpec("frontend", True),
+    PodSpec("frontend", True, proxy_env={"ISTIO_META_DNS_CAPTURE": "true"}),
     PodSpec("batch", True, annotations={A + "excludeOutboundPorts": "9090",
                                         A + "excludeOutboundIPRanges": "{legacy}/32"}),
 )
@@ -59,6 +59,26 @@ SCENARIOS = (
     Scenario("same pod, port not excluded", "batch", "backend", 8080),
     Scenario("excluded CIDR", "batch", "legacy", 8080),
     Scenario("the sidecar's own traffic", "frontend", "legacy", 8080, uid=MESH.proxy_uid),
+)
+
+
+@dataclass
+class DnsScenario:
+    title: str
+    src: str
+    how: str             # "udp", "connected" or "tcp" (labconfig.DNS_QUERY)
+    uid: int | None = None
+    family: int = 4
+
+
+#: queries to the DNS server in "legacy" (outside the mesh); frontend has DNS
+#: capture (ISTIO_META_DNS_CAPTURE in its istio-proxy env), batch has not
+DNS_SCENARIOS = (
+    DnsScenario("app's DNS query, DNS capture on", "frontend", "udp"),
+    DnsScenario("app's DNS query over IPv6", "frontend", "connected", family=6),
+    DnsScenario("app's DNS query over TCP", "frontend", "tcp"),
+    DnsScenario("the proxy's own DNS query", "frontend", "udp", uid=MESH.proxy_uid),
+    DnsScenario("pod without DNS capture", "batch", "udp"),
 )
 
 
@@ -104,7 +124,7 @@ def preflight() -> list[str]:
     tools = {CNITOOL: "cnitool", f"{CNI_PLUGIN_DIR}/bridge": "the CNI bridge plugin",
              f"{CNI_PLUGIN_DIR}/host-local": "the CNI host-local plugin",
              "/usr/bin/python3": "the system python3"}
-    for name in ("haproxy", "nsenter", "setpriv", "ss", "mount"):
+    for name in ("haproxy", "dnsmasq", "nsenter", "setpriv", "ss", "mount"):
         tools[shutil.which(name, path=NODE_PATH) or name] = name
     for path, what in tools.items():
         if not os.access(path, os.X_OK):
@@ -151,12 +171,28 @@ def exercise(node: Node, progress: Progress) -> dict[str, Any]:
             family=sc.family, uid=sc.uid, reply=reply, new=new,
             delta=demoreport.counter_delta(before, node.counters()),
             out_exp=out_exp, in_exp=in_exp))
+    dns_rows = []
+    server = node.pods["legacy"]
+    for sc in DNS_SCENARIOS:
+        host = server.ip4 if sc.family == 4 else server.ip6
+        progress(f"DNS query: {sc.title}: {sc.src}"
+                 + (f" (uid {sc.uid})" if sc.uid is not None else "")
+                 + f" -> {demoreport.hostport(host, 53)} {sc.how}")
+        before = node.counters()
+        got = node.pods[sc.src].dns_query(sc.how, host, node.DNS_NAME, uid=sc.uid)
+        policy = views[sc.src].policy
+        captured = bool(policy and policy.dns_capture and sc.uid != MESH.proxy_uid)
+        dns_rows.append(demoreport.dns_row(
+            title=sc.title, src=sc.src, uid=sc.uid, how=sc.how, server=host, got=got,
+            want=node.DNS_PROXIED if captured else node.DNS_REAL, captured=captured,
+            delta=demoreport.counter_delta(before, node.counters())))
     return {"pods": [{"name": v.name, "ips": list(v.ips), "enrolled": v.enrolled,
                       "reason": v.reason, "consistent": v.consistent,
                       "annotations": v.annotations,
+                      "dns_capture": bool(v.policy and v.policy.dns_capture),
                       "sidecar": node.pods[v.name].sidecar is not None}
                      for v in views.values()],
-            "connections": rows}
+            "connections": rows, "dns": dns_rows}
 
 
 # ------------------------------------------------------------------ entry
@@ -208,7 +244,8 @@ def run(as_json: bool = False) -> int:
         progress.check()
         if not as_json:
             print(demoreport.render_pods(report))
-            print(demoreport.render_table(report), flush=True)
+            print(demoreport.render_table(report))
+            print(demoreport.render_dns(report), flush=True)
     except KeyboardInterrupt:
         failure = "interrupted"
     except (DemoError, LabError) as exc:
@@ -229,7 +266,8 @@ def run(as_json: bool = False) -> int:
     report["node"] = node.describe()
     report["cleanup"] = cleanup
     report["error"] = failure
-    agrees = bool(report.get("connections")) and all(r["agrees"] for r in report["connections"])
+    agrees = (bool(report.get("connections")) and bool(report.get("dns"))
+              and all(r["agrees"] for r in report["connections"] + report["dns"]))
     consistent = all(p["consistent"] for p in report.get("pods", []))
     report["ok"] = failure is None and agrees and consistent and cleanup["clean"]
     if as_json:

@@ -63,6 +63,9 @@ class PodSpec:
     apps: tuple[int, ...] = ()
     #: traffic.sidecar.istio.io/* annotations; "{legacy}" is replaced by that pod's IPv4
     annotations: dict[str, str] = field(default_factory=dict)
+    #: the istio-proxy container's env, as the injector renders proxyMetadata
+    #: (ISTIO_META_DNS_CAPTURE: the sidecar's DNS proxy answers the pod's queries)
+    proxy_env: dict[str, str] = field(default_factory=dict)
 
 
 class Node:
@@ -130,6 +133,25 @@ class Node:
                 pod.start_sidecar()
         self.progress("apps listening; haproxy sidecars running as UID/GID 1337 in "
                       + ", ".join(n for n, s in self.specs.items() if s.in_mesh))
+        self._start_dns()
+
+    #: the name the demo's DNS servers answer, and their answers
+    DNS_NAME = "svc.demo.example"
+    DNS_REAL, DNS_PROXIED = "10.99.0.1", "10.99.0.53"
+
+    def _start_dns(self) -> None:
+        """A DNS server (dnsmasq) in the pod outside the mesh, and in each mesh pod
+        the stand-in for the agent's DNS proxy on 127.0.0.1 / [::1]:15053, as the
+        proxy's UID, answering DNS_NAME itself and asking the server otherwise."""
+        server = self.pods["legacy"]
+        server.start_dns(53, [server.ip4, server.ip6], {self.DNS_NAME: self.DNS_REAL})
+        for name, spec in self.specs.items():
+            if spec.in_mesh:
+                self.pods[name].start_dns(MESH.dns_port, ["127.0.0.1", "::1"],
+                                          {self.DNS_NAME: self.DNS_PROXIED},
+                                          uid=MESH.proxy_uid, upstream=server.ip4)
+        self.progress(f"DNS: dnsmasq in legacy :53; DNS proxy stand-ins (dnsmasq, UID "
+                      f"{MESH.proxy_uid}) on :{MESH.dns_port} in the mesh pods")
 
     def _primary_config(self) -> dict:
         return {"cniVersion": "1.0.0", "name": self.name, "plugins": [
@@ -145,7 +167,8 @@ class Node:
         if spec.in_mesh:
             ann["sidecar.istio.io/status"] = ISTIO_STATUS
             containers.append({"name": MESH.sidecar_container, "image": "haproxy-as-envoy",
-                               "args": ["proxy", "sidecar"]})
+                               "args": ["proxy", "sidecar"],
+                               "env": [{"name": k, "value": v} for k, v in spec.proxy_env.items()]})
         manifest = {"apiVersion": "v1", "kind": "Pod",
                     "metadata": {"name": spec.name, "namespace": K8S_NAMESPACE,
                                  "uid": f"uid-{spec.name}-{self.name}", "annotations": ann},

@@ -175,9 +175,27 @@ def connection_row(*, title: str, src: str, dst: str, dst_ip: str, port: int, fa
             "ok": reply.ok, "error": reply.error, "answered_by": reply.pod,
             "app_peer": reply.peer[0] if reply.peer else None,
             "app_peer_port": reply.peer[1] if reply.peer else None,
+            # the client's own getpeername(): under iptables the destination it
+            # asked for, whoever intercepted (bpf/progs/peername.c)
+            "client_peer": list(reply.client_peer) if reply.client_peer else None,
             "outbound": outbound, "inbound": inbound, "counters": delta,
             "expected": {"outbound": out_exp.captured, "outbound_rule": out_exp.rule,
                          "inbound": in_exp.captured, "inbound_rule": in_exp.rule},
+            "agrees": bool(agrees)}
+
+
+def dns_row(*, title: str, src: str, uid: int | None, how: str, server: str, got: dict,
+            want: str, captured: bool, delta: dict[str, int]) -> dict[str, Any]:
+    """One DNS query's facts (``got``: the lab's dns_query result) beside the
+    daemon's expectation: captured queries get the DNS proxy's answer, the
+    others the server's, and every reply comes from the server asked."""
+    frm = got.get("from")
+    moved = delta.get("dns_captured", 0)
+    agrees = (got.get("answer") == want and frm == [server, 53]
+              and moved == int(captured))
+    return {"title": title, "source": src, "uid": uid, "how": how, "server": server,
+            "answer": got.get("answer"), "reply_from": frm, "error": got.get("error"),
+            "expected_answer": want, "captured": captured, "counters": delta,
             "agrees": bool(agrees)}
 
 
@@ -222,12 +240,28 @@ def render_table(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_dns(report: dict[str, Any]) -> str:
+    out = ["DNS (port 53; captured queries go to the sidecar's DNS proxy on :15053):"]
+    for i, r in enumerate(report.get("dns", []), 1):
+        who = r["source"] + (f" (uid {r['uid']})" if r.get("uid") is not None else "")
+        got = (f"answer {r['answer']} from {hostport(*r['reply_from'])}" if r["answer"]
+               else "FAILED: " + (r.get("error") or "?"))
+        whose = "the DNS proxy's" if r["captured"] else "the server's"
+        out.append(f"  {i}. {r['title']}: {who} -> {hostport(r['server'], 53)} {r['how']}: "
+                   f"{got} ({whose})" + ("" if r["agrees"] else "   !! DISAGREES"))
+    ok = sum(r["agrees"] for r in report.get("dns", []))
+    out.append(f"{ok}/{len(report.get('dns', []))} DNS queries did what the daemon's policy says")
+    return "\n".join(out) + "\n"
+
+
 def render_pods(report: dict[str, Any]) -> str:
     out = ["pods (the daemon's decision, read back from mb_local_pods):"]
     for p in report["pods"]:
         state = "in mesh" if p["enrolled"] else "not in mesh"
         extra = f"  [{', '.join(f'{k}={v}' for k, v in p['annotations'].items())}]" \
             if p["annotations"] else ""
+        if p.get("dns_capture"):
+            extra += "  [DNS captured]"
         out.append(f"  {p['name']:<9} {', '.join(p['ips']):<28} {state:<12} {p['reason']}{extra}")
     return "\n".join(out) + "\n"
 

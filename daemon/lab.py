@@ -171,6 +171,35 @@ class Pod:
         self.wait_listening(port, proc=proc)
         return proc
 
+    def start_dns(self, port: int, addrs: Sequence[str], answers: dict[str, str],
+                  uid: int | None = None, upstream: str | None = None) -> subprocess.Popen:
+        """A DNS server (dnsmasq) on ``addrs``:``port``, UDP and TCP, answering each
+        name of ``answers`` with its address; other names go to ``upstream`` (if
+        any). As ``uid``/``gid`` (the DNS proxy stand-in: the proxy's UID).
+        Returns once it listens."""
+        argv = ["dnsmasq", "--keep-in-foreground", "--no-hosts", "--no-resolv",
+                "--conf-file=/dev/null", "--pid-file", f"--port={port}", "--bind-dynamic",
+                "--log-facility=-", *(f"--listen-address={a}" for a in addrs),
+                *(f"--address=/{name}/{ip}" for name, ip in answers.items())]
+        if upstream:
+            argv.append(f"--server={upstream}")
+        log = os.path.join(self.lab.workdir, f"dns-{self.name}-{port}.log")
+        with open(log, "ab") as f:
+            proc = self.spawn(argv, uid=uid, gid=uid, stdout=f, stderr=subprocess.STDOUT)
+        self.wait_listening(port, proc=proc, log=log)
+        return proc
+
+    def dns_query(self, how: str, server: str, name: str, uid: int | None = None,
+                  gid: int | None = None) -> dict:
+        """One A query for ``name`` to ``server``:53 (``how``: "udp" sendto/recvfrom,
+        "connected" UDP, "tcp"): {"answer": ip, "from": [addr, port]} or {"error"}."""
+        res = self.run([PYTHON, "-I", "-c", labconfig.DNS_QUERY, how, server, name],
+                       uid=uid, gid=uid if gid is None else gid)
+        try:
+            return json.loads(res.stdout)
+        except ValueError:
+            return {"error": f"query failed: rc={res.returncode} {res.stderr.strip()}"}
+
     def start_sidecar(self, mode: str = "tcp", threads: int = 1) -> "Sidecar":
         """The sidecar as UID/GID 1337: haproxy for IPv4 (0.0.0.0:15001 outbound,
         0.0.0.0:15006 inbound) plus ``sidecar6.py`` for IPv6 ([::]:15001,

@@ -110,20 +110,25 @@ def istio_iptables(version: int, uid: int = ISTIO.proxy_uid, gid: int = ISTIO.pr
                    exclude_inbound_ports: Iterable[int] = (15020, 15021, 15090),
                    exclude_outbound_ports: Iterable[int] = ISTIO.default_exclude_outbound_ports,
                    exclude_outbound_cidrs: Iterable[str] = (),
-                   capture_inbound: bool = True, capture_outbound: bool = True) -> str:
+                   capture_inbound: bool = True, capture_outbound: bool = True,
+                   redirect_dns: bool = False) -> str:
     """istio-iptables' REDIRECT-mode nat table (CNI plugin defaults), for
     ``iptables-restore`` (version 4) or ``ip6tables-restore`` (version 6).
 
     Order follows istio's capture/run.go: inbound RETURNs for 15008 and excluded
     ports, then outbound: excluded ports, the inbound-passthrough source, the
     proxy UID then GID rules (proxy -> own pod IP over lo goes to the inbound
-    port), loopback, excluded CIDRs, and finally everything else to 15001."""
+    port), loopback, excluded CIDRs, and finally everything else to 15001.
+    ``redirect_dns``: istio-cni's DNS capture (ISTIO_META_DNS_CAPTURE, all
+    port-53 traffic: cni/pkg/plugin/testdata/dns.txt.golden), the nat
+    ISTIO_OUTPUT_DNS chain and the raw table's conntrack zones."""
     if version not in (4, 6):
         raise ValueError("version must be 4 or 6")
     lo_dst = "127.0.0.1/32" if version == 4 else "::1/128"
     passthrough = (f"{ISTIO.inbound_passthrough_ip}/32" if version == 4 else "::6/128")
     rules = ["*nat", ":ISTIO_INBOUND - [0:0]", ":ISTIO_IN_REDIRECT - [0:0]",
              ":ISTIO_OUTPUT - [0:0]", ":ISTIO_REDIRECT - [0:0]",
+             *([":ISTIO_OUTPUT_DNS - [0:0]"] if redirect_dns else []),
              f"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {out_port}",
              f"-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {in_port}"]
     if capture_inbound:
@@ -137,12 +142,22 @@ def istio_iptables(version: int, uid: int = ISTIO.proxy_uid, gid: int = ISTIO.pr
         rules.append(f"-A ISTIO_OUTPUT -p udp --dport {int(port)} -j RETURN")
     rules.append(f"-A ISTIO_OUTPUT -o lo -s {passthrough} -j RETURN")
     for kind, ident in (("uid", uid), ("gid", gid)):
+        # with DNS capture the UID's rule leaves TCP 53 out too (not the GID's)
+        not_ports = ("-m multiport ! --dports 53,15008" if redirect_dns and kind == "uid"
+                     else "! --dport 15008")
+        not_dns = "-p tcp ! --dport 53 " if redirect_dns else ""
         rules += [
-            f"-A ISTIO_OUTPUT -o lo ! -d {lo_dst} -p tcp ! --dport 15008 "
+            f"-A ISTIO_OUTPUT -o lo ! -d {lo_dst} -p tcp {not_ports} "
             f"-m owner --{kind}-owner {ident} -j ISTIO_IN_REDIRECT",
-            f"-A ISTIO_OUTPUT -o lo -m owner ! --{kind}-owner {ident} -j RETURN",
+            f"-A ISTIO_OUTPUT -o lo {not_dns}-m owner ! --{kind}-owner {ident} -j RETURN",
             f"-A ISTIO_OUTPUT -m owner --{kind}-owner {ident} -j RETURN",
         ]
+    if redirect_dns:
+        rules += ["-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS",
+                  f"-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports {ISTIO.dns_port}",
+                  f"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --uid-owner {uid} -j RETURN",
+                  f"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --gid-owner {gid} -j RETURN",
+                  f"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-ports {ISTIO.dns_port}"]
     rules.append(f"-A ISTIO_OUTPUT -d {lo_dst} -j RETURN")
     for cidr in exclude_outbound_cidrs:
         net = ipaddress.ip_network(cidr, strict=False)
@@ -151,6 +166,18 @@ def istio_iptables(version: int, uid: int = ISTIO.proxy_uid, gid: int = ISTIO.pr
     if capture_outbound:
         rules.append("-A ISTIO_OUTPUT -j ISTIO_REDIRECT")
     rules.append("COMMIT")
+    if redirect_dns:
+        dns = ISTIO.dns_port
+        rules += ["*raw", ":ISTIO_OUTPUT_DNS - [0:0]", ":ISTIO_INBOUND - [0:0]",
+                  "-A OUTPUT -j ISTIO_OUTPUT_DNS",
+                  f"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --uid-owner {uid} -j CT --zone 1",
+                  f"-A ISTIO_OUTPUT_DNS -p udp --sport {dns} -m owner --uid-owner {uid} -j CT --zone 2",
+                  f"-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --gid-owner {gid} -j CT --zone 1",
+                  f"-A ISTIO_OUTPUT_DNS -p udp --sport {dns} -m owner --gid-owner {gid} -j CT --zone 2",
+                  "-A PREROUTING -j ISTIO_INBOUND",
+                  "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2",
+                  "-A ISTIO_INBOUND -p udp --sport 53 -j CT --zone 1",
+                  "COMMIT"]
     return "\n".join(rules) + "\n"
 
 
@@ -217,6 +244,51 @@ try:
     out["ok"] = out["reply"] is not None
     if not out["ok"]:
         out["error"] = "connection closed without a reply"
+except Exception as e:
+    out["error"] = "%s: %s" % (type(e).__name__, e)
+print(json.dumps(out))
+"""
+
+
+# One DNS A query (tests, the demo): how ("udp": sendto/recvfrom, "connected"
+# UDP, "tcp"), the server, the name; prints the answer's IPv4 address and where
+# the reply came from (recvfrom's source, or the connected socket's
+# getpeername), or the error. Port 53.
+DNS_QUERY = r"""
+import json, random, socket, struct, sys
+how, host = sys.argv[1], sys.argv[2]
+af = socket.AF_INET6 if ":" in host else socket.AF_INET
+qid = random.randrange(65536)
+q = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in sys.argv[3].split(".")) + b"\0"
+q += struct.pack("!HH", 1, 1)
+out = {}
+try:
+    if how == "tcp":
+        s = socket.socket(af, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect((host, 53))
+        s.sendall(struct.pack("!H", len(q)) + q)
+        buf = b""
+        while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        r, src = buf[2:], s.getpeername()
+    else:
+        s = socket.socket(af, socket.SOCK_DGRAM)
+        s.settimeout(5)
+        if how == "connected":
+            s.connect((host, 53))
+            s.send(q)
+            r, src = s.recv(4096), s.getpeername()
+        else:
+            s.sendto(q, (host, 53))
+            r, src = s.recvfrom(4096)
+    assert struct.unpack("!H", r[:2])[0] == qid
+    out["from"] = [src[0], src[1]]
+    out["answer"] = socket.inet_ntoa(r[-4:])
 except Exception as e:
     out["error"] = "%s: %s" % (type(e).__name__, e)
 print(json.dumps(out))

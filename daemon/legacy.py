@@ -32,6 +32,33 @@ class LegacyPods:
         self.maps, self._lock, self._decide, self._meta = maps, lock, decide, meta
         self._error = error
         self.pods: dict[tuple[str, str], tuple[str, ...]] = {}  # (ns, name) -> ips written
+        #: pod IPs -> the cookie of the pod's netns (None: not found); set by the
+        #: runtime (netns.find_netns_cookie over --netns-dir). See _seed.
+        self.find_netns_cookie: Callable[[tuple[str, ...]], int | None] | None = None
+
+    def _seed(self, ips: tuple[str, ...], policy: Any) -> None:
+        """Tell the datapath a pod's netns -> IPs (``mb_netns_ip``) when its
+        proxy runs as its own UID/GID (istio-proxy's securityContext).
+
+        Legacy mode learns a netns' pod IP from a connection the datapath left
+        alone; until then the pod's policy, its proxy identity included, is
+        unknown and the mesh default (1337) counts as the proxy. A proxy running
+        as another UID would then be captured by its own outbound listener and
+        never leave the pod, so nothing would teach the IP. For such pods the
+        daemon finds the netns by pod IP and writes the entry itself."""
+        if self.find_netns_cookie is None or not (policy.proxy_uid or policy.proxy_gid):
+            return
+        try:
+            cookie = self.find_netns_cookie(ips)
+        except Exception as exc:  # a netns that vanished while it was read
+            log.warning("pod %s: finding its netns failed: %s", ",".join(ips), exc)
+            return
+        if cookie is None:
+            log.warning("pod %s: no single netns carries its IPs; its proxy identity applies "
+                        "once its IP is learned from traffic", ",".join(ips))
+            return
+        with self._lock:
+            self.maps.netns_ip.put(cookie, *ips)
 
     def __len__(self) -> int:
         """In-mesh pods written to ``mb_local_pods`` (legacy mode's pods_enrolled)."""
@@ -65,6 +92,8 @@ class LegacyPods:
                 self.pods[(ns, name)] = ips
             else:
                 self.pods.pop((ns, name), None)
+        if ips:
+            self._seed(ips, policy)
 
     def resync(self, pods: Iterable[dict]) -> None:
         """Make ``mb_local_pods`` exactly the in-mesh pods of a full snapshot."""

@@ -15,7 +15,8 @@ Metrics (all prefixed ``merbridge_``): ``pods_enrolled`` (gauge),
 ``map_entries{map}`` / ``map_capacity{map}`` (gauges read at scrape time
 from a callback), ``heap_bytes{state}`` (malloc's in-use and free-but-kept
 bytes, read at scrape time; absent without glibc), ``heap_python_blocks``
-(gauge), ``heap_trims_total`` (counter), ``errors_total{kind}`` (counter).
+(gauge), ``heap_trims_total`` (counter), ``errors_total{kind}`` (counter),
+``dns_queries_captured_total`` (counter, the datapath's ``dns_captured``).
 
 Where they come from in the daemon (daemon/runtime.py): ``pods_enrolled`` from
 the registry (CNI mode: enrolled containers) or, read at scrape time, the
@@ -92,6 +93,26 @@ class _HeapCollector:
         return out
 
 
+class _DnsCollector:
+    """``dns_queries_captured_total``: the datapath's ``dns_captured`` counter
+    (bpf/progs/dns.c, read at scrape time from ``Maps.counters``)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, int]] | None = None
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        if self.source is None:
+            return []
+        try:
+            value = self.source().get("dns_captured", 0)
+        except Exception as exc:  # a scrape must not fail because a map is gone
+            log.warning("datapath counters callback failed: %s", exc)
+            return []
+        return [CounterMetricFamily("merbridge_dns_queries_captured", "DNS queries (UDP "
+                                    "datagrams, TCP and connected UDP sockets) sent to the "
+                                    "sidecar's DNS proxy", value=value)]
+
+
 class _ErrorLog(logging.Handler):
     """ERROR and worse log records -> ``errors_total{kind=<module>}``."""
 
@@ -128,6 +149,8 @@ class Metrics:
         r.register(self._maps)
         self._heap = _HeapCollector()
         r.register(self._heap)
+        self._dns = _DnsCollector()
+        r.register(self._dns)
         self.server: MetricsServer | None = None
 
     def cni_request(self, command: str, result: str, seconds: float | None = None) -> None:
@@ -158,6 +181,10 @@ class Metrics:
 
     def set_heap(self, source: HeapSource | None) -> None:
         self._heap.source = source
+
+    def set_datapath_counters(self, source: Callable[[], dict[str, int]] | None) -> None:
+        """The datapath's counters (``Maps.counters``), read at scrape time."""
+        self._dns.source = source
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

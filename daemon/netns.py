@@ -882,3 +882,29 @@ def node_netns(netns_dir: str, proc_path: str) -> dict[tuple[int, int], str]:
         if key != (own.st_dev, own.st_ino) and _stat.S_ISREG(st.st_mode):
             found.setdefault(key, path)
     return found
+
+
+import sys as _sys  # noqa: E402
+
+#: getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) (Linux 5.14): the cookie
+#: bpf_get_netns_cookie() gives the datapath for the same namespace
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie(path: str) -> int:
+    """The kernel's cookie of the network namespace ``path`` (the key of
+    ``mb_netns_ip`` and ``mb_netns_pod``), from a socket made inside it."""
+    def get() -> int:
+        with _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as s:
+            return int.from_bytes(s.getsockopt(_socket.SOL_SOCKET, SO_NETNS_COOKIE, 8),
+                                  _sys.byteorder)
+    return _in_netns(path, get)
+
+
+def find_netns_cookie(netns_dir: str, ips: Sequence[str]) -> int | None:
+    """The cookie of the one named netns in ``netns_dir`` whose interfaces carry
+    all of ``ips``; None when none or several do. Only reads."""
+    want = {str(ipaddress.ip_address(ip)) for ip in ips}
+    found = [path for path, addrs in netns_addresses(netns_dir).items()
+             if want <= {ip for _, ip in addrs}]
+    return netns_cookie(found[0]) if len(found) == 1 else None

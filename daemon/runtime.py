@@ -155,6 +155,7 @@ class Daemon:
         self.metrics = metrics.Metrics()
         self.metrics.set_heap(self.trimmer.stats)
         self.metrics.set_map_occupancy(self.datapath.maps.occupancy)
+        self.metrics.set_datapath_counters(self.datapath.maps.counters)
         self.stack.callback(self.metrics.count_logged_errors(logging.getLogger("merbridge")))
         self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
                                                     ready=self.ready.is_set)
@@ -182,6 +183,11 @@ class Daemon:
             hardware_checksum=cfg.hardware_checksum, metrics=self.metrics)
         if not cfg.cni_mode:
             self.metrics.set_pods_enrolled_source(lambda: len(self.registry.legacy))
+            # pods whose proxy runs as its own UID/GID: their netns by pod IP
+            from merbridge.daemon import netns as netns_mod
+            netns_dir = cfg.netns_dir
+            self.registry.legacy.find_netns_cookie = (
+                lambda ips: netns_mod.find_netns_cookie(netns_dir, ips))
         self.source.start()
         while not self.source.wait_synced(0.2):
             if self.stopping.is_set():

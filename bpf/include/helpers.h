@@ -177,6 +177,39 @@ static __always_inline int mb_policy_in(const struct mb_pod_config *pc, u16 port
 	return mb_port_in(pc->include_in_ports, pc->n_include_in_ports, port);
 }
 
+/* Is the caller (bpf_get_current_uid_gid()) the pod's proxy? Its UID and
+ * GID come from the pod's policy (istio-cni: the istio-proxy container's
+ * runAsUser / runAsGroup), the mesh default where the policy has none or the
+ * pod is not known (yet). *uid_match: the UID matched (istio-iptables' UID
+ * rules come before its GID rules). */
+static __always_inline int mb_is_proxy(const struct mb_pod_config *pc, u64 ugid, int *uid_match)
+{
+	u32 uid = pc && pc->proxy_uid ? pc->proxy_uid : MB_PROXY_UID;
+	u32 gid = pc && pc->proxy_gid ? pc->proxy_gid : MB_PROXY_GID;
+
+	*uid_match = (u32)ugid == uid;
+	return *uid_match || (u32)(ugid >> 32) == gid;
+}
+
+/* DNS capture (bpf/progs/dns.c, istio-iptables' ISTIO_OUTPUT_DNS as istio-cni
+ * configures it: every destination, not only resolv.conf's): is a query of
+ * this pod's to port 53 sent to the DNS proxy? Not the proxy's own (UID or
+ * GID), not when excludeOutboundPorts names 53 (that RETURN comes first),
+ * not from the inbound-passthrough source. */
+static __always_inline int mb_dns_captured(const struct mb_pod_config *pc, u64 ugid,
+					   const struct mb_addr *src)
+{
+	int uid_match;
+
+	if (!MB_DNS_PORT || !pc || !(pc->flags & MB_POD_F_DNS_CAPTURE))
+		return 0;
+	if (mb_is_proxy(pc, ugid, &uid_match))
+		return 0;
+	if (mb_port_in(pc->exclude_out_ports, pc->n_exclude_out_ports, MB_DNS_SERVER_PORT))
+		return 0;
+	return !mb_addr_is_passthrough(src);
+}
+
 /* ---- socket 4-tuples ----------------------------------------------------- */
 
 /* A 4-byte context load clang may not merge with its neighbour (the verifier

@@ -127,6 +127,19 @@ BPF_TABLE_PINNED("array", u32, u64, mb_settings, MB_N_SETTINGS,
 BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS,
 		 MB_PIN(mb_counters));
 
+/* Socket cookie -> what the app asked for, for the sockets whose address
+ * the datapath rewrote: connect4/6 (flag REDIRECT, plus INBOUND for the
+ * proxy's) and dns.c (flag DNS: a TCP or connected UDP DNS socket, or the
+ * last query an unconnected UDP socket sent). Read by peername.c
+ * (getpeername answers the original destination, getsockname the pod IP,
+ * as under iptables' NAT) and by dns.c's recvmsg (a reply from the DNS proxy
+ * comes from the server the app asked). Deleted by peername.c when the
+ * socket is released, so a plain hash; if it is ever full, an app sees the
+ * rewritten address (routing is unaffected). Pinned: the sockets' views
+ * survive a daemon restart. */
+BPF_TABLE_PINNED("hash", u64, struct mb_origin, mb_sock_peer,
+		 MB_MAX_CONNS, MB_PIN(mb_sock_peer));
+
 /* ==== ambient mode (H11, docs/ambient.md) ================================ */
 
 /* cgroup id -> the pod owning that cgroup (ambient or not, pod IPs, ztunnel

@@ -46,6 +46,10 @@
 #ifndef MB_HBONE_PORT
 #define MB_HBONE_PORT 15008      /* never redirected (Istio ISTIO_INBOUND/OUTPUT) */
 #endif
+#ifndef MB_DNS_PORT
+#define MB_DNS_PORT 15053        /* mesh.Mesh.dns_port: the sidecar's DNS proxy (0: none) */
+#endif
+#define MB_DNS_SERVER_PORT 53    /* what DNS capture takes (UDP and TCP) */
 
 /* ---- map sizes ----------------------------------------------------------- */
 #define MB_MAX_CONNS 65535       /* cookie/pair/sockhash maps */
@@ -64,10 +68,13 @@
 #define MB_ORIGIN_F_INBOUND  0x04  /* proxy -> local pod, rewritten to MB_IN_PORT */
 #define MB_ORIGIN_F_XDP      0x08  /* written by the XDP program (H4), keyed
                                     * {client ip, client port, pod ip, MB_IN_PORT} */
+#define MB_ORIGIN_F_DNS      0x10  /* mb_sock_peer: a DNS query sent to MB_DNS_PORT
+                                    * (bpf/progs/dns.c) */
 
 /* ---- struct mb_pod_config.flags ------------------------------------------ */
 #define MB_POD_F_INCLUDE_IN_ALL  0x01   /* includeInboundPorts="*" */
 #define MB_POD_F_INCLUDE_OUT_ALL 0x02   /* includeOutboundIPRanges="*" */
+#define MB_POD_F_DNS_CAPTURE     0x04   /* ISTIO_META_DNS_CAPTURE: port 53 -> MB_DNS_PORT */
 
 /* ---- mb_settings indexes (u64 values; 0 = default) ----------------------- */
 #define MB_SET_SKMSG_OFF       0   /* 1: connections established from now on are
@@ -108,6 +115,8 @@
                                     * normal path from now on (once per socket) */
 #define MB_C_GETSOCKOPT_NAT    22  /* SO_ORIGINAL_DST: conntrack's NAT answer kept
                                     * (iptables redirected that connection) */
+#define MB_C_DNS_CAPTURED      23  /* a DNS query (UDP datagram or TCP/UDP connect
+                                    * to port 53) sent to MB_DNS_PORT (dns.c) */
 #define MB_C_XDP_FIRST         24  /* 24..31: bpf/progs/inbound.c (tc or XDP) */
 #define MB_C_XDP_NEW_FLOW      24  /* SYN redirected to MB_IN_PORT, flow recorded */
 #define MB_C_XDP_BYPASS_POLICY 25  /* SYN to a local pod, its inbound policy says no */
@@ -203,6 +212,11 @@ struct mb_pod_config {
 	__u16 exclude_out_ports[MB_MAX_PORTS];
 	struct mb_cidr include_out_cidrs[MB_MAX_CIDRS];
 	struct mb_cidr exclude_out_cidrs[MB_MAX_CIDRS];
+	/* the pod's proxy identity, never intercepted (istio-cni: the
+	 * istio-proxy container's runAsUser / runAsGroup); 0: the mesh's
+	 * MB_PROXY_UID / MB_PROXY_GID */
+	__u32 proxy_uid;
+	__u32 proxy_gid;
 };
 
 /* ==== ambient mode (H11, docs/ambient.md) =================================

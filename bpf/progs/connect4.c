@@ -4,7 +4,7 @@
  * Reads:   mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip
  *          (legacy): the caller's pod IP; mb_local_pods: the caller's and the target's policy;
  *          mb_settings: the legacy destination sequence (atomic add).
- * Writes:  mb_netns_pod (CNI mode: probe cache), mb_cookie_orig_dst
+ * Writes:  mb_netns_pod (CNI mode: probe cache), mb_cookie_orig_dst, mb_sock_peer
  *          (socket cookie -> original destination, for sockops),
  *          mb_counters.
  * Why: this replaces istio-iptables' nat OUTPUT chain for IPv4 TCP. An app's
@@ -100,8 +100,10 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 
 	c.ip_known = bind_ip != 0;
 	ugid = bpf_get_current_uid_gid();
-	c.is_proxy_uid = (u32)ugid == MB_PROXY_UID;
-	c.is_proxy = c.is_proxy_uid || (u32)(ugid >> 32) == MB_PROXY_GID;
+	c.is_proxy = mb_is_proxy(c.own, ugid, &c.is_proxy_uid);
+	/* the pod's DNS queries are dns.c's (MB_POD_F_DNS_CAPTURE) */
+	if (c.port == MB_DNS_SERVER_PORT && mb_dns_captured(c.own, ugid, &src))
+		return 1;
 	if (c.is_proxy)
 		c.target = mb_local_pods.lookup(&dst);
 
@@ -116,6 +118,9 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		o.pid = bpf_get_current_pid_tgid() >> 32;
 		cookie = bpf_get_socket_cookie(ctx);
 		mb_cookie_orig_dst.update(&cookie, &o);
+		/* what the app asked for, for getpeername (peername.c) */
+		if (v.flags & MB_ORIGIN_F_REDIRECT)
+			mb_sock_peer.update(&cookie, &o);
 	}
 	if (v.act == MB_ACT_PASS)
 		return 1;

@@ -63,6 +63,8 @@ def test_pods_the_daemon_enrolled(demo):
     assert {n for n, p in pods.items() if p["enrolled"]} == {"frontend", "backend", "batch"}
     assert pods["legacy"]["reason"] == "no istio-proxy container"
     assert all(p["consistent"] for p in pods.values())
+    # ISTIO_META_DNS_CAPTURE in frontend's istio-proxy env only
+    assert {n for n, p in pods.items() if p["dns_capture"]} == {"frontend"}
     for p in pods.values():       # both families from host-local, through the chained CNI
         v4, v6 = p["ips"]
         assert v4.startswith("10.241.0.") and v6.startswith("fd00:241::")
@@ -81,6 +83,8 @@ def test_mesh_to_mesh_goes_through_both_sidecars(demo, family):
     assert r["inbound"]["via"] == "connect hook"       # same node: the proxy's connect
     assert r["answered_by"] == "backend"
     assert r["app_peer"] == ("127.0.0.6" if family == "ipv4" else "::6")
+    # the client app's own getpeername(): what it asked for, as under iptables
+    assert r["client_peer"] == [dst, 8080]
     assert r["counters"].get("redirect_out") == 1 and r["counters"].get("redirect_in") == 1
     assert "istio sidecar injected" in r["expected"]["outbound_rule"]
 
@@ -139,6 +143,25 @@ def test_the_sidecars_own_traffic_is_not_captured_again(demo):
     assert not {"redirect_out", "redirect_in", "xdp_new_flow"} & set(r["counters"])
     assert "proxy UID 1337" in r["expected"]["outbound_rule"]
     assert r["app_peer"] == ips(report)["frontend"][0]
+
+
+def test_dns_queries(demo):
+    """frontend's app queries go to its DNS proxy and are answered from the
+    server's address; its proxy's own and batch's (no DNS capture) reach the
+    server in legacy."""
+    _, report = demo
+    legacy = ips(report)["legacy"]
+    got = {r["title"]: r for r in report["dns"]}
+    assert len(got) == 5 and all(r["agrees"] for r in got.values())
+    for title, server, answer in (
+            ("app's DNS query, DNS capture on", legacy[0], "10.99.0.53"),
+            ("app's DNS query over IPv6", legacy[1], "10.99.0.53"),
+            ("app's DNS query over TCP", legacy[0], "10.99.0.53"),
+            ("the proxy's own DNS query", legacy[0], "10.99.0.1"),
+            ("pod without DNS capture", legacy[0], "10.99.0.1")):
+        r = got[title]
+        assert (r["answer"], r["reply_from"]) == (answer, [server, 53]), r
+        assert r["counters"].get("dns_captured", 0) == (answer == "10.99.0.53")
 
 
 def test_nothing_is_left_behind(demo):

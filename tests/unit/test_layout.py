@@ -79,7 +79,8 @@ def test_every_header_constant_is_mirrored():
     text = HEADER.read_text()
     defined = set(re.findall(r"#define (MB_[A-Z0-9_]+) ", text))
     config = {"MB_OUT_PORT", "MB_IN_PORT", "MB_PROXY_UID", "MB_PROXY_GID", "MB_MESH",
-              "MB_CNI_MODE", "MB_DEBUG", "MB_MARK_PORT", "MB_HBONE_PORT"}  # -D flags
+              "MB_CNI_MODE", "MB_DEBUG", "MB_MARK_PORT", "MB_HBONE_PORT",
+              "MB_DNS_PORT"}  # -D flags
     missing = defined - config - set(_constants())
     assert not missing
 

@@ -1,0 +1,126 @@
+/* peername.c: what an app's redirected socket says about itself, as under
+ * iptables' NAT.
+ *
+ * Programs (Datapath.attach, the cgroup v2 directory holding the pods):
+ *   mb_peername4/6  cgroup/getpeername4/6 (BPF_CGROUP_INET{4,6}_GETPEERNAME)
+ *   mb_sockname4/6  cgroup/getsockname4/6 (BPF_CGROUP_INET{4,6}_GETSOCKNAME)
+ *   mb_sockrelease  cgroup/sock_release (BPF_CGROUP_INET_SOCK_RELEASE)
+ * Reads:   mb_sock_peer (written by connect4/6 and dns.c), mb_netns_pod +
+ *          mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy): the pod IPs.
+ * Writes:  mb_sock_peer (deleted when the socket is released).
+ * Why: istio-iptables REDIRECTs in nat OUTPUT and conntrack hides it from
+ * the app: a socket that connected to 10.0.1.7:8080 has that peer and the
+ * pod IP as its local address. connect4/6 and dns.c rewrite the socket's
+ * own destination instead (127.0.0.1:15001, the peer pod's :15006, the DNS
+ * proxy), so without these programs getpeername() would answer the proxy's
+ * port. A socket with no mb_sock_peer entry (not redirected, or the proxy's
+ * accepted sockets, the server app's) is never touched.
+ *
+ * getsockname: the local port is the one the app got (the ephemeral port, as
+ * with iptables); the address is already the pod IP where connect4/6 bound
+ * it. Where it could not (legacy mode before the pod IP was learned, a DNS
+ * query sent to the loopback DNS proxy) the socket's address is loopback and
+ * is answered with the pod IP of the socket's family as known now, which is
+ * what the route to the original destination would have chosen. An original
+ * destination that is itself loopback keeps its loopback source, as under
+ * iptables.
+ */
+#include "connect.h"
+#include "sockaddr.h"
+#include "maps.h"
+
+/* The pod IPs of the caller's network namespace as the datapath knows them
+ * (0: not known). */
+static __always_inline struct mb_pod_ips *mb_netns_ips(void *ctx)
+{
+	u64 netns = bpf_get_netns_cookie(ctx);
+#if MB_CNI_MODE
+	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
+
+	return np ? &np->ips : 0;
+#else
+	return mb_netns_ip.lookup(&netns);
+#endif
+}
+
+int mb_peername4(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
+
+	if (o && mb_addr_is_v4(&o->addr) && mb_peer_port_ours(o, ctx->user_port)) {
+		ctx->user_ip4 = o->addr.ip[3];
+		ctx->user_port = o->port;
+	}
+	return 1;
+}
+
+int mb_peername6(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
+
+	if (o && mb_peer_port_ours(o, ctx->user_port)) {
+		mb_ctx_set6(ctx, &o->addr);
+		ctx->user_port = o->port;
+	}
+	return 1;
+}
+
+int mb_sockname4(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
+	struct mb_addr local;
+
+	if (!o || mb_addr_is_loopback(&o->addr))
+		return 1;
+	mb_addr_from_v4(&local, ctx->user_ip4);
+	if (!mb_addr_is_loopback(&local))
+		return 1;
+	struct mb_pod_ips *ips = mb_netns_ips(ctx);
+
+	if (ips && !mb_addr_is_zero(&ips->ip4))
+		ctx->user_ip4 = ips->ip4.ip[3];
+	return 1;
+}
+
+int mb_sockname6(struct bpf_sock_addr *ctx)
+{
+	u64 cookie = bpf_get_socket_cookie(ctx);
+	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
+	struct mb_addr local;
+
+	if (!o || mb_addr_is_loopback(&o->addr))
+		return 1;
+	mb_ctx_get6(ctx, &local);
+	if (!mb_addr_is_loopback(&local))
+		return 1;
+	struct mb_pod_ips *ips = mb_netns_ips(ctx);
+
+	if (!ips)
+		return 1;
+	/* the family of the connection: IPv4-mapped for a mapped destination */
+	struct mb_addr *pod = mb_addr_is_v4(&o->addr) ? &ips->ip4 : &ips->ip6;
+
+	if (mb_addr_is_zero(pod))
+		return 1;
+	mb_ctx_set6(ctx, pod);
+	return 1;
+}
+
+int mb_sockrelease(struct bpf_sock *sk)
+{
+	u64 cookie;
+
+	/* every TCP and UDP socket: its peer port says nothing reliable here (a
+	 * failed connect, shutdown or AF_UNSPEC connect zero it), and an entry
+	 * must never outlive its socket in this plain hash */
+	if (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_UDP)
+		return 1;
+	cookie = bpf_get_socket_cookie(sk);
+	/* most released sockets have no entry: a lookup is cheaper than a delete */
+	if (mb_sock_peer.lookup(&cookie))
+		mb_sock_peer.delete(&cookie);
+	return 1;
+}
