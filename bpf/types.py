@@ -35,6 +35,7 @@ MB_POD_F_INCLUDE_OUT_ALL = 0x02
 MB_SET_SKMSG_OFF = 0
 MB_SET_SKMSG_MAX_QUEUE = 1
 MB_SET_LEGACY_SEQ = 2
+MB_SET_NODE_NETNS = 3
 
 #: counter index -> name (``MB_C_<NAME>`` in merbridge.h, lower case here)
 COUNTERS: dict[int, str] = {

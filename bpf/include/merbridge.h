@@ -77,6 +77,9 @@
                                     * read by sockops when the connection is
                                     * established; docs/datapath.md) */
 #define MB_SET_LEGACY_SEQ      2   /* legacy 127.128.x.y destination sequence */
+#define MB_SET_NODE_NETNS      3   /* netns cookie of the node (the daemon's own
+				    * netns): no hook ever acts there, nor in the
+				    * initial netns (docs/security.md) */
 
 #define MB_SKMSG_MAX_QUEUE_DEFAULT (4u << 20)  /* 4 MiB, docs/datapath.md */
 

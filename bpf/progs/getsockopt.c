@@ -1,7 +1,9 @@
 /* getsockopt.c: cgroup/getsockopt (BPF_CGROUP_GETSOCKOPT), program mb_getsockopt.
  *
  * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
- * Reads:   mb_pair_orig_dst (written by sockops and by XDP).
+ * Reads:   mb_pair_orig_dst (written by sockops and by XDP); the caller's
+ *          pod: mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip
+ *          (legacy), mb_settings (MB_SET_NODE_NETNS).
  * Writes:  mb_counters.
  * Why: the proxy asks its accepted socket for the original destination with
  * getsockopt(SOL_IP, SO_ORIGINAL_DST) (IPv6: SOL_IPV6, IP6T_SO_ORIGINAL_DST,
@@ -12,7 +14,8 @@
  * (mb_kernel_nat4/6). Every other getsockopt on the cgroup passes
  * through untouched; a result larger than a page (the program only sees the
  * first page) is handed back as the kernel produced it (optlen = 0), never
- * truncated.
+ * truncated. The answer goes only to a socket of the pod the connection was
+ * redirected for (mb_pair_owned); never in the node's netns.
  */
 #include "helpers.h"
 #include "maps.h"
@@ -23,6 +26,32 @@ static __always_inline void mb_count(u32 idx)
 
 	if (v)
 		*v += 1;
+}
+
+/* Is the netns a pod's? Never the node's (the initial netns, or the one
+ * the daemon runs in); in CNI mode only a netns the daemon recorded, with
+ * its mark still enrolled. *ips: its pod IPs (0: none known, legacy). */
+static __always_inline int mb_netns_is_pod(u64 netns, struct mb_pod_ips **ips)
+{
+	u32 idx = MB_SET_NODE_NETNS;
+	u64 *node = mb_settings.lookup(&idx);
+
+	*ips = 0;
+	if (netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node))
+		return 0;
+#if MB_CNI_MODE
+	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
+
+	if (!np)
+		return 0;
+	u32 mark = np->mark;
+
+	*ips = mb_mark_pod_ips.lookup(&mark);
+	return *ips != 0;
+#else
+	*ips = mb_netns_ip.lookup(&netns);
+	return 1;
+#endif
 }
 
 /* Coexistence with istio-iptables (docs/datapath.md): when the kernel
@@ -91,7 +120,10 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
 	key.sport = (u16)sk->dst_port;           /* network order already */
 	key.dport = bpf_htons((u16)sk->src_port);
 	o = mb_pair_orig_dst.lookup(&key);
-	if (!o) {
+	struct mb_pod_ips *ips;
+
+	if (!o || !mb_netns_is_pod(bpf_get_netns_cookie(ctx), &ips) ||
+	    !mb_pair_owned(ips, &key, MB_CNI_MODE)) {
 		mb_count(MB_C_GETSOCKOPT_MISS);
 		return 1;
 	}

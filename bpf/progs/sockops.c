@@ -5,7 +5,9 @@
  *          mb_netns_ip (legacy: the pod IPs learned so far),
  *          mb_settings (MB_SET_SKMSG_OFF: keep new connections out of the
  *          sockhash, so sk_msg never touches them; MB_SET_SKMSG_MAX_QUEUE:
- *          the sk_msg byte budget of a new socket).
+ *          the sk_msg byte budget of a new socket; MB_SET_NODE_NETNS),
+ *          mb_netns_pod + mb_mark_pod_ips (CNI mode: is an accepting
+ *          socket's netns the pod whose pair entry it matches?).
  * Writes:  mb_pair_orig_dst (4-tuple -> original destination, for
  *          getsockopt), mb_sock_pair (both local ends, for sk_msg) and
  *          their mb_skmsg_budget entries,
@@ -114,6 +116,32 @@ static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
 	mb_sockhash_add(skops, &p);
 }
 
+/* Is the netns a pod's? Never the node's (the initial netns, or the one
+ * the daemon runs in); in CNI mode only a netns the daemon recorded, with
+ * its mark still enrolled. *ips: its pod IPs (0: none known, legacy). */
+static __always_inline int mb_netns_is_pod(u64 netns, struct mb_pod_ips **ips)
+{
+	u32 idx = MB_SET_NODE_NETNS;
+	u64 *node = mb_settings.lookup(&idx);
+
+	*ips = 0;
+	if (netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node))
+		return 0;
+#if MB_CNI_MODE
+	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
+
+	if (!np)
+		return 0;
+	u32 mark = np->mark;
+
+	*ips = mb_mark_pod_ips.lookup(&mark);
+	return *ips != 0;
+#else
+	*ips = mb_netns_ip.lookup(&netns);
+	return 1;
+#endif
+}
+
 static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
 {
 	struct mb_pair p = {}, r = {};
@@ -129,6 +157,13 @@ static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
 		mb_pair_reverse(&p, &r);
 		o = mb_pair_orig_dst.lookup(&r);
 		if (!o || (o->flags & MB_ORIGIN_F_XDP))
+			return;
+		/* another netns that rebuilt a pod's tuple neither joins its
+		 * sk_msg shortcut nor deletes its entry at close */
+		struct mb_pod_ips *ips;
+
+		if (!mb_netns_is_pod(bpf_get_netns_cookie(skops), &ips) ||
+		    !mb_pair_owned(ips, &r, MB_CNI_MODE))
 			return;
 		mb_watch_close(skops);
 		mb_sockhash_add(skops, &p);

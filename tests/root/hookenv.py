@@ -197,6 +197,30 @@ class Pod:
             raise RuntimeError(err)
         return json.loads(out)
 
+    def netns_cookie(self) -> int:
+        """SO_NETNS_COOKIE of this pod's netns (bpf_get_netns_cookie there)."""
+        code = ("import socket, struct; s = socket.socket(); "
+                "print(struct.unpack('=Q', s.getsockopt(socket.SOL_SOCKET, 71, 8))[0])")
+        out = subprocess.run(self._argv(code, [], None, None, False), capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout)
+
+    def enrol(self, dp, mark: int, *ips: str) -> int:
+        """What the daemon does at CNI ADD for this netns: mb_mark_pod_ips[mark]
+        = ips and mb_netns_pod[netns cookie] = (ips, mark). Returns the cookie."""
+        cookie = self.netns_cookie()
+        dp.maps.mark_pod_ips.put(mark, *ips)
+        dp.maps.netns_pod.put(cookie, ips, mark)
+        return cookie
+
+    @staticmethod
+    def forget(dp, mark: int) -> None:
+        """What the daemon does at CNI DEL: mark and netns records go."""
+        dp.maps.mark_pod_ips.delete(mark)
+        for cookie, _, m in dp.maps.netns_pod.all_items():
+            if m == mark:
+                dp.maps.netns_pod.delete(cookie)
+
     def sysctl(self, name: str, value: str) -> None:
         sh("nsenter", f"--net={self.netns}", "sysctl", "-qw", f"{name}={value}")
 

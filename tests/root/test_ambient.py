@@ -183,6 +183,7 @@ def world(bpffs):
             marker = netns.open_marker_listener(netns.netns_path(s1.ns), 7)
             closers.append(marker.close)
             dp.maps.mark_pod_ips.put(7, s1.ip4)
+            dp.maps.netns_pod.put(loader.netns_cookie_of(marker), s1.ip4, 7)
 
             ctl = AmbientController(dp.maps, lab.cgroup, rescan_interval=3600)
             closers.append(lambda: ctl.stop(clear=True))

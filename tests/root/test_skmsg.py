@@ -95,14 +95,14 @@ def pod(dp):
     p = Pod(v4=[POD4, DST4])
     try:
         p.serve("marker", "0.0.0.0", 39807, mark=MARK, in_cgroup=False)
-        dp.maps.mark_pod_ips.put(MARK, POD4)
+        p.enrol(dp, MARK, POD4)
         dp.maps.local_pods.put(POD4, PodPolicy())
         dp.attach(p.cgroup)
         yield p
     finally:
         dp.detach(p.cgroup)
         dp.maps.local_pods.delete(POD4)
-        dp.maps.mark_pod_ips.delete(MARK)
+        Pod.forget(dp, MARK)
         dp.maps.settings.set(t.MB_SET_SKMSG_MAX_QUEUE, 0)
         p.close()
 
