@@ -154,10 +154,13 @@ class Daemon:
         self.metrics.set_heap(self.trimmer.stats)
         self.metrics.set_map_occupancy(self.datapath.maps.occupancy)
         self.stack.callback(self.metrics.count_logged_errors(logging.getLogger("merbridge")))
-        self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
-                                                    ready=self.ready.is_set)
-        self.metrics_server.start()
-        log.info("metrics and health on %s:%d", *self.metrics_server.address)
+        if cfg.metrics_addr:
+            self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
+                                                        ready=self.ready.is_set)
+            self.metrics_server.start()
+            log.info("metrics and health on %s:%d", *self.metrics_server.address)
+        else:
+            log.info("metrics and health endpoint disabled (--metrics-addr '')")
 
         store = StateStore(cfg.state_dir)
         podnet = None

@@ -255,7 +255,11 @@ def test_proxy_to_local_pod_goes_to_its_inbound_listener(dp, pod):
     try:
         r = pod.connect(DST4, 8080, uid=1337)
         assert r["reply"]["tag"] == "inbound"
-        assert r["reply"]["orig"] == [DST4, 8080]
+        # DST4 stands for another pod but lives in this pod's netns, whose
+        # record says POD4: SO_ORIGINAL_DST is kept from a netns that is not
+        # the target pod's (docs/security.md; the target pod's own proxy gets
+        # it: test_coexist.py::test_ebpf_first_with_istio_rules_in_place)
+        assert r["reply"]["orig"] == "errno 2"
         # the target pod's inbound policy can exclude the port
         dp.maps.local_pods.put(DST4, PodPolicy(exclude_inbound_ports=frozenset({8080})))
         assert pod.connect(DST4, 8080, uid=1337)["reply"]["tag"] == "direct"
