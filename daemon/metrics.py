@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ADDR = "127.0.0.1:15990"
 #: how old a map count a scrape may get (_MapCollector)
-MAP_COUNT_MAX_AGE = 10.0
+MAP_COUNT_MAX_AGE = 5.0
 #: connections served at once; a new one beyond it closes the oldest (a
 #: scrape or probe takes milliseconds, so only idle connections are old)
 MAX_CONNECTIONS = 16

@@ -146,8 +146,8 @@ class Daemon:
             # compile XDP now (~1 s), before we say ready, not in the first pod's ADD
             self.datapath.xdp_programs()
         self.datapath.attach(cfg.cgroup_path)
-        log.info("datapath loaded and attached pins=%s cgroup=%s", cfg.bpffs_path,
-                 cfg.cgroup_path)
+        log.info("datapath loaded and attached pins=%s cgroup=%s (%s)", cfg.bpffs_path,
+                 cfg.cgroup_path, getattr(cfg, "cgroup_reason", "") or "--cgroup-path")
 
         from merbridge.daemon import metrics
         self.metrics = metrics.Metrics()
