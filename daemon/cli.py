@@ -174,6 +174,11 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
         out["attached"] = sorted(a.name for a in loader.attached(cgroup)) if cgroup else []
     except (OSError, loader.DatapathError) as exc:
         out["attached_error"] = str(exc)
+    try:   # the daemon's installer keeps why the CNI install fails here
+        with open(os.path.join(state_dir, INSTALL_ERROR), encoding="utf-8") as f:
+            out["cni_install_error"] = f.read().strip()
+    except OSError:
+        pass
     try:
         maps = loader.open_maps(bpffs_path)
     except (OSError, loader.DatapathError) as exc:
@@ -195,6 +200,8 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
     click.echo(f"attached: {cgroup}: " + (", ".join(attached) if attached else
                                           out.get("attached_error", "nothing")))
     click.echo(f"          ({why})")
+    if "cni_install_error" in out:
+        click.echo(f"cni:      install failed (not ready): {out['cni_install_error']}")
     pods = out.get("pods", [])
     click.echo(f"pods:     {len(pods)} in mb_local_pods")
     for pod in pods:
@@ -290,6 +297,8 @@ def doctor(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
 
 #: what install-cni changed, so uninstall-cni can restore it byte for byte
 INSTALL_STATE = "cni-install.json"
+#: the installer's last failure, beside its state (install.Installer.problem_file)
+INSTALL_ERROR = "cni-install.error"
 
 
 def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,

@@ -230,9 +230,11 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 class MetricsServer:
-    def __init__(self, addr: str, metrics: Metrics, ready: Callable[[], bool] = lambda: True):
+    def __init__(self, addr: str, metrics: Metrics, ready: Callable[[], bool] = lambda: True,
+                 why_not_ready: Callable[[], str | None] = lambda: None):
+        """``why_not_ready``: a reason /readyz gives with its 503 (None: none)."""
         host, port = parse_addr(addr)
-        self.metrics, self.ready = metrics, ready
+        self.metrics, self.ready, self.why_not_ready = metrics, ready, why_not_ready
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -253,7 +255,15 @@ class MetricsServer:
                     except Exception as exc:
                         log.warning("readiness callback failed: %s", exc)
                         ok = False
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    if ok:
+                        self._reply(200, b"ready\n")
+                        return
+                    why = None
+                    try:
+                        why = server.why_not_ready()
+                    except Exception as exc:
+                        log.warning("readiness reason callback failed: %s", exc)
+                    self._reply(503, f"not ready: {why}\n".encode() if why else b"not ready\n")
                 else:
                     self._reply(404, b"not found\n")
 

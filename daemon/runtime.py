@@ -123,6 +123,15 @@ class Daemon:
             self.stop(unpin=self._created_pins)
             raise
 
+    def is_ready(self) -> bool:
+        """Started, and (CNI mode) the plugin chained into a valid CNI config."""
+        return self.ready.is_set() and (self.installer is None or self.installer.problem is None)
+
+    def why_not_ready(self) -> str | None:
+        if self.installer is not None and self.installer.problem is not None:
+            return f"CNI install: {self.installer.problem}"
+        return None if self.ready.is_set() else "starting"
+
     def _wait(self, event: threading.Event, what: str) -> None:
         while not event.wait(0.2):
             if self.stopping.is_set():
@@ -156,7 +165,8 @@ class Daemon:
         self.stack.callback(self.metrics.count_logged_errors(logging.getLogger("merbridge")))
         if cfg.metrics_addr:
             self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
-                                                        ready=self.ready.is_set)
+                                                        ready=self.is_ready,
+                                                        why_not_ready=self.why_not_ready)
             self.metrics_server.start()
             log.info("metrics and health on %s:%d", *self.metrics_server.address)
         else:
