@@ -123,9 +123,15 @@ static __always_inline int mb_pair_owned(const struct mb_pod_ips *ips, const str
 	return !strict && !mb_pod_ips_family_known(ips, a);
 }
 
+/* An IPv4 CIDR is stored as ::ffff:a.b.c.d/96+n; any other is an IPv6 one,
+ * which never matches an IPv4 address, even ::/0: Istio keeps the families
+ * apart (IPv6 ranges go to ip6tables only). */
 static __always_inline int mb_cidr_match(const struct mb_cidr *c, const struct mb_addr *a)
 {
 	int bits = c->prefixlen;
+
+	if (mb_addr_is_v4(a) && !(bits >= 96 && mb_addr_is_v4(&c->net)))
+		return 0;
 
 #pragma unroll
 	for (int i = 0; i < 4; i++) {

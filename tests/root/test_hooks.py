@@ -229,6 +229,8 @@ def _cidr(ip: str, plen: int) -> tuple[bytes, int]:
     (PodPolicy(exclude_outbound_ports=frozenset({8080})), 8080, "direct"),
     (PodPolicy(exclude_outbound_cidrs=(_cidr("10.231.0.0", 24),)), 8080, "direct"),
     (PodPolicy(exclude_outbound_cidrs=(_cidr("10.9.0.0", 16),)), 8080, "proxy"),
+    # an IPv6 range never matches IPv4, not even ::/0 (Istio: ip6tables only)
+    (PodPolicy(exclude_outbound_cidrs=(_cidr("::", 0),)), 8080, "proxy"),
     # include list without "*": only listed CIDRs ...
     (PodPolicy(include_outbound_all=False, include_outbound_cidrs=(_cidr("10.231.0.2", 32),)),
      8080, "proxy"),
@@ -243,7 +245,7 @@ def _cidr(ip: str, plen: int) -> tuple[bytes, int]:
     # excluded CIDR wins over an included port (ISTIO_OUTPUT order)
     (PodPolicy(include_outbound_ports=frozenset({8080}),
                exclude_outbound_cidrs=(_cidr("10.231.0.2", 32),)), 8080, "direct"),
-], ids=["excl-port", "excl-cidr", "excl-other-cidr", "incl-cidr", "incl-other-cidr",
+], ids=["excl-port", "excl-cidr", "excl-other-cidr", "excl-v6-all", "incl-cidr", "incl-other-cidr",
         "incl-port", "excl-port-over-incl-port", "excl-cidr-over-incl-port"])
 def test_outbound_policy(dp, pod, policy, port, expect):
     dp.maps.local_pods.put(POD4, policy)
