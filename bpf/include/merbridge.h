@@ -153,9 +153,9 @@ struct mb_pod_ips {
 	struct mb_addr ip6;
 };
 
-/* CNI mode: what the marker-listener probe found for a network namespace
- * (value of mb_netns_pod, keyed by the netns cookie). Only positive answers
- * are stored, and each use checks mb_mark_pod_ips[mark] still holds ips. */
+/* CNI mode: the daemon's record of a pod's network namespace (value of
+ * mb_netns_pod, keyed by the netns cookie), written at ADD; each use looks
+ * mb_mark_pod_ips[mark] up (a withdrawn mark: no pod). */
 struct mb_netns_pod {
 	struct mb_pod_ips ips;
 	__u32 mark;
