@@ -3,8 +3,8 @@
  * Loaded only in ambient mode (loader.Datapath(ambient=True)); attached to the
  * same cgroup as connect4.c, next to it (docs/ambient.md).
  * Reads:   mb_netns_pod (CNI) or the proxy's listener (legacy), MB_SET_NODE_NETNS:
- *          is a caller without cgroup entry a sidecar pod?; mb_cgroup_info (the caller's cgroup: ambient pod, other pod,
- *          ztunnel), mb_settings (MB_SET_ZTUNNEL_IP4), mb_ambient_ips.
+ *          is a caller without cgroup entry a sidecar pod?; mb_cgroup_info
+ *          (the caller's cgroup: ambient pod, other pod, ztunnel), mb_settings (MB_SET_ZTUNNEL_IP4), mb_ambient_ips.
  * Writes:  mb_cookie_orig_dst (original destination, for sockops ->
  *          mb_pair_orig_dst -> ztunnel's SO_ORIGINAL_DST).
  * Why: in Istio's ambient mesh a pod has no sidecar; its app's connects go to
