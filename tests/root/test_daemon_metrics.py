@@ -167,3 +167,16 @@ def test_idle_connections_leave_adds_and_scrapes_answered(two_pods):  # noqa: F8
         idle.wait(timeout=30)
         idle.stdout.close()
     assert env.stop(proc) == 0
+
+
+def test_empty_metrics_addr_disables_the_endpoint(two_pods):  # noqa: F811
+    """`--metrics-addr ''` (documented as "disables") starts a daemon with no
+    metrics or health listener at all; CNI requests are served as ever."""
+    env, a, _ = two_pods
+    before = netns.listening(env.lab.nodes[0].ns)
+    proc = env.start("--metrics-addr=")
+    assert "metrics and health endpoint disabled" in env.log(proc)
+    assert "metrics and health on" not in env.log(proc)
+    assert netns.listening(env.lab.nodes[0].ns) == before
+    ok(env.cni("ADD", a))
+    assert env.stop(proc) == 0

@@ -188,7 +188,7 @@ def test_user_namespace_cannot_take_a_pods_identity(dp):
         out = subprocess.run(
             ["sh", "-c", f'echo $$ > {cg.cgroup}/cgroup.procs; exec "$@"', "sh",
              "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             "unshare", "-Urn", "python3", "-c", USERNS, str(MARK_A), POD_A, "10.232.1.9"],
+             "unshare", "-Urn", "/usr/bin/python3", "-c", USERNS, str(MARK_A), POD_A, "10.232.1.9"],
             capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         r = json.loads(out.stdout)
