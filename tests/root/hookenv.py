@@ -9,6 +9,7 @@ Everything created is removed by Pod.close() (processes by PID).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -119,6 +120,21 @@ a, peer = ready[0].accept()
 print(json.dumps({"port": listeners[ready[0]], "local": list(a.getsockname()[:2]),
                   "peer": list(peer[:2]), "orig": orig_dst(a)}))
 '''
+
+
+@contextlib.contextmanager
+def datapath(cni_mode: bool = True):
+    """A loaded Datapath on its own pin dir; detached, closed and unpinned after."""
+    from merbridge.bpf import loader, mesh
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    d = loader.Datapath(pin, mesh.get("istio"), cni_mode=cni_mode)
+    try:
+        d.load()
+        yield d
+    finally:
+        d.detach()
+        d.close()
+        loader.remove_pins(pin)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from hookenv import PROBE, Pod, sh
+from hookenv import PROBE, Pod, datapath, sh
 from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
@@ -35,15 +35,8 @@ MARK3 = 0x2310003   # test_istio_validation_probe_*
 
 @pytest.fixture(scope="module")
 def dp():
-    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
-    d = loader.Datapath(pin, ISTIO, cni_mode=True)
-    try:
-        d.load()
+    with datapath(cni_mode=True) as d:
         yield d
-    finally:
-        d.detach()
-        d.close()
-        loader.remove_pins(pin)
 
 
 @pytest.fixture

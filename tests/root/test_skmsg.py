@@ -17,12 +17,10 @@ import re
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 
-from hookenv import Pod
-from merbridge.bpf import loader, mesh
+from hookenv import Pod, datapath
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 
@@ -79,15 +77,8 @@ print(json.dumps({"got": got, "crc": crc, "recv_s": time.monotonic() - t0}), flu
 
 @pytest.fixture(scope="module")
 def dp():
-    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
-    d = loader.Datapath(pin, mesh.get("istio"), cni_mode=True)
-    try:
-        d.load()
+    with datapath(cni_mode=True) as d:
         yield d
-    finally:
-        d.detach()
-        d.close()
-        loader.remove_pins(pin)
 
 
 @pytest.fixture

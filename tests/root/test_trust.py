@@ -13,18 +13,16 @@ import socket
 import struct
 import subprocess
 import time
-import uuid
 
 import pytest
 
-from hookenv import Pod
-from merbridge.bpf import loader, mesh
+from hookenv import Pod, datapath
+from merbridge.bpf import loader
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 
 pytestmark = pytest.mark.root
 
-ISTIO = mesh.get("istio")
 NOBODY = 65534
 NODE4, DST4 = "10.232.0.1", "10.232.0.2"
 POD_A, POD_B = "10.232.1.1", "10.232.2.1"
@@ -33,15 +31,8 @@ MARK_A, MARK_B = 0x2320001, 0x2320002
 
 @pytest.fixture(scope="module", params=[True, False], ids=["cni", "legacy"])
 def dp(request):
-    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
-    d = loader.Datapath(pin, ISTIO, cni_mode=request.param)
-    try:
-        d.load()
+    with datapath(cni_mode=request.param) as d:
         yield d
-    finally:
-        d.detach()
-        d.close()
-        loader.remove_pins(pin)
 
 
 @pytest.fixture
