@@ -99,8 +99,10 @@ BPF_TABLE_PINNED("lru_hash", u64, struct mb_pod_ips, mb_netns_ip,
  * connect4/6 and getsockopt know a netns is a pod: no listener or SO_MARK is
  * trusted (docs/security.md). Read by connect4/6 and getsockopt, which look
  * the mark up in mb_mark_pod_ips on every use (a withdrawn mark: no pod).
- * Nothing but the daemon writes it, so it holds at most one entry per pod. */
-BPF_TABLE_PINNED("lru_hash", u64, struct mb_netns_pod, mb_netns_pod,
+ * Nothing but the daemon writes it, so it holds at most one entry per pod; a
+ * plain hash, not LRU: an LRU map may evict before it is full (per-CPU free
+ * lists), and an evicted record would be a pod silently left uncaptured. */
+BPF_TABLE_PINNED("hash", u64, struct mb_netns_pod, mb_netns_pod,
 		 MB_MAX_PODS, MB_PIN(mb_netns_pod));
 
 /* Runtime settings, index MB_SET_*. Written by the daemon (maps.settings);
