@@ -128,9 +128,10 @@ class Daemon:
         return self.ready.is_set() and (self.installer is None or self.installer.problem is None)
 
     def why_not_ready(self) -> str | None:
+        """A reason for /readyz's 503 when there is one to give."""
         if self.installer is not None and self.installer.problem is not None:
             return f"CNI install: {self.installer.problem}"
-        return None if self.ready.is_set() else "starting"
+        return None
 
     def _wait(self, event: threading.Event, what: str) -> None:
         while not event.wait(0.2):

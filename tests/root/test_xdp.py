@@ -38,6 +38,7 @@ POD4, POD6 = "10.231.1.2", "fd00:231:1::2"
 REM4, REM6 = "10.231.2.2", "fd00:231:2::2"
 IN_PORT = 15006
 SIZE = 8 << 20
+MARK = 0x2330001   # the pod's marker key (enrolled)
 POLICY = PodPolicy(include_inbound_all=True, exclude_inbound_ports=frozenset({9090}),
                    status_port=15020)
 
@@ -131,19 +132,28 @@ def verified(topo):
 
 @pytest.fixture
 def enrolled(topo, datapath, request):
-    """The pod enrolled as the daemon would: policy in mb_local_pods, tx
-    checksum off and XDP on both ends of its veth (mode from the test's
-    parameter, default native). Yields the typed maps."""
+    """The pod enrolled as the daemon would: policy in mb_local_pods, its
+    netns recorded (marker socket, mb_mark_pod_ips, mb_netns_pod: only that
+    pod's sockets get SO_ORIGINAL_DST), tx checksum off and XDP on both ends
+    of its veth (mode from the test's parameter, default native). Yields the
+    typed maps."""
     dp, _ = datapath
     maps = dp.maps
     mode = getattr(request, "param", "native")
     for ip in (POD4, POD6):
         maps.local_pods.put(ip, POLICY)
+    marker = netns.open_marker_listener(topo["pod"], MARK)
+    cookie = loader.netns_cookie_of(marker)
+    maps.mark_pod_ips.put(MARK, POD4, POD6)
+    maps.netns_pod.put(cookie, (POD4, POD6), MARK)
     pn = podnet.PodNet(dp.xdp_programs, xdp_mode=mode, peer_netns=topo["node"])
     try:
         assert pn.attach_xdp(topo["pod"], "eth0").mode == mode
         yield maps
     finally:
+        marker.close()
+        maps.netns_pod.delete(cookie)
+        maps.mark_pod_ips.delete(MARK)
         pn.detach_xdp(topo["pod"], "eth0")
         netns.set_tx_checksum(topo["pod"], "eth0", True)
         for ip in (POD4, POD6):
