@@ -238,6 +238,7 @@ class Installer:
         self._changed: _Changed | None = self._load_state()
         #: why the last install failed (None: it did not)
         self.problem: str | None = None
+        self._swept = False
         self._lock = threading.Lock()
         self._ino: inotify.Inotify | None = None
         self._stop = threading.Event()
@@ -252,7 +253,9 @@ class Installer:
         """Copy the binary and chain the entry; the config path, or None if none exists yet.
         InstallError when the only config files are not valid CNI configs."""
         with self._lock:
-            self._remove_stale_temporaries()
+            if not self._swept:       # a killed daemon's leftovers, once at start
+                self._remove_stale_temporaries()
+                self._swept = True
             self._install_binary()
             skipped: list[str] = []
             path = find_primary_config(self.cni_conf_dir, skipped)
