@@ -25,14 +25,14 @@ POD_TEMPLATE = {
 }
 
 
-def pod_manifest(name: str, ip: str | None = None) -> dict:
-    """An in-mesh pod; without ``ip`` it is a pod the CNI has not networked
-    yet (CNI mode takes the address from ADD's prevResult)."""
+def pod_manifest(name: str, ip: str | None = None, ip6: str | None = None) -> dict:
+    """An in-mesh pod (dual-stack with ``ip6``); without ``ip`` it is a pod the
+    CNI has not networked yet (CNI mode takes the address from ADD's prevResult)."""
     pod = json.loads(json.dumps(POD_TEMPLATE))
     pod["metadata"]["name"] = name
     if ip is not None:
         pod["status"]["podIP"] = ip
-        pod["status"]["podIPs"] = [{"ip": ip}]
+        pod["status"]["podIPs"] = [{"ip": ip}] + ([{"ip": ip6}] if ip6 else [])
     return pod
 
 
@@ -60,17 +60,19 @@ class Daemon:
         self.started = 0.0
         self.log_path = os.path.join(self.dir, "daemon.log")
 
-    def write_pod(self, name: str, ip: str | None = None) -> None:
+    def write_pod(self, name: str, ip: str | None = None, ip6: str | None = None) -> None:
         """Put a pod manifest into the daemon's --pods-dir (atomically)."""
         tmp = os.path.join(self.pods_dir, f".{name}.json")
         with open(tmp, "w") as f:
-            json.dump(pod_manifest(name, ip), f)
+            json.dump(pod_manifest(name, ip, ip6), f)
         os.rename(tmp, os.path.join(self.pods_dir, f"{name}.json"))
 
     def argv(self) -> list[str]:
-        exe = os.path.join(os.path.dirname(os.path.realpath(sys.executable)), "merbridge")
+        # the venv bench/run runs in (sys.executable unresolved: a venv's python
+        # is a symlink to the system one), else this checkout's .venv
+        exe = os.path.join(os.path.dirname(sys.executable), "merbridge")
         venv_exe = os.path.join(common.TOP, ".venv", "bin", "merbridge")
-        exe = venv_exe if os.path.exists(venv_exe) else exe
+        exe = exe if os.path.exists(exe) else venv_exe
         from merbridge.daemon import netns as nsutil
         return nsutil.command([exe, "run", f"--cni-mode={'true' if self.cni_mode else 'false'}",
                 f"--bpffs-path={self.pin_dir}", f"--cgroup-path={self.cgroup}",

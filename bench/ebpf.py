@@ -6,9 +6,9 @@ node), attached to the cgroups of that node's pods. Pods are registered as
 the daemon's registry would:
 
 - CNI mode: ``mb_local_pods[ip] = PodPolicy()``, ``mb_mark_pod_ips[key] = ip``,
-  the 39807 marker listener with ``SO_MARK = key`` in the pod netns, and XDP
-  on the pod's eth0 + host-side veth (``daemon.podnet.PodNet``), which
-  rewrites inbound ports of traffic from other nodes.
+  the 39807 marker listener with ``SO_MARK = key`` in the pod netns, and the
+  inbound rewrite of traffic from other nodes (``daemon.podnet.PodNet``): tc
+  on the host-side veth (default) or XDP on eth0 + host-side veth.
 - legacy mode: ``mb_local_pods[ip]`` only; the pod's IP is learned from its
   traffic. Legacy mode cannot intercept inbound traffic from other nodes (no
   XDP; upstream leaves that to Istio's iptables, which stay installed), so
@@ -34,8 +34,10 @@ BPFFS = "/sys/fs/bpf"
 
 class MeshDatapath:
     def __init__(self, lab, cni_mode: bool, sockmap: bool = True,
-                 legacy_iptables: bool = True, hardware_checksum: bool = False):
+                 legacy_iptables: bool = True, hardware_checksum: bool = False,
+                 inbound_hook: str = "tc"):
         self.lab, self.cni_mode, self.sockmap = lab, cni_mode, sockmap
+        self.inbound_hook = inbound_hook
         self.hardware_checksum = hardware_checksum
         self.legacy_iptables = legacy_iptables
         self.dps: list[Datapath] = []
@@ -70,7 +72,8 @@ class MeshDatapath:
                     log("  loader has no xdp_programs(): cross-node inbound not intercepted")
                     continue
                 podnet = PodNet(dp.xdp_programs, peer_netns=netns.netns_path(node.ns),
-                                hardware_checksum=self.hardware_checksum)
+                                hardware_checksum=self.hardware_checksum,
+                                inbound_hook=self.inbound_hook, tc_programs=dp.tc_programs)
                 for pod in pods:
                     podnet.attach_xdp(netns.netns_path(pod.ns), "eth0")
                     self.xdp.append((podnet, pod.ns))

@@ -26,6 +26,7 @@ import subprocess
 
 import common
 from common import BenchError, log
+from merbridge.bpf import types as t
 from merbridge.daemon import netns
 from merbridge.daemon.lab import Lab
 
@@ -48,6 +49,22 @@ def _run(exe: str, ns: str, cgroup: str, n: int, dst: str, dport: int) -> dict:
     if res.returncode != 0:
         raise BenchError(f"connect_bench: {res.stderr.strip()[-300:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _stats_round(exe: str, mc, per: int, dst: tuple[str, int]) -> list[dict]:
+    """One round of redirected connects with kernel.bpf_stats_enabled: each
+    cgroup program's runs and run time in it."""
+    with common.bpf_stats():
+        progs = list(common.cgroup_prog_ids(mc.cgroup))
+        base = {p["id"]: common.prog_stats(p["id"]) for p in progs}
+        _run(exe, mc.ns, mc.cgroup, per, *dst)
+        stats = []
+        for p in progs:
+            now = common.prog_stats(p["id"])
+            stats.append({**now, "run_cnt": now["run_cnt"] - base[p["id"]]["run_cnt"],
+                          "run_time_ns": now["run_time_ns"] - base[p["id"]]["run_time_ns"],
+                          "attach_type": p.get("attach_type")})
+    return stats
 
 
 def run(a, workdir: str) -> dict:
@@ -78,16 +95,19 @@ def run(a, workdir: str) -> dict:
             for case in order:
                 samples[case].append(_run(exe, mc.ns, cg[case], per, *dst[case]))
         before = dp.counters()
-        with common.bpf_stats():
-            progs = [p for p in common.cgroup_prog_ids(mc.cgroup)]
-            base = {p["id"]: common.prog_stats(p["id"]) for p in progs}
-            _run(exe, mc.ns, mc.cgroup, per, *dst["hooked-redirect"])
-            stats = []
-            for p in progs:
-                now = common.prog_stats(p["id"])
-                stats.append({**now, "run_cnt": now["run_cnt"] - base[p["id"]]["run_cnt"],
-                              "run_time_ns": now["run_time_ns"] - base[p["id"]]["run_time_ns"],
-                              "attach_type": p.get("attach_type")})
+        stats = _stats_round(exe, mc, per, dst["hooked-redirect"])
+        after = dp.counters()
+        # the same with sk_msg off for new connections (MB_SET_SKMSG_OFF): what
+        # the two psocks (sock_hash_update) cost, from the programs' side and
+        # in connect() time
+        settings = dp.dps[0].maps.settings
+        settings.set(t.MB_SET_SKMSG_OFF, 1)
+        try:
+            off = [_run(exe, mc.ns, mc.cgroup, per, *dst["hooked-redirect"])
+                   for _ in range(max(1, rounds // 2))]
+            stats_off = _stats_round(exe, mc, per, dst["hooked-redirect"])
+        finally:
+            settings.set(t.MB_SET_SKMSG_OFF, 0)
         after = dp.counters()
         redirected = after.get("redirect_out", 0) - before.get("redirect_out", 0)
         if redirected < per:
@@ -102,7 +122,11 @@ def run(a, workdir: str) -> dict:
         cases = {c: merged(c) for c in CASES}
         delta = cases["hooked-redirect"]["p50"] - cases["bare"]["p50"]
         per_conn_bpf = sum(s["run_time_ns"] for s in stats) / max(1, per)
+        off_p50 = sorted(o["p50"] for o in off)[len(off) // 2]
         return {
+            "delta_skmsg_off_ns": off_p50 - cases["bare"]["p50"],
+            "prog_stats_skmsg_off": stats_off,
+            "bpf_ns_per_connect_skmsg_off": sum(s["run_time_ns"] for s in stats_off) / max(1, per),
             "samples": rounds * per, "rounds": rounds, "cases": cases,
             "delta_ns": delta,
             "delta_loopback_ns": cases["hooked-loopback"]["p50"] - cases["bare"]["p50"],

@@ -12,6 +12,9 @@ Modes:
 - ``ebpf-cni`` / ``ebpf-legacy``: the same sidecars, no iptables; merbridge's
   datapath loaded once per node (its own pin dir), attached to that node's pod
   cgroups, pods registered the way the daemon does (``ebpf.py``).
+- ``ebpf-cni-xdp``: CNI mode with ``--inbound-hook=xdp`` (the default before
+  tc: generic XDP, the pods' tx checksum offload off), for comparison with
+  ``ebpf-cni`` (the default hook, tc).
 - ``ebpf-cni-nosockmap``: CNI mode with sk_msg redirection switched off.
 - ``ebpf-cni-hwcsum``: CNI mode with the pods' tx checksum offload left on
   (``--hardware-checksum=true``): what turning it off costs same-node.
@@ -29,13 +32,13 @@ from merbridge.daemon.lab import Lab
 APP_PORT = 8080
 PASSTHROUGH = "127.0.0.6"
 
-MODES = ("direct", "iptables", "ebpf-cni", "ebpf-legacy", "ebpf-cni-nosockmap",
-         "ebpf-cni-hwcsum")
+MODES = ("direct", "iptables", "ebpf-cni", "ebpf-cni-xdp", "ebpf-legacy",
+         "ebpf-cni-nosockmap", "ebpf-cni-hwcsum")
 #: CNI-mode variants measured same-node only: sk_msg shortcuts sockets on one
 #: node, and with tx checksum offload on, XDP's rewrite of cross-node replies
 #: is not checksum-safe (docs/datapath.md)
 SAME_NODE_ONLY = ("ebpf-cni-nosockmap", "ebpf-cni-hwcsum")
-DEFAULT_MODES = ("direct", "iptables", "ebpf-cni", "ebpf-legacy")
+DEFAULT_MODES = ("direct", "iptables", "ebpf-cni", "ebpf-cni-xdp", "ebpf-legacy")
 
 _GET = r"""
 import socket, sys
@@ -94,9 +97,11 @@ class Topology:
                 p.apply_istio_iptables()
         else:
             import ebpf  # only the eBPF modes need bcc and the loader
+            xdp = self.mode in ("ebpf-cni-xdp", "ebpf-cni-hwcsum")
             self.datapath = ebpf.MeshDatapath(self.lab, cni_mode=self.mode.startswith("ebpf-cni"),
                                               sockmap=not self.mode.endswith("nosockmap"),
-                                              hardware_checksum=self.mode.endswith("hwcsum"))
+                                              hardware_checksum=self.mode.endswith("hwcsum"),
+                                              inbound_hook="xdp" if xdp else "tc")
             self.datapath.setup()
 
     def pods(self):

@@ -96,15 +96,19 @@ AMBIENT_NAMES = {p.func for p in AMBIENT_PROGRAMS}
 OUR_NAMES |= AMBIENT_NAMES
 
 # ---- XDP (owned by H4) ------------------------------------------------------
-# bpf/progs/xdp.c is not attached to a cgroup but to pod interfaces, by the
+# bpf/progs/inbound.c is not attached to a cgroup but to pod interfaces, by the
 # daemon (pyroute2 in daemon/netns.py, via daemon/podnet.py). Datapath.
 # xdp_programs() compiles it with the same cflags, so it shares the pinned
 # maps, and keeps both fds open until close(). Not in PROGRAMS: attach() is
 # cgroup-only. Compiled lazily: legacy mode never needs it.
-XDP_SOURCE = "xdp.c"
+XDP_SOURCE = "inbound.c"
 XDP_INGRESS = "mb_xdp_ingress"   # on the pod's interface, inside the pod netns
 XDP_EGRESS = "mb_xdp_egress"     # on its host-side veth peer
 _XDP_LOCK = threading.Lock()     # concurrent CNI ADDs compile it once
+# The same source holds the tc programs (--inbound-hook=tc), both for the
+# host-side veth peer; one object, its programs loaded as they are needed.
+TC_TO_POD = "mb_tc_to_pod"       # clsact egress of the host-side peer
+TC_FROM_POD = "mb_tc_from_pod"   # clsact ingress of the host-side peer
 # -----------------------------------------------------------------------------
 
 
@@ -237,27 +241,36 @@ class Datapath:
             raise DatapathError("sockhash mb_sock_pair not found")
         return fd
 
-    # ---- XDP (H4) -------------------------------------------------------------
-    def xdp_programs(self) -> tuple[int, int]:
-        """(ingress fd, egress fd) of bpf/progs/xdp.c, compiled on first use."""
+    # ---- XDP (H4) and tc: the inbound rewrite on pod interfaces --------------
+    def _pod_programs(self, names: tuple[str, str], prog_type: int) -> tuple[int, int]:
+        """The fds of ``names`` in bpf/progs/inbound.c, compiled on first use."""
         if not self._objs:
             raise DatapathError("load() first")
         with _XDP_LOCK:
-            if XDP_SOURCE not in self._objs:
+            b = self._objs.get(XDP_SOURCE)
+            if b is None:
                 try:
                     b = BPF(src_file=os.path.join(PROGS_DIR, XDP_SOURCE).encode(),
                             cflags=self.cflags())
                 except Exception as e:
                     raise DatapathError(f"compiling {XDP_SOURCE} failed: {e}") from e
-                try:
-                    fns = {n: b.load_func(n.encode(), BPF.XDP) for n in (XDP_INGRESS, XDP_EGRESS)}
-                except Exception as e:
-                    b.cleanup()
-                    raise DatapathError(f"loading {XDP_SOURCE} failed: {e}") from e
-                self._fns.update(fns)
                 self._objs[XDP_SOURCE] = b
                 _release_compiler_memory()
-        return self._fns[XDP_INGRESS].fd, self._fns[XDP_EGRESS].fd
+            for n in names:
+                if n not in self._fns:
+                    try:
+                        self._fns[n] = b.load_func(n.encode(), prog_type)
+                    except Exception as e:
+                        raise DatapathError(f"loading {n} failed: {e}") from e
+        return self._fns[names[0]].fd, self._fns[names[1]].fd
+
+    def xdp_programs(self) -> tuple[int, int]:
+        """(ingress fd, egress fd) of the XDP programs in bpf/progs/inbound.c, compiled on first use."""
+        return self._pod_programs((XDP_INGRESS, XDP_EGRESS), BPF.XDP)
+
+    def tc_programs(self) -> tuple[int, int]:
+        """(to-pod fd, from-pod fd) of the tc programs in bpf/progs/inbound.c, compiled on first use."""
+        return self._pod_programs((TC_TO_POD, TC_FROM_POD), BPF.SCHED_CLS)
 
     # ---- attach ---------------------------------------------------------------
     def attach(self, cgroup_path: str) -> None:

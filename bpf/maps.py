@@ -13,6 +13,7 @@ uses the same code against the kernel.
 from __future__ import annotations
 
 import ctypes as ct
+import socket
 import struct
 from typing import Iterable, Iterator, Protocol
 
@@ -231,6 +232,27 @@ class PairOrigDst(_Origins):
         return sum(self.b.delete(k) for k in doomed)
 
 
+class InPending:
+    """mb_in_pending: inbound flows (bpf/progs/inbound.c) that are not established,
+    half-open or closing; same key as mb_pair_orig_dst."""
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def items(self) -> list[tuple[t.MbPair, t.MbInFlow]]:
+        return [(t.MbPair.from_buffer_copy(k), t.MbInFlow.from_buffer_copy(v))
+                for k, v in self.b.items()]
+
+    def put(self, pair: t.MbPair, flow: t.MbInFlow) -> None:
+        self.b.put(bytes(pair), bytes(flow))
+
+    def delete_ip(self, ip: str) -> int:
+        """Remove every flow whose tuple mentions ip; returns the count."""
+        raw = t.addr_pack(ip)
+        doomed = [k for k, _ in self.b.items() if raw in (k[0:16], k[16:32])]
+        return sum(self.b.delete(k) for k in doomed)
+
+
 class CookieOrigDst(_Origins):
     """mb_cookie_orig_dst: socket cookie -> original destination (short-lived)."""
 
@@ -322,6 +344,7 @@ class Maps:
         self.ambient_ips = AmbientIps(backends[t.MAP_AMBIENT_IPS])
         self.skmsg_budget = SkmsgBudget(backends[t.MAP_SKMSG_BUDGET])
         self.netns_pod = NetnsPod(backends[t.MAP_NETNS_POD])
+        self.in_pending = InPending(backends[t.MAP_IN_PENDING])
         self._closer = closer
 
     def counters(self) -> dict[str, int]:
@@ -357,6 +380,9 @@ class Maps:
                               for c, ips, m in self.netns_pod.all_items()},
             t.MAP_SETTINGS: {str(i): self.settings.get(i) for i in range(t.MB_N_SETTINGS)},
             t.MAP_SKMSG_BUDGET: {str(p): left for p, left in self.skmsg_budget.items()},
+            t.MAP_IN_PENDING: {str(p): {"port": socket.ntohs(f.port), "flags": f.flags,
+                                        "ack": socket.ntohl(f.ack)}
+                               for p, f in self.in_pending.items()},
             t.MAP_COUNTERS: self.counters(),
         }
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 # ---- constants mirrored from merbridge.h ----------------------------------
 MB_MAX_CONNS = 65535
-MB_MAX_PODS = 1024
+MB_MAX_PODS = 4096
 MB_N_SETTINGS = 16
 MB_N_COUNTERS = 32
 MB_MAX_PORTS = 32
@@ -63,19 +63,25 @@ COUNTERS: dict[int, str] = {
     21: "msg_peer_missing",
     22: "getsockopt_nat",
 }
-#: first counter index reserved for bpf/progs/xdp.c (24..31)
+#: first counter index reserved for bpf/progs/inbound.c (24..31)
 MB_C_XDP_FIRST = 24
 MB_C_XDP_NEW_FLOW = 24
 MB_C_XDP_BYPASS_POLICY = 25
 MB_C_XDP_FLOW_FAIL = 26
 MB_C_XDP_RST_DELETE = 27
-#: xdp.c's counters (index -> name), kept apart from COUNTERS, whose slots
+MB_C_IN_ESTABLISHED = 28
+MB_C_IN_CONFLICT = 29
+MB_C_IN_CLOSED = 30
+#: inbound.c's counters (index -> name), kept apart from COUNTERS, whose slots
 #: all lie below MB_C_XDP_FIRST
 XDP_COUNTERS: dict[int, str] = {
     MB_C_XDP_NEW_FLOW: "xdp_new_flow",
     MB_C_XDP_BYPASS_POLICY: "xdp_bypass_policy",
     MB_C_XDP_FLOW_FAIL: "xdp_flow_fail",
     MB_C_XDP_RST_DELETE: "xdp_rst_delete",
+    MB_C_IN_ESTABLISHED: "in_established",
+    MB_C_IN_CONFLICT: "in_conflict",
+    MB_C_IN_CLOSED: "in_closed",
 }
 
 # ---- map names (maps.h); each is also the pin file name under the pin dir --
@@ -92,6 +98,8 @@ MAP_NETNS_POD = "mb_netns_pod"
 ALL_MAPS = (MAP_COOKIE_ORIG_DST, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
             MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET,
             MAP_NETNS_POD)
+MAP_IN_PENDING = "mb_in_pending"
+ALL_MAPS = ALL_MAPS + (MAP_IN_PENDING,)
 
 
 class MbAddr(ct.Structure):
@@ -114,6 +122,15 @@ class MbOrigin(ct.Structure):
     @property
     def port_host(self) -> int:
         return socket.ntohs(self.port)
+
+
+class MbInFlow(ct.Structure):
+    """Must match struct mb_in_flow in bpf/include/merbridge.h (network order)."""
+    _fields_ = [("ack", ct.c_uint32), ("port", ct.c_uint16), ("flags", ct.c_uint16)]
+
+
+MB_IN_F_HALF_OPEN = 0x01
+MB_IN_F_CLOSING = 0x02
 
 
 class MbPair(ct.Structure):
@@ -190,7 +207,7 @@ class MbPodConfig(ct.Structure):
 MIRRORS: dict[str, type[ct.Structure]] = {
     "mb_addr": MbAddr, "mb_origin": MbOrigin, "mb_pair": MbPair,
     "mb_cidr": MbCidr, "mb_pod_config": MbPodConfig, "mb_netns_pod": MbNetnsPod,
-    "mb_pod_ips": MbPodIps,
+    "mb_pod_ips": MbPodIps, "mb_in_flow": MbInFlow,
 }
 
 #: map -> mirror of its struct value (maps.h). loader.check_pinned_layouts
@@ -200,7 +217,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
 MAP_VALUES: dict[str, type[ct.Structure]] = {
     MAP_COOKIE_ORIG_DST: MbOrigin, MAP_PAIR_ORIG_DST: MbOrigin,
     MAP_LOCAL_PODS: MbPodConfig, MAP_MARK_POD_IPS: MbPodIps, MAP_NETNS_IP: MbPodIps,
-    MAP_NETNS_POD: MbNetnsPod,
+    MAP_NETNS_POD: MbNetnsPod, MAP_IN_PENDING: MbInFlow,
 }
 
 

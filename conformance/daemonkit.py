@@ -200,6 +200,31 @@ def xdp_progs(ns: str) -> dict[str, int]:
     return {link["ifname"]: _xdp_id(link) for link in links if _xdp_id(link)}
 
 
+def tc_progs(ns: str, ifname: str) -> dict[str, str]:
+    """{"ingress"/"egress": BPF program name} of the cls_bpf filters on
+    ``ifname`` in ``ns`` (``tc -j filter show``); {} without a clsact."""
+    out = {}
+    for where in ("ingress", "egress"):
+        p = run("tc", "-n", ns, "-j", "filter", "show", "dev", ifname, where, check=False)
+        for f in json.loads(p.stdout or "[]") if p.returncode == 0 else []:
+            name = (f.get("options") or {}).get("bpf_name")
+            if name:
+                out[where] = name.split("#")[0]
+    return out
+
+
+def tc_progs_all(ns: str) -> dict[str, dict[str, str]]:
+    """tc_progs of every interface in ``ns`` that has a BPF filter."""
+    links = json.loads(run("ip", "-n", ns, "-j", "link", "show").stdout)
+    found = {link["ifname"]: tc_progs(ns, link["ifname"]) for link in links}
+    return {name: progs for name, progs in found.items() if progs}
+
+
+def hook_of(w) -> str:
+    """The daemon's --inbound-hook (tc unless the module's DAEMON_ARGS say xdp)."""
+    return "xdp" if "--inbound-hook=xdp" in w.daemon.extra_args else "tc"
+
+
 def _xdp_id(link: dict) -> int:
     xdp = link.get("xdp") or {}
     prog = xdp.get("prog") or {}
@@ -278,11 +303,13 @@ def node_state(w) -> dict:
 
 
 def pod_state(w, pod: Pod, veth: str | None) -> dict:
-    """``pod``'s marker listener and the XDP on both ends of its veth."""
+    """``pod``'s marker listener, the XDP on both ends of its veth and the tc
+    filters on its host-side end."""
     return {
         "listener": listeners(pod.ns) if os.path.exists(pod.path) else [],
         "xdp_pod": xdp_prog(pod.ns, "eth0")[0] if eth0_exists(pod) else 0,
         "xdp_host": xdp_prog(w.node, veth)[0] if veth else 0,
+        "tc_host": tc_progs(w.node, veth) if veth else {},
     }
 
 
@@ -329,9 +356,17 @@ def enrolled(w, pod: Pod, result: dict, hardware_checksum: bool = False) -> dict
     assert w.maps.mark_pod_ips.get(key) == ip4
     assert w.maps.local_pods.get(ip4) is not None and w.maps.local_pods.get(ip6) is not None
     assert (rec["netns_cookie"], (ip4, ip6), key) in w.maps.netns_pod.all_items()
+    offloads = tx_checksums(pod)
+    if hook_of(w) == "tc":
+        # tc on the host-side peer, no XDP anywhere, the pod's offload untouched
+        assert tc_progs(w.node, host_veth(result)) == {"ingress": "mb_tc_from_pod",
+                                                       "egress": "mb_tc_to_pod"}
+        assert xdp_prog(pod.ns, "eth0")[0] == xdp_prog(w.node, host_veth(result))[0] == 0
+        assert offloads and all(offloads.values()), offloads
+        return rec
     assert xdp_prog(pod.ns, "eth0")[1] == "mb_xdp_ingress"
     assert xdp_prog(w.node, host_veth(result))[1] == "mb_xdp_egress"
-    offloads = tx_checksums(pod)
+    assert tc_progs(w.node, host_veth(result)) == {}
     assert offloads and all(offloads.values()) if hardware_checksum \
         else not any(offloads.values()), offloads
     return rec

@@ -26,7 +26,8 @@ import pytest
 from cnikit import (CNI_PLUGIN_DIR, LIBCNI_CACHE, invoke_plugin, netns_path,
                     prev_result_logged, run)
 from daemonkit import (Pod, cid_of, cnitool_ok, direct, enrolled, eth0_exists, host_veth,
-                       listeners, plugin_call, snapshot, tx_checksums, xdp_prog)
+                       hook_of, listeners, plugin_call, snapshot, tc_progs, tx_checksums,
+                       xdp_prog)
 from merbridge.daemon import netns
 
 pytestmark = pytest.mark.root
@@ -58,7 +59,7 @@ def withdrawn(w, pod: Pod, result: dict, key: int) -> None:
     assert not eth0_exists(pod) or xdp_prog(pod.ns, "eth0") == (0, "")
     veth = host_veth(result)
     assert run("ip", "-n", w.node, "link", "show", "dev", veth, check=False).returncode != 0 \
-        or xdp_prog(w.node, veth) == (0, "")
+        or (xdp_prog(w.node, veth) == (0, "") and tc_progs(w.node, veth) == {})
 
 
 def test_add_check_del(daemon_world, pods):
@@ -131,9 +132,19 @@ def test_check_fails_when_state_is_removed_behind_the_daemons_back(daemon_world,
     result = cnitool_ok(w, "add", pod)
     rec = enrolled(w, pod, result)
     cnitool_ok(w, "check", pod)
-    if damage == "xdp":
+    if damage == "xdp" and hook_of(w) == "tc":
+        netns.detach_tc(pod.path, "eth0", peer_netns=netns_path(w.node))
+        why = "tc is not attached"
+    elif damage == "xdp":
         netns.detach_xdp(pod.path, "eth0", peer_netns=netns_path(w.node))
         why = "XDP is not attached"
+    elif damage == "tx_csum" and hook_of(w) == "tc":
+        # tc patches CHECKSUM_PARTIAL packets correctly: offload on is no damage
+        run("nsenter", f"--net={pod.path}", "ethtool", "-K", "eth0", "tx", "on")
+        assert all(tx_checksums(pod).values())
+        cnitool_ok(w, "check", pod)
+        cnitool_ok(w, "del", pod)
+        return
     elif damage == "mark_pod_ips":
         w.maps.mark_pod_ips.delete(rec["key"])
         why = "mark_pod_ips"
@@ -402,6 +413,7 @@ def test_sigterm_uninstalls_and_leaves_nothing(daemon_world, pods):
     assert not os.path.isdir(w.daemon.pin_dir) or os.listdir(w.daemon.pin_dir) == []
     assert listeners(pod.ns) == [] and xdp_prog(pod.ns, "eth0") == (0, "")
     assert xdp_prog(w.node, host_veth(result)) == (0, "")
+    assert tc_progs(w.node, host_veth(result)) == {}
     # every refusal above was an expected one: no traceback in the daemon's log
     tracebacks = [line for line in w.daemon.log().splitlines() if "Traceback" in line]
     assert tracebacks == [], tracebacks[0][:3000]

@@ -47,7 +47,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemonkit import (Pod, cid_of, cnitool_ok, direct, enrolled, make_pod, marker_marks,
-                       node_state, pod_manifest, plugin_call, remove_pod, xdp_progs)
+                       node_state, pod_manifest, plugin_call, remove_pod, tc_progs_all,
+                       xdp_progs)
 from cnikit import invoke_plugin, netns_path
 from merbridge.cni import errors, plugin, skel, version
 
@@ -78,7 +79,8 @@ def state(f: Fuzz) -> dict:
     w = f.w
     return {**node_state(w),
             "markers": {p.name: marker_marks(p.ns) for p in (f.target, f.bystander)},
-            "xdp": {ns: xdp_progs(ns) for ns in (w.node, f.target.ns, f.bystander.ns)}}
+            "xdp": {ns: xdp_progs(ns) for ns in (w.node, f.target.ns, f.bystander.ns)},
+            "tc": tc_progs_all(w.node)}
 
 
 def is_netns(path) -> tuple[int, int] | None:

@@ -1,5 +1,6 @@
-"""The REAL daemon with ``--hardware-checksum=true``: tx checksum offload is the
-operator's business, so ADD leaves it on and CHECK does not ask for it off; the
+"""The REAL daemon with ``--inbound-hook=xdp --hardware-checksum=true`` (the flag
+means something for XDP only; tc leaves the offload on anyway): tx checksum
+offload is the operator's business, so ADD leaves it on and CHECK does not ask for it off; the
 rest of CHECK (here: the pod's ``mb_netns_pod`` entry) still applies.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from daemonkit import cid_of, cnitool_ok, direct, enrolled
 pytestmark = pytest.mark.root
 
 #: read by the daemon_world fixture (conftest.py)
-DAEMON_ARGS = ("--hardware-checksum=true",)
+DAEMON_ARGS = ("--inbound-hook=xdp", "--hardware-checksum=true")
 
 
 def test_offload_left_on_and_check_still_sees_a_missing_netns_entry(daemon_world, pods):

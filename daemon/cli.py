@@ -102,7 +102,11 @@ def main() -> None:
 @main.command()
 @mode_option
 @bool_option("--cni-mode", "Chain merbridge-cni into the CNI config and enrol pods at CNI ADD.")
-@bool_option("--hardware-checksum", "Leave checksums to the NIC on XDP-rewritten packets.")
+@bool_option("--hardware-checksum", "Leave checksums to the NIC on XDP-rewritten packets "
+             "(--inbound-hook=xdp only; tc keeps offload on anyway).")
+@click.option("--inbound-hook", type=click.Choice(["tc", "xdp"]), default="tc", show_default=True,
+              help="CNI mode: where other nodes' connections to a pod are rewritten to the "
+              "sidecar's inbound port (tc keeps the pod's tx checksum offload and TSO).")
 @bool_option("--ambient", "Istio ambient mode: pods labelled istio.io/dataplane-mode=ambient "
              "(or in such a namespace) send their traffic to the node's ztunnel.")
 @click.option("--ztunnel-namespace", default=cfgmod.DEFAULT_ZTUNNEL_NAMESPACE, show_default=True,
@@ -129,11 +133,13 @@ def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kube
         cni_conf_dir: str, socket_path: str, metrics_addr: str, state_dir: str,
         exclude_namespaces: str, debug: bool, ambient: bool = False,
         netns_dir: str = cfgmod.DEFAULT_NETNS_DIR,
-        ztunnel_namespace: str = cfgmod.DEFAULT_ZTUNNEL_NAMESPACE) -> None:
+        ztunnel_namespace: str = cfgmod.DEFAULT_ZTUNNEL_NAMESPACE,
+        inbound_hook: str = "tc") -> None:
     """Run the node daemon until SIGTERM."""
     configure_logging(debug)
     config = cfgmod.DaemonConfig(
-        mesh=mode, cni_mode=cni_mode, hardware_checksum=hardware_checksum, node_name=node_name,
+        mesh=mode, cni_mode=cni_mode, hardware_checksum=hardware_checksum,
+        inbound_hook=inbound_hook, node_name=node_name,
         kubeconfig=kubeconfig, pods_dir=pods_dir, cgroup_path=cgroup_path or "",
         bpffs_path=bpffs_path, cni_bin_dir=cni_bin_dir, cni_conf_dir=cni_conf_dir,
         socket_path=socket_path, metrics_addr=metrics_addr, state_dir=state_dir,

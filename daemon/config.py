@@ -81,6 +81,7 @@ class DaemonConfig:
     mesh: str = "istio"
     cni_mode: bool = False
     hardware_checksum: bool = False
+    inbound_hook: str = "tc"        # podnet.INBOUND_HOOKS; see deploy/README.md
     node_name: str = ""
     kubeconfig: str | None = None
     pods_dir: str | None = None

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from merbridge.daemon import demoreport
+from merbridge.daemon import demoreport, lab
 from merbridge.daemon.config import find_cgroup2_mount
 from merbridge.daemon.demonode import (A, CNI_PLUGIN_DIR, CNITOOL, MESH, NODE_PATH, DemoError,
                                        Node, PodSpec)
@@ -172,6 +172,8 @@ def _interrupt(signum, frame) -> None:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+    if lab.interrupt_later():
+        return    # raised when the create-and-record step under way ends
     if _PROGRESS is not None:
         _PROGRESS.interrupt_pending = True
     raise KeyboardInterrupt
@@ -192,6 +194,7 @@ def run(as_json: bool = False) -> int:
     report: dict[str, Any] = {}
     failure = None
     old = signal.signal(signal.SIGTERM, _interrupt)
+    old_int = signal.signal(signal.SIGINT, _interrupt)
     old_hook = sys.unraisablehook
 
     def unraisable(info) -> None:
@@ -214,13 +217,13 @@ def run(as_json: bool = False) -> int:
         failure = f"{type(exc).__name__}: {exc}"
     finally:
         # a second Ctrl-C or SIGTERM must not leave half the node behind
-        held = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         progress.interrupt_pending = False   # raised already, or recorded as failure below
         try:
             cleanup = node.teardown()
         finally:
-            signal.signal(signal.SIGINT, held)
+            signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old)
             sys.unraisablehook = old_hook
     report["node"] = node.describe()

@@ -29,13 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from merbridge.bpf.mesh import MESHES
 from merbridge.daemon import annotations, demoreport, netns
 from merbridge.daemon.config import find_cgroup2_mount
-from merbridge.daemon.lab import Lab, Pod
+from merbridge.daemon.lab import Lab, Pod, uninterrupted
 
 MESH = MESHES["istio"]
 PREFIX = "mbdemo"
@@ -68,10 +69,14 @@ class Node:
     def __init__(self, specs: Sequence[PodSpec], progress: Callable[[str], None]) -> None:
         self.progress = progress
         self.pid = os.getpid()
+        #: every name and path the demo makes starts with it (known before anything is made)
+        self.name = f"{PREFIX}-{uuid.uuid4().hex[:8]}"
         self.lab: Lab | None = None
         self.root = ""
         self.bpffs = ""
         self.bpffs_mounted = False
+        self.bridge = ""                  # set as set-up goes: teardown reads them at any point
+        self.conflist = ""
         self.daemon: subprocess.Popen | None = None
         self.pods: dict[str, Pod] = {}
         self.specs = {s.name: s for s in specs}
@@ -81,25 +86,29 @@ class Node:
     def describe(self) -> dict[str, Any]:
         """Where the node lives (names and paths; they are gone after teardown)."""
         if self.lab is None:
-            return {}
+            return {"name": self.name}
         return {"name": self.name, "netns": self.lab.nodes[0].ns, "cgroup": self.lab.cgroup,
                 "root": self.root, "bpffs": self.bpffs,
-                "conflist": getattr(self, "conflist", ""), "subnets": [SUBNET4, SUBNET6]}
+                "conflist": self.conflist, "subnets": [SUBNET4, SUBNET6]}
 
     # -- set-up ------------------------------------------------------------
     def setup(self) -> None:
         cgroup_root = find_cgroup2_mount() or "/sys/fs/cgroup/unified"
         self.progress(f"creating the node netns and cgroup {cgroup_root}/{PREFIX}-<id>")
-        self.lab = Lab(PREFIX, cgroup_root=cgroup_root)
-        self.name = self.lab.name
+        with uninterrupted():
+            self.lab = Lab(PREFIX, cgroup_root=cgroup_root, name=self.name)
         self.node_ns = netns.netns_path(self.lab.nodes[0].ns)
-        self.root = tempfile.mkdtemp(prefix=self.name + "-")
+        with uninterrupted():
+            self.root = tempfile.mkdtemp(prefix=self.name + "-")
         for d in ("bin", "net.d", "state", "pods", "ipam", "bpffs"):
             os.mkdir(os.path.join(self.root, d))
         self.dirs = {d: os.path.join(self.root, d) for d in ("bin", "net.d", "state", "pods", "ipam")}
         self.bpffs = os.path.join(self.root, "bpffs")
-        _run(["mount", "-t", "bpf", "bpf", self.bpffs])
-        self.bpffs_mounted = True
+        with uninterrupted():
+            try:
+                _run(["mount", "-t", "bpf", "bpf", self.bpffs])
+            finally:
+                self.bpffs_mounted = _mounted(self.bpffs)
         self.pin_dir = os.path.join(self.bpffs, "merbridge")
         self.socket = os.path.join(self.root, "merbridge-cni.sock")
         self.bridge = "mbd" + self.name.rsplit("-", 1)[1][:8]
@@ -158,7 +167,7 @@ class Node:
         self.progress("starting `merbridge run --cni-mode=true` in the node netns "
                       "(compiling and loading the eBPF programs)")
         self.daemon_log = os.path.join(self.root, "daemon.log")
-        with open(self.daemon_log, "wb") as log:
+        with open(self.daemon_log, "wb") as log, uninterrupted():
             self.daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -200,11 +209,13 @@ class Node:
             self._publish(spec)
         pod = self.lab.add_bare_pod(spec.name, in_mesh=spec.in_mesh)
         self.pods[spec.name] = pod
-        res = self._cnitool("add", pod)
+        with uninterrupted():    # a whole ADD, so teardown DELs exactly what was added
+            res = self._cnitool("add", pod)
+            if res.returncode == 0:
+                self.added.append(spec.name)
         if res.returncode != 0:
             raise DemoError(f"cnitool add {spec.name} failed (rc {res.returncode}): "
                             f"{(res.stdout + res.stderr).strip()}\n{self.daemon_tail()}")
-        self.added.append(spec.name)
         result = json.loads(res.stdout)
         for ip in (entry["address"].split("/")[0] for entry in result.get("ips", [])):
             if ":" in ip:
@@ -212,11 +223,14 @@ class Node:
             else:
                 pod.ip4 = ip
         pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", self.node_ns)
+        tc = netns.tc_filter_names(self.node_ns, pod.host_if, allow_own=True)
         xdp = netns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0]
+        hook = (f"tc {', '.join(sorted(tc.values()))} on {pod.host_if}" if tc else
+                f"XDP prog {xdp} on eth0" if xdp else "")
         self.progress(f"pod {spec.name}: CNI ADD (bridge, host-local, merbridge-cni) -> "
                       f"{pod.ip4}, {pod.ip6}; "
-                      + (f"enrolled by the daemon, XDP prog {xdp} on eth0" if xdp
-                         else "left alone by the daemon (no XDP)"))
+                      + (f"enrolled by the daemon, {hook}" if hook
+                         else "left alone by the daemon (no tc/XDP)"))
 
     # -- the maps: the daemon's decisions ----------------------------------
     def pod_views(self) -> dict[str, demoreport.PodView]:
@@ -276,7 +290,9 @@ class Node:
             step(f"cnitool del {name}", delete)
         if self.daemon is not None:
             step("stop the daemon", self._stop_daemon)
-            checked["daemon exited cleanly"] = self.daemon.returncode == 0
+            # exit 0; or killed by the SIGTERM before its handler was installed (the
+            # first thing `merbridge run` does), so before it had made anything
+            checked["daemon exited cleanly"] = self.daemon.returncode in (0, -signal.SIGTERM)
         if self.lab is not None:
             from merbridge.bpf import loader
             try:
@@ -302,7 +318,8 @@ class Node:
             checked["cgroups gone"] = not os.path.exists(self.lab.cgroup)
             checked["netns gone"] = not any(n.startswith(self.name) for n in _netns_names())
             checked["no interfaces in the host netns"] = not any(
-                self.bridge in link or self.name in link for link in netns.links(None))
+                (self.bridge and self.bridge in link) or self.name in link
+                for link in netns.links(None))
         if self.bpffs_mounted:
             step("umount the bpffs", lambda: _run(["umount", self.bpffs]))
             checked["bpffs unmounted"] = not _mounted(self.bpffs)

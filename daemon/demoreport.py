@@ -25,7 +25,7 @@ from merbridge.bpf.mesh import Mesh
 from merbridge.bpf.policy import PodPolicy
 
 HBONE_PORT = 15008
-#: bpf/progs/xdp.c's counter slots (merbridge.h reserves 24..31 for it)
+#: bpf/progs/inbound.c's counter slots (merbridge.h reserves 24..31 for it)
 XDP_COUNTERS = {"c24": "xdp_new_flow", "c25": "xdp_bypass", "c26": "xdp_flow_fail",
                 "c27": "xdp_rst_delete"}
 EXCLUDE_OUTBOUND_PORTS = "excludeOutboundPorts"
@@ -152,7 +152,7 @@ def _hop(direction: str, new: dict[str, list[dict]], delta: dict[str, int]) -> d
     name, e = seen[0]
     via = None
     if direction == "inbound":   # which hook sent it to 15006, from the kernel's counters
-        via = ("XDP" if delta.get("xdp_new_flow") else
+        via = ("tc/XDP" if delta.get("xdp_new_flow") else
                "connect hook" if delta.get("redirect_in") else None)
     return {"intercepted": True, "sidecar": name, "via": via,
             "original_dst": hostport(e.get("dst"), e.get("dport")),

@@ -210,7 +210,8 @@ class Pieces:
         if marker is None or not self.podnet.marker_ok(marker, rec.key):
             out.append("marker listener is not open")
         if not self.podnet.xdp_attached(rec.netns, rec.ifname):
-            out.append(f"XDP is not attached to {rec.ifname}")
+            hook = "tc" if getattr(self.podnet, "inbound_hook", "xdp") == "tc" else "XDP"
+            out.append(f"{hook} is not attached to {rec.ifname}")
         table = self._netns_pods()
         if table is not None and getattr(self.podnet, "netns_cookie", None) is not None:
             entry = {c: (ips, mark) for c, ips, mark in table.all_items()}.get(rec.netns_cookie)

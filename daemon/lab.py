@@ -17,6 +17,7 @@ construction failed half-way.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -45,6 +46,39 @@ PYTHON = "/usr/bin/python3"
 
 class LabError(RuntimeError):
     pass
+
+
+# -- steps an interrupt must not split ---------------------------------------
+# A step that creates something (a netns, a cgroup, a process, a mount) and
+# records it for close() runs whole: a signal handler that lands inside one
+# (the demo's SIGTERM/SIGINT handler) calls ``interrupt_later()`` instead of
+# raising, and the interrupt is raised when the step ends.  Otherwise a thing
+# made by a helper process (pyroute2 creates a netns in a forked child) could
+# appear after the interrupted parent looked for it, and be left behind.
+_steps = 0
+_interrupted = False
+
+
+@contextlib.contextmanager
+def uninterrupted():
+    global _steps, _interrupted
+    _steps += 1
+    try:
+        yield
+    finally:
+        _steps -= 1
+        if not _steps and _interrupted:
+            _interrupted = False
+            raise KeyboardInterrupt
+
+
+def interrupt_later() -> bool:
+    """For a signal handler: True when a step is running; the interrupt is then
+    raised as KeyboardInterrupt at its end."""
+    global _interrupted
+    if _steps:
+        _interrupted = True
+    return bool(_steps)
 
 
 @dataclass
@@ -89,8 +123,9 @@ class Pod:
     def spawn(self, argv: Sequence[str], uid: int | None = None, gid: int | None = None,
               **popen) -> subprocess.Popen:
         """Start a long-running process in this pod (netns + cgroup); stopped at close."""
-        proc = netns.spawn(argv, ns=self.ns, cgroup=self.cgroup, uid=uid, gid=gid, **popen)
-        self.lab._procs.append(proc)
+        with uninterrupted():
+            proc = netns.spawn(argv, ns=self.ns, cgroup=self.cgroup, uid=uid, gid=gid, **popen)
+            self.lab._procs.append(proc)
         return proc
 
     def run(self, argv: Sequence[str], uid: int | None = None, gid: int | None = None,
@@ -246,10 +281,11 @@ class Lab:
         if not self.cgroup_root:
             raise LabError("no cgroup v2 mount in /proc/mounts: a lab makes its cgroups "
                            "below it (mount -t cgroup2 none /sys/fs/cgroup)")
-        self.name = f"{self.prefix}-{uuid.uuid4().hex[:8]}"
+        self.name = self.name or f"{self.prefix}-{uuid.uuid4().hex[:8]}"
         self.cgroup = os.path.join(self.cgroup_root, self.name)
         try:
-            self.workdir = tempfile.mkdtemp(prefix=self.name + "-")
+            with uninterrupted():
+                self.workdir = tempfile.mkdtemp(prefix=self.name + "-")
             os.chmod(self.workdir, 0o755)  # the sidecar (UID 1337) reads its config here
             self._mkcgroup(self.cgroup)
             for i in range(self.nodes_count):
@@ -270,13 +306,14 @@ class Lab:
     @staticmethod
     def _make(thing: str, exists, create, made: list[str]) -> None:
         """``create()`` a thing that must not exist yet and note it in ``made`` for
-        close(), also when an interrupt (the demo's SIGTERM) lands half-way."""
-        existed = exists(thing)   # someone else's: create() refuses, never ours to remove
-        try:
-            create(thing)
-        finally:
-            if not existed and exists(thing) and thing not in made:
-                made.append(thing)
+        close(), also when create() fails half-way."""
+        with uninterrupted():
+            existed = exists(thing)   # someone else's: create() refuses, never ours to remove
+            try:
+                create(thing)
+            finally:
+                if not existed and exists(thing) and thing not in made:
+                    made.append(thing)
 
     def _mkcgroup(self, path: str) -> None:
         self._make(path, os.path.isdir, os.mkdir, self._cgroups)

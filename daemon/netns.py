@@ -627,6 +627,131 @@ def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
             .get_attr("IFLA_IFNAME")
 
 
+# ---- tc (cls_bpf, direct action) on the pod's host-side veth ----------------
+#
+# --inbound-hook=tc: both programs on the host-side peer, in a clsact qdisc:
+# parent ffff:fff3 (egress: towards the pod) and ffff:fff2 (ingress: from the
+# pod). Our filters have their own priority and handle, so they are replaced
+# in place (a restarted daemon's new programs, no window without a rewrite)
+# and removed without touching anybody else's. The filter name carries the
+# program id ("mb_tc_to_pod#1234"): pyroute2 0.9 does not decode TCA_BPF_ID.
+
+TC_PRIO = 0x4D42                 # "MB"
+TC_HANDLE = 1
+TC_PARENTS = {"to_pod": 0xFFFFFFF3, "from_pod": 0xFFFFFFF2}   # clsact egress / ingress
+
+
+def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
+    """{"to_pod"/"from_pod": filter name} of our filters on ``index``."""
+    out = {}
+    for where, parent in TC_PARENTS.items():
+        try:
+            found = ipr.get_filters(index=index, parent=parent)
+        except NetlinkError as e:
+            if e.code in (2, 22, 19):  # no clsact (ENOENT/EINVAL), no device
+                continue
+            raise
+        for f in found:
+            if f.get_attr("TCA_KIND") != "bpf" or (f["info"] >> 16) != TC_PRIO:
+                continue
+            opts = f.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts else None
+            if name:
+                out[where] = name
+    return out
+
+
+def _clear_tc(ipr: IPRoute, index: int) -> None:
+    """Remove our filters from ``index`` (and the clsact qdisc if nothing else
+    is left in it). Nothing of ours there is fine."""
+    for parent in TC_PARENTS.values():
+        try:
+            ipr.tc("del-filter", "bpf", index=index, handle=TC_HANDLE, prio=TC_PRIO,
+                   parent=parent, protocol=_ETH_P_ALL)
+        except NetlinkError as e:
+            if e.code not in (2, 22, 19):
+                raise
+    try:
+        left = [f for parent in TC_PARENTS.values()
+                for f in ipr.get_filters(index=index, parent=parent) if f.get_attr("TCA_KIND")]
+        if not left:
+            ipr.tc("del", "clsact", index=index)
+    except NetlinkError as e:
+        if e.code not in (2, 22, 19):
+            raise
+
+
+_ETH_P_ALL = 0x0003
+
+
+def attach_tc(netns_path: str, ifname: str, to_pod_fd: int, from_pod_fd: int,
+              to_pod_name: str, from_pod_name: str,
+              peer_netns: str | None = None) -> XdpAttachment:
+    """Attach the tc programs to the host-side veth peer of the pod's
+    ``ifname`` (verified as for XDP: NotPodVethError otherwise). The
+    from-pod side goes first, so that no SYN is redirected before its reply
+    can be rewritten back. An XDP program of ours left on the pair (a daemon
+    that ran with --inbound-hook=xdp) is removed: the two must not stack. The
+    pod's tx checksum offload is not touched."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+        pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
+        index = peer["index"]
+        try:
+            try:
+                peer_ipr.tc("add", "clsact", index=index)
+            except NetlinkError as e:
+                if e.code != 17:  # EEXIST: ours from before, or somebody else's
+                    raise
+            for fd, name, parent in ((from_pod_fd, from_pod_name, TC_PARENTS["from_pod"]),
+                                     (to_pod_fd, to_pod_name, TC_PARENTS["to_pod"])):
+                peer_ipr.tc("replace-filter", "bpf", index=index, handle=TC_HANDLE,
+                            prio=TC_PRIO, parent=parent, protocol=_ETH_P_ALL, fd=fd,
+                            name=name, classid=1, direct_action=True)
+        except NetlinkError as e:
+            _clear_tc(peer_ipr, index)
+            raise PodNetnsError(f"attach tc to the peer of {ifname} in {netns_path}: "
+                                f"{os.strerror(e.code)}") from None
+        _clear_xdp(peer_ipr, peer)
+        _clear_xdp(pod_ipr, pod)
+    return XdpAttachment(netns_path, ifname, pod["index"], peer_netns,
+                         peer.get_attr("IFLA_IFNAME"), index, "tc")
+
+
+def detach_tc(netns_path: str, ifname: str, peer_netns: str | None = None) -> bool:
+    """Remove our tc filters from the pod's host-side peer. Idempotent, as
+    detach_xdp: a pod netns or interface already gone is fine."""
+    _check_ifname(ifname)
+    if not os.path.exists(netns_path):
+        return False
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+        try:
+            _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
+        except PodNetnsError:
+            return False
+        _clear_tc(peer_ipr, peer["index"])
+    return True
+
+
+def tc_filter_names(netns_path: str | None, ifname: str,
+                    allow_own: bool = False) -> dict[str, str]:
+    """{"to_pod"/"from_pod": filter name} of our tc filters on ``ifname``."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path, allow_own) as ipr:
+        link = _link(ipr, ifname=ifname)
+        if link is None:
+            raise PodNetnsError(f"no interface {ifname} in {netns_path}")
+        return _tc_filters(ipr, link["index"])
+
+
+def tc_names(netns_path: str, ifname: str, peer_netns: str | None = None) -> dict[str, str]:
+    """{"to_pod"/"from_pod": filter name} of our tc filters on the pod's peer."""
+    _check_ifname(ifname)
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+        _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
+        return _tc_filters(peer_ipr, peer["index"])
+
+
 # ---- tx checksum offload -----------------------------------------------------
 
 def tx_checksum(netns_path: str | None, ifname: str) -> dict[str, bool]:

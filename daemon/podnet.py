@@ -1,4 +1,5 @@
-"""Per-pod network plumbing of CNI mode: marker listener, XDP, tx checksum.
+"""Per-pod network plumbing of CNI mode: marker listener, the inbound rewrite
+(tc or XDP, ``inbound_hook``), tx checksum.
 
 ``PodNet`` is the production implementation of the pod registry's ``PodNet``
 protocol (``merbridge.daemon.pods``). It only orchestrates; the kernel work is
@@ -41,6 +42,12 @@ SO_NETNS_COOKIE = 71  # linux/socket.h (5.14+); not in Python's socket module
 #: back to generic when the interface refuses it (e.g. an MTU too large for
 #: single-buffer veth XDP). Both modes pass the same checksum-verified tests.
 XDP_MODES = ("generic", "native", "auto")
+#: where the inbound rewrite runs (--inbound-hook): "tc" (cls_bpf on the
+#: host-side veth, tx checksum offload and TSO stay on) or "xdp"
+#: (xdp_mode above, tx checksum offload off unless hardware_checksum).
+#: deploy/README.md gives the measurements behind the default.
+INBOUND_HOOKS = ("tc", "xdp")
+DEFAULT_INBOUND_HOOK = "tc"
 
 
 def prog_id(fd: int) -> int:
@@ -59,15 +66,25 @@ class PodNet:
     ``Datapath.xdp_programs``; it is called lazily, so the registry can be built
     before the programs are loaded. ``peer_netns`` is where the host-side
     veth peers live: None for the daemon's own netns (the node's, in
-    production); tests pass their "node" netns path.
+    production); tests pass their "node" netns path. ``inbound_hook`` defaults
+    to "xdp" here so a caller that only has ``xdp_programs`` keeps working;
+    the daemon passes its --inbound-hook (default DEFAULT_INBOUND_HOOK, tc)
+    with ``tc_programs``.
     """
 
     def __init__(self, xdp_programs: Callable[[], tuple[int, int]], *,
                  xdp_mode: str = "generic", hardware_checksum: bool = False,
                  peer_netns: str | None = None, port: int = MARK_LISTENER_PORT,
-                 listener_family: str = "dual"):
+                 listener_family: str = "dual", inbound_hook: str = "xdp",
+                 tc_programs: Callable[[], tuple[int, int]] | None = None):
         if xdp_mode not in XDP_MODES:
             raise PodNetError(f"xdp mode must be one of {', '.join(XDP_MODES)}, got {xdp_mode!r}")
+        if inbound_hook not in INBOUND_HOOKS:
+            raise PodNetError(f"inbound hook must be one of {', '.join(INBOUND_HOOKS)}, "
+                              f"got {inbound_hook!r}")
+        if inbound_hook == "tc" and tc_programs is None:
+            raise PodNetError("inbound hook tc needs tc_programs")
+        self.inbound_hook, self._tc_programs = inbound_hook, tc_programs
         self._xdp_programs = xdp_programs
         self.xdp_mode, self.hardware_checksum = xdp_mode, hardware_checksum
         self.peer_netns, self.port, self.listener_family = peer_netns, port, listener_family
@@ -85,8 +102,33 @@ class PodNet:
         except OSError:
             return False
 
-    # -- XDP -----------------------------------------------------------------
+    # -- the inbound rewrite: tc or XDP ------------------------------------------
+    # The registry calls attach_xdp / detach_xdp / xdp_attached whatever the
+    # hook; with inbound_hook "tc" they do the tc work instead.
+    def _tc_names(self) -> tuple[int, int, str, str]:
+        from merbridge.bpf.loader import TC_FROM_POD, TC_TO_POD
+        to_pod, from_pod = self._tc_programs()
+        return (to_pod, from_pod, f"{TC_TO_POD}#{prog_id(to_pod)}",
+                f"{TC_FROM_POD}#{prog_id(from_pod)}")
+
+    def attach_tc(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
+        """Both tc programs on the pod's host-side veth; the pod's tx checksum
+        offload is left as it is (bpf_l4_csum_replace handles CHECKSUM_PARTIAL)."""
+        try:
+            return netns.attach_tc(netns_path, ifname, *self._tc_names(),
+                                   peer_netns=self.peer_netns)
+        except netns.NotPodVethError as exc:
+            raise PodError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
+                           str(exc)[:500]) from exc
+
     def attach_xdp(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
+        """The inbound programs on the pod's veth pair (tc: attach_tc)."""
+        if self.inbound_hook == "tc":
+            return self.attach_tc(netns_path, ifname)
+        netns.detach_tc(netns_path, ifname, peer_netns=self.peer_netns)  # never both
+        return self._attach_xdp(netns_path, ifname)
+
+    def _attach_xdp(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
         """Both XDP programs on the pod's veth pair; tx checksum offload off
         first (unless hardware_checksum), so no segment is rewritten unfinished.
 
@@ -113,13 +155,23 @@ class PodNet:
         raise AssertionError("unreachable")
 
     def detach_xdp(self, netns_path: str, ifname: str) -> None:
-        netns.detach_xdp(netns_path, ifname, peer_netns=self.peer_netns)
+        if self.inbound_hook == "tc":
+            netns.detach_tc(netns_path, ifname, peer_netns=self.peer_netns)
+        else:
+            netns.detach_xdp(netns_path, ifname, peer_netns=self.peer_netns)
 
     def xdp_attached(self, netns_path: str, ifname: str) -> bool:
         """Are *our current* programs on both ends? (After a daemon restart the
         previous daemon's programs may still be attached; they are replaced.)"""
         if not os.path.exists(netns_path):
             return False
+        if self.inbound_hook == "tc":
+            try:
+                _, _, to_pod, from_pod = self._tc_names()
+                found = netns.tc_names(netns_path, ifname, self.peer_netns)
+            except PodNetError:
+                return False
+            return found == {"to_pod": to_pod, "from_pod": from_pod}
         try:
             ingress, egress = (prog_id(fd) for fd in self._xdp_programs())
             pod_id, peer_id = netns.xdp_prog_ids(netns_path, ifname, self.peer_netns)
@@ -129,10 +181,14 @@ class PodNet:
 
     # -- checksums, addresses ---------------------------------------------------
     def tx_checksum_off(self, netns_path: str, ifname: str) -> None:
-        netns.set_tx_checksum(netns_path, ifname, False)
+        if self.inbound_hook == "xdp":
+            netns.set_tx_checksum(netns_path, ifname, False)
 
     def tx_checksum(self, netns_path: str, ifname: str) -> dict[str, bool]:
-        """The tx checksum offloads of the pod interface: {feature: enabled} (CHECK)."""
+        """The tx checksum offloads of the pod interface that must be off:
+        {feature: enabled} (CHECK); none with the tc hook."""
+        if self.inbound_hook == "tc":
+            return {}
         return netns.tx_checksum(netns_path, ifname)
 
     def addresses(self, netns_path: str, ifname: str) -> list[str]:

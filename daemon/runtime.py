@@ -179,7 +179,9 @@ class Daemon:
             from merbridge.daemon import podnet as podnet_mod
             podnet = podnet_mod.PodNet(self.datapath.xdp_programs,
                                        xdp_mode=getattr(cfg, "xdp_mode", "auto"),
-                                       hardware_checksum=cfg.hardware_checksum)
+                                       hardware_checksum=cfg.hardware_checksum,
+                                       inbound_hook=cfg.inbound_hook,
+                                       tc_programs=self.datapath.tc_programs)
         if getattr(cfg, "ambient", False):   # ambient mode (H11, docs/ambient.md)
             from merbridge.daemon import ambient
             self.ambient = ambient.AmbientController(

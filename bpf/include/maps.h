@@ -44,12 +44,26 @@ BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst,
 
 /* 4-tuple of the connecting socket -> original destination.
  * Written by sockops (ACTIVE_ESTABLISHED, from mb_cookie_orig_dst) and by the
- * XDP program (key {client ip, client port, pod ip, MB_IN_PORT}, flag XDP).
+ * inbound datapath, bpf/progs/inbound.c (key {client ip, client port, pod ip,
+ * MB_IN_PORT}, flag XDP), only for an established flow (the client's ACK
+ * matched the pod's SYN-ACK) and never over an entry without the flag.
  * Read by getsockopt (SO_ORIGINAL_DST, reversed tuple of the accepted socket)
- * and XDP. Deleted by sockops when the accepting socket closes (non-XDP
- * entries), by the daemon (maps.pair_orig_dst.delete_ip) when a pod goes. */
+ * and the inbound datapath. Deleted by sockops when the accepting socket
+ * closes (both kinds; an inbound flow going to TIME_WAIT moves to
+ * mb_in_pending), by the inbound datapath on the pod's RST, by the daemon
+ * (maps.pair_orig_dst.delete_ip) when a pod goes. */
 BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_origin, mb_pair_orig_dst,
 		 MB_MAX_CONNS, MB_PIN(mb_pair_orig_dst));
+
+/* Inbound flows (bpf/progs/inbound.c) that are not established: half-open (a SYN
+ * seen, the handshake not complete) or closing (the pod's socket in
+ * TIME_WAIT). Same key as mb_pair_orig_dst. Written and read by the inbound
+ * datapath (a SYN creates, the pod's SYN-ACK arms, the client's matching ACK
+ * moves the flow to mb_pair_orig_dst), by sockops (a closing flow moves
+ * here). LRU of its own: a SYN flood only evicts other half-open or closing
+ * flows, never an established one, and never a connect/sockops entry. */
+BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_in_flow, mb_in_pending,
+		 MB_MAX_CONNS, MB_PIN(mb_in_pending));
 
 /* 4-tuple -> local socket, for sk_msg shortcuts between two local sockets.
  * Written by sockops (both ends of an intercepted local connection); read by

@@ -49,7 +49,8 @@
 
 /* ---- map sizes ----------------------------------------------------------- */
 #define MB_MAX_CONNS 65535       /* cookie/pair/sockhash maps */
-#define MB_MAX_PODS 1024         /* local pods, marks, learned netns IPs */
+#define MB_MAX_PODS 4096         /* local pods (one entry per pod IP: 1,000 dual-stack
+                                  * pods need 2,000), marks, learned netns IPs */
 #define MB_N_SETTINGS 16
 #define MB_N_COUNTERS 32
 
@@ -110,11 +111,17 @@
                                     * normal path from now on (once per socket) */
 #define MB_C_GETSOCKOPT_NAT    22  /* SO_ORIGINAL_DST: conntrack's NAT answer kept
                                     * (iptables redirected that connection) */
-#define MB_C_XDP_FIRST         24  /* 24..31: bpf/progs/xdp.c */
+#define MB_C_XDP_FIRST         24  /* 24..31: bpf/progs/inbound.c (tc or XDP) */
 #define MB_C_XDP_NEW_FLOW      24  /* SYN redirected to MB_IN_PORT, flow recorded */
 #define MB_C_XDP_BYPASS_POLICY 25  /* SYN to a local pod, its inbound policy says no */
 #define MB_C_XDP_FLOW_FAIL     26  /* flow record could not be written */
 #define MB_C_XDP_RST_DELETE    27  /* pod sent RST: flow forgotten */
+#define MB_C_IN_ESTABLISHED    28  /* handshake completed (the client's ACK acked the
+                                    * pod's SYN-ACK): flow moved to mb_pair_orig_dst */
+#define MB_C_IN_CONFLICT       29  /* handshake completed on a tuple that holds a
+                                    * connect/sockops entry: that entry kept */
+#define MB_C_IN_CLOSED         30  /* the pod's socket of an inbound flow closed
+                                    * (sockops): flow state freed */
 
 /* ---- getsockopt ---------------------------------------------------------- */
 #define MB_SO_ORIGINAL_DST 80      /* SO_ORIGINAL_DST (SOL_IP) == IP6T_SO_ORIGINAL_DST (SOL_IPV6) */
@@ -133,6 +140,19 @@ struct mb_origin {
 	__u16 port;                /* network byte order */
 	__u16 flags;               /* MB_ORIGIN_F_* */
 };
+
+/* An inbound flow the datapath (bpf/progs/inbound.c) redirects but that is not
+ * established (yet, or any more). Value of mb_in_pending, keyed like
+ * mb_pair_orig_dst ({client, pod, client port, MB_IN_PORT}). */
+struct mb_in_flow {
+	__u32 ack;                 /* half-open: the ACK number that completes the
+	                            * handshake (pod's SYN-ACK seq + 1, network
+	                            * order); 0 until the SYN-ACK is seen */
+	__u16 port;                /* the original destination port (network order) */
+	__u16 flags;               /* MB_IN_F_* */
+};
+#define MB_IN_F_HALF_OPEN 0x01     /* SYN seen, handshake not complete */
+#define MB_IN_F_CLOSING   0x02     /* the pod's socket is in TIME_WAIT */
 
 /* A TCP 4-tuple as seen from the socket that owns it (s = local, d = remote).
  * Key of mb_pair_orig_dst and mb_sock_pair. */

@@ -16,7 +16,8 @@
  *          connection's family, the other family's kept), mb_counters;
  *          deletes the mb_cookie_orig_dst entry it consumed and, when an
  *          accepting socket closes, the mb_pair_orig_dst entry it was
- *          answered from.
+ *          answered from (an inbound flow of inbound.c going to
+ *          TIME_WAIT moves to mb_in_pending instead).
  * Why: connect only knows a socket cookie; the proxy that accepts the
  * connection only knows its 4-tuple. Once established, the connecting side's
  * tuple is final, so the original destination moves from the cookie to the
@@ -173,19 +174,43 @@ static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
 		 * or XDP's inbound flow from another node has neither. */
 		mb_pair_reverse(&p, &r);
 		o = mb_pair_orig_dst.lookup(&r);
-		if (!o || (o->flags & MB_ORIGIN_F_XDP))
+		if (!o)
 			return;
 		/* another netns that rebuilt a pod's tuple neither joins its
 		 * sk_msg shortcut nor deletes its entry at close */
 		if (!mb_pair_mine(bpf_get_netns_cookie(skops), &r))
 			return;
+		/* both kinds free their entry when this socket closes */
 		mb_watch_close(skops);
-		mb_sockhash_add(skops, &p);
+		if (!(o->flags & MB_ORIGIN_F_XDP))
+			mb_sockhash_add(skops, &p);
 	} else if (mb_addr_is_passthrough(&p.dip)) {
 		/* the app accepting the proxy's inbound passthrough */
 		if (mb_sockhash_add(skops, &p))
 			mb_watch_close(skops);
 	}
+}
+
+/* The pod's socket of an inbound flow (bpf/progs/inbound.c, tc or XDP)
+ * closed: the flow is no longer established. Closed from FIN_WAIT2 or
+ * CLOSING, the socket went on to TIME_WAIT, whose last ACKs (and its answer
+ * to a retransmitted FIN) still need the original port: the flow moves to
+ * the LRU mb_in_pending as CLOSING, where only pending flows compete with
+ * it. Otherwise nothing will be sent any more: it is deleted. */
+static __always_inline void mb_inbound_closed(struct bpf_sock_ops *skops, struct mb_pair *r,
+					      struct mb_origin *o)
+{
+	__u32 old = skops->args[0];
+
+	if (old == BPF_TCP_FIN_WAIT2 || old == BPF_TCP_CLOSING) {
+		struct mb_in_flow f = {};
+
+		f.port = o->port;
+		f.flags = MB_IN_F_CLOSING;
+		mb_in_pending.update(r, &f);
+	}
+	mb_pair_orig_dst.delete(r);
+	mb_count(MB_C_IN_CLOSED);
 }
 
 /* A passive socket of ours closed (only those enable STATE_CB). Nobody will
@@ -200,10 +225,14 @@ static __always_inline void mb_state_change(struct bpf_sock_ops *skops)
 
 	mb_pair_from_ctx(&p, skops);
 	mb_pair_reverse(&p, &r);
+	o = mb_pair_orig_dst.lookup(&r);
+	if (o && (o->flags & MB_ORIGIN_F_XDP)) {
+		mb_inbound_closed(skops, &r, o);  /* never had sk_msg budgets */
+		return;
+	}
 	mb_skmsg_budget.delete(&p);
 	mb_skmsg_budget.delete(&r);
-	o = mb_pair_orig_dst.lookup(&r);
-	if (o && !(o->flags & MB_ORIGIN_F_XDP)) {
+	if (o) {
 		mb_pair_orig_dst.delete(&r);
 		mb_count(MB_C_PAIR_DELETED);
 	}

@@ -71,6 +71,7 @@ class Env:
     lab: Lab
     bpffs: str
     cni_mode: bool = True
+    inbound_hook: str = "tc"        # the daemon's --inbound-hook
     root: str = ""
     procs: list = field(default_factory=list)
 
@@ -108,7 +109,7 @@ class Env:
                 f"--state-dir={self.state_dir}", f"--cni-bin-dir={self.bin_dir}",
                 f"--cni-conf-dir={self.conf_dir}", f"--socket-path={self.socket}",
                 f"--pods-dir={self.pods_dir}", "--metrics-addr=127.0.0.1:0",
-                "--node-name=lab", *extra]
+                "--node-name=lab", f"--inbound-hook={self.inbound_hook}", *extra]
 
     def start(self, *extra: str, wait: bool = True) -> subprocess.Popen:
         log = open(os.path.join(self.root, f"daemon-{len(self.procs)}.log"), "wb")
@@ -197,9 +198,17 @@ class Env:
                 if w.startswith("fwmark:")]
 
     def xdp(self, pod: Pod) -> tuple[int, int]:
-        """XDP program ids on the pod's eth0 and on its host-side peer (0: none)."""
-        return (netns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0],
-                netns.xdp_prog_id(self.node_netns, pod.host_if, allow_own=True)[0])
+        """The inbound programs on the pod's veth pair, whichever the hook:
+        XDP program ids on the pod's eth0 and its host-side peer, or the ids
+        of the tc programs (to the pod, from the pod) on that peer; (0, 0)
+        when none. The other hook must have nothing there."""
+        xdp = (netns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0],
+               netns.xdp_prog_id(self.node_netns, pod.host_if, allow_own=True)[0])
+        names = netns.tc_filter_names(self.node_netns, pod.host_if, allow_own=True)
+        tc = tuple(int(names[k].split("#")[1]) if k in names else 0
+                   for k in ("to_pod", "from_pod"))
+        assert (tc if self.inbound_hook == "xdp" else xdp) == (0, 0), (self.inbound_hook, xdp, tc)
+        return tc if self.inbound_hook == "tc" else xdp
 
     def maps(self):
         return loader.open_maps(self.pin_dir)

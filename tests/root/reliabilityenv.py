@@ -173,6 +173,7 @@ class ChurnNet:
                     break
                 with self.lock:
                     self.refused += 1
+                    self.last_refusal = f"{pod}: {added.stderr.strip()[-300:]}"
                 self.cnitool("del", pod)
                 time.sleep(0.5)
             if added.returncode == 0 and (hold or withdrawn):
@@ -262,22 +263,38 @@ class Observer:
     @staticmethod
     def flows(maps, ips) -> list[str]:
         """Flow state that mentions one of ``ips``: ``mb_pair_orig_dst`` entries
-        (tuple or recorded origin) and ``mb_skmsg_budget`` tuples."""
+        (tuple or recorded origin), ``mb_in_pending`` and ``mb_skmsg_budget`` tuples."""
         ips = {str(t.MbAddr.of(ip)) for ip in ips}
         out = [f"pair_orig_dst {pair} orig {o.addr}" for pair, o in maps.pair_orig_dst.items()
                if ips & {str(pair.sip), str(pair.dip), str(o.addr)}]
+        out += [f"in_pending {pair}" for pair, _ in maps.in_pending.items()
+                if ips & {str(pair.sip), str(pair.dip)}]
         return out + [f"skmsg_budget {pair}" for pair, _ in maps.skmsg_budget.items()
                       if ips & {str(pair.sip), str(pair.dip)}]
 
     def xdp_on_pod(self, ns: str) -> tuple[int, int]:
-        """XDP program ids on the pod's eth0 and on its host-side peer (0: none)."""
-        return netns.xdp_prog_ids(netns.netns_path(ns), "eth0", self.env.node_netns)
+        """The inbound programs on the pod's veth pair (0: none): XDP program
+        ids on eth0 and its host-side peer, or the ids of our two tc filters
+        on that peer, by the daemon's hook; the other hook must have none."""
+        path = netns.netns_path(ns)
+        xdp = netns.xdp_prog_ids(path, "eth0", self.env.node_netns)
+        names = netns.tc_names(path, "eth0", self.env.node_netns)
+        tc = tuple(int(names[k].split("#")[1]) if k in names else 0
+                   for k in ("to_pod", "from_pod"))
+        hook = getattr(self.env, "inbound_hook", "xdp")
+        assert (tc if hook == "xdp" else xdp) == (0, 0), (hook, xdp, tc)
+        return tc if hook == "tc" else xdp
 
     def xdp_in_node(self) -> list[str]:
-        """Node-netns interfaces with an XDP program (the host-side veth peers)."""
-        out = netns.run(["ip", "-o", "link", "show"], ns=self.env.lab.nodes[0].ns).stdout
-        return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
-                if " xdp" in line]
+        """Node-netns interfaces with an XDP program or a tc filter of ours
+        (the host-side veth peers)."""
+        ns = self.env.lab.nodes[0].ns
+        out = netns.run(["ip", "-o", "link", "show"], ns=ns).stdout
+        names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
+        xdp = [n for n, line in zip(names, out.splitlines()) if " xdp" in line]
+        tc = [n for n in names if n != "lo"
+              and netns.tc_filter_names(self.env.node_netns, n, allow_own=True)]
+        return xdp + tc
 
     def markers_in(self, ns: str) -> list[str]:
         out = netns.run(["ss", "-tlnH", f"sport = :{MARK_LISTENER_PORT}"], ns=ns).stdout

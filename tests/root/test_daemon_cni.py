@@ -17,8 +17,10 @@ from merbridge.daemon.lab import Lab
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture(scope="module")
-def world(make_bpffs):
+@pytest.fixture(scope="module", params=["tc", "xdp"])
+def world(make_bpffs, request):
+    """The daemon with each --inbound-hook: the same enrolment, traffic and
+    cleanup checks pass with both."""
     with make_bpffs() as bpffs, Lab("mbt") as lab:
         a, b = lab.add_pod("a"), lab.add_pod("b")
         c = lab.add_pod("c", in_mesh=False)
@@ -26,7 +28,7 @@ def world(make_bpffs):
             pod.start_app(8080)
         a.start_sidecar()
         b.start_sidecar()
-        env = Env(lab, bpffs)
+        env = Env(lab, bpffs, inbound_hook=request.param)
         try:
             for pod in (a, b, c):
                 env.publish(pod)

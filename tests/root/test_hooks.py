@@ -782,7 +782,7 @@ def test_direct_connect_to_the_proxy_port_stays_out_of_the_sockhash(dp, pod):
 
 
 def test_xdp_shares_the_policy_helper_and_names_its_counters(dp):
-    """xdp.c uses helpers.h's mb_policy_in/mb_port_in (no private copy); the
+    """inbound.c uses helpers.h's mb_policy_in/mb_port_in (no private copy); the
     verifier accepts it, and its counter slots have names."""
     ingress, egress = dp.xdp_programs()
     assert ingress > 0 and egress > 0

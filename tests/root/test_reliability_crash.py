@@ -104,12 +104,13 @@ def test_node_reboot_rebuilds_from_the_pod_source(three_pods):
         ok(env.cni("ADD", pod))
     n_attached = len(env.attached())
     env.stop(proc, signal.SIGKILL)
-    # the reboot: programs, pins and XDP attachments gone; the pods and the
+    # the reboot: programs, pins and tc/XDP attachments gone; the pods and the
     # daemon's state dir (a hostPath) are there when it comes back
     loader.detach_cgroup(env.lab.cgroup)
     loader.remove_pins(env.pin_dir, rmdir=True)
     for pod in (a, b):
         netns.detach_xdp(netns.netns_path(pod.ns), "eth0", peer_netns=env.node_netns)
+        netns.detach_tc(netns.netns_path(pod.ns), "eth0", peer_netns=env.node_netns)
     assert env.attached() == [] and env.xdp(a) == (0, 0)
 
     proc2 = env.start()
@@ -155,7 +156,7 @@ def test_kill_9_in_the_middle_of_churn(three_pods):
     # every DEL succeeded, even while down; every ADD in the end (retried as a
     # runtime does while no daemon answered)
     assert all(d for _, d in results), results
-    assert all(a_ for a_, _ in results), results
+    assert all(a_ for a_, _ in results), (results, getattr(net, "last_refusal", None))
     print(f"churn with kill -9: {len(results)} pods, {net.refused} ADD attempts refused "
           f"while down, {survived} crash survived")
     assert net.refused > 0                                 # the crash did hit the churn

@@ -1,4 +1,6 @@
-"""XDP inbound port rewrite (bpf/progs/xdp.c) on a real veth pair.
+"""The inbound port rewrite on a real veth pair, with each hook: tc
+(bpf/progs/inbound.c, cls_bpf on the host-side peer, the pod's tx checksum offload
+left on) and XDP (the same bpf/progs/inbound.c, native and generic, tx checksum off).
 
 Topology (all namespaces private to the test module):
 
@@ -130,25 +132,45 @@ def verified(topo):
             ethtool(ns, ifname, "rx", "on")
 
 
-@pytest.fixture
+HOOKS = ["tc", "native", "generic"]      # tc, or XDP in that mode
+
+
+def make_podnet(dp, node_ns: str, hook: str) -> podnet.PodNet:
+    if hook == "tc":
+        return podnet.PodNet(dp.xdp_programs, peer_netns=node_ns, inbound_hook="tc",
+                             tc_programs=dp.tc_programs)
+    return podnet.PodNet(dp.xdp_programs, xdp_mode=hook, peer_netns=node_ns)
+
+
+def nothing_attached(topo) -> bool:
+    """No XDP program on either end of the pod's veth and no tc filter of ours."""
+    pod_id, peer_id = netns.xdp_prog_ids(topo["pod"], "eth0", topo["node"])
+    return (pod_id, peer_id) == (0, 0) and netns.tc_names(topo["pod"], "eth0", topo["node"]) == {}
+
+
+@pytest.fixture(params=HOOKS)
 def enrolled(topo, datapath, request):
     """The pod enrolled as the daemon would: policy in mb_local_pods, its
     netns recorded (marker socket, mb_mark_pod_ips, mb_netns_pod: only that
-    pod's sockets get SO_ORIGINAL_DST), tx checksum off and XDP on both ends
-    of its veth (mode from the test's parameter, default native). Yields the
-    typed maps."""
+    pod's sockets get SO_ORIGINAL_DST and free their flow), and the inbound
+    programs on its veth pair (tc; or XDP with tx checksum off), hook from
+    the parameter. Yields the typed maps; afterwards nothing is left
+    attached."""
     dp, _ = datapath
     maps = dp.maps
-    mode = getattr(request, "param", "native")
+    hook = request.param
     for ip in (POD4, POD6):
         maps.local_pods.put(ip, POLICY)
     marker = netns.open_marker_listener(topo["pod"], MARK)
     cookie = loader.netns_cookie_of(marker)
     maps.mark_pod_ips.put(MARK, POD4, POD6)
     maps.netns_pod.put(cookie, (POD4, POD6), MARK)
-    pn = podnet.PodNet(dp.xdp_programs, xdp_mode=mode, peer_netns=topo["node"])
+    pn = make_podnet(dp, topo["node"], hook)
     try:
-        assert pn.attach_xdp(topo["pod"], "eth0").mode == mode
+        assert pn.attach_xdp(topo["pod"], "eth0").mode == hook
+        assert pn.xdp_attached(topo["pod"], "eth0")
+        tx_on = any(netns.tx_checksum(topo["pod"], "eth0").values())
+        assert tx_on is (hook == "tc")       # only XDP needs the offload off
         yield maps
     finally:
         marker.close()
@@ -159,6 +181,8 @@ def enrolled(topo, datapath, request):
         for ip in (POD4, POD6):
             maps.local_pods.delete(ip)
             maps.pair_orig_dst.delete_ip(ip)
+            maps.in_pending.delete_ip(ip)
+    assert nothing_attached(topo)
 
 
 def connect(topo, host: str, port: int, size: int = SIZE, timeout: float = 5) -> dict:
@@ -184,22 +208,43 @@ def flows(maps) -> dict[tuple[str, int, str, int], tuple[str, int, int]]:
     return out
 
 
+def pending(maps) -> dict[tuple[str, int, str, int], tuple[int, int]]:
+    return {(t.addr_unpack(bytes(p.sip)), socket.ntohs(p.sport), t.addr_unpack(bytes(p.dip)),
+             socket.ntohs(p.dport)): (socket.ntohs(f.port), f.flags)
+            for p, f in maps.in_pending.items()}
+
+
+def wait_for(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def assert_redirected(topo, maps, host: str, remote: str, port: int = 8080) -> dict:
     before = csum_errors(topo["pod"]), csum_errors(topo["rem"])
+    c0 = maps.counters()
     r = connect(topo, host, port)
     assert "error" not in r, r
     assert r["sock"] == [host, IN_PORT]            # the pod accepted on the inbound port
     assert r["client_peer"] == [host, port]        # the client saw the original port
     assert r["sha"] == r["sent_sha"] and r["n"] == SIZE
-    assert r["orig"] == [host, port]               # SO_ORIGINAL_DST, via mb_getsockopt
-    client_port = r["peer"][1]
-    assert flows(maps)[(remote, client_port, host, IN_PORT)] == (
-        host, port, t.MB_ORIGIN_F_XDP)
+    # SO_ORIGINAL_DST, via mb_getsockopt: the established flow was recorded
+    assert r["orig"] == [host, port]
+    key = (remote, r["peer"][1], host, IN_PORT)
+    # the client closed first, so the pod's socket ended in LAST_ACK -> CLOSE:
+    # the flow state is freed, in neither map
+    assert wait_for(lambda: key not in flows(maps) and key not in pending(maps)), (
+        flows(maps).get(key), pending(maps).get(key))
+    c1 = maps.counters()
+    assert c1["in_established"] - c0["in_established"] == 1
+    assert c1["in_closed"] - c0["in_closed"] == 1
     assert (csum_errors(topo["pod"]), csum_errors(topo["rem"])) == before
     return r
 
 
-@pytest.mark.parametrize("enrolled", ["native", "generic"], indirect=True)
 @pytest.mark.parametrize("host, remote", [(POD4, REM4), (POD6, REM6)], ids=["v4", "v6"])
 def test_remote_connection_lands_on_inbound_port(topo, verified, enrolled, host, remote):
     assert_redirected(topo, enrolled, host, remote)
@@ -211,11 +256,13 @@ def test_default_offloads(topo, enrolled):
     assert_redirected(topo, enrolled, POD6, REM6)
 
 
+@pytest.mark.parametrize("enrolled", ["native", "generic"], indirect=True)
 def test_pod_tx_checksum_on_breaks_the_handshake(topo, verified, enrolled):
-    """Negative control: with the pod's tx offload on, its SYN-ACK leaves with a
-    pseudo-header seed, the egress rewrite patches the seed, and the checksum the
-    node completes is wrong. Proves the verified variants really verify, and
-    why attach_xdp turns tx checksum off."""
+    """Negative control (XDP): with the pod's tx offload on, its SYN-ACK leaves
+    with a pseudo-header seed, the egress rewrite patches the seed, and the
+    checksum the node completes is wrong. Proves the verified variants really
+    verify, and why attach_xdp turns tx checksum off. The tc hook passes the
+    same verified tests with the offload on (bpf_l4_csum_replace)."""
     netns.set_tx_checksum(topo["pod"], "eth0", True)
     before = csum_errors(topo["rem"])
     r = connect(topo, POD4, 8080, size=1, timeout=2)
@@ -232,7 +279,8 @@ def test_excluded_status_and_inbound_ports_pass_untouched(topo, verified, enroll
         r = connect(topo, host, port, size=1 << 20)
         assert r["sock"] == [host, port] and r["client_peer"] == [host, port]
         assert r["sha"] == r["sent_sha"]
-        assert not any(k[0] == remote and k[1] == r["peer"][1] for k in flows(enrolled))
+        assert not any(k[0] == remote and k[1] == r["peer"][1]
+                       for k in list(flows(enrolled)) + list(pending(enrolled)))
 
 
 def test_include_list_policy(topo, enrolled):
@@ -247,7 +295,7 @@ def test_pod_not_in_mesh_is_untouched(topo, enrolled):
     enrolled.local_pods.delete(POD4)
     r = connect(topo, POD4, 8080, size=1, timeout=2)
     assert "refused" in r["error"]              # nothing listens on 8080 itself
-    assert flows(enrolled) == {}
+    assert flows(enrolled) == {} and pending(enrolled) == {}
 
 
 def test_pod_rst_forgets_the_flow(topo, enrolled):
@@ -257,4 +305,4 @@ def test_pod_rst_forgets_the_flow(topo, enrolled):
     r = connect(topo, POD4, 8080, size=-1, timeout=5)
     assert "reset" in r["error"].lower(), r
     assert r["client_peer"] == [POD4, 8080]
-    assert flows(enrolled) == {}
+    assert wait_for(lambda: flows(enrolled) == {} and pending(enrolled) == {})

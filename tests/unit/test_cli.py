@@ -31,6 +31,23 @@ def test_upstream_boolean_syntax(args, cni, hw, monkeypatch):
     assert params["cni_mode"] is cni and params["hardware_checksum"] is hw
 
 
+def test_inbound_hook_flag(monkeypatch):
+    assert parse_run([], monkeypatch)["inbound_hook"] == "tc"
+    assert config.DaemonConfig().inbound_hook == "tc"
+    assert parse_run(["--inbound-hook=xdp"], monkeypatch)["inbound_hook"] == "xdp"
+    r = CliRunner().invoke(cli.main, ["run", "--inbound-hook=iptables"])
+    assert r.exit_code == 2 and "--inbound-hook" in r.output
+
+
+def test_podnet_refuses_an_unknown_hook():
+    from merbridge.daemon import podnet
+    with pytest.raises(podnet.PodNetError, match="inbound hook"):
+        podnet.PodNet(lambda: (0, 0), inbound_hook="iptables")
+    with pytest.raises(podnet.PodNetError, match="tc_programs"):
+        podnet.PodNet(lambda: (0, 0), inbound_hook="tc")
+    assert podnet.DEFAULT_INBOUND_HOOK == "tc"
+
+
 def test_manifest_sed_switch(monkeypatch):
     manifest_args = "--mode=istio --cni-mode=false --hardware-checksum=false --node-name=n1"
     switched = manifest_args.replace("--cni-mode=false", "--cni-mode=true")   # what the sed does
