@@ -23,7 +23,7 @@ import uuid
 
 from common import BenchError, log
 from merbridge.bpf import types as t
-from merbridge.bpf.loader import Datapath
+from merbridge.bpf.loader import Datapath, netns_cookie_of
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
@@ -64,6 +64,7 @@ class MeshDatapath:
                     key = 0x4D420000 + k + 1
                     dp.maps.mark_pod_ips.put(key, pod.ip4)
                     self.markers.append(netns.open_marker_listener(netns.netns_path(pod.ns), key))
+                    dp.maps.netns_pod.put(netns_cookie_of(self.markers[-1]), pod.ip4, key)
             for pod in pods:
                 dp.attach(pod.cgroup)
             if self.cni_mode:

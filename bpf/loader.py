@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+import socket
 import struct
 import threading
 from dataclasses import dataclass
@@ -252,6 +253,8 @@ class Datapath:
             self.close()
             raise DatapathError(f"loading the datapath failed: {e}") from e
         _release_compiler_memory()
+        # the node's netns is the one the daemon runs in: no hook acts there
+        self.maps.settings.set(t.MB_SET_NODE_NETNS, own_netns_cookie())
         return self
 
     @property
@@ -354,6 +357,21 @@ class Datapath:
 
 
 # ---- module-level helpers (no programs needed) -----------------------------------
+SO_NETNS_COOKIE = 71  # linux/socket.h (5.14+); not in Python's socket module
+
+
+def netns_cookie_of(sock: socket.socket) -> int:
+    """The cookie of the network namespace sock was created in (what
+    bpf_get_netns_cookie() says there)."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+
+
+def own_netns_cookie() -> int:
+    """The cookie of the calling thread's network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        return netns_cookie_of(s)
+
+
 def _open_cgroup(path: str) -> int:
     if not os.path.isfile(os.path.join(path, "cgroup.procs")):
         raise DatapathError(f"{path} is not a cgroup v2 directory")

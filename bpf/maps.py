@@ -287,16 +287,18 @@ class NetnsIp(_PodIpsValues):
 
 
 class NetnsPod:
-    """mb_netns_pod (CNI mode): netns cookie -> (pod IPs, mark), connect4/6's
-    cache of the marker-listener probe. ``items`` gives each entry's first IP
+    """mb_netns_pod (CNI mode): netns cookie -> (pod IPs, mark), the daemon's
+    record of a pod's netns, the only way connect4/6 and getsockopt know a
+    netns is a pod (docs/security.md). ``items`` gives each entry's first IP
     (IPv4 first), ``all_items`` all of them."""
 
     def __init__(self, backend: MapBackend) -> None:
         self.b = backend
 
     def put(self, cookie: int, ips: str | Iterable[str], mark: int) -> None:
-        """Written by the daemon at ADD so a pod stays intercepted while its
-        marker listener is down (connect4/6 check mark -> ips on every use).
+        """Written by the daemon at ADD, from the SO_NETNS_COOKIE of the marker
+        socket it opened in the pod netns (connect4/6 look mark -> ips up in
+        mb_mark_pod_ips on every use: a withdrawn mark is not a pod).
         ips: the pod's IPs as written to mb_mark_pod_ips (one per family)."""
         v = t.MbNetnsPod()
         v.ips = t.MbPodIps.of((ips,) if isinstance(ips, str) else ips)

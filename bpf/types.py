@@ -38,6 +38,7 @@ MB_DNS_SERVER_PORT = 53
 MB_SET_SKMSG_OFF = 0
 MB_SET_SKMSG_MAX_QUEUE = 1
 MB_SET_LEGACY_SEQ = 2
+MB_SET_NODE_NETNS = 3
 
 #: counter index -> name (``MB_C_<NAME>`` in merbridge.h, lower case here)
 COUNTERS: dict[int, str] = {

@@ -172,6 +172,11 @@ def mesh_membership(pod: dict, mesh: Mesh, exclude_namespaces: Iterable[str] = (
     namespace = meta.get("namespace") or "default"
     if namespace in set(exclude_namespaces):
         return Membership(False, f"namespace {namespace} is excluded")
+    if (pod.get("spec") or {}).get("hostNetwork") is True:
+        # it shares the node's netns, which the datapath never acts for
+        # (docs/security.md); a policy for its IP (the node's) would hit
+        # every sidecar's calls to the node (ambient mode excludes it too)
+        return Membership(False, "hostNetwork pod (the node's network namespace)")
     sidecar = _find_container(pod, mesh.sidecar_container)
     if mesh.name != "istio":
         return _other_mesh_membership(pod, mesh, sidecar)
@@ -225,7 +230,7 @@ def _ports(name: str, value: str, *, wildcard: bool = False) -> tuple[bool, froz
     ports = []
     for item in _split(name, value):
         # strconv.ParseUint(s, 10, 16): digits only, 0..65535
-        if not item.isdigit() or int(item) > 65535:
+        if not (item.isascii() and item.isdigit()) or int(item) > 65535:
             raise AnnotationError(name, value, f"{item!r} is not a port number (0-65535)")
         ports.append(int(item))
     if len(set(ports)) > MAX_PORTS:
@@ -241,6 +246,9 @@ def pack_cidr(network: netaddr.IPNetwork) -> Cidr:
     return (network.ip.packed, network.prefixlen)
 
 
+_V4_MAPPED = netaddr.IPNetwork("::ffff:0:0/96")
+
+
 def _cidrs(name: str, value: str, *, wildcard: bool) -> tuple[bool, tuple[Cidr, ...]]:
     if wildcard and value.strip() == "*":
         return True, ()
@@ -253,6 +261,10 @@ def _cidrs(name: str, value: str, *, wildcard: bool) -> tuple[bool, tuple[Cidr, 
             networks.append(netaddr.IPNetwork(item))
         except (netaddr.AddrFormatError, ValueError, TypeError) as exc:
             raise AnnotationError(name, value, f"{item!r} is not a CIDR: {exc}") from None
+    # an IPv6 range inside ::ffff:0:0/96 names IPv4-mapped addresses, which no
+    # IPv6 packet carries: ip6tables' rule for it matches nothing, and so
+    # does ours (kept, it would be read as the IPv4 range it maps)
+    networks = [n for n in networks if n.version == 4 or n.cidr not in _V4_MAPPED]
     merged = netaddr.IPSet(networks).iter_cidrs()  # sorted, de-duplicated, merged
     if len(merged) > MAX_CIDRS:
         raise AnnotationError(name, value, f"{len(merged)} CIDRs; at most {MAX_CIDRS} are supported")
@@ -281,8 +293,9 @@ def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
     One deliberate difference, ``excludeOutboundIPRanges: "*"``: Istio rejects
     it (istio-cni's ParsePrefix("*") fails the pod's ADD; istio-iptables exits
     with "invalid value for OUTBOUND_IP_RANGES_EXCLUDE"), so such a pod never
-    starts.  We accept it and exclude every destination, IPv4 and IPv6 (one
-    ``::/0`` entry, which covers the IPv4-mapped addresses too): none of the
+    starts.  We accept it and exclude every destination, IPv4 and IPv6
+    (``0.0.0.0/0`` and ``::/0``: an IPv6 range never matches IPv4, as
+    ip6tables' rules never see IPv4 packets): none of the
     pod's outbound connections is redirected, while inbound capture is
     unchanged.  "Exclude all" is the only meaning the value can have, failing
     the ADD would only trade a clear intent for a pod that cannot start, and
@@ -326,7 +339,7 @@ def pod_policy(pod: dict, mesh: Mesh) -> PodPolicy:
     excl_all, excl_cidrs = _cidrs(name, value or "", wildcard=True)
     if excl_all:
         # "*" excludes every destination, v4 and v6 alike (see the docstring)
-        excl_cidrs = ((bytes(16), 0),)
+        excl_cidrs = (pack_cidr(netaddr.IPNetwork("0.0.0.0/0")), (bytes(16), 0))
     name, value = _get(ann, mesh, INCLUDE_OUTBOUND_PORTS)
     _, out_ports = _ports(name, value or "")
     name, value = _get(ann, mesh, EXCLUDE_OUTBOUND_PORTS)

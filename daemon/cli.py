@@ -188,12 +188,17 @@ def _loader() -> Any:
 def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bool) -> None:
     """Show programs attached, pods enrolled with their policies, and map sizes."""
     loader = _loader()
-    cgroup = cgroup_path or cfgmod.find_cgroup2_mount()
-    out: dict[str, Any] = {"bpffs_path": bpffs_path, "cgroup_path": cgroup}
+    cgroup, why = _attach_point(loader, cgroup_path)
+    out: dict[str, Any] = {"bpffs_path": bpffs_path, "cgroup_path": cgroup, "cgroup_reason": why}
     try:
         out["attached"] = sorted(a.name for a in loader.attached(cgroup)) if cgroup else []
     except (OSError, loader.DatapathError) as exc:
         out["attached_error"] = str(exc)
+    try:   # the daemon's installer keeps why the CNI install fails here
+        with open(os.path.join(state_dir, INSTALL_ERROR), encoding="utf-8") as f:
+            out["cni_install_error"] = f.read().strip()
+    except OSError:
+        pass
     try:
         maps = loader.open_maps(bpffs_path)
     except (OSError, loader.DatapathError) as exc:
@@ -220,6 +225,9 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
     attached = out.get("attached")
     click.echo(f"attached: {cgroup}: " + (", ".join(attached) if attached else
                                           out.get("attached_error", "nothing")))
+    click.echo(f"          ({why})")
+    if "cni_install_error" in out:
+        click.echo(f"cni:      install failed (not ready): {out['cni_install_error']}")
     pods = out.get("pods", [])
     click.echo(f"pods:     {len(pods)} in mb_local_pods")
     for pod in pods:
@@ -243,6 +251,25 @@ def status(bpffs_path: str, cgroup_path: str | None, state_dir: str, as_json: bo
         click.echo(f"  {name}: {n}")
     if "maps_error" in out:
         sys.exit(1)
+
+
+def _attach_point(loader: Any, cgroup_path: str | None) -> tuple[str | None, str]:
+    """Where the daemon attaches (or attached) and why: --cgroup-path, else
+    the default (config.default_attach_point), else the cgroup2 root when
+    our programs are found there (--ambient, or an older daemon)."""
+    if cgroup_path:
+        return cgroup_path, "--cgroup-path"
+    mount = cfgmod.find_cgroup2_mount()
+    if not mount:
+        return None, "no cgroup2 mount"
+    cgroup, why = cfgmod.default_attach_point(mount)
+    if cgroup != mount:
+        try:
+            if not loader.attached(cgroup) and loader.attached(mount):
+                return mount, "programs found on the cgroup2 root (--ambient or --cgroup-path)"
+        except (OSError, loader.DatapathError):
+            pass
+    return cgroup, why
 
 
 def _enrolled_pods(maps: Any, state_dir: str) -> list[dict[str, Any]]:
@@ -307,6 +334,8 @@ def doctor(bpffs_path: str, cgroup_path: str | None, as_json: bool) -> None:
 
 #: what install-cni changed, so uninstall-cni can restore it byte for byte
 INSTALL_STATE = "cni-install.json"
+#: the installer's last failure, beside its state (install.Installer.problem_file)
+INSTALL_ERROR = "cni-install.error"
 
 
 def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,

@@ -44,6 +44,27 @@ def cni_plugin_path(explicit: str = "") -> str | None:
     return next((p for p in DEFAULT_CNI_PLUGIN_PATHS if os.access(p, os.X_OK)), None)
 
 
+#: the kubelet's pods cgroup under the cgroup2 mount (cgroupfs driver, systemd driver)
+KUBEPODS_CGROUPS = ("kubepods", "kubepods.slice")
+
+
+def default_attach_point(mount: str, ambient: bool = False) -> tuple[str, str]:
+    """(cgroup directory, why) the programs attach to when --cgroup-path is not
+    given: the kubelet's pods cgroup where one exists, so that node processes
+    (kubelet, containerd, the daemon) never run them; the cgroup2 root
+    otherwise, or with --ambient, whose capture of node processes' calls to
+    ambient pods (the kubelet's probes) needs them (docs/security.md)."""
+    if ambient:
+        return mount, ("--ambient: node processes' calls to ambient pods go through ztunnel, "
+                       "so the cgroup2 root")
+    for name in KUBEPODS_CGROUPS:
+        path = os.path.join(mount, name)
+        if os.path.isfile(os.path.join(path, "cgroup.procs")):
+            return path, f"the kubelet's pods cgroup ({name}): node processes never run the programs"
+    return mount, ("no kubepods or kubepods.slice cgroup under the cgroup2 mount: the cgroup2 "
+                   "root (node processes run the programs, which act only for pod netns)")
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
 
@@ -81,6 +102,8 @@ class DaemonConfig:
     kubeconfig: str | None = None
     pods_dir: str | None = None
     cgroup_path: str = ""
+    #: why cgroup_path (validate(): "--cgroup-path", or default_attach_point's reason)
+    cgroup_reason: str = ""
     bpffs_path: str = DEFAULT_BPFFS_PATH
     cni_bin_dir: str = DEFAULT_CNI_BIN_DIR
     cni_conf_dir: str = DEFAULT_CNI_CONF_DIR
@@ -130,8 +153,11 @@ class DaemonConfig:
         if self.cni_plugin and not os.access(self.cni_plugin, os.X_OK):
             raise ConfigError(f"--cni-plugin {self.cni_plugin} is not an executable file "
                               "(build it with scripts/build-cni)")
-        cgroup = self.cgroup_path or find_cgroup2_mount()
-        if not cgroup:
+        if self.cgroup_path:
+            return replace(self, cgroup_reason=self.cgroup_reason or "--cgroup-path")
+        mount = find_cgroup2_mount()
+        if not mount:
             raise ConfigError("no cgroup v2 mount found in /proc/mounts; mount one "
                               "(mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup-path")
-        return replace(self, cgroup_path=cgroup)
+        cgroup, why = default_attach_point(mount, self.ambient)
+        return replace(self, cgroup_path=cgroup, cgroup_reason=why)

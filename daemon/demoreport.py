@@ -63,6 +63,10 @@ def _v6int(ip: str) -> int:
 def cidr_contains(cidr: tuple[bytes, int], ip: str) -> bool:
     """Is ``ip`` inside a datapath CIDR (16 bytes, IPv4 as ::ffff:a.b.c.d/96+n)?"""
     net, plen = cidr
+    mapped = (0xFFFF << 32, ((1 << 128) - 1) ^ ((1 << 32) - 1))   # ::ffff:0:0/96
+    if (_v6int(ip) & mapped[1]) == mapped[0] and not (
+            plen >= 96 and (int.from_bytes(net, "big") & mapped[1]) == mapped[0]):
+        return False   # an IPv6 CIDR never matches IPv4 (helpers.h:mb_cidr_match)
     mask = ((1 << 128) - 1) ^ ((1 << (128 - plen)) - 1) if plen else 0
     return (_v6int(ip) & mask) == (int.from_bytes(net, "big") & mask)
 

@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from merbridge.daemon.config import DEFAULT_BPFFS_PATH, find_cgroup2_mount
+from merbridge.daemon.config import DEFAULT_BPFFS_PATH, default_attach_point, find_cgroup2_mount
 
 MIN_KERNEL = (5, 7)
 #: the program types merbridge loads (see bpf/progs/*.c)
@@ -157,6 +157,7 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
                             "pass --cgroup-path=<the cgroup2 mount point> (see /proc/mounts)"))
     else:
         checks.append(_ok("cgroup v2", f"{cg}"))
+        checks.append(attach_point_check(cgroup_path, cg))
     checks.append(ambient_check(version, checks[-1].status == "ok"))
 
     bpf_mounts = [m for m, fstype in mounts if fstype == "bpf"]
@@ -214,6 +215,15 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
             "use a kernel with CONFIG_BPF_SYSCALL" + (" and CONFIG_BPF_STREAM_PARSER"
                                                        if t == "sockhash" else "")))
     return checks
+
+
+def attach_point_check(cgroup_path: str | None, mount: str) -> Check:
+    """Where ``merbridge run`` attaches with these flags, and why
+    (config.default_attach_point; docs/security.md)."""
+    if cgroup_path:
+        return _ok("attach point", f"{cgroup_path} (--cgroup-path)")
+    cgroup, why = default_attach_point(mount)
+    return _ok("attach point", f"{cgroup}: {why}")
 
 
 def ambient_check(version: tuple[int, int], cgroup_v2: bool) -> Check:

@@ -40,6 +40,8 @@ CONF_EXTENSIONS = (".conf", ".conflist", ".json")
 #: name and version istio-cni gives a wrapped .conf when the original has none
 DEFAULT_NETWORK_NAME = "k8s-pod-network"
 DEFAULT_CNI_VERSION = "0.3.1"
+#: atomic_write's temporary files: hidden, no CNI extension (libcni skips them)
+TEMP_PREFIX, TEMP_SUFFIX = ".merbridge-", ".tmp"
 
 
 class InstallError(Exception):
@@ -116,21 +118,42 @@ def dumps(config: dict) -> bytes:
 # ------------------------------------------------------------------ IO
 
 
-def atomic_write(path: str, data: bytes, mode: int | None = None) -> None:
-    """Write via a hidden temp file (no CNI extension) and rename over ``path``."""
+class Raced(InstallError):
+    """The file changed while we were about to replace it; the change that
+    raced us sends its own inotify event, which re-runs the install."""
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def atomic_write(path: str, data: bytes, mode: int | None = None,
+                 expect: tuple[str, bytes | None] | None = None) -> None:
+    """Write via a hidden temp file (no CNI extension) and rename over ``path``.
+
+    ``expect=(p, b)``: re-read ``p`` right before the rename and raise Raced,
+    writing nothing, unless it still holds ``b`` (None: absent), so a
+    concurrent rewrite by the primary CNI is not overwritten with a config
+    built from its previous bytes."""
     directory = os.path.dirname(path) or "."
     if mode is None:
         try:
             mode = os.stat(path).st_mode & 0o7777
         except FileNotFoundError:
             mode = 0o644
-    fd, tmp = tempfile.mkstemp(prefix=".merbridge-", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
+        if expect is not None and _read(expect[0]) != expect[1]:
+            raise Raced(f"{expect[0]} changed while it was being rewritten")
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -140,20 +163,42 @@ def atomic_write(path: str, data: bytes, mode: int | None = None) -> None:
         raise
 
 
-def _load(path: str) -> dict | None:
-    """A config file's JSON if it looks like a CNI config, else None."""
+def parse_config(data: bytes) -> dict:
+    """A CNI config's JSON; InstallError saying what is wrong with it."""
     try:
-        with open(path, "rb") as f:
-            config = json.loads(f.read())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict) or not (is_conflist(config) or "type" in config):
-        return None
+        config = json.loads(data)
+    except RecursionError:
+        raise InstallError("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise InstallError(f"not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise InstallError(f"not a JSON object but a {type(config).__name__}")
+    if not (is_conflist(config) or "type" in config):
+        raise InstallError("not a CNI config: neither 'plugins' (a list) nor 'type'")
     return config
 
 
-def find_primary_config(conf_dir: str) -> str | None:
-    """The file kubelet/libcni would pick: lexically first valid config."""
+def _load(path: str) -> dict | None:
+    """A config file's JSON if it looks like a CNI config, else None."""
+    try:
+        return config_problem(path)[0]
+    except OSError:
+        return None
+
+
+def config_problem(path: str) -> tuple[dict | None, str | None]:
+    """(config, None) or (None, why it is not a CNI config). OSError passes."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return parse_config(data), None
+    except InstallError as exc:
+        return None, str(exc)
+
+
+def find_primary_config(conf_dir: str, skipped: list[str] | None = None) -> str | None:
+    """The file kubelet/libcni would pick: lexically first valid config.
+    ``skipped`` collects "name: why" for the config files passed over."""
     try:
         names = sorted(os.listdir(conf_dir))
     except FileNotFoundError:
@@ -162,8 +207,16 @@ def find_primary_config(conf_dir: str) -> str | None:
         if name.startswith(".") or not name.endswith(CONF_EXTENSIONS):
             continue
         path = os.path.join(conf_dir, name)
-        if os.path.isfile(path) and _load(path) is not None:
+        if not os.path.isfile(path):
+            continue
+        try:
+            config, why = config_problem(path)
+        except OSError as exc:
+            config, why = None, exc.strerror or str(exc)
+        if config is not None:
             return path
+        if skipped is not None:
+            skipped.append(f"{name}: {why}")
     return None
 
 
@@ -190,6 +243,9 @@ class Installer:
 
     def __post_init__(self) -> None:
         self._changed: _Changed | None = self._load_state()
+        #: why the last install failed (None: it did not)
+        self.problem: str | None = None
+        self._swept = False
         self._lock = threading.Lock()
         self._ino: inotify.Inotify | None = None
         self._stop = threading.Event()
@@ -201,16 +257,39 @@ class Installer:
     # -- install ---------------------------------------------------------
 
     def install(self) -> str | None:
-        """Copy the binary and chain the entry; the config path, or None if none exists yet."""
+        """Copy the binary and chain the entry; the config path, or None if none exists yet.
+        InstallError when the only config files are not valid CNI configs."""
         with self._lock:
+            if not self._swept:       # a killed daemon's leftovers, once at start
+                self._remove_stale_temporaries()
+                self._swept = True
             self._install_binary()
-            path = find_primary_config(self.cni_conf_dir)
+            skipped: list[str] = []
+            path = find_primary_config(self.cni_conf_dir, skipped)
             if path is None:
+                if skipped:
+                    raise InstallError(f"no valid CNI config in {self.cni_conf_dir}: "
+                                       + "; ".join(skipped))
                 log.info("no CNI config in %s yet; waiting for the primary CNI", self.cni_conf_dir)
                 return None
             self._install_config(path)
             self.ready.set()
             return self._changed.path if self._changed else path
+
+    def _remove_stale_temporaries(self) -> None:
+        """atomic_write's temporaries a killed daemon left (its own prefix only)."""
+        for directory in {self.cni_conf_dir, self.cni_bin_dir,
+                          os.path.dirname(self.state_file) if self.state_file else self.cni_conf_dir}:
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(directory, name))
+                    except FileNotFoundError:
+                        pass
 
     def _install_binary(self) -> None:
         with open(self.plugin_source_path, "rb") as f:
@@ -226,9 +305,16 @@ class Installer:
         log.info("installed CNI plugin binary path=%s", self.binary_path)
 
     def _install_config(self, path: str) -> None:
+        """Crash-safe at every step (a kill -9 anywhere leaves the original
+        bytes restorable): the state file naming the original bytes is
+        written before the config, and the config only replaces the bytes
+        it was built from (atomic_write's recheck)."""
         with open(path, "rb") as f:
             current = f.read()
-        config = json.loads(current)
+        try:
+            config = parse_config(current)
+        except InstallError as exc:
+            raise InstallError(f"{path}: {exc}") from None
         new = dumps(insert_plugin(config, self.entry))
         target = path if is_conflist(config) else os.path.splitext(path)[0] + ".conflist"
         if target == path and new == current:
@@ -240,11 +326,14 @@ class Installer:
         else:
             original, original_path = current, path  # the primary CNI's own bytes
         mode = os.stat(path).st_mode & 0o7777
-        atomic_write(target, new, mode)
-        if target != path:
-            os.unlink(path)  # a .conf would sort first and hide our .conflist
+        # first what we are about to do (a crash before the config is written
+        # leaves the original in place, and the state names its bytes) ...
         self._changed = _Changed(target, original_path, original, new)
         self._save_state()
+        # ... then the config, only over the bytes it was built from
+        atomic_write(target, new, mode, expect=(path, current))
+        if target != path:
+            os.unlink(path)  # a .conf would sort first and hide our .conflist
         log.info("chained %s into CNI config path=%s", PLUGIN_TYPE, target)
 
     # -- what we changed, kept on disk -------------------------------------
@@ -285,6 +374,7 @@ class Installer:
     def uninstall(self) -> None:
         """Remove our entry (restoring the original bytes if untouched), then the binary."""
         with self._lock:
+            self._remove_stale_temporaries()
             self._uninstall_config()
             try:
                 os.unlink(self.binary_path)
@@ -315,14 +405,15 @@ class Installer:
                 continue
             if changed and path == changed.path and current == changed.written and changed.original is not None:
                 # untouched since we wrote it: put the exact original back
-                atomic_write(changed.original_path, changed.original, os.stat(path).st_mode & 0o7777)
+                atomic_write(changed.original_path, changed.original, os.stat(path).st_mode & 0o7777,
+                             expect=(path, current))
                 if changed.original_path != path:
                     os.unlink(path)
                 log.info("restored original CNI config path=%s", changed.original_path)
                 continue
             config = _load(path)
             if config is not None and has_plugin(config):
-                atomic_write(path, dumps(remove_plugin(config)))
+                atomic_write(path, dumps(remove_plugin(config)), expect=(path, current))
                 log.info("removed %s from CNI config path=%s", PLUGIN_TYPE, path)
         self._changed = None
         self._save_state()
@@ -339,15 +430,50 @@ class Installer:
             ino.add_watch(self.cni_bin_dir, inotify.IN_DELETE | inotify.IN_MOVED_FROM)
             try:
                 while not self._stop.is_set():
-                    try:
-                        self.install()
-                    except (OSError, ValueError, InstallError) as exc:
-                        log.error("CNI install failed (will retry on the next change): %s", exc)
+                    self._install_reporting()
                     # block until something changes in either directory
                     while not self._stop.is_set() and not self._relevant(ino.read()):
                         pass
             finally:
                 self._ino = None
+
+    def _install_reporting(self) -> None:
+        """install(), with any failure kept as ``problem`` (for /readyz and
+        ``merbridge status``, through problem_file) and logged, never raised:
+        the watch goes on and retries on the next change."""
+        try:
+            self.install()
+        except Raced as exc:
+            log.info("CNI config changed under us; redoing: %s", exc)
+            self._set_problem(None)
+            return
+        except Exception as exc:   # noqa: BLE001 -- whatever it is, the thread must live
+            why = str(exc) if isinstance(exc, (OSError, InstallError)) else f"{type(exc).__name__}: {exc}"
+            log.error("CNI install failed (will retry on the next change): %s", why)
+            self._set_problem(why)
+            return
+        self._set_problem(None)
+
+    @property
+    def problem_file(self) -> str | None:
+        """Where ``problem`` is kept for ``merbridge status`` (beside the state file)."""
+        return os.path.splitext(self.state_file)[0] + ".error" if self.state_file else None
+
+    def _set_problem(self, why: str | None) -> None:
+        path = self.problem_file
+        try:
+            if path is None:
+                pass
+            elif why is None:
+                os.unlink(path)
+            else:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                atomic_write(path, (why + "\n").encode(), 0o644)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot record the CNI install problem in %s: %s", path, exc)
+        self.problem = why     # after the file: who sees it cleared finds no file
 
     def _relevant(self, events: list[inotify.Event]) -> bool:
         for ev in events:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
@@ -44,6 +45,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDR = "127.0.0.1:15990"
+#: how old a map count a scrape may get (_MapCollector)
+MAP_COUNT_MAX_AGE = 5.0
+#: connections served at once; a new one beyond it closes the oldest (a
+#: scrape or probe takes milliseconds, so only idle connections are old)
+MAX_CONNECTIONS = 16
+#: a connection's whole life, first byte to last (probes time out at 5 s)
+CONNECTION_DEADLINE = 5.0
 
 #: map name -> (entries in use, max entries)
 MapOccupancy = Callable[[], dict[str, tuple[int, int]]]
@@ -53,21 +61,54 @@ HeapSource = Callable[[], Any]
 
 
 class _MapCollector:
-    def __init__(self) -> None:
+    """map_entries / map_capacity. Counting a map's entries walks every key
+    (~1 us each: a full 65,535-entry LRU is tens of ms), so a scrape never
+    does it: it reads the last count, and a stale count (older than
+    ``max_age``) is redone in a thread of its own, one at a time. The first
+    count is taken when the source is set (the daemon's start, maps nearly
+    empty). A scrape's cost is thus independent of the maps' size."""
+
+    def __init__(self, max_age: float = MAP_COUNT_MAX_AGE) -> None:
         self.source: MapOccupancy | None = None
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._counted: dict[str, tuple[int, int]] = {}
+        self._at = 0.0
+        self._busy = False
+
+    def set_source(self, source: MapOccupancy | None) -> None:
+        self.source = source
+        with self._lock:
+            self._counted, self._busy = {}, source is not None
+        if source is not None:
+            self._count()
+
+    def _count(self) -> None:
+        source, occupancy = self.source, {}
+        try:
+            occupancy = source() if source is not None else {}
+        except Exception as exc:  # a scrape must not fail because a map is gone
+            log.warning("map occupancy callback failed: %s", exc)
+        with self._lock:
+            if source is self.source:
+                self._counted = occupancy
+            self._at, self._busy = time.monotonic(), False
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        used = GaugeMetricFamily("merbridge_map_entries", "Entries in each BPF map", labels=["map"])
+        with self._lock:
+            stale = (self.source is not None and not self._busy
+                     and time.monotonic() - self._at > self.max_age)
+            if stale:
+                self._busy = True
+            counted = dict(self._counted)
+        if stale:
+            threading.Thread(target=self._count, name="map-count", daemon=True).start()
+        used = GaugeMetricFamily("merbridge_map_entries", "Entries in each BPF map (counted at "
+                                 f"most every {self.max_age:g} s)", labels=["map"])
         cap = GaugeMetricFamily("merbridge_map_capacity", "max_entries of each BPF map", labels=["map"])
-        if self.source is not None:
-            try:
-                occupancy = self.source()
-            except Exception as exc:  # a scrape must not fail because a map is gone
-                log.warning("map occupancy callback failed: %s", exc)
-                occupancy = {}
-            for name, (entries, capacity) in sorted(occupancy.items()):
-                used.add_metric([name], entries)
-                cap.add_metric([name], capacity)
+        for name, (entries, capacity) in sorted(counted.items()):
+            used.add_metric([name], entries)
+            cap.add_metric([name], capacity)
         return [used, cap]
 
 
@@ -177,7 +218,8 @@ class Metrics:
         return lambda: logger.removeHandler(handler)
 
     def set_map_occupancy(self, source: MapOccupancy | None) -> None:
-        self._maps.source = source
+        """Count now, then at most every MAP_COUNT_MAX_AGE s (never in a scrape)."""
+        self._maps.set_source(source)
 
     def set_heap(self, source: HeapSource | None) -> None:
         self._heap.source = source
@@ -224,12 +266,16 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 class MetricsServer:
-    def __init__(self, addr: str, metrics: Metrics, ready: Callable[[], bool] = lambda: True):
+    def __init__(self, addr: str, metrics: Metrics, ready: Callable[[], bool] = lambda: True,
+                 why_not_ready: Callable[[], str | None] = lambda: None):
+        """``why_not_ready``: a reason /readyz gives with its 503 (None: none)."""
         host, port = parse_addr(addr)
-        self.metrics, self.ready = metrics, ready
+        self.metrics, self.ready, self.why_not_ready = metrics, ready, why_not_ready
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = CONNECTION_DEADLINE   # per read; _Server enforces the total
+
             def log_message(self, *args: object) -> None:
                 pass  # scrapes every few seconds would flood the daemon log
 
@@ -245,7 +291,15 @@ class MetricsServer:
                     except Exception as exc:
                         log.warning("readiness callback failed: %s", exc)
                         ok = False
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+                    if ok:
+                        self._reply(200, b"ready\n")
+                        return
+                    why = None
+                    try:
+                        why = server.why_not_ready()
+                    except Exception as exc:
+                        log.warning("readiness reason callback failed: %s", exc)
+                    self._reply(503, f"not ready: {why}\n".encode() if why else b"not ready\n")
                 else:
                     self._reply(404, b"not found\n")
 
@@ -256,7 +310,7 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        server_cls = _V6Server if ":" in host else ThreadingHTTPServer
+        server_cls = _V6Server if ":" in host else _Server
         try:
             self.httpd = server_cls((host, port), Handler)
         except OSError as exc:
@@ -269,8 +323,14 @@ class MetricsServer:
         host, port = self.httpd.server_address[:2]
         return host, port
 
+    @property
+    def threads(self) -> int:
+        """Connection threads alive now (at most about MAX_CONNECTIONS)."""
+        return self.httpd.threads
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.25},
+                                        name="metrics", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -280,5 +340,68 @@ class MetricsServer:
             self._thread.join()
 
 
-class _V6Server(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with bounded connections and a deadline per
+    connection. At most ``max_connections`` are served at once: one more
+    shuts the oldest down (a scrape or probe lasts milliseconds, so the
+    oldest is an idle or slow one), and a connection older than ``deadline``
+    is shut down by the accept loop (service_actions, every poll). Shutting a
+    socket down wakes its thread, which then ends: threads stay bounded by
+    about max_connections, however many connections come."""
+    request_queue_size = 64
+    max_connections = MAX_CONNECTIONS
+    deadline = CONNECTION_DEADLINE
+
+    def server_bind(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, float] = {}   # request -> start
+        self.threads = 0
+        super().server_bind()
+
+    @staticmethod
+    def _cut(request: socket.socket) -> None:
+        try:
+            request.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def process_request(self, request, client_address) -> None:
+        with self._lock:
+            if self.threads >= 2 * self.max_connections:   # the cut ones have not ended yet
+                self.shutdown_request(request)
+                return
+            if len(self._open) >= self.max_connections:
+                oldest = min(self._open, key=self._open.__getitem__)
+                self._cut(oldest)
+                del self._open[oldest]
+            self._open[request] = time.monotonic()
+            self.threads += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self._lock:
+                self._open.pop(request, None)
+                self.threads -= 1
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            pass   # a client that went away; nothing to report
+        finally:
+            with self._lock:        # out of _open before the fd can be reused
+                self._open.pop(request, None)
+                self.threads -= 1
+            self.shutdown_request(request)
+
+    def service_actions(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for request in [r for r, t0 in self._open.items() if now - t0 > self.deadline]:
+                self._cut(request)
+                del self._open[request]
+
+
+class _V6Server(_Server):
     address_family = socket.AF_INET6

@@ -125,6 +125,16 @@ class Daemon:
             self.stop(unpin=self._created_pins)
             raise
 
+    def is_ready(self) -> bool:
+        """Started, and (CNI mode) the plugin chained into a valid CNI config."""
+        return self.ready.is_set() and (self.installer is None or self.installer.problem is None)
+
+    def why_not_ready(self) -> str | None:
+        """A reason for /readyz's 503 when there is one to give."""
+        if self.installer is not None and self.installer.problem is not None:
+            return f"CNI install: {self.installer.problem}"
+        return None
+
     def _wait(self, event: threading.Event, what: str) -> None:
         while not event.wait(0.2):
             if self.stopping.is_set():
@@ -148,8 +158,8 @@ class Daemon:
             # compile XDP now (~1 s), before we say ready, not in the first pod's ADD
             self.datapath.xdp_programs()
         self.datapath.attach(cfg.cgroup_path)
-        log.info("datapath loaded and attached pins=%s cgroup=%s", cfg.bpffs_path,
-                 cfg.cgroup_path)
+        log.info("datapath loaded and attached pins=%s cgroup=%s (%s)", cfg.bpffs_path,
+                 cfg.cgroup_path, getattr(cfg, "cgroup_reason", "") or "--cgroup-path")
 
         from merbridge.daemon import metrics
         self.metrics = metrics.Metrics()
@@ -157,10 +167,14 @@ class Daemon:
         self.metrics.set_map_occupancy(self.datapath.maps.occupancy)
         self.metrics.set_datapath_counters(self.datapath.maps.counters)
         self.stack.callback(self.metrics.count_logged_errors(logging.getLogger("merbridge")))
-        self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
-                                                    ready=self.ready.is_set)
-        self.metrics_server.start()
-        log.info("metrics and health on %s:%d", *self.metrics_server.address)
+        if cfg.metrics_addr:
+            self.metrics_server = metrics.MetricsServer(cfg.metrics_addr, self.metrics,
+                                                        ready=self.is_ready,
+                                                        why_not_ready=self.why_not_ready)
+            self.metrics_server.start()
+            log.info("metrics and health on %s:%d", *self.metrics_server.address)
+        else:
+            log.info("metrics and health endpoint disabled (--metrics-addr '')")
 
         store = StateStore(cfg.state_dir)
         podnet = None

@@ -8,8 +8,8 @@
  *
  * The ambient programs are separate cgroup/connect programs attached next to
  * connect4/connect6 (BPF_F_ALLOW_MULTI). They never act on a sidecar pod and
- * connect4/6 never act on an ambient pod or ztunnel (neither has the sidecar
- * marker listener), so the order in which the kernel runs them does not
+ * connect4/6 never act on an ambient pod or ztunnel (neither is a recorded
+ * sidecar pod nor has the proxy's listener), so the order in which the kernel runs them does not
  * matter.
  */
 #ifndef MERBRIDGE_AMBIENT_H
@@ -47,10 +47,10 @@ static __always_inline int mb_ztunnel_addr(const struct mb_addr *dst, u64 v4, u6
  *               process, or a pod whose cgroup the daemon has not seen yet)
  *  zt:          ztunnel's address in dst's family (valid when have_zt)
  *  dst_ambient: dst is an ambient pod on this node
- *  ctx:         for the sidecar marker probe (helpers.h:mb_mesh_probe) of a
- *               caller without entry: a sidecar pod keeps its sidecar path
+ *  sidecar:     a caller without entry is in a sidecar pod (the caller's
+ *               mb_sidecar_netns(), asked only then): it keeps its sidecar path
  * On MB_AMB_OUT, *bind is the pod IP of dst's family to bind (0s: none). */
-static __always_inline int mb_ambient_decide(void *ctx, const struct mb_cgroup_info *self,
+static __always_inline int mb_ambient_decide(int sidecar, const struct mb_cgroup_info *self,
 					     const struct mb_addr *dst, int have_zt,
 					     const struct mb_addr *zt, int dst_ambient,
 					     struct mb_addr *bind)
@@ -74,7 +74,7 @@ static __always_inline int mb_ambient_decide(void *ctx, const struct mb_cgroup_i
 	}
 	if (!dst_ambient)
 		return MB_AMB_PASS;
-	if (mb_mesh_probe(ctx))
+	if (sidecar)
 		return MB_AMB_PASS;            /* a sidecar pod: connect4/6 handle it */
 	return MB_AMB_IN;
 }

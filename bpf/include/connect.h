@@ -36,11 +36,6 @@ struct mb_verdict {
 
 /* ---- the caller's pod IPs (struct mb_pod_ips) ------------------------------ */
 
-static __always_inline int mb_pod_ips_eq(const struct mb_pod_ips *a, const struct mb_pod_ips *b)
-{
-	return mb_addr_eq(&a->ip4, &b->ip4) && mb_addr_eq(&a->ip6, &b->ip6);
-}
-
 /* The pod's address of one family (v4: IPv4, also for an IPv4-mapped
  * destination on an AF_INET6 socket), 0: the pod has none. This is the
  * source a redirected connect is bound to. */

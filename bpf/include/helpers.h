@@ -92,9 +92,46 @@ static __always_inline void mb_pod_ips_set(struct mb_pod_ips *ips, const struct 
 		ips->ip6 = *a;
 }
 
+/* Is a (not all zero) one of the pod's addresses? */
+static __always_inline int mb_pod_ips_has(const struct mb_pod_ips *ips, const struct mb_addr *a)
+{
+	return !mb_addr_is_zero(a) && (mb_addr_eq(a, &ips->ip4) || mb_addr_eq(a, &ips->ip6));
+}
+
+/* Does the pod know its address of a's family? (legacy mode learns them) */
+static __always_inline int mb_pod_ips_family_known(const struct mb_pod_ips *ips,
+						   const struct mb_addr *a)
+{
+	return ips && !mb_addr_is_zero(mb_addr_is_v4(a) ? &ips->ip4 : &ips->ip6);
+}
+
+/* Is the connecting side's 4-tuple k one of the calling pod's (ips: its
+ * IPs, 0: none known)? The pod's end is the accepting one (dip: the proxy's
+ * call to this pod, an XDP flow) unless that is loopback (a redirect inside
+ * the pod: then the source, bound to the pod IP, or loopback when unbound).
+ * strict (CNI mode, where the pod IPs are always known): the address must
+ * be the pod's; legacy mode also accepts an address of a family the pod has
+ * not learned yet. So no netns claims another pod's pair entry by
+ * rebuilding its tuple (docs/security.md). */
+static __always_inline int mb_pair_owned(const struct mb_pod_ips *ips, const struct mb_pair *k,
+					 int strict)
+{
+	const struct mb_addr *a = mb_addr_is_loopback(&k->dip) ? &k->sip : &k->dip;
+
+	if (mb_addr_is_loopback(a) || (ips && mb_pod_ips_has(ips, a)))
+		return 1;
+	return !strict && !mb_pod_ips_family_known(ips, a);
+}
+
+/* An IPv4 CIDR is stored as ::ffff:a.b.c.d/96+n; any other is an IPv6 one,
+ * which never matches an IPv4 address, even ::/0: Istio keeps the families
+ * apart (IPv6 ranges go to ip6tables only). */
 static __always_inline int mb_cidr_match(const struct mb_cidr *c, const struct mb_addr *a)
 {
 	int bits = c->prefixlen;
+
+	if (mb_addr_is_v4(a) && !(bits >= 96 && mb_addr_is_v4(&c->net)))
+		return 0;
 
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
@@ -277,7 +314,10 @@ static __always_inline u64 mb_listener_mark(void *ctx, u32 addr4, u32 addr6_last
  * MB_MARK_PORT (its SO_MARK keys mb_mark_pod_ips), legacy mode for the
  * proxy's outbound listener on 127.0.0.1 / ::1. Returns mark + 1, 0: not in
  * a mesh pod. Nothing is cached: a pod whose listener appears later is seen
- * at its next connect (upstream cached a negative answer per cgroup). */
+ * at its next connect (upstream cached a negative answer per cgroup).
+ * connect4/6 ask it only in legacy mode and never in the node's netns; in
+ * CNI mode they trust no listener, only the daemon's record (mb_netns_pod,
+ * docs/security.md). */
 static __always_inline u64 mb_mesh_probe(void *ctx)
 {
 #if MB_CNI_MODE

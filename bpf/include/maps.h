@@ -107,13 +107,16 @@ BPF_TABLE_PINNED("hash", u32, struct mb_pod_ips, mb_mark_pod_ips,
 BPF_TABLE_PINNED("lru_hash", u64, struct mb_pod_ips, mb_netns_ip,
 		 MB_MAX_PODS, MB_PIN(mb_netns_ip));
 
-/* CNI mode: network namespace cookie -> {pod IPs, marker SO_MARK}, a cache
- * of the marker-listener probe (a socket lookup) for connect4/6. Written
- * and read by connect4/6. Positive answers only (a negative cached while a
- * pod starts would hide it: upstream's start-up order bug); an entry whose
- * mark no longer maps to the same IPs in mb_mark_pod_ips (pod withdrawn) is
- * deleted and the probe runs again. */
-BPF_TABLE_PINNED("lru_hash", u64, struct mb_netns_pod, mb_netns_pod,
+/* CNI mode: network namespace cookie -> {pod IPs, marker SO_MARK}: the
+ * daemon's record of a pod netns, written at CNI ADD from the SO_NETNS_COOKIE
+ * of the marker socket it opened there, deleted at DEL. The only way
+ * connect4/6 and getsockopt know a netns is a pod: no listener or SO_MARK is
+ * trusted (docs/security.md). Read by connect4/6 and getsockopt, which look
+ * the mark up in mb_mark_pod_ips on every use (a withdrawn mark: no pod).
+ * Nothing but the daemon writes it, so it holds at most one entry per pod; a
+ * plain hash, not LRU: an LRU map may evict before it is full (per-CPU free
+ * lists), and an evicted record would be a pod silently left uncaptured. */
+BPF_TABLE_PINNED("hash", u64, struct mb_netns_pod, mb_netns_pod,
 		 MB_MAX_PODS, MB_PIN(mb_netns_pod));
 
 /* Runtime settings, index MB_SET_*. Written by the daemon (maps.settings);

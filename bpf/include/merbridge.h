@@ -85,6 +85,9 @@
                                     * read by sockops when the connection is
                                     * established; docs/datapath.md) */
 #define MB_SET_LEGACY_SEQ      2   /* legacy 127.128.x.y destination sequence */
+#define MB_SET_NODE_NETNS      3   /* netns cookie of the node (the daemon's own
+				    * netns): no hook ever acts there, nor in the
+				    * initial netns (docs/security.md) */
 
 #define MB_SKMSG_MAX_QUEUE_DEFAULT (4u << 20)  /* 4 MiB, docs/datapath.md */
 
@@ -179,9 +182,9 @@ struct mb_pod_ips {
 	struct mb_addr ip6;
 };
 
-/* CNI mode: what the marker-listener probe found for a network namespace
- * (value of mb_netns_pod, keyed by the netns cookie). Only positive answers
- * are stored, and each use checks mb_mark_pod_ips[mark] still holds ips. */
+/* CNI mode: the daemon's record of a pod's network namespace (value of
+ * mb_netns_pod, keyed by the netns cookie), written at ADD; each use looks
+ * mb_mark_pod_ips[mark] up (a withdrawn mark: no pod). */
 struct mb_netns_pod {
 	struct mb_pod_ips ips;
 	__u32 mark;

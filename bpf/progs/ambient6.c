@@ -1,7 +1,9 @@
 /* ambient6.c: cgroup/connect6 (BPF_CGROUP_INET6_CONNECT), program mb_ambient6.
  *
  * The IPv6 twin of ambient4.c (same decision, ambient.h:mb_ambient_decide).
- * Reads:   mb_cgroup_info, mb_settings (MB_SET_ZTUNNEL_IP4 for IPv4-mapped
+ * Reads:   mb_netns_pod (CNI) or the proxy's listener (legacy), MB_SET_NODE_NETNS:
+ *          is a caller without cgroup entry a sidecar pod?; mb_cgroup_info,
+ *          mb_settings (MB_SET_ZTUNNEL_IP4 for IPv4-mapped
  *          destinations of dual-stack sockets, MB_SET_ZTUNNEL_IP6_HI/LO for
  *          IPv6 ones), mb_ambient_ips.
  * Writes:  mb_cookie_orig_dst.
@@ -17,6 +19,26 @@ static __always_inline u64 mb_setting(u32 idx)
 	u64 *v = mb_settings.lookup(&idx);
 
 	return v ? *v : 0;
+}
+
+/* Is the caller's netns a sidecar pod's, which connect4/6 handle? As they
+ * decide it: never the node's netns; CNI mode: the daemon's mb_netns_pod
+ * record (no listener is trusted); legacy: the proxy's listener. So nobody
+ * on the node turns ztunnel's capture of node processes off by listening
+ * on 39807 or 15001 (docs/security.md). */
+static __always_inline int mb_sidecar_netns(struct bpf_sock_addr *ctx)
+{
+	u32 idx = MB_SET_NODE_NETNS;
+	u64 *node = mb_settings.lookup(&idx);
+	u64 netns = bpf_get_netns_cookie(ctx);
+
+	if (netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node))
+		return 0;
+#if MB_CNI_MODE
+	return mb_netns_pod.lookup(&netns) != 0;
+#else
+	return mb_mesh_probe(ctx) != 0;
+#endif
 }
 
 int mb_ambient6(struct bpf_sock_addr *ctx)
@@ -42,7 +64,8 @@ int mb_ambient6(struct bpf_sock_addr *ctx)
 	self = mb_cgroup_info.lookup(&cg);
 	if (!self)
 		dst_ambient = mb_ambient_ips.lookup(&dst) != 0;
-	act = mb_ambient_decide(ctx, self, &dst, have_zt, &zt, dst_ambient, &bind);
+	act = mb_ambient_decide(!self && dst_ambient && mb_sidecar_netns(ctx), self, &dst,
+				have_zt, &zt, dst_ambient, &bind);
 	if (act == MB_AMB_PASS)
 		return 1;
 

@@ -4,7 +4,7 @@
  * Reads:   mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip
  *          (legacy): the caller's pod IP; mb_local_pods: the caller's and the target's policy;
  *          mb_settings: the legacy destination sequence (atomic add).
- * Writes:  mb_netns_pod (CNI mode: probe cache), mb_cookie_orig_dst, mb_sock_peer
+ * Writes:  mb_cookie_orig_dst, mb_sock_peer
  *          (socket cookie -> original destination, for sockops),
  *          mb_counters.
  * Why: this replaces istio-iptables' nat OUTPUT chain for IPv4 TCP. An app's
@@ -29,19 +29,36 @@ static __always_inline void mb_count(u32 idx)
 		*v += 1;
 }
 
+/* The node's own netns (the initial one, or the one the daemon runs in):
+ * never a pod, whatever listens there (docs/security.md). */
+static __always_inline int mb_node_netns(u64 netns)
+{
+	u32 idx = MB_SET_NODE_NETNS;
+	u64 *node = mb_settings.lookup(&idx);
+
+	return netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node);
+}
+
 int mb_connect4(struct bpf_sock_addr *ctx)
 {
 	struct mb_addr dst, src;
 	struct mb_conn c = {};
 	struct mb_verdict v = {};
 	struct mb_pod_ips *ip, self = {};
-	u64 probe, ugid, cookie;
+	u64 ugid, cookie;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
 	u64 netns = bpf_get_netns_cookie(ctx);
+
+	if (mb_node_netns(netns)) {
+		mb_count(MB_C_BYPASS_NOT_MESH);
+		return 1;
+	}
 #if MB_CNI_MODE
-	/* the probe's positive answer, cached per netns (mb_netns_pod) */
+	/* a pod only if the daemon recorded its netns at CNI ADD (mb_netns_pod:
+	 * the SO_NETNS_COOKIE of the marker socket it opened there) and the
+	 * pod's mark is still enrolled; no listener, no SO_MARK is trusted */
 	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
 
 	ip = 0;
@@ -49,30 +66,14 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 		u32 mark = np->mark;
 
 		ip = mb_mark_pod_ips.lookup(&mark);
-		if (!ip || !mb_pod_ips_eq(ip, &np->ips)) {
-			mb_netns_pod.delete(&netns);   /* pod withdrawn */
-			ip = 0;
-		}
 	}
 	if (!ip) {
-		probe = mb_mesh_probe(ctx);
-		if (!probe) {
-			mb_count(MB_C_BYPASS_NOT_MESH);
-			return 1;
-		}
-		u32 mark = (u32)(probe - 1);
-
-		ip = mb_mark_pod_ips.lookup(&mark);
-		if (ip) {
-			struct mb_netns_pod v = {};
-
-			v.ips = *ip;
-			v.mark = mark;
-			mb_netns_pod.update(&netns, &v);
-		}
+		mb_count(MB_C_BYPASS_NOT_MESH);
+		return 1;
 	}
 #else
-	probe = mb_mesh_probe(ctx);
+	u64 probe = mb_mesh_probe(ctx);
+
 	if (!probe) {
 		mb_count(MB_C_BYPASS_NOT_MESH);
 		return 1;

@@ -5,7 +5,10 @@
  *          mb_netns_ip (legacy: the pod IPs learned so far),
  *          mb_settings (MB_SET_SKMSG_OFF: keep new connections out of the
  *          sockhash, so sk_msg never touches them; MB_SET_SKMSG_MAX_QUEUE:
- *          the sk_msg byte budget of a new socket).
+ *          the sk_msg byte budget of a new socket; MB_SET_NODE_NETNS and
+ *          MB_SET_ZTUNNEL_*),
+ *          mb_netns_pod + mb_mark_pod_ips (CNI mode: is an accepting
+ *          socket's netns the pod whose pair entry it matches?).
  * Writes:  mb_pair_orig_dst (4-tuple -> original destination, for
  *          getsockopt), mb_sock_pair (both local ends, for sk_msg) and
  *          their mb_skmsg_budget entries,
@@ -21,7 +24,7 @@
  * tuple. Putting both local ends into the sockhash lets redir.c hand data
  * from one socket straight to its peer.
  */
-#include "helpers.h"
+#include "ambient.h"
 #include "maps.h"
 
 static __always_inline void mb_count(u32 idx)
@@ -115,6 +118,48 @@ static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
 	mb_sockhash_add(skops, &p);
 }
 
+static __always_inline u64 mb_setting(u32 idx)
+{
+	u64 *v = mb_settings.lookup(&idx);
+
+	return v ? *v : 0;
+}
+
+/* May a socket of this netns read (or, closing, delete) the pair entry of
+ * the connecting side's tuple k? Never in the node's netns (the initial
+ * one, or the one the daemon runs in). The node's ztunnel (ambient mode)
+ * receives the connections redirected to its address. Otherwise only a pod
+ * -- in CNI mode a netns the daemon recorded, with its mark still enrolled
+ * -- and only for a tuple that is the pod's (helpers.h:mb_pair_owned):
+ * no netns claims another pod's entry by rebuilding its tuple. */
+static __always_inline int mb_pair_mine(u64 netns, const struct mb_pair *k)
+{
+	u32 idx = MB_SET_NODE_NETNS;
+	u64 *node = mb_settings.lookup(&idx);
+	struct mb_pod_ips *ips;
+	struct mb_addr zt = {};
+
+	if (netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node))
+		return 0;
+	if (mb_ztunnel_addr(&k->dip, mb_setting(MB_SET_ZTUNNEL_IP4), mb_setting(MB_SET_ZTUNNEL_IP6_HI),
+			    mb_setting(MB_SET_ZTUNNEL_IP6_LO), &zt) && mb_addr_eq(&zt, &k->dip))
+		return 1;
+#if MB_CNI_MODE
+	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
+
+	if (!np)
+		return 0;
+	u32 mark = np->mark;
+
+	ips = mb_mark_pod_ips.lookup(&mark);
+	if (!ips)
+		return 0;
+#else
+	ips = mb_netns_ip.lookup(&netns);
+#endif
+	return mb_pair_owned(ips, k, MB_CNI_MODE);
+}
+
 static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
 {
 	struct mb_pair p = {}, r = {};
@@ -130,6 +175,10 @@ static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
 		mb_pair_reverse(&p, &r);
 		o = mb_pair_orig_dst.lookup(&r);
 		if (!o)
+			return;
+		/* another netns that rebuilt a pod's tuple neither joins its
+		 * sk_msg shortcut nor deletes its entry at close */
+		if (!mb_pair_mine(bpf_get_netns_cookie(skops), &r))
 			return;
 		/* both kinds free their entry when this socket closes */
 		mb_watch_close(skops);

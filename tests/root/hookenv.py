@@ -9,6 +9,7 @@ Everything created is removed by Pod.close() (processes by PID).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -121,6 +122,21 @@ print(json.dumps({"port": listeners[ready[0]], "local": list(a.getsockname()[:2]
 '''
 
 
+@contextlib.contextmanager
+def datapath(cni_mode: bool = True):
+    """A loaded Datapath on its own pin dir; detached, closed and unpinned after."""
+    from merbridge.bpf import loader, mesh
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    d = loader.Datapath(pin, mesh.get("istio"), cni_mode=cni_mode)
+    try:
+        d.load()
+        yield d
+    finally:
+        d.detach()
+        d.close()
+        loader.remove_pins(pin)
+
+
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(args, check=check, capture_output=True, text=True)
 
@@ -196,6 +212,30 @@ class Pod:
         if p.returncode != 0:
             raise RuntimeError(err)
         return json.loads(out)
+
+    def netns_cookie(self) -> int:
+        """SO_NETNS_COOKIE of this pod's netns (bpf_get_netns_cookie there)."""
+        code = ("import socket, struct; s = socket.socket(); "
+                "print(struct.unpack('=Q', s.getsockopt(socket.SOL_SOCKET, 71, 8))[0])")
+        out = subprocess.run(self._argv(code, [], None, None, False), capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout)
+
+    def enrol(self, dp, mark: int, *ips: str) -> int:
+        """What the daemon does at CNI ADD for this netns: mb_mark_pod_ips[mark]
+        = ips and mb_netns_pod[netns cookie] = (ips, mark). Returns the cookie."""
+        cookie = self.netns_cookie()
+        dp.maps.mark_pod_ips.put(mark, *ips)
+        dp.maps.netns_pod.put(cookie, ips, mark)
+        return cookie
+
+    @staticmethod
+    def forget(dp, mark: int) -> None:
+        """What the daemon does at CNI DEL: mark and netns records go."""
+        dp.maps.mark_pod_ips.delete(mark)
+        for cookie, _, m in dp.maps.netns_pod.all_items():
+            if m == mark:
+                dp.maps.netns_pod.delete(cookie)
 
     def sysctl(self, name: str, value: str) -> None:
         sh("nsenter", f"--net={self.netns}", "sysctl", "-qw", f"{name}={value}")

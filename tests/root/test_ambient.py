@@ -183,6 +183,7 @@ def world(bpffs):
             marker = netns.open_marker_listener(netns.netns_path(s1.ns), 7)
             closers.append(marker.close)
             dp.maps.mark_pod_ips.put(7, s1.ip4)
+            dp.maps.netns_pod.put(loader.netns_cookie_of(marker), s1.ip4, 7)
 
             ctl = AmbientController(dp.maps, lab.cgroup, rescan_interval=3600)
             closers.append(lambda: ctl.stop(clear=True))
@@ -310,6 +311,29 @@ def test_host_to_ambient_pod_uses_ztunnel_inbound(w):
     ok, out, peer = w.client("n1", a2.ip4)
     assert ok and peer == n1.ip4, out
     assert w.zentries(since) == []
+
+
+def test_a_marker_port_listener_on_the_node_does_not_turn_ztunnel_off(w):
+    """An unprivileged user in the node's netns listens on 39807, where CNI
+    mode's daemon keeps its marker listener: node processes' calls to an
+    ambient pod still go through ztunnel (a sidecar pod is one the daemon
+    recorded, never the node; docs/security.md)."""
+    a2, node = w.pods["a2"][0], w.lab.nodes[0]
+    listener = netns.spawn(["/usr/bin/python3", "-c", "import socket, sys, time; s = socket.socket(); "
+                            "s.bind(('0.0.0.0', 39807)); s.listen(); print('ready', flush=True); "
+                            "time.sleep(600)"], ns=node.ns, uid=65534, gid=65534,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "ready", listener.stderr.read()
+        since = len(w.zentries())
+        ok, out, peer = connect(node.ns, w.host_cg, a2.ip4)
+        assert ok and peer == w.zt.ip4, out
+        assert [e["dir"] for e in w.zwait(since)] == ["inbound"]
+    finally:
+        listener.kill()
+        listener.wait()
+        listener.stdout.close()
+        listener.stderr.close()
 
 
 def test_ztunnel_itself_is_never_intercepted(w):

@@ -104,6 +104,7 @@ def coexist_setup(bpffs: str, cni_mode: bool):
                     sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
                     closers.append(sock.close)
                     dp.maps.mark_pod_ips.put(key, *pod.ips())
+                    dp.maps.netns_pod.put(loader.netns_cookie_of(sock), pod.ips(), key)
             yield env
         finally:
             for close in closers:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 import daemonhttp
 from daemonenv import Env
 from merbridge.bpf import types as t
+from merbridge.daemon import metrics, netns
 from merbridge.daemon.lab import Lab
 from test_daemon_lifecycle import ok, two_pods  # noqa: F401  (a fixture)
 
@@ -50,6 +53,18 @@ def assert_occupancy(env: Env, m: dict[str, float]) -> None:
         f'merbridge_map_capacity{{map="{n}"}}' for n in t.ALL_MAPS if n != t.MAP_SOCK_PAIR}
 
 
+def counted(env: Env, proc) -> dict[str, float]:
+    """A scrape whose map counts have caught up with the maps: the daemon
+    counts map entries in the background, at most every MAP_COUNT_MAX_AGE
+    seconds, never inside a scrape."""
+    def matches() -> bool:
+        m = daemonhttp.scrape(env, proc)
+        return all(m.get(f'merbridge_map_entries{{map="{n}"}}') == bpftool(env, n)[0]
+                   for n in DAEMON_MAPS)
+    until(matches, "map counts never caught up", timeout=3 * metrics.MAP_COUNT_MAX_AGE)
+    return daemonhttp.scrape(env, proc)
+
+
 def test_cni_mode_metrics(two_pods):  # noqa: F811
     env, a, b = two_pods
     proc = env.start()
@@ -59,7 +74,7 @@ def test_cni_mode_metrics(two_pods):  # noqa: F811
     ok(env.cni("DEL", b))
     assert env.cni("CHECK", b).returncode != 0          # in the mesh but not enrolled
     ok(env.cni("GC", attachments=["ctr-a"]))
-    m = daemonhttp.scrape(env, proc)
+    m = counted(env, proc)
     assert m["merbridge_pods_enrolled"] == 1
     req = 'merbridge_cni_requests_total{{command="{}",result="{}"}}'
     assert m[req.format("ADD", "ok")] == 2
@@ -87,16 +102,81 @@ def test_legacy_mode_counts_the_pods_it_writes(pin_dir):
             env.publish(a)
             env.publish(b)
             proc = env.start()
-            m = daemonhttp.scrape(env, proc)
+            m = counted(env, proc)
             assert m["merbridge_pods_enrolled"] == 2
             assert m['merbridge_map_entries{map="mb_local_pods"}'] == 4
             assert_occupancy(env, m)
             env.unpublish(b)
             until(lambda: daemonhttp.scrape(env, proc)["merbridge_pods_enrolled"] == 1,
                   "pods_enrolled did not follow the pod source")
-            m = daemonhttp.scrape(env, proc)
+            m = counted(env, proc)
             assert m['merbridge_map_entries{map="mb_local_pods"}'] == 2
             assert not [k for k in m if k.startswith("merbridge_cni_requests_total")]
             assert env.stop(proc) == 0
         finally:
             env.close()
+
+
+# Opens n TCP connections to the metrics port and sends nothing; prints
+# "open" when all are made, then holds them until stdin closes.
+IDLE = """\
+import resource, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64, n + 64))
+socks = []
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(5)
+    try:
+        s.connect((host, port))
+    except OSError:
+        pass
+    socks.append(s)
+print("open", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_idle_connections_leave_adds_and_scrapes_answered(two_pods):  # noqa: F811
+    """1,000 idle connections to the metrics port (any pod could make them:
+    the endpoint is on the node's loopback only in the manifests, but a
+    flag can change that): CNI ADDs and scrapes are still answered, and the
+    daemon's threads stay bounded (metrics.MAX_CONNECTIONS connections at
+    once, each with a deadline)."""
+    env, a, b = two_pods
+    proc = env.start()
+    base = len(os.listdir(f"/proc/{proc.pid}/task"))
+    host, port = re.search(r"metrics and health on ([\d.]+):(\d+)", env.log(proc)).groups()
+    idle = netns.spawn([sys.executable, "-c", IDLE, host, port, "1000"], ns=env.lab.nodes[0].ns,
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert idle.stdout.readline().strip() == "open"
+        peak = 0
+        for pod in (a, b):
+            t0 = time.monotonic()
+            ok(env.cni("ADD", pod))
+            assert time.monotonic() - t0 < 10
+            m = daemonhttp.scrape(env, proc)
+            assert m['merbridge_cni_requests_total{command="ADD",result="ok"}'] >= 1
+            peak = max(peak, len(os.listdir(f"/proc/{proc.pid}/task")))
+        assert peak - base <= 2 * metrics.MAX_CONNECTIONS + 4, (base, peak)
+        status, _ = daemonhttp.get(env, proc, "/readyz")
+        assert status == 200
+    finally:
+        idle.stdin.close()
+        idle.wait(timeout=30)
+        idle.stdout.close()
+    assert env.stop(proc) == 0
+
+
+def test_empty_metrics_addr_disables_the_endpoint(two_pods):  # noqa: F811
+    """`--metrics-addr ''` (documented as "disables") starts a daemon with no
+    metrics or health listener at all; CNI requests are served as ever."""
+    env, a, _ = two_pods
+    before = netns.listening(env.lab.nodes[0].ns)
+    proc = env.start("--metrics-addr=")
+    assert "metrics and health endpoint disabled" in env.log(proc)
+    assert "metrics and health on" not in env.log(proc)
+    assert netns.listening(env.lab.nodes[0].ns) == before
+    ok(env.cni("ADD", a))
+    assert env.stop(proc) == 0

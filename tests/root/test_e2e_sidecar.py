@@ -67,13 +67,15 @@ class Mesh:
 def enrol(dp, pod: Pod, key: int, policy: PodPolicy, cni_mode: bool, closers: list) -> None:
     """What the daemon does for a mesh pod: its policy under both pod IPs and,
     in CNI mode, the marker listener (SO_MARK = key) plus mb_mark_pod_ips
-    (both pod IPs: each family's connects are bound to its pod IP)."""
+    (both pod IPs: each family's connects are bound to its pod IP) and the
+    record of the pod netns in mb_netns_pod."""
     for addr in pod.ips():
         dp.maps.local_pods.put(addr, policy)
     if cni_mode:
         sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
         closers.append(sock.close)
         dp.maps.mark_pod_ips.put(key, pod.ip4, pod.ip6)
+        dp.maps.netns_pod.put(loader.netns_cookie_of(sock), (pod.ip4, pod.ip6), key)
 
 
 def learn_pod_ips(dp, pods, outside: Pod) -> None:

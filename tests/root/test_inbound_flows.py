@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from merbridge.bpf import loader
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
@@ -31,6 +32,7 @@ PEER = os.path.join(os.path.dirname(__file__), "inbound_peer.py")
 PODA, PODB, REM = "10.232.1.2", "10.232.3.2", "10.232.2.2"
 IN_PORT = 15006
 POLICY = PodPolicy(include_inbound_all=True)
+MARK0 = 0x2340001   # the pods' marker keys
 FLOOD = 200_000
 FLOOD_PORTS = "8080,8081,8082,8083"
 MAX_CONNS = t.MB_MAX_CONNS   # mb_pair_orig_dst, mb_in_pending
@@ -72,18 +74,29 @@ def topo(datapath):
 
 @pytest.fixture(params=["tc", "generic"])
 def enrolled(topo, datapath, request):
-    """Both pods enrolled with the hook of the parameter (tc, or XDP generic)."""
+    """Both pods enrolled with the hook of the parameter (tc, or XDP generic),
+    their netns recorded as the daemon does (marker socket, mb_mark_pod_ips,
+    mb_netns_pod: only a recorded pod's sockets get SO_ORIGINAL_DST and free
+    their flow at close, docs/security.md)."""
     dp, _ = datapath
     maps = dp.maps
     pn = make_podnet(dp, topo["node"], request.param)
     pods = ({"pod": topo["pa"], "node": topo["node"]}, {"pod": topo["pb"], "node": topo["node"]})
+    markers = []
     try:
-        for ip in (PODA, PODB):
+        for mark, (ip, p) in enumerate(zip((PODA, PODB), pods), start=MARK0):
             maps.local_pods.put(ip, POLICY)
+            markers.append(netns.open_marker_listener(p["pod"], mark))
+            maps.mark_pod_ips.put(mark, ip)
+            maps.netns_pod.put(loader.netns_cookie_of(markers[-1]), ip, mark)
         for p in pods:
             pn.attach_xdp(p["pod"], "eth0")
         yield maps
     finally:
+        for mark, marker in enumerate(markers, start=MARK0):
+            maps.netns_pod.delete(loader.netns_cookie_of(marker))
+            maps.mark_pod_ips.delete(mark)
+            marker.close()
         for p in pods:
             pn.detach_xdp(p["pod"], "eth0")
             netns.set_tx_checksum(p["pod"], "eth0", True)

@@ -17,12 +17,10 @@ import re
 import subprocess
 import threading
 import time
-import uuid
 
 import pytest
 
-from hookenv import Pod
-from merbridge.bpf import loader, mesh
+from hookenv import Pod, datapath
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 
@@ -79,15 +77,8 @@ print(json.dumps({"got": got, "crc": crc, "recv_s": time.monotonic() - t0}), flu
 
 @pytest.fixture(scope="module")
 def dp():
-    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
-    d = loader.Datapath(pin, mesh.get("istio"), cni_mode=True)
-    try:
-        d.load()
+    with datapath(cni_mode=True) as d:
         yield d
-    finally:
-        d.detach()
-        d.close()
-        loader.remove_pins(pin)
 
 
 @pytest.fixture
@@ -95,14 +86,14 @@ def pod(dp):
     p = Pod(v4=[POD4, DST4])
     try:
         p.serve("marker", "0.0.0.0", 39807, mark=MARK, in_cgroup=False)
-        dp.maps.mark_pod_ips.put(MARK, POD4)
+        p.enrol(dp, MARK, POD4)
         dp.maps.local_pods.put(POD4, PodPolicy())
         dp.attach(p.cgroup)
         yield p
     finally:
         dp.detach(p.cgroup)
         dp.maps.local_pods.delete(POD4)
-        dp.maps.mark_pod_ips.delete(MARK)
+        Pod.forget(dp, MARK)
         dp.maps.settings.set(t.MB_SET_SKMSG_MAX_QUEUE, 0)
         p.close()
 

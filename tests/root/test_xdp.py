@@ -40,6 +40,7 @@ POD4, POD6 = "10.231.1.2", "fd00:231:1::2"
 REM4, REM6 = "10.231.2.2", "fd00:231:2::2"
 IN_PORT = 15006
 SIZE = 8 << 20
+MARK = 0x2330001   # the pod's marker key (enrolled)
 POLICY = PodPolicy(include_inbound_all=True, exclude_inbound_ports=frozenset({9090}),
                    status_port=15020)
 
@@ -149,15 +150,21 @@ def nothing_attached(topo) -> bool:
 
 @pytest.fixture(params=HOOKS)
 def enrolled(topo, datapath, request):
-    """The pod enrolled as the daemon would: policy in mb_local_pods, and the
-    inbound programs on its veth pair (tc; or XDP with tx checksum off), hook
-    from the parameter. Yields the typed maps; afterwards nothing is left
+    """The pod enrolled as the daemon would: policy in mb_local_pods, its
+    netns recorded (marker socket, mb_mark_pod_ips, mb_netns_pod: only that
+    pod's sockets get SO_ORIGINAL_DST and free their flow), and the inbound
+    programs on its veth pair (tc; or XDP with tx checksum off), hook from
+    the parameter. Yields the typed maps; afterwards nothing is left
     attached."""
     dp, _ = datapath
     maps = dp.maps
     hook = request.param
     for ip in (POD4, POD6):
         maps.local_pods.put(ip, POLICY)
+    marker = netns.open_marker_listener(topo["pod"], MARK)
+    cookie = loader.netns_cookie_of(marker)
+    maps.mark_pod_ips.put(MARK, POD4, POD6)
+    maps.netns_pod.put(cookie, (POD4, POD6), MARK)
     pn = make_podnet(dp, topo["node"], hook)
     try:
         assert pn.attach_xdp(topo["pod"], "eth0").mode == hook
@@ -166,6 +173,9 @@ def enrolled(topo, datapath, request):
         assert tx_on is (hook == "tc")       # only XDP needs the offload off
         yield maps
     finally:
+        marker.close()
+        maps.netns_pod.delete(cookie)
+        maps.mark_pod_ips.delete(MARK)
         pn.detach_xdp(topo["pod"], "eth0")
         netns.set_tx_checksum(topo["pod"], "eth0", True)
         for ip in (POD4, POD6):

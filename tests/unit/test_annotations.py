@@ -38,12 +38,20 @@ def pod(annotations=None, labels=None, mutate=None):
     return p
 
 
+MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def in_cidrs(ip, cidrs):
+    """As helpers.h:mb_cidr_match: IPv4 as ::ffff:a.b.c.d, and an IPv6 CIDR
+    (any not inside ::ffff:0:0/96) never matches IPv4 (Istio: ip6tables)."""
     addr = ipaddress.ip_address(ip)
     if addr.version == 4:
         addr = ipaddress.IPv6Address("::ffff:" + ip)
     for packed, plen in cidrs:
-        if addr in ipaddress.IPv6Network((packed, plen)):
+        net = ipaddress.IPv6Network((packed, plen))
+        if ipaddress.ip_address(ip).version == 4 and not net.subnet_of(MAPPED):
+            continue
+        if addr in net:
             return True
     return False
 
@@ -193,6 +201,13 @@ OUTBOUND = [
      "10.1.2.3", 80, False),
     ({TP + "excludeOutboundIPRanges": "*"}, "1.2.3.4", 80, False),
     ({TP + "excludeOutboundIPRanges": "*"}, "fd00::1", 80, False),
+    # the families stay apart, as istio-iptables' v4 and v6 rules do
+    ({TP + "excludeOutboundIPRanges": "::/0"}, "1.2.3.4", 80, True),
+    ({TP + "excludeOutboundIPRanges": "::/0"}, "fd00::1", 80, False),
+    ({TP + "excludeOutboundIPRanges": "::ffff:0:0/96"}, "1.2.3.4", 80, True),
+    ({TP + "excludeOutboundIPRanges": "0.0.0.0/0"}, "fd00::1", 80, True),
+    ({TP + "includeOutboundIPRanges": "::/0"}, "1.2.3.4", 80, False),
+    ({TP + "includeOutboundIPRanges": "::/0"}, "fd00::1", 80, True),
     ({TP + "excludeOutboundPorts": "5432, 6379"}, "1.2.3.4", 6379, False),
     # istio-cni: 15020 is the default only when the annotation is absent
     ({TP + "excludeOutboundPorts": "5432"}, "1.2.3.4", 15020, True),
@@ -237,12 +252,28 @@ def test_default_policy_fields():
     assert pod_policy(pod({"status.sidecar.istio.io/port": "0"}), ISTIO).status_port == 0
 
 
+def test_host_network_pods_are_never_enrolled():
+    """A hostNetwork pod shares the node's netns, which the datapath never
+    acts for; a policy for its IP (the node's) would catch every sidecar's
+    calls to the node. Never a member, legacy or CNI mode."""
+    def host_net(p):
+        p["spec"]["hostNetwork"] = True
+    m = mesh_membership(pod(mutate=host_net), ISTIO)
+    assert not m.in_mesh and "hostNetwork" in m.reason
+    assert mesh_membership(pod(), ISTIO).in_mesh
+
+
 def test_cidrs_are_packed_ipv4_mapped():
     p = pod_policy(pod({TP + "includeOutboundIPRanges": "10.0.0.0/8,fd00::/64"}), ISTIO)
     assert (bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 0]), 104) in p.include_outbound_cidrs
     assert (bytes([0xfd]) + bytes(15), 64) in p.include_outbound_cidrs
     assert all(len(a) == 16 for a, _ in p.include_outbound_cidrs)
-    assert pod_policy(pod({TP + "excludeOutboundIPRanges": "*"}), ISTIO).exclude_outbound_cidrs == ((bytes(16), 0),)
+    v4_all = (bytes(10) + b"\xff\xff" + bytes(4), 96)
+    assert pod_policy(pod({TP + "excludeOutboundIPRanges": "*"}), ISTIO).exclude_outbound_cidrs == (
+        v4_all, (bytes(16), 0))
+    # an IPv6 range of IPv4-mapped addresses names nothing an IPv6 packet carries
+    assert pod_policy(pod({TP + "excludeOutboundIPRanges": "::ffff:10.0.0.0/104"}),
+                      ISTIO).exclude_outbound_cidrs == ()
 
 
 BAD = [
@@ -256,6 +287,11 @@ BAD = [
     (TP + "excludeInboundPorts", "*"),                     # no wildcard for excludes
     (TP + "includeOutboundPorts", "-1"),
     (TP + "excludeOutboundPorts", "80;443"),
+    # strconv.ParseUint: ASCII digits only
+    (TP + "includeInboundPorts", "\u0668\u0660\u0668\u0660"),   # Arabic-Indic 8080
+    (TP + "excludeOutboundPorts", "\uff18\uff10"),                # fullwidth 80
+    (TP + "excludeInboundPorts", "\u00b2"),                        # superscript two
+    ("status.sidecar.istio.io/port", "\u0661\u0665\u0660\u0662\u0660"),
     ("status.sidecar.istio.io/port", "abc"),
     ("status.sidecar.istio.io/port", "1,2"),
     ("status.sidecar.istio.io/port", ""),

@@ -297,3 +297,44 @@ def test_doctor_flags_missing_kernel_features(tmp_path):
     assert "CONFIG_BPF_STREAM_PARSER" in by["map type sockhash"].fix
     assert by["cgroup v2"].status == "fail"       # tmp_path is not a cgroup directory
     assert by["program type xdp"].status == "ok"
+
+
+def test_default_attach_point_is_the_kubelets_pods_cgroup(tmp_path):
+    """kubepods (cgroupfs) or kubepods.slice (systemd) under the cgroup2
+    mount when there is one, so node processes never run the programs; the
+    cgroup2 root otherwise, or with --ambient. Each answer says why."""
+    mount = tmp_path / "cg"
+    mount.mkdir()
+    (mount / "cgroup.procs").write_text("")
+    path, why = config.default_attach_point(str(mount))
+    assert path == str(mount) and "no kubepods" in why
+    for name in ("kubepods.slice", "kubepods"):
+        (mount / name).mkdir()
+        (mount / name / "cgroup.procs").write_text("")
+    path, why = config.default_attach_point(str(mount))
+    assert path == str(mount / "kubepods") and "kubelet's pods cgroup (kubepods)" in why
+    (mount / "kubepods" / "cgroup.procs").unlink()
+    assert config.default_attach_point(str(mount))[0] == str(mount / "kubepods.slice")
+    path, why = config.default_attach_point(str(mount), ambient=True)
+    assert path == str(mount) and "--ambient" in why
+    # explicit --cgroup-path wins, and says so
+    cfg = config.DaemonConfig(node_name="n", cgroup_path=str(mount)).validate()
+    assert (cfg.cgroup_path, cfg.cgroup_reason) == (str(mount), "--cgroup-path")
+
+
+def test_doctor_says_where_it_would_attach_and_why(tmp_path):
+    mount = tmp_path / "cg"
+    (mount / "kubepods.slice").mkdir(parents=True)
+    for d in (mount, mount / "kubepods.slice"):
+        (d / "cgroup.procs").write_text("")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"cgroup2 {mount} cgroup2 rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n")
+    checks = doctor.run_checks(mounts_file=str(mounts), caps=(1 << 64) - 1, kernel_release="6.1.0",
+                               probe=lambda: None, bcc=lambda: (True, "0.26"))
+    by = {c.name: c for c in checks}
+    assert by["attach point"].status == "ok"
+    assert str(mount / "kubepods.slice") in by["attach point"].detail
+    assert "node processes never run the programs" in by["attach point"].detail
+    checks = doctor.run_checks(mounts_file=str(mounts), cgroup_path=str(mount), caps=(1 << 64) - 1,
+                               kernel_release="6.1.0", probe=lambda: None, bcc=lambda: (True, "0.26"))
+    assert "(--cgroup-path)" in {c.name: c for c in checks}["attach point"].detail

@@ -271,7 +271,9 @@ def test_daemonset_mounts(docs):
 
 def test_path_flags_point_at_host_mounts(docs):
     f = flags(container(docs)["args"])
-    assert host_path_of(docs, f["--cgroup-path"]) == "/sys/fs/cgroup"
+    # no --cgroup-path: the daemon finds the cgroup2 mount (the host's, below)
+    # and attaches to the kubelet's pods cgroup in it (docs/security.md)
+    assert "--cgroup-path" not in f
     assert host_path_of(docs, f["--bpffs-path"]).startswith("/sys/fs/bpf/")
     assert host_path_of(docs, f["--cni-bin-dir"]) == "/opt/cni/bin"
     assert host_path_of(docs, f["--cni-conf-dir"]) == "/etc/cni/net.d"
@@ -289,20 +291,19 @@ def test_node_name_comes_from_the_downward_api(docs):
     assert flags(c["args"])["--node-name"] == "$(NODE_NAME)"
 
 
-def test_probes_use_the_metrics_port(docs):
+def test_metrics_only_on_the_nodes_loopback_and_probes_follow(docs):
+    """With hostNetwork, a 0.0.0.0 metrics address would serve every node
+    address: the manifests use the node's loopback, which the kubelet's
+    probes reach, and declare no port."""
     c = container(docs)
-    port = int(flags(c["args"])["--metrics-addr"].rsplit(":", 1)[1])
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports["metrics"] == port
-
-    def probe_port(probe):
-        p = probe["httpGet"]["port"]
-        return ports[p] if isinstance(p, str) else p
-
+    host, port = flags(c["args"])["--metrics-addr"].rsplit(":", 1)
+    assert host == "127.0.0.1"
+    assert "ports" not in c
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
-        assert probe_port(c[kind]) == port, kind
+        assert c[kind]["httpGet"]["host"] == "127.0.0.1", kind
+        assert c[kind]["httpGet"]["port"] == int(port), kind
 
 
 def test_rbac_matches_the_daemonset(docs):

@@ -257,3 +257,134 @@ def test_entry_carries_the_daemons_exclude_namespaces():
     assert "excludeNamespaces" not in ENTRY
     assert netconf.parse_netconf({"name": "n", **ENTRY}).exclude_namespaces == \
         config.DEFAULT_EXCLUDE_NAMESPACES == ("kube-system", "istio-system")
+
+
+@pytest.mark.parametrize("bad,why", [
+    (b"[1, 2, 3]\n", "not a JSON object but a list"),
+    (b"[" * 200000 + b"]" * 200000, "nested too deeply"),
+    (b'"just a string"', "not a JSON object but a str"),
+    (b'{"cniVersion": "0.3.1", "plugins": {"not": "a list"}}', "neither 'plugins'"),
+])
+def test_bad_conflist_is_a_clear_error_and_retried_on_change(dirs, tmp_path, bad, why):
+    """A conflist that is valid JSON but not an object, or nested deeper
+    than the parser goes, is reported (log, problem, problem file for
+    `merbridge status`), the watch thread lives on, and the next change of
+    the file is installed."""
+    conf, bindir, src = dirs
+    state = str(tmp_path / "state" / "cni-install.json")
+    target = conf / "10-calico.conflist"
+    target.write_bytes(bad)
+    inst = install.Installer(str(bindir), str(conf), str(src), ENTRY, state_file=state)
+    thread = threading.Thread(target=inst.watch, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: inst.problem is not None)
+        assert why in inst.problem and "10-calico.conflist" in inst.problem
+        assert why in pathlib.Path(inst.problem_file).read_text()
+        assert thread.is_alive() and not inst.ready.is_set()
+        assert target.read_bytes() == bad                    # left as it was
+        primary = (TESTDATA / "calico.conflist").read_bytes()
+        install.atomic_write(str(target), primary)
+        assert inst.ready.wait(5)
+        assert wait_for(lambda: chained(target) and inst.problem is None)
+        assert not os.path.exists(inst.problem_file)
+    finally:
+        inst.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+    inst.uninstall()
+    assert target.read_bytes() == primary
+
+
+def test_a_rewrite_racing_ours_is_not_lost(dirs, tmp_path, monkeypatch):
+    """The primary CNI rewrites its file after we read it and before our
+    rename: ours is not renamed over it (Raced, nothing written); the next
+    round chains into the primary's new bytes, and uninstall gives those."""
+    conf, bindir, src = dirs
+    target = conf / "10-calico.conflist"
+    primary = (TESTDATA / "calico.conflist").read_bytes()
+    rewritten = primary.replace(b'"mtu": 1440', b'"mtu": 1400')
+    target.write_bytes(primary)
+    inst = install.Installer(str(bindir), str(conf), str(src), ENTRY,
+                             state_file=str(tmp_path / "s" / "cni-install.json"))
+    real_dumps = install.dumps
+
+    def racing_dumps(config):             # the primary writes while we build ours
+        if not target.read_bytes() == rewritten:
+            target.write_bytes(rewritten)
+        return real_dumps(config)
+
+    monkeypatch.setattr(install, "dumps", racing_dumps)
+    with pytest.raises(install.Raced):
+        inst.install()
+    assert target.read_bytes() == rewritten
+    monkeypatch.setattr(install, "dumps", real_dumps)
+    inst.install()
+    assert chained(target) and b"1400" in target.read_bytes()
+    inst.uninstall()
+    assert target.read_bytes() == rewritten
+
+
+# Runs one installer step sequence in a child that SIGKILLs itself right
+# before its Nth file-system step (rename, unlink, fsync, chmod, mkstemp) of
+# the install. Exit status -9: killed; 0: N was past the last step.
+CRASHER = r'''
+import os, signal, sys, tempfile
+from merbridge.daemon import install
+n, conf, bindir, src, state = int(sys.argv[1]), *sys.argv[2:6]
+calls = [0]
+def step(fn):
+    def wrapped(*a, **kw):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*a, **kw)
+    return wrapped
+for name in ("rename", "unlink", "fsync", "chmod"):
+    setattr(install.os, name, step(getattr(os, name)))
+install.tempfile.mkstemp = step(tempfile.mkstemp)
+inst = install.Installer(bindir, conf, src, {"type": "merbridge-cni", "socketPath": "/s"},
+                         state_file=state)
+inst.install()
+'''
+
+
+@pytest.mark.parametrize("name", ["10-calico.conflist", "10-bridge.conf"])
+@pytest.mark.parametrize("after", ["restart-then-uninstall", "uninstall"])
+def test_kill_9_at_every_install_step_restores_byte_for_byte(dirs, tmp_path, name, after):
+    """kill -9 of the installer before each of its file-system steps (state
+    file first, then the config, then the old .conf's removal): a restarted
+    daemon, installing again and then uninstalling, or just uninstalling,
+    puts the original file back byte for byte and leaves nothing behind."""
+    import signal
+    import subprocess
+    import sys
+    conf, bindir, src = dirs
+    original = (TESTDATA / ("calico.conflist" if name.endswith("conflist") else "bridge.conf")).read_bytes()
+    original = original.replace(b"\n", b"\r\n  ")       # not our formatting: byte-exact counts
+    state = str(tmp_path / "state" / "cni-install.json")
+    killed = 0
+    for n in range(1, 40):
+        for p in (conf, bindir):
+            shutil.rmtree(p)
+            p.mkdir()
+        if os.path.exists(state):
+            os.unlink(state)
+        (conf / name).write_bytes(original)
+        r = subprocess.run([sys.executable, "-c", CRASHER, str(n), str(conf), str(bindir), str(src),
+                            state], capture_output=True, text=True, timeout=60)
+        if r.returncode == 0:
+            break
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        killed += 1
+        restarted = install.Installer(str(bindir), str(conf), str(src), ENTRY, state_file=state)
+        if after == "restart-then-uninstall":
+            restarted.install()
+            assert chained(conf / (os.path.splitext(name)[0] + ".conflist"))
+        restarted.uninstall()
+        assert sorted(os.listdir(conf)) == [name], n
+        assert (conf / name).read_bytes() == original, n
+        assert not os.path.exists(state), n
+        assert [f for d in (bindir, os.path.dirname(state)) if os.path.isdir(d)
+                for f in os.listdir(d) if f.startswith(".")] == [], n
+    assert killed >= 5            # every step was crashed at, then the run completed

@@ -235,3 +235,73 @@ def test_handler_drain_then_status_says_draining():
         handler.status()
     with pytest.raises(PodError, match="cannot drain"):
         runtime.Handler(FakeRegistry()).drain()
+
+
+def test_idle_connections_neither_starve_scrapes_nor_pile_up_threads(served):
+    """Far more idle connections than metrics.MAX_CONNECTIONS: each new one
+    closes the oldest, so a scrape is still answered and the server's
+    threads stay bounded (the old server kept a thread per connection)."""
+    import socket
+    import threading
+    _, server, _ = served
+    host, port = server.address
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection((host, port), timeout=5))
+        assert get(server, "/healthz") == (200, "ok\n")
+        assert server.threads <= 2 * metrics.MAX_CONNECTIONS
+        assert threading.active_count() < 2 * metrics.MAX_CONNECTIONS + 20
+        # the oldest idle connections were closed by the server
+        idle[0].settimeout(5)
+        assert idle[0].recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_connection_is_cut_at_its_deadline(served):
+    """A client that sends half a request and waits is cut after the
+    deadline, not served forever."""
+    import socket
+    import time
+    _, server, _ = served
+    server.httpd.deadline = 0.5
+    s = socket.create_connection(server.address, timeout=10)
+    try:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")      # never finished
+        t0 = time.monotonic()
+        assert s.recv(1) == b""
+        assert 0.4 < time.monotonic() - t0 < 5
+    finally:
+        s.close()
+
+
+def test_map_counts_are_not_walked_per_scrape(served):
+    """Counting walks every key: it happens when the source is set and then
+    at most every MAP_COUNT_MAX_AGE seconds in the background, never in a
+    scrape."""
+    import time
+    m, server, _ = served
+    calls = []
+
+    def count():
+        calls.append(time.monotonic())
+        return {"mb_pair_orig_dst": (len(calls), 65535)}
+
+    m.set_map_occupancy(count)
+    for _ in range(5):
+        assert 'merbridge_map_entries{map="mb_pair_orig_dst"} 1.0' in get(server, "/metrics")[1]
+    assert len(calls) == 1
+    m._maps.max_age = 0.0                       # stale: the next scrape starts a recount
+    get(server, "/metrics")
+    deadline = time.monotonic() + 5
+    while len(calls) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    m._maps.max_age = 60.0
+    deadline = time.monotonic() + 5
+    while 'mb_pair_orig_dst"} 2.0' not in get(server, "/metrics")[1]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert len(calls) == 2

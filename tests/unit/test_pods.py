@@ -495,6 +495,18 @@ def test_legacy_mode_follows_pod_events(world):
     assert mk(w) == {} and w.net.listeners == {}
 
 
+def test_host_network_pods_get_no_policy_in_legacy_mode(world):
+    """A hostNetwork pod with a sidecar has the node's IP: no mb_local_pods
+    entry for it (it would catch every sidecar's calls to the node)."""
+    w = world
+    reg = w.make(cni_mode=False)
+    host = meshed_pod(name="hostnet", ip="192.168.1.10")
+    host["spec"]["hostNetwork"] = True
+    reg.on_pod_event("ADDED", host)
+    reg.on_pod_event("ADDED", meshed_pod())
+    assert set(lp(w)) == {"10.240.0.5"}
+
+
 def test_legacy_resync_removes_what_the_snapshot_does_not_have(world):
     w = world
     reg = w.make(cni_mode=False, exclude_namespaces=("kube-system",))
