@@ -102,6 +102,12 @@ int mb_connect4(struct bpf_sock_addr *ctx)
 	c.ip_known = bind_ip != 0;
 	ugid = bpf_get_current_uid_gid();
 	c.is_proxy = mb_is_proxy(c.own, ugid, &c.is_proxy_uid);
+	/* with DNS capture, istio-iptables' proxy-UID rules leave TCP 53 alone,
+	 * its own pod's included (the lo rule excludes 53, then RETURN); while
+	 * legacy mode still learns the pod IP, mb_decide passes it (LEARN) */
+	if (MB_DNS_PORT != 0 && c.port == MB_DNS_SERVER_PORT && c.is_proxy_uid && c.ip_known &&
+	    c.own && (c.own->flags & MB_POD_F_DNS_CAPTURE))
+		return 1;
 	/* the pod's DNS queries are dns.c's (MB_POD_F_DNS_CAPTURE) */
 	if (c.port == MB_DNS_SERVER_PORT && mb_dns_captured(c.own, ugid, &src))
 		return 1;

@@ -7,7 +7,7 @@
  * Reads:   mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy):
  *          the caller's pod; mb_local_pods: its policy (MB_POD_F_DNS_CAPTURE,
  *          proxy UID/GID, excluded ports).
- * Writes:  mb_netns_pod (CNI mode: probe cache, as connect4/6), mb_sock_peer
+ * Writes:  mb_sock_peer
  *          (socket cookie -> the server the app asked, flag DNS),
  *          mb_counters (MB_C_DNS_CAPTURED).
  * Why: Istio's DNS proxying (ISTIO_META_DNS_CAPTURE="true" in the istio-proxy
@@ -38,40 +38,38 @@ static __always_inline void mb_count(u32 idx)
 		*v += 1;
 }
 
-/* The caller's pod policy, found as connect4/6 find it (CNI mode: the
- * marker-listener probe, cached per netns; legacy: the learned pod IP).
+/* The node's own netns (the initial one, or the one the daemon runs in):
+ * never a pod (docs/security.md); as connect4.c's (bcc rewrites map calls
+ * only in the main file, so it cannot live in a header). */
+static __always_inline int mb_node_netns(u64 netns)
+{
+	u32 idx = MB_SET_NODE_NETNS;
+	u64 *node = mb_settings.lookup(&idx);
+
+	return netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node);
+}
+
+/* The caller's pod policy, found as connect4/6 find it (CNI mode: only the
+ * daemon's record of the pod's netns, while its mark is enrolled; legacy: the
+ * proxy's listener and the learned pod IP; never the node's netns).
  * 0: not a mesh pod, or not known (yet). */
 static __always_inline struct mb_pod_config *mb_caller_policy(void *ctx)
 {
 	u64 netns = bpf_get_netns_cookie(ctx);
 	struct mb_pod_ips *ip;
+
+	if (mb_node_netns(netns))
+		return 0;
 #if MB_CNI_MODE
 	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
 
-	ip = 0;
-	if (np) {
-		u32 mark = np->mark;
+	if (!np)
+		return 0;
+	u32 mark = np->mark;
 
-		ip = mb_mark_pod_ips.lookup(&mark);
-		if (ip && !mb_pod_ips_eq(ip, &np->ips))
-			ip = 0;
-	}
-	if (!ip) {
-		u64 probe = mb_mesh_probe(ctx);
-
-		if (!probe)
-			return 0;
-		u32 mark = (u32)(probe - 1);
-
-		ip = mb_mark_pod_ips.lookup(&mark);
-		if (!ip)
-			return 0;
-		struct mb_netns_pod v = {};
-
-		v.ips = *ip;
-		v.mark = mark;
-		mb_netns_pod.update(&netns, &v);
-	}
+	ip = mb_mark_pod_ips.lookup(&mark);
+	if (!ip)
+		return 0;
 #else
 	if (!mb_mesh_probe(ctx))
 		return 0;

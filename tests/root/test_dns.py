@@ -159,6 +159,23 @@ def test_a_real_resolver_accepts_the_reply(env, family, tcp):
     assert dig(lab.pods["b"], host, tcp) == REAL
 
 
+def test_proxy_tcp_53_to_its_own_pod_is_left_alone(env):
+    """With DNS capture, istio-iptables' proxy-UID rules leave TCP 53 alone, to
+    the pod's own IP too (the lo rule's ``! --dports 53,15008``, then the UID's
+    RETURN): the proxy reaches its own app's port 53 directly, as in pod I,
+    not through its inbound listener (whose upstream call would come from
+    127.0.0.6)."""
+    lab, _ = env
+    a, i = lab.pods["a"], lab.pods["i"]
+    seen = {}
+    for pod in (a, i):
+        pod.start_app(53)
+        r = pod.connect(pod.ip4, 53, uid=ISTIO.proxy_uid)
+        assert r.ok, r
+        seen[pod.name] = (r.peer[0] == r.local[0] == pod.ip4, r.local[1])
+    assert seen["a"] == seen["i"] == (True, 53), seen
+
+
 def test_loopback_and_excluded_port(env):
     """All port-53 traffic is captured, a loopback resolver's too (the
     "-o lo ! --uid-owner RETURN" rules leave port 53 to ISTIO_OUTPUT_DNS);
