@@ -290,6 +290,7 @@ import socket as _socket
 import stat as _stat
 import threading as _threading
 import time
+from contextlib import contextmanager as _contextmanager
 from dataclasses import dataclass as _dataclass
 from fcntl import ioctl as _ioctl
 
@@ -416,6 +417,45 @@ def _ipr_path(path: str | None, allow_own: bool = False) -> IPRoute:
         raise
 
 
+#: IPRoute objects open in the daemon's own netns, idle, ready for the next
+#: attach/detach (creating one costs an asyncio loop and a socket, ~1-3 ms).
+#: Only our own netns: a pooled socket in another netns would keep that
+#: namespace (and whatever is in it) alive after its name is removed.
+_OWN_POOL: list[IPRoute] = []
+_OWN_POOL_LOCK = _threading.Lock()
+_OWN_POOL_MAX = 4
+
+
+@_contextmanager
+def _peer_ipr(path: str | None):
+    """``_ipr_path(path, allow_own=True)`` as a context; for ``path=None`` (the
+    node netns, production) a pooled IPRoute, each used by one thread at a
+    time. A socket whose request was interrupted by anything but a netlink
+    error or a refusal of ours is closed, not pooled again."""
+    if path is not None:
+        with _ipr_path(path, allow_own=True) as ipr:
+            yield ipr
+        return
+    with _OWN_POOL_LOCK:
+        ipr = _OWN_POOL.pop() if _OWN_POOL else None
+    if ipr is None:
+        ipr = IPRoute(groups=0)
+    reuse = False
+    try:
+        yield ipr
+        reuse = True
+    except (NetlinkError, PodNetnsError):
+        reuse = True
+        raise
+    finally:
+        with _OWN_POOL_LOCK:
+            if reuse and len(_OWN_POOL) < _OWN_POOL_MAX:
+                _OWN_POOL.append(ipr)
+                ipr = None
+        if ipr is not None:
+            ipr.close()
+
+
 # ---- marker listener ---------------------------------------------------------
 
 def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_PORT,
@@ -476,8 +516,11 @@ class XdpAttachment:
 
 
 def _link(ipr: IPRoute, **match):
+    """The link with this ``ifname`` or ``index``, or None. One RTM_GETLINK for
+    that link: ``get_links(ifname=...)`` would dump and decode every link of
+    the namespace (O(pods) in the node netns) and filter in Python."""
     try:
-        found = ipr.get_links(**match)
+        found = ipr.link("get", **match)
     except NetlinkError as e:
         if e.code == 19:  # ENODEV
             return None
@@ -562,7 +605,7 @@ def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
     _check_ifname(ifname)
     if mode not in XDP_MODES:
         raise PodNetnsError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         if prepare is not None:
             prepare()
@@ -586,7 +629,7 @@ def detach_xdp(netns_path: str, ifname: str, peer_netns: str | None = None) -> b
     _check_ifname(ifname)
     if not os.path.exists(netns_path):
         return False
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         try:
             pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         except PodNetnsError:
@@ -614,7 +657,7 @@ def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) ->
 def xdp_prog_ids(netns_path: str, ifname: str, peer_netns: str | None = None) -> tuple[int, int]:
     """Program ids attached to the pod's ``ifname`` and to its host-side peer (0: none)."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
     return _xdp_of(pod)[0], _xdp_of(peer)[0]
 
@@ -622,7 +665,7 @@ def xdp_prog_ids(netns_path: str, ifname: str, peer_netns: str | None = None) ->
 def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
     """Name of the host-side veth peer of the pod's ``ifname`` (in ``peer_netns``)."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         return _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)[1] \
             .get_attr("IFLA_IFNAME")
 
@@ -663,22 +706,36 @@ def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
 
 def _clear_tc(ipr: IPRoute, index: int) -> None:
     """Remove our filters from ``index`` (and the clsact qdisc if nothing else
-    is left in it). Nothing of ours there is fine."""
+    is left in it). Nothing of ours there is fine. The filters are listed
+    first: when nobody else's is there, deleting the qdisc removes ours with
+    it (one change instead of three, each under the kernel's rtnl lock)."""
+    ours = others = False
     for parent in TC_PARENTS.values():
         try:
-            ipr.tc("del-filter", "bpf", index=index, handle=TC_HANDLE, prio=TC_PRIO,
-                   parent=parent, protocol=_ETH_P_ALL)
+            found = ipr.get_filters(index=index, parent=parent)
+        except NetlinkError as e:
+            if e.code in (2, 22, 19):  # no clsact (ENOENT/EINVAL), no device
+                continue
+            raise
+        for f in found:
+            if not f.get_attr("TCA_KIND"):
+                continue
+            if f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == TC_PRIO:
+                ours = True
+            else:
+                others = True
+    if others:
+        steps = [dict(command="del-filter", kind="bpf", index=index, handle=TC_HANDLE,
+                      prio=TC_PRIO, parent=parent, protocol=_ETH_P_ALL)
+                 for parent in (TC_PARENTS.values() if ours else ())]
+    else:
+        steps = [dict(command="del", kind="clsact", index=index)]
+    for step in steps:
+        try:
+            ipr.tc(**step)
         except NetlinkError as e:
             if e.code not in (2, 22, 19):
                 raise
-    try:
-        left = [f for parent in TC_PARENTS.values()
-                for f in ipr.get_filters(index=index, parent=parent) if f.get_attr("TCA_KIND")]
-        if not left:
-            ipr.tc("del", "clsact", index=index)
-    except NetlinkError as e:
-        if e.code not in (2, 22, 19):
-            raise
 
 
 _ETH_P_ALL = 0x0003
@@ -694,7 +751,7 @@ def attach_tc(netns_path: str, ifname: str, to_pod_fd: int, from_pod_fd: int,
     that ran with --inbound-hook=xdp) is removed: the two must not stack. The
     pod's tx checksum offload is not touched."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         index = peer["index"]
         try:
@@ -724,7 +781,7 @@ def detach_tc(netns_path: str, ifname: str, peer_netns: str | None = None) -> bo
     _check_ifname(ifname)
     if not os.path.exists(netns_path):
         return False
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         try:
             _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         except PodNetnsError:
@@ -747,7 +804,7 @@ def tc_filter_names(netns_path: str | None, ifname: str,
 def tc_names(netns_path: str, ifname: str, peer_netns: str | None = None) -> dict[str, str]:
     """{"to_pod"/"from_pod": filter name} of our tc filters on the pod's peer."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         return _tc_filters(peer_ipr, peer["index"])
 
