@@ -684,9 +684,8 @@ TC_HANDLE = 1
 TC_PARENTS = {"to_pod": 0xFFFFFFF3, "from_pod": 0xFFFFFFF2}   # clsact egress / ingress
 
 
-def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
-    """{"to_pod"/"from_pod": filter name} of our filters on ``index``."""
-    out = {}
+def _clsact_filters(ipr: IPRoute, index: int):
+    """(``TC_PARENTS`` key, filter message) of every filter in the clsact of ``index``."""
     for where, parent in TC_PARENTS.items():
         try:
             found = ipr.get_filters(index=index, parent=parent)
@@ -695,8 +694,19 @@ def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
                 continue
             raise
         for f in found:
-            if f.get_attr("TCA_KIND") != "bpf" or (f["info"] >> 16) != TC_PRIO:
-                continue
+            if f.get_attr("TCA_KIND"):
+                yield where, f
+
+
+def _ours(f) -> bool:
+    return f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == TC_PRIO
+
+
+def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
+    """{"to_pod"/"from_pod": filter name} of our filters on ``index``."""
+    out = {}
+    for where, f in _clsact_filters(ipr, index):
+        if _ours(f):
             opts = f.get_attr("TCA_OPTIONS")
             name = opts.get_attr("TCA_BPF_NAME") if opts else None
             if name:
@@ -709,21 +719,8 @@ def _clear_tc(ipr: IPRoute, index: int) -> None:
     is left in it). Nothing of ours there is fine. The filters are listed
     first: when nobody else's is there, deleting the qdisc removes ours with
     it (one change instead of three, each under the kernel's rtnl lock)."""
-    ours = others = False
-    for parent in TC_PARENTS.values():
-        try:
-            found = ipr.get_filters(index=index, parent=parent)
-        except NetlinkError as e:
-            if e.code in (2, 22, 19):  # no clsact (ENOENT/EINVAL), no device
-                continue
-            raise
-        for f in found:
-            if not f.get_attr("TCA_KIND"):
-                continue
-            if f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == TC_PRIO:
-                ours = True
-            else:
-                others = True
+    found = [_ours(f) for _, f in _clsact_filters(ipr, index)]
+    ours, others = any(found), not all(found)
     if others:
         steps = [dict(command="del-filter", kind="bpf", index=index, handle=TC_HANDLE,
                       prio=TC_PRIO, parent=parent, protocol=_ETH_P_ALL)
