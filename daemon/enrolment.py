@@ -67,7 +67,12 @@ class Pieces:
             for ip in rec.ips:
                 self.maps.local_pods.put(ip, policy)
                 undo.append(lambda ip=ip: self._quiet(self.maps.local_pods.delete, ip))
-        marker = self.podnet.open_marker(rec.netns, rec.key)
+        both = getattr(self.podnet, "open_marker_and_rtnl", None)
+        if both is not None:       # one entry into the pod netns for both sockets
+            marker, rtnl = both(rec.netns, rec.key)
+            undo.append(rtnl.close)
+        else:
+            marker, rtnl = self.podnet.open_marker(rec.netns, rec.key), None
         undo.append(marker.close)
         self.markers[rec.container_id] = marker
         undo.append(lambda: self.markers.pop(rec.container_id, None))
@@ -76,7 +81,13 @@ class Pieces:
         self._remember_netns(rec, marker, save=False)
         undo.append(lambda: self._forget_netns(rec))
         undo.append(lambda: self.podnet.detach_xdp(rec.netns, rec.ifname))
-        self.podnet.attach_xdp(rec.netns, rec.ifname)   # tx checksum off first, in there
+        if rtnl is None:
+            self.podnet.attach_xdp(rec.netns, rec.ifname)   # tx checksum off first, in there
+        else:
+            try:
+                self.podnet.attach_xdp(rec.netns, rec.ifname, pod_rtnl=rtnl)
+            finally:
+                rtnl.close()       # used and closed by the attach; never kept
 
     # -- mb_netns_pod: interception that does not depend on the listener -------
     def _netns_pods(self):

@@ -459,7 +459,8 @@ def _peer_ipr(path: str | None):
 # ---- marker listener ---------------------------------------------------------
 
 def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_PORT,
-                         family: str = "dual") -> _socket.socket:
+                         family: str = "dual",
+                         _also: Callable[[], None] | None = None) -> _socket.socket:
     """Listen on ``port`` inside the pod netns with ``SO_MARK = mark``.
 
     The connect hooks find this socket with ``bpf_sk_lookup_tcp`` in the
@@ -489,6 +490,8 @@ def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_P
             else:
                 s.bind(("0.0.0.0", port))
             s.listen(1)
+            if _also is not None:
+                _also()
         except BaseException:
             s.close()
             raise
@@ -499,6 +502,20 @@ def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_P
     except OSError as e:
         raise PodNetnsError(
             f"marker listener on port {port} in {netns_path}: {e.strerror or e}") from None
+
+
+def open_marker_and_rtnl(netns_path: str, mark: int, port: int = MARK_LISTENER_PORT,
+                         family: str = "dual") -> tuple[_socket.socket, _socket.socket]:
+    """``open_marker_listener`` and an rtnetlink socket in the same pod netns,
+    made by one thread (an ADD enters the pod netns once, not twice). The
+    caller closes the rtnetlink socket, or hands it to ``attach_tc``."""
+    box: list[_socket.socket] = []
+
+    def rtnl() -> None:
+        box.append(_rtnl_socket())
+
+    marker = open_marker_listener(netns_path, mark, port, family, _also=rtnl)
+    return marker, box[0]
 
 
 # ---- XDP on the pod's veth pair ---------------------------------------------
@@ -740,15 +757,20 @@ _ETH_P_ALL = 0x0003
 
 def attach_tc(netns_path: str, ifname: str, to_pod_fd: int, from_pod_fd: int,
               to_pod_name: str, from_pod_name: str,
-              peer_netns: str | None = None) -> XdpAttachment:
+              peer_netns: str | None = None,
+              pod_rtnl: _socket.socket | None = None) -> XdpAttachment:
     """Attach the tc programs to the host-side veth peer of the pod's
     ``ifname`` (verified as for XDP: NotPodVethError otherwise). The
     from-pod side goes first, so that no SYN is redirected before its reply
     can be rewritten back. An XDP program of ours left on the pair (a daemon
     that ran with --inbound-hook=xdp) is removed: the two must not stack. The
-    pod's tx checksum offload is not touched."""
+    pod's tx checksum offload is not touched. ``pod_rtnl``: an rtnetlink
+    socket already open in the pod netns (``open_marker_and_rtnl``), which is
+    used and closed instead of opening one."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    pod_ipr = (_ipr_path(netns_path) if pod_rtnl is None
+               else IPRoute(groups=0, use_socket=pod_rtnl))
+    with pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         index = peer["index"]
         try:
