@@ -290,7 +290,6 @@ import socket as _socket
 import stat as _stat
 import threading as _threading
 import time
-from contextlib import contextmanager as _contextmanager
 from dataclasses import dataclass as _dataclass
 from fcntl import ioctl as _ioctl
 
@@ -406,7 +405,13 @@ def _rtnl_socket() -> _socket.socket:
 
 def _ipr_path(path: str | None, allow_own: bool = False) -> IPRoute:
     """An IPRoute whose socket lives in netns ``path`` (None: ours). The path
-    is validated by ``_open_netns``: nothing is ever created at it."""
+    is validated by ``_open_netns``: nothing is ever created at it.
+
+    Never kept between CNI requests: pyroute2 0.9 gives each *thread* that
+    uses an IPRoute its own event loop (and, without ``use_socket``, its own
+    socket), released only by close(); the socket server runs every request
+    on a new thread, so a shared IPRoute leaked fds per request (the churn
+    test's fd count caught it)."""
     if path is None:
         return IPRoute(groups=0)
     sock = _in_netns(path, _rtnl_socket, allow_own)
@@ -415,45 +420,6 @@ def _ipr_path(path: str | None, allow_own: bool = False) -> IPRoute:
     except BaseException:
         sock.close()
         raise
-
-
-#: IPRoute objects open in the daemon's own netns, idle, ready for the next
-#: attach/detach (creating one costs an asyncio loop and a socket, ~1-3 ms).
-#: Only our own netns: a pooled socket in another netns would keep that
-#: namespace (and whatever is in it) alive after its name is removed.
-_OWN_POOL: list[IPRoute] = []
-_OWN_POOL_LOCK = _threading.Lock()
-_OWN_POOL_MAX = 4
-
-
-@_contextmanager
-def _peer_ipr(path: str | None):
-    """``_ipr_path(path, allow_own=True)`` as a context; for ``path=None`` (the
-    node netns, production) a pooled IPRoute, each used by one thread at a
-    time. A socket whose request was interrupted by anything but a netlink
-    error or a refusal of ours is closed, not pooled again."""
-    if path is not None:
-        with _ipr_path(path, allow_own=True) as ipr:
-            yield ipr
-        return
-    with _OWN_POOL_LOCK:
-        ipr = _OWN_POOL.pop() if _OWN_POOL else None
-    if ipr is None:
-        ipr = IPRoute(groups=0)
-    reuse = False
-    try:
-        yield ipr
-        reuse = True
-    except (NetlinkError, PodNetnsError):
-        reuse = True
-        raise
-    finally:
-        with _OWN_POOL_LOCK:
-            if reuse and len(_OWN_POOL) < _OWN_POOL_MAX:
-                _OWN_POOL.append(ipr)
-                ipr = None
-        if ipr is not None:
-            ipr.close()
 
 
 # ---- marker listener ---------------------------------------------------------
@@ -622,7 +588,7 @@ def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
     _check_ifname(ifname)
     if mode not in XDP_MODES:
         raise PodNetnsError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
-    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         if prepare is not None:
             prepare()
@@ -646,7 +612,7 @@ def detach_xdp(netns_path: str, ifname: str, peer_netns: str | None = None) -> b
     _check_ifname(ifname)
     if not os.path.exists(netns_path):
         return False
-    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         try:
             pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         except PodNetnsError:
@@ -674,7 +640,7 @@ def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) ->
 def xdp_prog_ids(netns_path: str, ifname: str, peer_netns: str | None = None) -> tuple[int, int]:
     """Program ids attached to the pod's ``ifname`` and to its host-side peer (0: none)."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
     return _xdp_of(pod)[0], _xdp_of(peer)[0]
 
@@ -682,7 +648,7 @@ def xdp_prog_ids(netns_path: str, ifname: str, peer_netns: str | None = None) ->
 def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
     """Name of the host-side veth peer of the pod's ``ifname`` (in ``peer_netns``)."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         return _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)[1] \
             .get_attr("IFLA_IFNAME")
 
@@ -770,7 +736,7 @@ def attach_tc(netns_path: str, ifname: str, to_pod_fd: int, from_pod_fd: int,
     _check_ifname(ifname)
     pod_ipr = (_ipr_path(netns_path) if pod_rtnl is None
                else IPRoute(groups=0, use_socket=pod_rtnl))
-    with pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    with pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         index = peer["index"]
         try:
@@ -800,7 +766,7 @@ def detach_tc(netns_path: str, ifname: str, peer_netns: str | None = None) -> bo
     _check_ifname(ifname)
     if not os.path.exists(netns_path):
         return False
-    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         try:
             _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         except PodNetnsError:
@@ -823,7 +789,7 @@ def tc_filter_names(netns_path: str | None, ifname: str,
 def tc_names(netns_path: str, ifname: str, peer_netns: str | None = None) -> dict[str, str]:
     """{"to_pod"/"from_pod": filter name} of our tc filters on the pod's peer."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _peer_ipr(peer_netns) as peer_ipr:
+    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         return _tc_filters(peer_ipr, peer["index"])
 
