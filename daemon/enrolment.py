@@ -7,8 +7,8 @@ its listener, XDP and tx checksum -- in the three forms the registry needs:
 ``_apply`` (all-or-nothing, with an undo stack), ``_ensure`` (idempotent
 repair: repeated ADD, restart) and ``_withdraw`` (DEL), plus ``_problems``
 (CHECK). It relies on the registry's ``maps``, ``podnet``, ``records``,
-``markers``, ``_lock``, ``_save``, ``_policy``, ``lookup``, ``mesh`` and
-``hardware_checksum``.
+``markers``, ``_lock``, ``_save`` (``_snapshot``, ``_write``), ``_policy``,
+``lookup``, ``mesh`` and ``hardware_checksum``.
 
 A pod's mark maps to its IPs, one per family (``_marked_ips``): the connect
 programs bind a redirected connection to the pod IP of its family, so a
@@ -67,21 +67,35 @@ class Pieces:
             for ip in rec.ips:
                 self.maps.local_pods.put(ip, policy)
                 undo.append(lambda ip=ip: self._quiet(self.maps.local_pods.delete, ip))
-        marker = self.podnet.open_marker(rec.netns, rec.key)
+        both = getattr(self.podnet, "open_marker_and_rtnl", None)
+        if both is not None:       # one entry into the pod netns for both sockets
+            marker, rtnl = both(rec.netns, rec.key)
+            undo.append(rtnl.close)
+        else:
+            marker, rtnl = self.podnet.open_marker(rec.netns, rec.key), None
         undo.append(marker.close)
         self.markers[rec.container_id] = marker
         undo.append(lambda: self.markers.pop(rec.container_id, None))
-        self._remember_netns(rec, marker)
+        # the cookie is saved with the "enrolled" record (one write less per
+        # ADD): a restart finds an "adding" record's entries by its key anyway
+        self._remember_netns(rec, marker, save=False)
         undo.append(lambda: self._forget_netns(rec))
         undo.append(lambda: self.podnet.detach_xdp(rec.netns, rec.ifname))
-        self.podnet.attach_xdp(rec.netns, rec.ifname)   # tx checksum off first, in there
+        if rtnl is None:
+            self.podnet.attach_xdp(rec.netns, rec.ifname)   # tx checksum off first, in there
+        else:
+            try:
+                self.podnet.attach_xdp(rec.netns, rec.ifname, pod_rtnl=rtnl)
+            finally:
+                rtnl.close()       # used and closed by the attach; never kept
 
     # -- mb_netns_pod: interception that does not depend on the listener -------
     def _netns_pods(self):
         return getattr(self.maps, "netns_pod", None)
 
-    def _remember_netns(self, rec: Record, marker: Any) -> None:
-        """mb_netns_pod[cookie of the pod netns] = (pod IPs, key)."""
+    def _remember_netns(self, rec: Record, marker: Any, save: bool = True) -> None:
+        """mb_netns_pod[cookie of the pod netns] = (pod IPs, key); the record's
+        new cookie is saved unless ``save`` is False (the caller saves next)."""
         cookie_of = getattr(self.podnet, "netns_cookie", None)
         table = self._netns_pods()
         if cookie_of is None or table is None:
@@ -91,7 +105,8 @@ class Pieces:
             table.put(cookie, self._marked_ips(rec.ips), rec.key)
             if rec.netns_cookie != cookie:
                 rec.netns_cookie = cookie
-                self._save()
+                if save:
+                    self._save()
 
     def _forget_netns(self, rec: Record) -> None:
         """Remove rec's mb_netns_pod entries: by its cookie, and any entry the
@@ -185,7 +200,8 @@ class Pieces:
                 raise PodError(INTERNAL, f"removing container {rec.container_id}",
                                "; ".join(errors))
             self.records.pop(rec.container_id, None)
-            self._save()
+            snapshot = self._snapshot()
+        self._write(snapshot)
         log.info("withdrew %s/%s container %s", rec.namespace, rec.name, rec.container_id)
 
     def _ip_used_elsewhere(self, ip: str, cid: str) -> bool:

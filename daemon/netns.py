@@ -405,7 +405,13 @@ def _rtnl_socket() -> _socket.socket:
 
 def _ipr_path(path: str | None, allow_own: bool = False) -> IPRoute:
     """An IPRoute whose socket lives in netns ``path`` (None: ours). The path
-    is validated by ``_open_netns``: nothing is ever created at it."""
+    is validated by ``_open_netns``: nothing is ever created at it.
+
+    Never kept between CNI requests: pyroute2 0.9 gives each *thread* that
+    uses an IPRoute its own event loop (and, without ``use_socket``, its own
+    socket), released only by close(); the socket server runs every request
+    on a new thread, so a shared IPRoute leaked fds per request (the churn
+    test's fd count caught it)."""
     if path is None:
         return IPRoute(groups=0)
     sock = _in_netns(path, _rtnl_socket, allow_own)
@@ -419,7 +425,8 @@ def _ipr_path(path: str | None, allow_own: bool = False) -> IPRoute:
 # ---- marker listener ---------------------------------------------------------
 
 def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_PORT,
-                         family: str = "dual") -> _socket.socket:
+                         family: str = "dual",
+                         _also: Callable[[], None] | None = None) -> _socket.socket:
     """Listen on ``port`` inside the pod netns with ``SO_MARK = mark``.
 
     The connect hooks find this socket with ``bpf_sk_lookup_tcp`` in the
@@ -449,6 +456,8 @@ def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_P
             else:
                 s.bind(("0.0.0.0", port))
             s.listen(1)
+            if _also is not None:
+                _also()
         except BaseException:
             s.close()
             raise
@@ -459,6 +468,20 @@ def open_marker_listener(netns_path: str, mark: int, port: int = MARK_LISTENER_P
     except OSError as e:
         raise PodNetnsError(
             f"marker listener on port {port} in {netns_path}: {e.strerror or e}") from None
+
+
+def open_marker_and_rtnl(netns_path: str, mark: int, port: int = MARK_LISTENER_PORT,
+                         family: str = "dual") -> tuple[_socket.socket, _socket.socket]:
+    """``open_marker_listener`` and an rtnetlink socket in the same pod netns,
+    made by one thread (an ADD enters the pod netns once, not twice). The
+    caller closes the rtnetlink socket, or hands it to ``attach_tc``."""
+    box: list[_socket.socket] = []
+
+    def rtnl() -> None:
+        box.append(_rtnl_socket())
+
+    marker = open_marker_listener(netns_path, mark, port, family, _also=rtnl)
+    return marker, box[0]
 
 
 # ---- XDP on the pod's veth pair ---------------------------------------------
@@ -476,8 +499,11 @@ class XdpAttachment:
 
 
 def _link(ipr: IPRoute, **match):
+    """The link with this ``ifname`` or ``index``, or None. One RTM_GETLINK for
+    that link: ``get_links(ifname=...)`` would dump and decode every link of
+    the namespace (O(pods) in the node netns) and filter in Python."""
     try:
-        found = ipr.get_links(**match)
+        found = ipr.link("get", **match)
     except NetlinkError as e:
         if e.code == 19:  # ENODEV
             return None
@@ -641,9 +667,8 @@ TC_HANDLE = 1
 TC_PARENTS = {"to_pod": 0xFFFFFFF3, "from_pod": 0xFFFFFFF2}   # clsact egress / ingress
 
 
-def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
-    """{"to_pod"/"from_pod": filter name} of our filters on ``index``."""
-    out = {}
+def _clsact_filters(ipr: IPRoute, index: int):
+    """(``TC_PARENTS`` key, filter message) of every filter in the clsact of ``index``."""
     for where, parent in TC_PARENTS.items():
         try:
             found = ipr.get_filters(index=index, parent=parent)
@@ -652,8 +677,19 @@ def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
                 continue
             raise
         for f in found:
-            if f.get_attr("TCA_KIND") != "bpf" or (f["info"] >> 16) != TC_PRIO:
-                continue
+            if f.get_attr("TCA_KIND"):
+                yield where, f
+
+
+def _ours(f) -> bool:
+    return f.get_attr("TCA_KIND") == "bpf" and (f["info"] >> 16) == TC_PRIO
+
+
+def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
+    """{"to_pod"/"from_pod": filter name} of our filters on ``index``."""
+    out = {}
+    for where, f in _clsact_filters(ipr, index):
+        if _ours(f):
             opts = f.get_attr("TCA_OPTIONS")
             name = opts.get_attr("TCA_BPF_NAME") if opts else None
             if name:
@@ -663,22 +699,23 @@ def _tc_filters(ipr: IPRoute, index: int) -> dict[str, str]:
 
 def _clear_tc(ipr: IPRoute, index: int) -> None:
     """Remove our filters from ``index`` (and the clsact qdisc if nothing else
-    is left in it). Nothing of ours there is fine."""
-    for parent in TC_PARENTS.values():
+    is left in it). Nothing of ours there is fine. The filters are listed
+    first: when nobody else's is there, deleting the qdisc removes ours with
+    it (one change instead of three, each under the kernel's rtnl lock)."""
+    found = [_ours(f) for _, f in _clsact_filters(ipr, index)]
+    ours, others = any(found), not all(found)
+    if others:
+        steps = [dict(command="del-filter", kind="bpf", index=index, handle=TC_HANDLE,
+                      prio=TC_PRIO, parent=parent, protocol=_ETH_P_ALL)
+                 for parent in (TC_PARENTS.values() if ours else ())]
+    else:
+        steps = [dict(command="del", kind="clsact", index=index)]
+    for step in steps:
         try:
-            ipr.tc("del-filter", "bpf", index=index, handle=TC_HANDLE, prio=TC_PRIO,
-                   parent=parent, protocol=_ETH_P_ALL)
+            ipr.tc(**step)
         except NetlinkError as e:
             if e.code not in (2, 22, 19):
                 raise
-    try:
-        left = [f for parent in TC_PARENTS.values()
-                for f in ipr.get_filters(index=index, parent=parent) if f.get_attr("TCA_KIND")]
-        if not left:
-            ipr.tc("del", "clsact", index=index)
-    except NetlinkError as e:
-        if e.code not in (2, 22, 19):
-            raise
 
 
 _ETH_P_ALL = 0x0003
@@ -686,15 +723,20 @@ _ETH_P_ALL = 0x0003
 
 def attach_tc(netns_path: str, ifname: str, to_pod_fd: int, from_pod_fd: int,
               to_pod_name: str, from_pod_name: str,
-              peer_netns: str | None = None) -> XdpAttachment:
+              peer_netns: str | None = None,
+              pod_rtnl: _socket.socket | None = None) -> XdpAttachment:
     """Attach the tc programs to the host-side veth peer of the pod's
     ``ifname`` (verified as for XDP: NotPodVethError otherwise). The
     from-pod side goes first, so that no SYN is redirected before its reply
     can be rewritten back. An XDP program of ours left on the pair (a daemon
     that ran with --inbound-hook=xdp) is removed: the two must not stack. The
-    pod's tx checksum offload is not touched."""
+    pod's tx checksum offload is not touched. ``pod_rtnl``: an rtnetlink
+    socket already open in the pod netns (``open_marker_and_rtnl``), which is
+    used and closed instead of opening one."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    pod_ipr = (_ipr_path(netns_path) if pod_rtnl is None
+               else IPRoute(groups=0, use_socket=pod_rtnl))
+    with pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         index = peer["index"]
         try:

@@ -93,6 +93,12 @@ class PodNet:
     def open_marker(self, netns_path: str, key: int) -> socket.socket:
         return netns.open_marker_listener(netns_path, key, self.port, self.listener_family)
 
+    def open_marker_and_rtnl(self, netns_path: str,
+                             key: int) -> tuple[socket.socket, socket.socket]:
+        """``open_marker`` plus an rtnetlink socket in the same netns, for
+        ``attach_xdp(..., pod_rtnl=)``: an ADD enters the pod netns once."""
+        return netns.open_marker_and_rtnl(netns_path, key, self.port, self.listener_family)
+
     def marker_ok(self, marker: socket.socket, key: int) -> bool:
         """Still open, still listening, still carrying ``key``."""
         try:
@@ -111,20 +117,26 @@ class PodNet:
         return (to_pod, from_pod, f"{TC_TO_POD}#{prog_id(to_pod)}",
                 f"{TC_FROM_POD}#{prog_id(from_pod)}")
 
-    def attach_tc(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
+    def attach_tc(self, netns_path: str, ifname: str,
+                  pod_rtnl: socket.socket | None = None) -> netns.XdpAttachment:
         """Both tc programs on the pod's host-side veth; the pod's tx checksum
         offload is left as it is (bpf_l4_csum_replace handles CHECKSUM_PARTIAL)."""
         try:
             return netns.attach_tc(netns_path, ifname, *self._tc_names(),
-                                   peer_netns=self.peer_netns)
+                                   peer_netns=self.peer_netns, pod_rtnl=pod_rtnl)
         except netns.NotPodVethError as exc:
             raise PodError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
                            str(exc)[:500]) from exc
 
-    def attach_xdp(self, netns_path: str, ifname: str) -> netns.XdpAttachment:
-        """The inbound programs on the pod's veth pair (tc: attach_tc)."""
+    def attach_xdp(self, netns_path: str, ifname: str,
+                   pod_rtnl: socket.socket | None = None) -> netns.XdpAttachment:
+        """The inbound programs on the pod's veth pair (tc: attach_tc).
+        ``pod_rtnl`` (``open_marker_and_rtnl``) is used by the tc hook and
+        closed either way."""
         if self.inbound_hook == "tc":
-            return self.attach_tc(netns_path, ifname)
+            return self.attach_tc(netns_path, ifname, pod_rtnl)
+        if pod_rtnl is not None:
+            pod_rtnl.close()
         netns.detach_tc(netns_path, ifname, peer_netns=self.peer_netns)  # never both
         return self._attach_xdp(netns_path, ifname)
 

@@ -177,11 +177,19 @@ class Registry(Pieces):
                     del self._ctr_locks[cid]
 
     def _save(self) -> None:
-        if self.store is not None:
-            self.store.save(self.records)
+        self._write(self._snapshot())
+
+    def _snapshot(self) -> tuple[int, str] | None:
+        """The state file's next text (take it under ``_lock``; ``_write`` it
+        after releasing the lock, so no other pod waits for the file system)."""
         if self.metrics is not None:
             self.metrics.set_pods_enrolled(
                 sum(r.phase == ENROLLED for r in self.records.values()))
+        return self.store.snapshot(self.records) if self.store is not None else None
+
+    def _write(self, snapshot: tuple[int, str] | None) -> None:
+        if snapshot is not None:
+            self.store.write(snapshot)
 
     def _count(self, what: str, result: str, since: float) -> None:
         if self.metrics is not None:
@@ -348,13 +356,15 @@ class Registry(Pieces):
                                f"{bpftypes.MB_MAX_PODS} (MB_MAX_PODS)")
             rec.key = allocate_key(att.container_id, used)
             self.records[rec.container_id] = rec
-            self._save()                   # the key is known before it is written anywhere
+            snapshot = self._snapshot()
+        self._write(snapshot)              # the key is known before it is written anywhere
         undo: list[Callable[[], None]] = []
         try:
             self._apply(rec, policy, undo)
             with self._lock:
                 rec.phase = ENROLLED
-                self._save()
+                snapshot = self._snapshot()
+            self._write(snapshot)
         except Exception as exc:
             for step in reversed(undo):
                 try:

@@ -183,3 +183,41 @@ def test_detach_after_the_pod_is_gone(pod, datapath_xdp):
     netns.remove_netns(os.path.basename(pod_ns))   # the runtime tore the pod down
     pn.detach_xdp(pod_ns, "eth0")                  # DEL afterwards: no error
     assert not pn.xdp_attached(pod_ns, "eth0")
+
+
+def tc_show(node_ns: str, what: str) -> str:
+    return subprocess.run(["nsenter", f"--net={node_ns}", "tc", *what.split()],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_tc_detach_keeps_somebody_elses_filter_and_removes_its_own_qdisc(pod):
+    """Detach deletes the clsact qdisc in one change only when nothing but our
+    filters is in it; a filter of somebody else's keeps the qdisc and itself."""
+    pod_ns, node_ns = pod
+    dp = loader.Datapath(f"/sys/fs/bpf/mbt-{os.urandom(4).hex()}", mesh.get("istio"),
+                         cni_mode=True)
+    try:
+        dp.load()
+        pn = podnet.PodNet(dp.xdp_programs, peer_netns=node_ns, inbound_hook="tc",
+                           tc_programs=dp.tc_programs)
+        pn.attach_xdp(pod_ns, "eth0")
+        assert pn.xdp_attached(pod_ns, "eth0")
+        subprocess.run(["nsenter", f"--net={node_ns}", "tc", "filter", "add", "dev", "vpod",
+                        "ingress", "prio", "7", "protocol", "all", "u32", "match", "u32", "0", "0",
+                        "classid", "1:1"], check=True)
+        pn.detach_xdp(pod_ns, "eth0")
+        assert not pn.xdp_attached(pod_ns, "eth0")
+        assert "u32" in tc_show(node_ns, "filter show dev vpod ingress")
+        assert "bpf" not in tc_show(node_ns, "filter show dev vpod ingress")
+        assert "bpf" not in tc_show(node_ns, "filter show dev vpod egress")
+        assert "clsact" in tc_show(node_ns, "qdisc show dev vpod")
+        subprocess.run(["nsenter", f"--net={node_ns}", "tc", "filter", "del", "dev", "vpod",
+                        "ingress", "prio", "7"], check=True)
+        pn.attach_xdp(pod_ns, "eth0")
+        assert "clsact" in tc_show(node_ns, "qdisc show dev vpod")
+        pn.detach_xdp(pod_ns, "eth0")
+        assert "clsact" not in tc_show(node_ns, "qdisc show dev vpod")
+        pn.detach_xdp(pod_ns, "eth0")      # idempotent
+    finally:
+        dp.close()
+        dp.unpin()

@@ -547,3 +547,21 @@ def test_metrics_count_requests_and_enrolled_pods(world):
     assert 'merbridge_cni_requests_total{command="DEL",result="ok"} 1.0' in text
     reg.delete(att(w))
     assert "merbridge_pods_enrolled 0.0" in m.render().decode()
+
+
+def test_state_file_keeps_the_newest_snapshot_whatever_order_they_are_written_in(tmp_path):
+    """ADD/DEL write the state file after releasing the registry lock: a snapshot
+    taken earlier but written later must not put an older state back."""
+    from merbridge.daemon.state import Record
+    store = StateStore(tmp_path / "state")
+    recs = {"a": Record("a", "/proc/1/ns/net", "eth0", "ns", "p", ips=("10.0.0.1",), key=1)}
+    older = store.snapshot(recs)
+    recs["b"] = Record("b", "/proc/2/ns/net", "eth0", "ns", "q", ips=("10.0.0.2",), key=2,
+                       phase=ENROLLED, netns_id=(3, 4), extra={"x": [1]})
+    newer = store.snapshot(recs)
+    store.write(newer)
+    store.write(older)
+    assert sorted(store.load()) == ["a", "b"]
+    assert store.load()["b"] == recs["b"]
+    store.write(store.snapshot({}))
+    assert store.load() == {}
