@@ -85,6 +85,17 @@ def _connect(name: str, since: tuple[int, int], helper: int, used_by: str = "con
             for fam, at in (("4", ATTACH_INET4_CONNECT), ("6", ATTACH_INET6_CONNECT))]
 
 
+def _hook(hook: str, since: tuple[int, int], at4: int, at6: int) -> list[Feature]:
+    return [Feature(f"cgroup {hook}{fam} programs (program type cgroup_sock_addr)", since,
+                    f"the {hook}4/6 programs", PROG_CGROUP_SOCK_ADDR, at)
+            for fam, at in (("4", at4), ("6", at6))]
+
+
+def _sockops(helper: str, since: tuple[int, int], func: int, why: str) -> Feature:
+    return Feature(f"{helper} in sock_ops programs", since, f"sockops ({why})", PROG_SOCK_OPS,
+                   helper=func)
+
+
 #: every kernel feature bpf/progs/*.c and the daemon use, and where
 FEATURES: tuple[Feature, ...] = (
     *_connect("program type cgroup_sock_addr", (4, 17), 0),
@@ -97,31 +108,16 @@ FEATURES: tuple[Feature, ...] = (
     *_connect("bpf_get_netns_cookie", (5, 7), FUNC_GET_NETNS_COOKIE),
     *_connect("bpf_get_current_cgroup_id", (5, 7), FUNC_GET_CURRENT_CGROUP_ID,
               "--ambient (ambient4/6 key pods by cgroup id)", required=False),
-    Feature("cgroup sendmsg4 programs (program type cgroup_sock_addr)", (4, 18),
-            "the sendmsg hooks (redirect of UDP DNS to the proxy)",
-            PROG_CGROUP_SOCK_ADDR, ATTACH_UDP4_SENDMSG),
-    Feature("cgroup sendmsg6 programs (program type cgroup_sock_addr)", (4, 18),
-            "the sendmsg hooks (redirect of UDP DNS to the proxy)",
-            PROG_CGROUP_SOCK_ADDR, ATTACH_UDP6_SENDMSG),
-    Feature("cgroup getpeername4 programs (program type cgroup_sock_addr)", (5, 8),
-            "the getpeername hooks (the app sees its original destination)",
-            PROG_CGROUP_SOCK_ADDR, ATTACH_INET4_GETPEERNAME),
-    Feature("cgroup getpeername6 programs (program type cgroup_sock_addr)", (5, 8),
-            "the getpeername hooks (the app sees its original destination)",
-            PROG_CGROUP_SOCK_ADDR, ATTACH_INET6_GETPEERNAME),
+    *_hook("sendmsg", (4, 18), ATTACH_UDP4_SENDMSG, ATTACH_UDP6_SENDMSG),
+    *_hook("getpeername", (5, 8), ATTACH_INET4_GETPEERNAME, ATTACH_INET6_GETPEERNAME),
     Feature("program type sock_ops", (4, 13), "sockops (record socket pairs)", PROG_SOCK_OPS),
-    Feature("bpf_sock_ops_cb_flags_set in sock_ops programs", (4, 16),
-            "sockops (close callbacks clean the pair maps)", PROG_SOCK_OPS,
-            helper=FUNC_SOCK_OPS_CB_FLAGS_SET),
-    Feature("bpf_sock_hash_update in sock_ops programs", (4, 18),
-            "sockops (the sk_msg shortcut's sockhash)", PROG_SOCK_OPS,
-            helper=FUNC_SOCK_HASH_UPDATE),
-    Feature("bpf_get_socket_cookie in sock_ops programs", (4, 19),
-            "sockops (original destination by socket cookie)", PROG_SOCK_OPS,
-            helper=FUNC_GET_SOCKET_COOKIE),
-    Feature("bpf_get_netns_cookie in sock_ops programs", (5, 15),
-            "sockops (legacy mode learns each pod's IPs by netns)", PROG_SOCK_OPS,
-            helper=FUNC_GET_NETNS_COOKIE),
+    _sockops("bpf_sock_ops_cb_flags_set", (4, 16), FUNC_SOCK_OPS_CB_FLAGS_SET,
+             "close callbacks clean the pair maps"),
+    _sockops("bpf_sock_hash_update", (4, 18), FUNC_SOCK_HASH_UPDATE, "the sk_msg shortcut's sockhash"),
+    _sockops("bpf_get_socket_cookie", (4, 19), FUNC_GET_SOCKET_COOKIE,
+             "original destination by socket cookie"),
+    _sockops("bpf_get_netns_cookie", (5, 15), FUNC_GET_NETNS_COOKIE,
+             "legacy mode learns each pod's IPs by netns"),
     Feature("bpf_msg_redirect_hash in sk_msg programs", (4, 18),
             "sk_msg (local socket shortcut)", PROG_SK_MSG, helper=FUNC_MSG_REDIRECT_HASH),
     Feature("cgroup getsockopt programs (program type cgroup_sockopt)", (5, 3),
