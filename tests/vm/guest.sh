@@ -11,4 +11,4 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 ulimit -n 65536
 export TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 echo "guest: $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/{print $2" kB"}' /proc/meminfo)"
-xargs -0 -a "$out/argv" sh -c '"$@" -p no:cacheprovider; echo $? >"$0/rc"' "$out"
+xargs -0 -a "$out/argv" sh -c '"$@" -p no:cacheprovider --durations=15; echo $? >"$0/rc"' "$out"
