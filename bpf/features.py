@@ -58,7 +58,7 @@ FUNC_GET_NETNS_COOKIE = 122
 
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h
 
-_SYS_BPF = 321        # x86_64
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)   # __NR_bpf
 _BPF_PROG_LOAD = 5
 
 
@@ -173,6 +173,8 @@ class ProbeError(OSError):
 def load(prog_type: int, attach_type: int, insns: bytes) -> str | None:
     """Load a program; None when the kernel took it, else the verifier's log
     (or the errno text when the load failed before the verifier ran)."""
+    if _SYS_BPF is None:
+        raise ProbeError(errno.ENOSYS, f"no bpf(2) number known for {os.uname().machine}")
     code = ct.create_string_buffer(insns, len(insns))
     lic = ct.create_string_buffer(b"GPL")
     log = ct.create_string_buffer(65536)
