@@ -9,6 +9,6 @@ exec >"$out/log" 2>&1
 uname -r >"$out/uname"
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 ulimit -n 65536
-export TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export TMPDIR=/tmp PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MERBRIDGE_TEST_READY_SCALE=8
 echo "guest: $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/{print $2" kB"}' /proc/meminfo)"
 xargs -0 -a "$out/argv" sh -c '"$@" -p no:cacheprovider --durations=15; echo $? >"$0/rc"' "$out"
