@@ -163,11 +163,22 @@ def run(mode: str, cni_mode: bool, hardware_checksum: bool, node_name: str, kube
         config = config.validate()
     except cfgmod.ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    refuse_old_kernel()
     try:
         from merbridge.daemon import runtime
     except ImportError as exc:
         fail(f"the daemon runtime is not available: {exc}")
     sys.exit(runtime.run(config))
+
+
+def refuse_old_kernel() -> None:
+    """Exit before touching anything when the kernel lacks a feature the
+    datapath needs, with doctor's "kernel floor" message."""
+    from merbridge.daemon import doctor as doc
+    message = doc.kernel_refusal()
+    if message:
+        log.error("%s", message)
+        fail(message)
 
 
 # ----------------------------------------------------------------- inspection

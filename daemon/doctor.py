@@ -20,9 +20,12 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from merbridge.bpf import features as kfeatures
 from merbridge.daemon.config import DEFAULT_BPFFS_PATH, default_attach_point, find_cgroup2_mount
 
-MIN_KERNEL = (5, 7)
+#: the probed floor: the newest mainline release among the features the
+#: datapath needs (bpf/features.py; the probes of kernel_feature_checks decide)
+MIN_KERNEL = kfeatures.FLOOR
 #: the program types merbridge loads (see bpf/progs/*.c)
 PROGRAM_TYPES = {
     "cgroup_sock_addr": "connect4/6, sendmsg/recvmsg (redirect to the sidecar)",
@@ -132,7 +135,8 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
                mounts_file: str = "/proc/mounts", kernel_release: str | None = None,
                probe: Callable[[], dict | None] = bpftool_probe,
                bcc: Callable[[], tuple[bool, str]] = _bcc_importable,
-               caps: int | None = None) -> list[Check]:
+               caps: int | None = None,
+               kprobe: Callable[[], dict] = kfeatures.probe_all) -> list[Check]:
     checks: list[Check] = []
     release = kernel_release or platform.release()
     caps = effective_caps() if caps is None else caps
@@ -142,7 +146,7 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
     want = ".".join(map(str, MIN_KERNEL))
     checks.append(_ok("kernel", f"{release} (>= {want})") if version >= MIN_KERNEL else _fail(
         "kernel", f"{release} is older than {want}",
-        f"upgrade the node kernel to {want} or newer (cgroup connect hooks with netns cookies)"))
+        f"upgrade the node kernel to {want} or newer (see the kernel feature checks below)"))
 
     checks.append(privileges_check(caps, os.geteuid()))
     privileged = checks[-1].status == "ok"
@@ -194,6 +198,8 @@ def run_checks(*, bpffs_path: str = DEFAULT_BPFFS_PATH, cgroup_path: str | None 
         "apt-get install python3-bpfcc and run merbridge from /usr/bin/python3 or a venv "
         "made with --system-site-packages (PyPI's 'bcc' is an unrelated package)"))
 
+    checks.extend(kernel_feature_checks(release, privileged, kprobe))
+
     features = probe() if privileged else None
     if features is None:
         why = "bpftool is not installed or failed" if privileged else "needs root's capabilities"
@@ -224,6 +230,44 @@ def attach_point_check(cgroup_path: str | None, mount: str) -> Check:
         return _ok("attach point", f"{cgroup_path} (--cgroup-path)")
     cgroup, why = default_attach_point(mount)
     return _ok("attach point", f"{cgroup}: {why}")
+
+
+def kernel_feature_checks(release: str, privileged: bool,
+                          kprobe: Callable[[], dict] = kfeatures.probe_all) -> list[Check]:
+    """One check per kernel feature the datapath uses (bpf/features.py: a
+    tiny program per helper and attach type, SO_NETNS_COOKIE), then the
+    verdict the daemon gives at start (kernel_refusal) when any is missing."""
+    if not privileged:
+        return [_skip("kernel features", "not probed: needs root's capabilities", "run doctor as root")]
+    try:
+        results = kprobe()
+    except kfeatures.ProbeError as exc:
+        return [_skip("kernel features", f"not probed: {exc}", "run doctor as root")]
+    checks = []
+    for f, why in results.items():
+        name = f"kernel feature {f.name}"
+        if why is None:
+            checks.append(_ok(name, f"{f.release}; used by {f.used_by}", required=f.required))
+        else:
+            checks.append(_fail(name, f"missing ({why}); came with {f.release}, needed by "
+                                f"{f.used_by}", f"use {f.release} or newer", required=f.required))
+    lacking = kfeatures.missing(results)
+    checks.append(_fail("kernel floor", kfeatures.refusal(release, lacking),
+                        f"use Linux {kfeatures.FLOOR_TEXT} or newer") if lacking else
+                  _ok("kernel floor", f"every feature of Linux {kfeatures.FLOOR_TEXT}'s floor "
+                      f"probed present ({len(results)} probes)"))
+    return checks
+
+
+def kernel_refusal(release: str | None = None, kprobe: Callable[[], dict] | None = None) -> str:
+    """The daemon's start gate: "" when the kernel has every required
+    feature (or probing is impossible: the loader then says why), else the
+    message doctor's "kernel floor" check prints."""
+    try:
+        results = (kprobe or kfeatures.probe_all)()
+    except kfeatures.ProbeError:
+        return ""
+    return kfeatures.refusal(release or platform.release(), kfeatures.missing(results))
 
 
 def ambient_check(version: tuple[int, int], cgroup_v2: bool) -> Check:

@@ -272,7 +272,7 @@ def test_doctor_reports_what_is_missing_and_how_to_fix(tmp_path):
                                kernel_release="5.4.0-100-generic", caps=1 << 21,
                                bcc=lambda: (False, "No module named 'bcc'"))
     by = {c.name: c for c in checks}
-    assert by["kernel"].status == "fail" and "5.7" in by["kernel"].fix
+    assert by["kernel"].status == "fail" and "5.15" in by["kernel"].fix
     assert by["privileges"].status == "fail" and "without CAP_NET_ADMIN" in by["privileges"].detail
     assert "CAP_SYS_ADMIN" not in by["privileges"].detail
     assert by["cgroup v2"].status == "fail" and "mount -t cgroup2" in by["cgroup v2"].fix
