@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 # enum bpf_prog_type, enum bpf_attach_type, enum bpf_func_id (linux/bpf.h);
 # tests/unit/test_features.py checks them against the UAPI header
+PROG_SCHED_CLS = 3
 PROG_XDP = 6
+PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_SK_MSG = 16
 PROG_CGROUP_SOCK_ADDR = 18
@@ -41,10 +43,17 @@ ATTACH_INET4_CONNECT = 10
 ATTACH_INET6_CONNECT = 11
 ATTACH_UDP4_SENDMSG = 14
 ATTACH_UDP6_SENDMSG = 15
+ATTACH_UDP4_RECVMSG = 19
+ATTACH_UDP6_RECVMSG = 20
 ATTACH_GETSOCKOPT = 21
 ATTACH_INET4_GETPEERNAME = 29
 ATTACH_INET6_GETPEERNAME = 30
+ATTACH_INET4_GETSOCKNAME = 31
+ATTACH_INET6_GETSOCKNAME = 32
+ATTACH_CGROUP_INET_SOCK_RELEASE = 34
 
+FUNC_SKB_STORE_BYTES = 9
+FUNC_L4_CSUM_REPLACE = 11
 FUNC_GET_CURRENT_PID_TGID = 14
 FUNC_GET_CURRENT_UID_GID = 15
 FUNC_GET_SOCKET_COOKIE = 46
@@ -54,6 +63,7 @@ FUNC_SOCK_HASH_UPDATE = 70
 FUNC_MSG_REDIRECT_HASH = 71
 FUNC_GET_CURRENT_CGROUP_ID = 80
 FUNC_SK_LOOKUP_TCP = 84
+FUNC_SKB_PULL_DATA = 39
 FUNC_GET_NETNS_COOKIE = 122
 
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h
@@ -109,7 +119,12 @@ FEATURES: tuple[Feature, ...] = (
     *_connect("bpf_get_current_cgroup_id", (5, 7), FUNC_GET_CURRENT_CGROUP_ID,
               "--ambient (ambient4/6 key pods by cgroup id)", required=False),
     *_hook("sendmsg", (4, 18), ATTACH_UDP4_SENDMSG, ATTACH_UDP6_SENDMSG),
+    *_hook("recvmsg", (5, 2), ATTACH_UDP4_RECVMSG, ATTACH_UDP6_RECVMSG),
     *_hook("getpeername", (5, 8), ATTACH_INET4_GETPEERNAME, ATTACH_INET6_GETPEERNAME),
+    *_hook("getsockname", (5, 8), ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME),
+    Feature("cgroup sock_release programs (program type cgroup_sock)", (5, 9),
+            "peername.c (a released socket's entry is forgotten)", PROG_CGROUP_SOCK,
+            ATTACH_CGROUP_INET_SOCK_RELEASE),
     Feature("program type sock_ops", (4, 13), "sockops (record socket pairs)", PROG_SOCK_OPS),
     _sockops("bpf_sock_ops_cb_flags_set", (4, 16), FUNC_SOCK_OPS_CB_FLAGS_SET,
              "close callbacks clean the pair maps"),
@@ -122,7 +137,15 @@ FEATURES: tuple[Feature, ...] = (
             "sk_msg (local socket shortcut)", PROG_SK_MSG, helper=FUNC_MSG_REDIRECT_HASH),
     Feature("cgroup getsockopt programs (program type cgroup_sockopt)", (5, 3),
             "getsockopt (answer SO_ORIGINAL_DST)", PROG_CGROUP_SOCKOPT, ATTACH_GETSOCKOPT),
-    Feature("program type xdp", (4, 8), "XDP on pod veths (CNI mode inbound)", PROG_XDP),
+    Feature("bpf_get_netns_cookie in cgroup getsockopt programs", (5, 15),
+            "getsockopt (SO_ORIGINAL_DST only to the pod that owns the connection)",
+            PROG_CGROUP_SOCKOPT, ATTACH_GETSOCKOPT, FUNC_GET_NETNS_COOKIE),
+    Feature("program type xdp", (4, 8), "XDP on pod veths (--inbound-hook=xdp)", PROG_XDP),
+    *[Feature(f"{name} in sched_cls programs", since, "inbound.c over tc (CNI mode's default "
+              "inbound hook)", PROG_SCHED_CLS, helper=func)
+      for name, since, func in (("bpf_skb_store_bytes", (4, 1), FUNC_SKB_STORE_BYTES),
+                                ("bpf_l4_csum_replace", (4, 1), FUNC_L4_CSUM_REPLACE),
+                                ("bpf_skb_pull_data", (4, 9), FUNC_SKB_PULL_DATA))],
     Feature("socket option SO_NETNS_COOKIE", (5, 14),
             "the daemon (keys each CNI pod's mb_netns_pod entry by netns cookie)",
             kind="sockopt"),

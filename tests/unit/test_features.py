@@ -41,7 +41,11 @@ def test_uapi_numbers_match_the_kernel_header():
              "UDP4_SENDMSG": "BPF_CGROUP_UDP4_SENDMSG", "UDP6_SENDMSG": "BPF_CGROUP_UDP6_SENDMSG",
              "GETSOCKOPT": "BPF_CGROUP_GETSOCKOPT",
              "INET4_GETPEERNAME": "BPF_CGROUP_INET4_GETPEERNAME",
-             "INET6_GETPEERNAME": "BPF_CGROUP_INET6_GETPEERNAME"}
+             "INET6_GETPEERNAME": "BPF_CGROUP_INET6_GETPEERNAME",
+             "UDP4_RECVMSG": "BPF_CGROUP_UDP4_RECVMSG", "UDP6_RECVMSG": "BPF_CGROUP_UDP6_RECVMSG",
+             "INET4_GETSOCKNAME": "BPF_CGROUP_INET4_GETSOCKNAME",
+             "INET6_GETSOCKNAME": "BPF_CGROUP_INET6_GETSOCKNAME",
+             "CGROUP_INET_SOCK_RELEASE": "BPF_CGROUP_INET_SOCK_RELEASE"}
     for const, value in vars(F).items():
         if const.startswith("ATTACH_"):
             assert attach.index(names[const[len("ATTACH_"):]]) == value, const
@@ -52,7 +56,8 @@ def test_uapi_numbers_match_the_kernel_header():
 def test_the_floor_is_the_newest_required_feature():
     assert F.FLOOR == (5, 15) and F.FLOOR_TEXT == "5.15"
     newest = [f for f in F.FEATURES if f.since == F.FLOOR]
-    assert [f.name for f in newest] == ["bpf_get_netns_cookie in sock_ops programs"]
+    assert [f.name for f in newest] == ["bpf_get_netns_cookie in sock_ops programs",
+                                        "bpf_get_netns_cookie in cgroup getsockopt programs"]
     assert doctor.MIN_KERNEL == F.FLOOR
     # an optional feature (only --ambient needs it) never raises the floor
     late = F.Feature("x", (9, 0), "an option", required=False)
