@@ -501,11 +501,20 @@ class XdpAttachment:
 def _link(ipr: IPRoute, **match):
     """The link with this ``ifname`` or ``index``, or None. One RTM_GETLINK for
     that link: ``get_links(ifname=...)`` would dump and decode every link of
-    the namespace (O(pods) in the node netns) and filter in Python."""
+    the namespace (O(pods) in the node netns) and filter in Python. A name no
+    link can have (not UTF-8 -- CNI_IFNAME arrives surrogate-escaped --, or
+    longer than IFNAMSIZ) is not found, as the old dump-and-filter said."""
+    name = match.get("ifname")
+    if name is not None:
+        try:
+            if len(name.encode()) > 15:
+                return None
+        except UnicodeEncodeError:
+            return None
     try:
         found = ipr.link("get", **match)
     except NetlinkError as e:
-        if e.code == 19:  # ENODEV
+        if e.code == 19 or (name is not None and e.code in (22, 34)):  # ENODEV; EINVAL/ERANGE
             return None
         raise
     return found[0] if found else None

@@ -130,19 +130,27 @@ def test_kill_9_in_the_middle_of_churn(three_pods):
     for pod in (a, b):
         ok(env.cni("ADD", pod))
     n_attached = len(env.attached())
-    results, stop = [], threading.Event()
+    results, stop, done = [], threading.Event(), threading.Semaphore(0)
+
+    def one(i):
+        try:
+            return net.cycle(net.pod_name(i), retry_for=60)
+        finally:
+            done.release()
 
     def churn():
         with ThreadPoolExecutor(10) as pool:
-            results.extend(pool.map(lambda i: net.cycle(net.pod_name(i), retry_for=60),
-                                    range(60)))
+            results.extend(pool.map(one, range(120)))
         stop.set()
 
     worker = threading.Thread(target=churn)
     worker.start()
     survived = 0
     try:
-        time.sleep(2.0)
+        # the kill lands mid-churn by count, not by a guess of how long ADDs take
+        for _ in range(10):
+            assert done.acquire(timeout=120)
+        assert not stop.is_set()
         assert env.stop(proc, signal.SIGKILL) == -signal.SIGKILL
         survived += 1
         assert intercepted(a, b) and intercepted(b, a)     # while down, mid-churn
