@@ -254,7 +254,9 @@ def test_proxy_to_local_pod_goes_to_its_inbound_listener(dp, pod):
         # record says POD4: SO_ORIGINAL_DST is kept from a netns that is not
         # the target pod's (docs/security.md; the target pod's own proxy gets
         # it: test_coexist.py::test_ebpf_first_with_istio_rules_in_place)
-        assert r["reply"]["orig"] == "errno 2"
+        # (the kernel's own answer: ENOENT from conntrack, or ENOPROTOOPT where
+        # nf_conntrack is not loaded -- a module in Debian's 6.1, the vm tier)
+        assert r["reply"]["orig"] in ("errno 2", "errno 92")
         # the target pod's inbound policy can exclude the port
         dp.maps.local_pods.put(DST4, PodPolicy(exclude_inbound_ports=frozenset({8080})))
         assert pod.connect(DST4, 8080, uid=1337)["reply"]["tag"] == "direct"
