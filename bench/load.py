@@ -114,9 +114,11 @@ def sockstat_tcp_mem_pages() -> int:
     return 0
 
 
-def iperf3(client, server, dst: str, seconds: float, port: int = 5201) -> dict:
-    """iperf3 from ``client`` pod to ``server`` pod at dst:port, sampling socket
-    memory in both pods every 100 ms; throughput and peak memory."""
+def iperf3(client, server, dst: str, seconds: float, port: int = 5201,
+           dst_port: int | None = None) -> dict:
+    """iperf3 from ``client`` pod to ``server`` pod (listening on ``port``) at
+    dst:dst_port (default: the same port), sampling socket memory in both pods
+    every 100 ms; throughput and peak memory."""
     srv = server.spawn(["iperf3", "-s", "-1", "-p", str(port)], uid=CLIENT_UID,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -135,7 +137,8 @@ def iperf3(client, server, dst: str, seconds: float, port: int = 5201) -> dict:
         th = threading.Thread(target=sample, daemon=True)
         base_pages = sockstat_tcp_mem_pages()
         th.start()
-        res = client.run(["iperf3", "-c", dst, "-p", str(port), "-t", f"{seconds:g}", "-J"],
+        res = client.run(["iperf3", "-c", dst, "-p", str(dst_port or port), "-t",
+                          f"{seconds:g}", "-J"],
                          uid=CLIENT_UID, timeout=seconds + 30)
         stop.set()
         th.join(timeout=10)

@@ -73,7 +73,9 @@ def _one_mode(a, workdir, rep, mode, nodes, bulk_s, runs, lat, bulk, checks, cou
                 f"p99 {r['p99_us']:6d} us")
         if "same" in a.where and seen["same"]["ok"]:
             try:
-                b = load.iperf3(t.cli, t.srv, t.srv.ip4, bulk_s)
+                dst, dst_port = t.bulk_dst()
+                b = load.iperf3(t.cli, t.srv, dst, bulk_s, port=topo.BULK_PORT,
+                                dst_port=dst_port)
                 b.update(rep=rep, mode=mode)
                 bulk.append(b)
                 log(f"  bulk  {b['sender_gbps']:.2f}/{b['receiver_gbps']:.2f} Gbit/s "

@@ -18,27 +18,43 @@ Modes:
 - ``ebpf-cni-nosockmap``: CNI mode with sk_msg redirection switched off.
 - ``ebpf-cni-hwcsum``: CNI mode with the pods' tx checksum offload left on
   (``--hardware-checksum=true``): what turning it off costs same-node.
+- ``explicit``: the same haproxy sidecars (same log line per connection) with
+  no interception at all: the client addresses its own sidecar on 127.0.0.1,
+  which forwards to the server pod's inbound listener by a static address,
+  which forwards to the app from 127.0.0.6. No hook, no NAT, no conntrack
+  entry is on the path, so no interception method can beat it: it is the
+  bound that says how much of a gap to iptables interception can close.
 
 A fresh topology per (repetition, mode) keeps modes from leaking state into
 each other (conntrack, nat tables, sockets in TIME_WAIT).
 """
 from __future__ import annotations
 
+import subprocess
 import time
 
 from common import BenchError, log
+from merbridge.daemon import labconfig
 from merbridge.daemon.lab import Lab
+from merbridge.daemon.labconfig import ISTIO
 
 APP_PORT = 8080
+BULK_PORT = 5201
 PASSTHROUGH = "127.0.0.6"
 
 MODES = ("direct", "iptables", "ebpf-cni", "ebpf-cni-xdp", "ebpf-legacy",
-         "ebpf-cni-nosockmap", "ebpf-cni-hwcsum")
+         "ebpf-cni-nosockmap", "ebpf-cni-hwcsum", "explicit")
 #: CNI-mode variants measured same-node only: sk_msg shortcuts sockets on one
 #: node, and with tx checksum offload on, XDP's rewrite of cross-node replies
 #: is not checksum-safe (docs/datapath.md)
 SAME_NODE_ONLY = ("ebpf-cni-nosockmap", "ebpf-cni-hwcsum")
-DEFAULT_MODES = ("direct", "iptables", "ebpf-cni", "ebpf-cni-xdp", "ebpf-legacy")
+DEFAULT_MODES = ("direct", "iptables", "ebpf-cni", "ebpf-cni-xdp", "ebpf-legacy", "explicit")
+
+#: explicit mode: the client's sidecar listens on 127.0.0.1 at one port per
+#: target ("bulk" is iperf3's), each server's sidecar on its pod IP at one
+#: port per app port
+EXPLICIT_OUT = {"same": 15001, "cross": 15002, "bulk": 15003}
+EXPLICIT_IN = {APP_PORT: 15006, BULK_PORT: 15007}
 
 _GET = r"""
 import socket, sys
@@ -90,6 +106,9 @@ class Topology:
             p.start_http_app(APP_PORT)
         if self.mode == "direct":
             return
+        if self.mode == "explicit":
+            self._explicit_sidecars()
+            return
         for p in self.pods():
             p.start_sidecar("tcp")
         if self.mode == "iptables":
@@ -104,6 +123,33 @@ class Topology:
                                               inbound_hook="xdp" if xdp else "tc")
             self.datapath.setup()
 
+    def _explicit_sidecars(self) -> None:
+        outs = {"same": (self.srv, APP_PORT), "bulk": (self.srv, BULK_PORT)}
+        if self.srvx is not None:
+            outs["cross"] = (self.srvx, APP_PORT)
+        fronts = [(f"out_{k}", f"127.0.0.1:{EXPLICIT_OUT[k]}",
+                   f"{pod.ip4}:{EXPLICIT_IN[port]}", "")
+                  for k, (pod, port) in outs.items()]
+        self._explicit_proxy(self.cli, fronts)
+        for p in self.servers:
+            self._explicit_proxy(p, [(f"in_{port}", f"{p.ip4}:{inp}", f"{p.ip4}:{port}",
+                                      f" source {PASSTHROUGH}")
+                                     for port, inp in EXPLICIT_IN.items()])
+
+    def _explicit_proxy(self, pod, fronts) -> None:
+        """haproxy as UID/GID 1337 with the sidecar's defaults and log line
+        (labconfig.sidecar), static backends instead of the original destination."""
+        cfg = [labconfig.sidecar().split("\nfrontend ", 1)[0]]  # global + defaults
+        for name, bind, server, extra in fronts:
+            cfg += [f"frontend {name}", f"    bind {bind}", f"    default_backend b_{name}",
+                    f"backend b_{name}", f"    server s {server}{extra}"]
+        path = self.lab._write(f"explicit-{pod.name}.cfg", "\n".join(cfg) + "\n")
+        proc = pod.spawn(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, uid=ISTIO.proxy_uid, gid=ISTIO.proxy_gid)
+        for _, bind, _, _ in fronts:
+            addr, port = bind.rsplit(":", 1)
+            pod.wait_listening(int(port), addr, proc=proc)
+
     def pods(self):
         return [p for p in (self.cli, self.srv, self.srvx) if p is not None]
 
@@ -117,7 +163,16 @@ class Topology:
         raise BenchError(f"bad placement {where!r}")
 
     def url(self, where: str) -> str:
+        self.target(where)
+        if self.mode == "explicit":
+            return f"http://127.0.0.1:{EXPLICIT_OUT[where]}/"
         return f"http://{self.target(where).ip4}:{APP_PORT}/"
+
+    def bulk_dst(self) -> tuple[str, int]:
+        """Where iperf3's client connects to reach the same-node server's BULK_PORT."""
+        if self.mode == "explicit":
+            return "127.0.0.1", EXPLICIT_OUT["bulk"]
+        return self.srv.ip4, BULK_PORT
 
     def check(self, placements=("same", "cross")) -> dict:
         """One request per placement; the peer the app saw proves whether the
@@ -125,8 +180,9 @@ class Topology:
         want = self.cli.ip4 if self.mode == "direct" else PASSTHROUGH
         seen = {}
         for where in placements:
-            res = self.cli.run(["/usr/bin/python3", "-I", "-c", _GET, self.target(where).ip4,
-                                str(APP_PORT)], uid=1000, timeout=20)
+            host, port = self.url(where).split("/")[2].rsplit(":", 1)
+            res = self.cli.run(["/usr/bin/python3", "-I", "-c", _GET, host, port],
+                               uid=1000, timeout=20)
             body = res.stdout.strip() or res.stderr.strip()[-200:]
             ok = body.endswith(f"peer={want}") or body.endswith(f"peer=::ffff:{want}")
             seen[where] = {"ok": ok, "body": body}
