@@ -1,5 +1,9 @@
 """Chain merbridge-cni into the node's primary CNI configuration, and undo it.
 
+(Over 450 lines on purpose: the installer's crash-safety argument -- write
+order, recheck before rename, byte-exact restore -- reads top to bottom in one
+file, next to the pure transforms it relies on.)
+
 Pure part: ``insert_plugin`` / ``remove_plugin`` transform a parsed config
 (``.conflist`` or single-plugin ``.conf``) and are golden-file tested.
 

@@ -1,5 +1,8 @@
 """Root tests of each datapath hook against the real kernel.
 
+(Over 450 lines on purpose: one module-scoped Datapath per mode is loaded once
+and shared by every hook's cases; split files would each compile it again.)
+
 One Datapath per mode is loaded into a private pin dir for the module; each
 test makes its own pod (netns + child cgroup), attaches the programs to that
 cgroup, and checks with plain sockets where a connect landed and what
