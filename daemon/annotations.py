@@ -438,10 +438,3 @@ def pod_ips(pod: dict) -> list[str]:
             ips.append(text)
     return ips
 
-
-def pack_ip(ip: str) -> bytes:
-    """An address as every map key stores it: 16 bytes, IPv4-mapped for IPv4."""
-    addr = netaddr.IPAddress(ip)
-    if addr.version == 4:
-        addr = addr.ipv6(ipv4_compatible=False)
-    return addr.packed

@@ -237,7 +237,3 @@ class KubernetesPodSource:
 
     def get(self, namespace: str, name: str) -> dict | None:
         return self._pods.get(f"{namespace}/{name}")
-
-
-def client_version() -> str:
-    return getattr(kubernetes, "__version__", "unknown")

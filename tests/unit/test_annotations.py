@@ -359,5 +359,3 @@ def test_pod_ips_dual_stack_and_fallback():
     assert pod_ips({}) == []
     assert pod_ips({"status": {"podIP": "::"}}) == []   # unspecified: no pod's address
     assert pod_ips({"status": {"podIPs": [{"ip": "0.0.0.0"}, {"ip": "fd00::7"}]}}) == ["fd00::7"]
-    assert an.pack_ip("10.0.0.5") == bytes(10) + b"\xff\xff" + bytes([10, 0, 0, 5])
-    assert an.pack_ip("fd00::1") == bytes([0xfd]) + bytes(14) + b"\x01"
