@@ -51,6 +51,12 @@ INBOUND_HOOKS = ("tc", "xdp")
 DEFAULT_INBOUND_HOOK = "tc"
 
 
+def _bad_ifname(ifname: str, exc: Exception) -> CniError:
+    """CNI code 4: CNI_IFNAME is not the pod's end of a veth pair."""
+    return CniError(errors.INVALID_ENVIRONMENT_VARIABLES, f"invalid CNI_IFNAME {ifname!r}",
+                    str(exc)[:500])
+
+
 def prog_id(fd: int) -> int:
     """The kernel id of the BPF program behind ``fd`` (from /proc fdinfo)."""
     with open(f"/proc/self/fdinfo/{fd}") as f:
@@ -126,8 +132,7 @@ class PodNet:
             return netns.attach_tc(netns_path, ifname, *self._tc_names(),
                                    peer_netns=self.peer_netns, pod_rtnl=pod_rtnl)
         except netns.NotPodVethError as exc:
-            raise CniError(errors.INVALID_ENVIRONMENT_VARIABLES, f"invalid CNI_IFNAME {ifname!r}",
-                           str(exc)[:500]) from exc
+            raise _bad_ifname(ifname, exc) from exc
 
     def attach_xdp(self, netns_path: str, ifname: str,
                    pod_rtnl: socket.socket | None = None) -> netns.XdpAttachment:
@@ -160,8 +165,7 @@ class PodNet:
                                         peer_netns=self.peer_netns,
                                         prepare=None if self.hardware_checksum or i else tx_off)
             except netns.NotPodVethError as exc:
-                raise CniError(errors.INVALID_ENVIRONMENT_VARIABLES, f"invalid CNI_IFNAME {ifname!r}",
-                               str(exc)[:500]) from exc
+                raise _bad_ifname(ifname, exc) from exc
             except PodNetError:
                 if i == len(modes) - 1:
                     raise

@@ -1,3 +1,4 @@
+# Over ~450 lines: one state machine under one lock (records, keys, CNI commands, restart).
 """The pod registry: the one place that decides and records what is enrolled.
 
 CNI mode: the registry is the CNI server's handler (``cniserver.CniHandler``):
@@ -64,8 +65,8 @@ from merbridge.cni.protocol import CniRequest
 from merbridge.daemon import annotations, podfacts
 from merbridge.daemon.adopt import ADOPTED, Adopter
 from merbridge.daemon.enroll import Enroller, PodNet, failure, netns_id, same_netns
-from merbridge.daemon.podfacts import pod_meta
 from merbridge.daemon.legacy import LegacyPods
+from merbridge.daemon.podfacts import pod_meta
 from merbridge.daemon.state import ADDING, ENROLLED, Record, StateStore
 
 log = logging.getLogger(__name__)

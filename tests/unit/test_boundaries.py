@@ -81,7 +81,8 @@ def test_import_rules(path: Path) -> None:
         if folder == "daemon" and name.startswith("merbridge.cni."):
             module = ".".join(name.split(".")[:3])
             assert module in DAEMON_FROM_CNI, \
-                f"{rel} imports {name}: the daemon may import from cni only {sorted(DAEMON_FROM_CNI)}"
+                f"{rel} imports {name}: the daemon may import from cni only " \
+                f"{sorted(DAEMON_FROM_CNI)}"
         if rel in PLUMBING:
             assert not name.startswith(REGISTRY), \
                 f"{rel} imports {name}: the pod plumbing is below the registry"

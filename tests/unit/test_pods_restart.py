@@ -166,7 +166,8 @@ def test_adopt_survives_a_search_that_fails(adopting, caplog):
 
     w.net.fail = "netns_addresses"
     w.reg.adopt(w.pods.values(), "/netns")
-    assert w.reg.records == {} and "cannot search /netns for the netns of 1 pod(s): injected failure" in caplog.text
+    assert w.reg.records == {}
+    assert "cannot search /netns for the netns of 1 pod(s): injected failure" in caplog.text
 
 
 def test_only_a_clean_shutdown_marks_the_state_file(world):
