@@ -131,6 +131,26 @@ class FakePodNet:
         return 1000 + sum(marker.netns.encode())
 
 
+def test_the_fake_and_the_real_podnet_implement_the_whole_protocol():
+    """No optional members: the registry calls every one of them."""
+    import inspect
+
+    from merbridge.daemon import enroll, podnet
+    wanted = {n for n in vars(enroll.PodNet) if not n.startswith("_")}
+    wanted |= set(enroll.PodNet.__annotations__)
+    for impl in (FakePodNet(), podnet.PodNet(lambda: (0, 0))):
+        assert {n for n in wanted if not hasattr(impl, n)} == set(), type(impl)
+        for name in wanted:
+            proto = getattr(enroll.PodNet, name, None)
+            if callable(proto):
+                got = list(inspect.signature(getattr(impl, name)).parameters)
+                want = list(inspect.signature(proto).parameters)[1:]
+                assert len(got) == len(want), (type(impl), name)
+                # passed by name: the same name
+                assert [p for p in want if p in ("pod_rtnl", "proc_path")] == \
+                    [p for p in got if p in ("pod_rtnl", "proc_path")], (type(impl), name)
+
+
 def meshed_pod(name="web", ns="default", ip="10.240.0.5", uid="u-1", ann=None):
     return {
         "metadata": {"name": name, "namespace": ns, "uid": uid,
