@@ -1,9 +1,13 @@
-"""CNI error codes and the one exception type the plugin raises.
+"""CNI error codes and the one exception type of the CNI path, plugin and daemon.
 
 The numbers are the CNI specification's well-known codes (0-99 are reserved by
-the spec; 100+ would be ours). Everything the plugin reports to the runtime is a
-``CniError``; the skel turns any other exception into ``INTERNAL`` (999), so
-the runtime always receives the spec's error JSON and never a traceback.
+the spec) and ours (101-104, below). Everything the plugin reports to the
+runtime is a ``CniError``; the skel turns any other exception into
+``INTERNAL`` (999), so the runtime always receives the spec's error JSON and
+never a traceback. The daemon raises the same type (its pod registry, its
+plumbing, its CNI server's refusals); the server turns it into an
+``ErrorReply`` with that code, which the plugin re-emits unchanged
+(``protocol.py`` is the wire contract, this module its error half).
 """
 from __future__ import annotations
 
@@ -19,6 +23,16 @@ TRY_AGAIN_LATER = 11
 PLUGIN_NOT_AVAILABLE = 50
 LIMITED_CONNECTIVITY = 51
 INTERNAL = 999
+
+# ours (100+): what the daemon's pod registry answers
+#: the pod's annotations or manifest cannot be used (nothing was written)
+INVALID_ANNOTATIONS = 101
+#: no IP in prevResult, in the pod's status or on its interface
+NO_POD_IP = 102
+#: CHECK: the pod is in the mesh but its enrolment is missing or incomplete
+NOT_ENROLLED = 103
+#: the datapath's maps hold no more pods
+NODE_FULL = 104
 
 #: codes a daemon reply may carry (anything else is reported as INTERNAL)
 KNOWN_CODES = frozenset({

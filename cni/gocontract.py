@@ -40,7 +40,7 @@ def render() -> str:
         ("MaxExecBody", protocol.MAX_EXEC_BODY),
         ("MaxEnvValue", protocol.MAX_PATH),
         ("MaxIfname", skel.MAX_IFNAME),
-        ("DefaultSocketPath", netconf.DEFAULT_SOCKET_PATH),
+        ("DefaultSocketPath", protocol.DEFAULT_SOCKET_PATH),
         ("DefaultTimeout", netconf.DEFAULT_TIMEOUT),
         ("MaxTimeout", netconf.MAX_TIMEOUT),
         ("MaxSocketPath", netconf.MAX_SOCKET_PATH),
@@ -67,7 +67,7 @@ def render() -> str:
     lines += [")", ""]
     lines.append(f"var ExecEnv = {_go(protocol.EXEC_ENV)}")
     lines.append(f"var SupportedVersions = {_go(version.SUPPORTED)}")
-    lines.append(f"var DefaultExcludeNamespaces = {_go(netconf.DEFAULT_EXCLUDE_NAMESPACES)}")
+    lines.append(f"var DefaultExcludeNamespaces = {_go(protocol.DEFAULT_EXCLUDE_NAMESPACES)}")
     lines.append(f"var LogLevels = {_go(netconf.LOG_LEVELS)}")
     lines.append(f"var GCAttachmentKeys = {_go(netconf.GC_ATTACHMENT_KEYS)}")
     lines.append(f"var Commands = {_go(skel.COMMANDS)}")

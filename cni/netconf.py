@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from . import errors
 from .errors import CniError
+from .protocol import DEFAULT_EXCLUDE_NAMESPACES, DEFAULT_SOCKET_PATH
 
-DEFAULT_SOCKET_PATH = "/var/run/merbridge-cni.sock"
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 300.0
-DEFAULT_EXCLUDE_NAMESPACES = ("kube-system", "istio-system")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_FAIL_OPEN = True
 #: the daemon's default --state-dir + "/pending" (daemon/config.py)

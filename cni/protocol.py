@@ -1,7 +1,8 @@
 """The plugin <-> daemon wire contract (HTTP/1.1 over the daemon's unix socket).
 
-This module is the whole contract; the daemon imports it and nothing else from
-``merbridge.cni``. Requests and replies are JSON objects, each mirrored by an
+This module is the whole contract, with its error half in ``errors.py`` (the
+one ``CniError`` and every code) and the defaults both ends share (the socket
+path, the excluded namespaces). Requests and replies are JSON objects, each mirrored by an
 immutable record with ``to_json``/``from_json``. ``from_json`` checks every
 type and size and raises ``ProtocolError`` (a ValueError); unknown fields are
 ignored, so a plugin and a daemon one release apart still understand each other.
@@ -59,6 +60,11 @@ MAX_RESULT_KEYS = 64
 MAX_STDIN = 1 << 20
 #: an ExecRequest/ExecReply carries up to MAX_STDIN + 1 bytes of stdin or output, base64-encoded
 MAX_EXEC_BODY = 2 << 20
+
+#: defaults of both ends (the plugin's netconf, the daemon's flags), defined here only
+DEFAULT_SOCKET_PATH = "/var/run/merbridge-cni.sock"
+#: as istio-cni: system pods and Istio's own control plane are never intercepted
+DEFAULT_EXCLUDE_NAMESPACES = ("kube-system", "istio-system")
 
 
 class ProtocolError(ValueError):

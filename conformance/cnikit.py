@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 
-from merbridge.daemon.cniserver import CniRequestError
+from merbridge.cni.errors import CniError
 
 CNITOOL = shutil.which("cnitool") or "/usr/local/bin/cnitool"
 CNI_PLUGIN_DIR = "/usr/lib/cni"
@@ -148,7 +148,7 @@ class RecordingHandler:
     def check(self, req):
         self.calls.append(("check", req))
         if req.container_id not in self.enrolled:
-            raise CniRequestError(103, "pod is not enrolled", req.container_id)
+            raise CniError(103, "pod is not enrolled", req.container_id)
 
     def gc(self, req):
         self.calls.append(("gc", req))

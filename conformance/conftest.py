@@ -28,7 +28,7 @@ import pytest
 
 from cnikit import CNITOOL, NODE_PATH, CniNetwork, Cnitool, RecordingHandler, netns_path, run
 from daemonkit import MerbridgeDaemon, Pod, make_pod, remove_cgroup, remove_pod
-from merbridge.cni.main import build_zipapp
+from merbridge.cni.zipapp import build_zipapp
 from merbridge.daemon.cniserver import CniServer
 from merbridge.daemon.lab import CGROUP_ROOT
 

@@ -354,11 +354,11 @@ def _installer(mode: str, cni_bin_dir: str, cni_conf_dir: str, socket_path: str,
     from merbridge.daemon import install
     plugin = cfgmod.cni_plugin_path(plugin or "")
     if plugin is None:
-        from merbridge.cni import main as cni_main
+        from merbridge.cni import zipapp
         click.echo("merbridge: no static merbridge-cni built (scripts/build-cni); installing the "
                    "Python one, which needs python3 on the node", err=True)
         os.makedirs(state_dir, exist_ok=True)
-        plugin = cni_main.build_zipapp(os.path.join(state_dir, "merbridge-cni"))
+        plugin = zipapp.build_zipapp(os.path.join(state_dir, "merbridge-cni"))
     return install.Installer(cni_bin_dir, cni_conf_dir, plugin,
                              install.plugin_entry(socket_path, mode),
                              state_file=os.path.join(state_dir, INSTALL_STATE))
@@ -415,13 +415,13 @@ def drain(socket_path: str, timeout: float) -> None:
     (the original bytes come back) and report not ready; waits until that is done.
     The daemon's SIGTERM does the rest. Exits 0 when no daemon serves the socket
     (legacy mode, or not running): there is nothing to drain."""
-    from merbridge.daemon import cniserver
+    from merbridge.daemon import drain as client
     try:
-        detail = cniserver.request_drain(socket_path, timeout)
-    except cniserver.NotServing as exc:
+        detail = client.request_drain(socket_path, timeout)
+    except client.NotServing as exc:
         click.echo(f"merbridge: nothing to drain: {exc}")
         return
-    except cniserver.DrainError as exc:
+    except client.DrainError as exc:
         fail(f"drain failed: {exc}")
     click.echo(f"merbridge drained: {detail}")
 

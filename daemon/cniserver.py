@@ -1,17 +1,21 @@
 """The daemon's end of the CNI plugin: HTTP/1.1 on a root-only unix socket.
 
-The wire format is ``merbridge.cni.protocol`` (the only cni module the daemon
-imports). Each connection carries one request: the peer's uid is checked with
+The wire format is ``merbridge.cni.protocol``, its errors ``merbridge.cni.errors``.
+Each connection carries one request: the peer's uid is checked with
 SO_PEERCRED, the request must arrive within ``request_timeout`` seconds and
-within ``protocol.MAX_BODY`` bytes, then it is decoded and handed to the
-handler (the pod registry, via ``CniHandler``).
+within ``protocol.MAX_BODY`` bytes, then it is decoded (a validated
+``CniRequest``) and handed to the handler: the pod registry, which implements
+``CniHandler`` itself (``pods.Registry``).
 
 This module is the single place where exceptions become error replies:
 
-* ``CniRequestError`` (or any exception with an int ``code`` and str ``msg``,
-  such as the registry's ``PodError``) -> ``ErrorReply`` with that CNI code;
+* ``CniError`` -> ``ErrorReply`` with its CNI code (the spec's or ours);
 * ``protocol.ProtocolError`` -> 400 with code 6 (decoding failure);
 * anything else -> 500 with code 999 (logged with its traceback here).
+
+It is also the one place where CNI requests are counted: ``observe(command,
+"ok" | "error", seconds)`` for each ADD, DEL, CHECK, GC and STATUS, from the
+socket or from the in-process plugin alike.
 
 Every branch returns right after writing its reply (Go merbridge's handlers
 did not, and went on after a 500).
@@ -25,13 +29,11 @@ answers the socket would give, and whose "plugin's own netns" is the peer's
 
 Besides the plugin's endpoints (``protocol.PATHS``, ``STATUS_PATH``) the socket
 serves ``POST /v1/drain`` for ``merbridge drain`` (the DaemonSet's preStop),
-when the handler has a ``drain()``; ``request_drain`` is its client. The reply
-is a ``StatusReply`` (ready: false, the handler's detail), or an ``ErrorReply``.
+when the server is given a ``drain`` (else 404); ``drain.request_drain`` is its client.
+The reply is a ``StatusReply`` (ready: false, drain's detail), or an ``ErrorReply``.
 """
 from __future__ import annotations
 
-import errno
-import http.client
 import logging
 import os
 import socket
@@ -42,9 +44,10 @@ import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
-from merbridge.cni import protocol
+from merbridge.cni import errors, protocol
+from merbridge.cni.errors import CniError
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +56,12 @@ DEFAULT_MAX_CONNECTIONS = 64
 DRAIN_PATH = protocol.API + "/drain"
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
-# CNI codes used by the server itself
-DECODING_FAILURE = 6
-TRY_AGAIN_LATER = 11
-NOT_AVAILABLE = 50
-INTERNAL = 999
-
-
-class CniRequestError(Exception):
-    """Raised by a handler: the request failed with this CNI code (spec codes or 100+)."""
-
-    def __init__(self, code: int, msg: str, details: str = "") -> None:
-        super().__init__(f"{msg}: {details}" if details else msg)
-        self.code, self.msg, self.details = code, msg, details
-
-
 class ServerError(Exception):
     """The socket cannot be served (path taken by a live server or by a non-socket)."""
 
 
 class CniHandler(Protocol):
-    """What the server calls; raise ``CniRequestError`` to fail a request."""
+    """What the server calls (``pods.Registry``); raise ``CniError`` to fail a request."""
 
     def add(self, req: protocol.CniRequest) -> Mapping[str, Any] | None:
         """Enrol the pod; the returned extras go back to the plugin (for its log)."""
@@ -88,18 +76,16 @@ class CniHandler(Protocol):
         """Drop every container not in ``req.attachments``."""
 
     def status(self) -> tuple[bool, str] | None:
-        """(ready, detail); None means ready; raising a coded error means not ready."""
-
-    # optional: ``drain() -> str`` (a detail for the log of ``merbridge drain``);
-    # without it POST /v1/drain is 404
+        """(ready, detail); None means ready; raising a CniError means not ready."""
 
 
 def _coded(exc: BaseException) -> tuple[int, str, str] | None:
-    """(code, msg, details) of an exception that carries a CNI code, else None."""
-    code, msg = getattr(exc, "code", None), getattr(exc, "msg", None)
+    """(code, msg, details) of a CniError whose code can go on the wire, else None."""
+    if not isinstance(exc, CniError):
+        return None
+    code, msg, details = exc.code, exc.msg, exc.details
     if isinstance(code, int) and not isinstance(code, bool) and 0 < code <= 0xFFFF \
             and isinstance(msg, str):
-        details = getattr(exc, "details", "")
         return code, msg, details if isinstance(details, str) else str(details)
     return None
 
@@ -173,7 +159,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if uid not in self.server.allowed_uids:
             self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
             log.warning("cni socket: refused pid %d uid %d", pid, uid)
-            self._send(403, protocol.ErrorReply(INTERNAL, "permission denied",
+            self._send(403, protocol.ErrorReply(errors.INTERNAL, "permission denied",
                                                 f"uid {uid} may not use this socket"))
             return
         self.close_connection = True
@@ -182,7 +168,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     # BaseHTTPRequestHandler calls this for malformed request lines and headers
     def send_error(self, code: int, message: str | None = None, explain: str | None = None):
         self.close_connection = True
-        self._send(code, protocol.ErrorReply(DECODING_FAILURE, message or "bad request",
+        self._send(code, protocol.ErrorReply(errors.DECODING_FAILURE, message or "bad request",
                                              explain or ""))
 
     def _send(self, status: int, reply: Any) -> None:
@@ -200,16 +186,16 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _body(self, limit: int = protocol.MAX_BODY) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _Reject(411, DECODING_FAILURE, "chunked bodies are not accepted")
+            raise _Reject(411, errors.DECODING_FAILURE, "chunked bodies are not accepted")
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            raise _Reject(411, DECODING_FAILURE, "Content-Length required")
+            raise _Reject(411, errors.DECODING_FAILURE, "Content-Length required")
         if int(length) > limit:
-            raise _Reject(413, DECODING_FAILURE, "request too large",
+            raise _Reject(413, errors.DECODING_FAILURE, "request too large",
                           f"limit {limit} bytes")
         data = self.rfile.read(int(length))
         if len(data) != int(length):
-            raise _Reject(408, DECODING_FAILURE, "request body incomplete or too slow")
+            raise _Reject(408, errors.DECODING_FAILURE, "request body incomplete or too slow")
         self._drained = True
         self._deadline.cancel()  # the read phase is over; the handler may take its time
         return data
@@ -221,10 +207,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self._serve(self._get)
 
     def _post(self) -> tuple[int, Any]:
-        if self.path == DRAIN_PATH and hasattr(self.server.handler, "drain"):
+        if self.path == DRAIN_PATH and self.server.drain is not None:
             self._body()
             log.info("cni socket: drain requested")
-            return 200, protocol.StatusReply(False, str(self.server.handler.drain()))
+            return 200, protocol.StatusReply(False, str(self.server.drain()))
         if self.path == protocol.EXEC_PATH:
             from merbridge.cni import inprocess
             req = protocol.ExecRequest.from_json(self._body(protocol.MAX_EXEC_BODY))
@@ -232,9 +218,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
                                           same_netns=self._in_peer_netns)
         command = protocol.COMMAND_OF_PATH.get(self.path)
         if command is None:
-            raise _Reject(404, INTERNAL, f"no such endpoint: POST {self.path[:100]}")
-        return _forward(self.server.handler,
-                        protocol.CniRequest.from_json(self._body(), command))
+            raise _Reject(404, errors.INTERNAL, f"no such endpoint: POST {self.path[:100]}")
+        return self.server.forward(protocol.CniRequest.from_json(self._body(), command))
 
     def _in_peer_netns(self, path: str) -> bool:
         """Whether ``path`` is the network namespace of the plugin process we serve."""
@@ -247,10 +232,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _get(self) -> tuple[int, Any]:
         if self.path != protocol.STATUS_PATH:
-            raise _Reject(404, INTERNAL, f"no such endpoint: GET {self.path[:100]}")
+            raise _Reject(404, errors.INTERNAL, f"no such endpoint: GET {self.path[:100]}")
         self._drained = True
         self._deadline.cancel()
-        return _status(self.server.handler)
+        return self.server.status()
 
     def _serve(self, route) -> None:
         self._send(*_answer(route, self.path))
@@ -286,16 +271,16 @@ def _answer(route, what: str) -> tuple[int, Any]:
     except _Reject as e:
         return e.status, e.reply
     except protocol.ProtocolError as e:
-        return 400, protocol.ErrorReply(DECODING_FAILURE, "invalid request", str(e))
+        return 400, protocol.ErrorReply(errors.DECODING_FAILURE, "invalid request", str(e))
     except Exception as e:
         coded = _coded(e)
         if coded is not None:
             code, msg, details = coded
             log.info("cni socket: %s failed: code %d: %s %s", what, code, msg, details)
-            http = 503 if code in (TRY_AGAIN_LATER, NOT_AVAILABLE) else 500
+            http = 503 if code in (errors.TRY_AGAIN_LATER, errors.PLUGIN_NOT_AVAILABLE) else 500
             return http, protocol.ErrorReply(code, msg, details[:protocol.MAX_PATH])
         log.exception("cni socket: %s failed unexpectedly", what)
-        return 500, protocol.ErrorReply(INTERNAL, "internal error in merbridge daemon",
+        return 500, protocol.ErrorReply(errors.INTERNAL, "internal error in merbridge daemon",
                                         f"{type(e).__name__}: {e}"[:500])
 
 
@@ -305,19 +290,38 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
     allow_reuse_address = False
 
     def __init__(self, handler: CniHandler, allowed_uids: frozenset, request_timeout: float,
-                 max_connections: int) -> None:
+                 max_connections: int, drain: Callable[[], str] | None,
+                 observe: Callable[[str, str, float], None] | None) -> None:
         super().__init__(None, _RequestHandler, bind_and_activate=False)
-        self.handler = handler
+        self.handler, self.drain, self._observe = handler, drain, observe
         self.allowed_uids = allowed_uids
         self.request_timeout = request_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
 
+    def _counted(self, command: str, fn: Callable[[], tuple[int, Any]]) -> tuple[int, Any]:
+        t0, result = time.monotonic(), "error"
+        try:
+            status, reply = fn()
+            if status == 200:
+                result = "ok"
+            return status, reply
+        finally:
+            if self._observe is not None:
+                self._observe(command, result, time.monotonic() - t0)
+
+    def forward(self, req: protocol.CniRequest) -> tuple[int, Any]:
+        """One plugin command to the handler, counted."""
+        return self._counted(req.command, lambda: _forward(self.handler, req))
+
+    def status(self) -> tuple[int, Any]:
+        return self._counted("STATUS", lambda: _status(self.handler))
+
     # the in-process plugin's way to the handler (merbridge.cni.inprocess)
     def local_post(self, req: protocol.CniRequest) -> tuple[int, Any]:
-        return _answer(lambda: _forward(self.handler, req), protocol.PATHS[req.command])
+        return _answer(lambda: self.forward(req), protocol.PATHS[req.command])
 
     def local_status(self) -> tuple[int, Any]:
-        return _answer(lambda: _status(self.handler), protocol.STATUS_PATH)
+        return _answer(self.status, protocol.STATUS_PATH)
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -338,16 +342,21 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
 
 
 class CniServer:
-    """Serves ``handler`` on ``socket_path`` (mode 0600, owned by ``owner``) in a thread."""
+    """Serves ``handler`` on ``socket_path`` (mode 0600, owned by ``owner``) in a thread.
+
+    ``drain`` answers ``POST /v1/drain`` (a detail for the log of ``merbridge
+    drain``); ``observe(command, result, seconds)`` counts each request."""
 
     def __init__(self, socket_path: str, handler: CniHandler, *,
                  allowed_uids: Iterable[int] = (0,), owner: tuple[int, int] | None = (0, 0),
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 drain: Callable[[], str] | None = None,
+                 observe: Callable[[str, str, float], None] | None = None) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.owner = owner
         self._server = _UnixServer(handler, frozenset(allowed_uids), request_timeout,
-                                   max_connections)
+                                   max_connections, drain, observe)
         self._thread: threading.Thread | None = None
         self._inode: tuple[int, int] | None = None
 
@@ -437,59 +446,3 @@ class CniServer:
         except FileNotFoundError:
             pass
         self._inode = None
-
-
-# ----------------------------------------------------------------- drain client
-
-class NotServing(Exception):
-    """No daemon answers on the socket (none running, or legacy mode): nothing to drain."""
-
-
-class DrainError(Exception):
-    """The daemon answered but did not drain; the message says why."""
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("merbridge", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
-
-
-_ABSENT = (errno.ENOENT, errno.ECONNREFUSED)
-
-
-def request_drain(socket_path: str, timeout: float, retry_every: float = 0.5) -> str:
-    """POST /v1/drain until the daemon has drained (its detail), retrying while it
-    answers "try again later" (starting) for up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        conn = _UnixConnection(socket_path, max(deadline - time.monotonic(), 0.1))
-        try:
-            conn.request("POST", DRAIN_PATH, body=b"")
-            resp = conn.getresponse()
-            status, data = resp.status, resp.read()
-        except OSError as exc:
-            if exc.errno in _ABSENT:
-                raise NotServing(f"no merbridge daemon serves {socket_path}: "
-                                 f"{exc.strerror}") from None
-            raise DrainError(f"{socket_path}: {exc}") from None
-        except http.client.HTTPException as exc:
-            raise DrainError(f"{socket_path}: bad reply: {type(exc).__name__}: {exc}") from None
-        finally:
-            conn.close()
-        try:
-            if status == 200:
-                return protocol.StatusReply.from_json(data).detail
-            reply = protocol.ErrorReply.from_json(data)
-        except protocol.ProtocolError as exc:
-            raise DrainError(f"{socket_path}: bad reply (HTTP {status}): {exc}") from None
-        if reply.code != TRY_AGAIN_LATER:
-            raise DrainError(f"{reply.msg}: {reply.details}" if reply.details else reply.msg)
-        if time.monotonic() + retry_every > deadline:
-            raise DrainError(f"not drained within {timeout:g}s: {reply.msg}: {reply.details}")
-        time.sleep(retry_every)

@@ -12,11 +12,12 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from merbridge.bpf import mesh as meshes
+# the plugin's defaults are the daemon's: the socket both use, the namespaces both skip
+from merbridge.cni.protocol import DEFAULT_EXCLUDE_NAMESPACES, DEFAULT_SOCKET_PATH  # noqa: F401
 
 DEFAULT_BPFFS_PATH = "/sys/fs/bpf/merbridge"
 DEFAULT_CNI_BIN_DIR = "/opt/cni/bin"
 DEFAULT_CNI_CONF_DIR = "/etc/cni/net.d"
-DEFAULT_SOCKET_PATH = "/var/run/merbridge-cni.sock"
 DEFAULT_STATE_DIR = "/var/run/merbridge"
 #: where the runtime's pod network namespaces are (named, as ``ip netns`` keeps them)
 DEFAULT_NETNS_DIR = "/var/run/netns"
@@ -30,9 +31,6 @@ DEFAULT_PROC_PATH = "/proc"
 DEFAULT_RECONCILE_INTERVAL = 1.0
 #: see merbridge.daemon.metrics for why this address
 DEFAULT_METRICS_ADDR = "127.0.0.1:15990"
-#: as istio-cni: system pods and Istio's own control plane are never intercepted
-#: (the CNI plugin's netconf has the same default, cni/netconf.py)
-DEFAULT_EXCLUDE_NAMESPACES = ("kube-system", "istio-system")
 #: ambient mode: the namespace the node's ztunnel runs in (Istio's default)
 DEFAULT_ZTUNNEL_NAMESPACE = "istio-system"
 

@@ -22,8 +22,8 @@ class LegacyPods:
     """In-mesh pods of the pod source -> ``mb_local_pods``.
 
     ``decide(pod) -> (ips, policy)``: the IPs and policy to write (``()`` when
-    the pod is not in the mesh); raises the registry's ``PodError`` for a pod
-    whose annotations cannot be used.
+    the pod is not in the mesh); raises ``error`` (the registry's ``CniError``)
+    for a pod whose annotations cannot be used.
     """
 
     def __init__(self, maps: Any, lock: threading.RLock,

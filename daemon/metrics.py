@@ -21,8 +21,8 @@ bytes, read at scrape time; absent without glibc), ``heap_python_blocks``
 Where they come from in the daemon (daemon/runtime.py): ``pods_enrolled`` from
 the registry (CNI mode: enrolled containers) or, read at scrape time, the
 legacy bookkeeping (in-mesh pods written to ``mb_local_pods``);
-``cni_requests`` from the registry (ADD, DEL) and the CNI server's handler
-(CHECK, GC, STATUS; a STATUS that answers "not ready" counts as an error);
+``cni_requests`` from the CNI server, the one place that counts them (ADD,
+DEL, CHECK, GC, STATUS; a STATUS that answers "not ready" counts as an error);
 ``map_*`` from the datapath's typed map handles (``Maps.occupancy``);
 ``errors_total`` counts every ERROR log record of the ``merbridge`` loggers,
 ``kind`` being the module that logged it (``pods``, ``legacy``, ``install``,

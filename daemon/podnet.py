@@ -1,8 +1,8 @@
 """Per-pod network plumbing of CNI mode: marker listener, the inbound rewrite
 (tc or XDP, ``inbound_hook``), tx checksum.
 
-``PodNet`` is the production implementation of the pod registry's ``PodNet``
-protocol (``merbridge.daemon.pods``). It only orchestrates; the kernel work is
+``PodNet`` is the production implementation of the ``PodNet`` protocol
+(``merbridge.daemon.enroll``, the registry's enroller drives it). It only orchestrates; the kernel work is
 done by ``merbridge.daemon.netns`` (the pyroute2 module) and the XDP programs
 come from the loader (``merbridge.bpf.loader.Datapath.xdp_programs()``), so
 this module imports no third-party library.
@@ -30,7 +30,8 @@ from typing import Callable
 
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
 from merbridge.daemon import netns
-from merbridge.daemon.enrolment import INVALID_ENVIRONMENT, PodError
+from merbridge.cni import errors
+from merbridge.cni.errors import CniError
 
 PodNetError = netns.PodNetnsError
 SO_NETNS_COOKIE = 71  # linux/socket.h (5.14+); not in Python's socket module
@@ -48,6 +49,12 @@ XDP_MODES = ("generic", "native", "auto")
 #: deploy/README.md gives the measurements behind the default.
 INBOUND_HOOKS = ("tc", "xdp")
 DEFAULT_INBOUND_HOOK = "tc"
+
+
+def _bad_ifname(ifname: str, exc: Exception) -> CniError:
+    """CNI code 4: CNI_IFNAME is not the pod's end of a veth pair."""
+    return CniError(errors.INVALID_ENVIRONMENT_VARIABLES, f"invalid CNI_IFNAME {ifname!r}",
+                    str(exc)[:500])
 
 
 def prog_id(fd: int) -> int:
@@ -125,8 +132,7 @@ class PodNet:
             return netns.attach_tc(netns_path, ifname, *self._tc_names(),
                                    peer_netns=self.peer_netns, pod_rtnl=pod_rtnl)
         except netns.NotPodVethError as exc:
-            raise PodError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
-                           str(exc)[:500]) from exc
+            raise _bad_ifname(ifname, exc) from exc
 
     def attach_xdp(self, netns_path: str, ifname: str,
                    pod_rtnl: socket.socket | None = None) -> netns.XdpAttachment:
@@ -159,8 +165,7 @@ class PodNet:
                                         peer_netns=self.peer_netns,
                                         prepare=None if self.hardware_checksum or i else tx_off)
             except netns.NotPodVethError as exc:
-                raise PodError(INVALID_ENVIRONMENT, f"invalid CNI_IFNAME {ifname!r}",
-                               str(exc)[:500]) from exc
+                raise _bad_ifname(ifname, exc) from exc
             except PodNetError:
                 if i == len(modes) - 1:
                     raise
@@ -229,7 +234,7 @@ class PodNet:
             found[path] = cache[key]
         return found
 
-    # -- identity of the pod netns (H9: reliability) -------------------------------
+    # -- identity of the pod netns -------------------------------------------------
     def check_netns(self, netns_path: str) -> str:
         """Refuse anything but a pod's network namespace (see netns._open_netns)."""
         return netns.check_pod_netns(netns_path)

@@ -1,12 +1,16 @@
+# Over ~450 lines: one state machine under one lock (records, keys, CNI commands, restart).
 """The pod registry: the one place that decides and records what is enrolled.
 
-CNI mode: ``add``/``delete``/``check``/``gc``/``status`` implement the daemon
-side of the chained plugin's commands. An ADD for a pod in the mesh writes
-``mb_mark_pod_ips[key] = pod IP`` and ``mb_local_pods[ip] = policy``, opens the
-39807 marker listener in the pod netns with ``SO_MARK = key`` and attaches XDP
-to the pod's veth pair; it is all-or-nothing (an undo stack rolls back every
-step done so far). The mark key is chosen once per container, kept in the
-registry and persisted (``state.py``), so DEL removes exactly what ADD wrote.
+CNI mode: the registry is the CNI server's handler (``cniserver.CniHandler``):
+``add``/``delete``/``check``/``gc``/``status`` take the plugin's validated
+``CniRequest`` and answer, or raise the one ``CniError``. An ADD for a pod in
+the mesh chooses the pod's mark key, records it (``state.py``) and has its
+``Enroller`` (``enroll.py``) create the kernel pieces: ``mb_mark_pod_ips[key]
+= pod IP``, ``mb_local_pods[ip] = policy``, the 39807 marker listener in the
+pod netns with ``SO_MARK = key``, ``mb_netns_pod`` and the inbound rewrite on
+the pod's veth pair; it is all-or-nothing (an undo stack rolls back every step
+done so far). The key is chosen once per container and persisted, so DEL
+removes exactly what ADD wrote.
 
 The marker listener dies with the daemon (kill -9, OOM): so that a running
 pod stays intercepted until the next daemon re-opens it, ADD also writes
@@ -24,36 +28,25 @@ equal to the in-mesh pods of the pod source (``legacy.py``). In CNI mode the
 same events re-write the policy of enrolled pods and clean up pods whose DEL
 never came.
 
-Input from the pod source is untrusted: a manifest of the wrong shape, bad
-annotations or a policy larger than the datapath's lists is a ``PodError``
-with code 101 and nothing is written; no value from a manifest ever reaches a
-shell or a path.
-
-The per-container kernel work (apply / ensure / withdraw / check) is the
-``Pieces`` mixin in ``enrolment.py``, which also defines ``PodError`` and the
-codes re-exported here.
-
-Collaborators are injected so that the state machine runs without root in
-unit tests: ``maps`` (``local_pods``/``mark_pod_ips`` with put/get/delete/items),
-``podnet`` (see ``PodNet``) and ``lookup(namespace, name) -> pod | None``.
+Input from the pod source is untrusted: what the registry uses of a pod comes
+through ``podfacts.py``, where a manifest that cannot be used is code 101 and
+nothing is written. Collaborators are injected so that the state machine runs
+without root in unit tests: ``maps`` (``bpf.maps.Maps``, over in-memory
+backends there), ``podnet`` (``enroll.PodNet``) and ``lookup(namespace, name)
+-> pod | None``.
 
 Restart: the CNI server starts before ``restore`` has re-adopted the state
 file, so the runtime's commands are held back meanwhile (``restoring()``):
 ADD, CHECK and GC wait up to ``add_wait`` seconds and then answer code 11 (try
 again later), DEL waits until the restore is over. Restore itself only works
 on records that are still the live ones (a pod event may withdraw one while
-it runs). After a clean stop (``StateStore.stopped_cleanly``), ``adopt`` then
-enrols the in-mesh pods of the pod source that have no record at all -- pods
-started while no daemon ran and our plugin was not in the CNI config -- by
-finding their netns among the named network namespaces by pod IP, through
-the normal ADD path. The runtime's
-container id of such a pod is not known: its record's id is ``adopted:...``
-(a ':' never occurs in a CNI container id), the runtime's later DEL, CHECK
-or ADD for the same netns finds it by netns (an ADD gives it the real id),
-and GC leaves it to the pod source.
+it runs). ``adopt`` (``adopt.py``) then enrols the in-mesh pods that have no
+record through the normal ADD path, as ``adopted:...`` containers; the
+runtime's later DEL, CHECK or ADD for the same netns finds such a record by
+netns (an ADD gives it the real id), and GC leaves it to the pod source.
 
-Errors: every failure surfaces as ``PodError(code, msg, details)`` with a CNI
-code (11 try again later, 50 not ready, 999 internal, 100+ ours); the CNI
+Errors: every failure is a ``CniError`` (``merbridge.cni.errors``) with a CNI
+code (11 try again later, 50 not ready, 999 internal, 101-104 ours); the CNI
 server turns it into the plugin's error reply.
 """
 from __future__ import annotations
@@ -62,62 +55,24 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator
 
-from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as bpftypes
 from merbridge.bpf.mesh import Mesh
-from merbridge.daemon import annotations
-from merbridge.daemon.enrolment import (  # noqa: F401  (re-exported: the registry's API)
-    INTERNAL, INVALID_ANNOTATIONS, INVALID_ENVIRONMENT, INVALID_NETNS, KEY_MASK, NO_POD_IP,
-    NODE_FULL, NOT_AVAILABLE, NOT_ENROLLED, TRY_AGAIN_LATER, _BAD_MANIFEST, PodError, Pieces,
-    map_full, netns_id)
+from merbridge.cni import errors
+from merbridge.cni.errors import CniError
+from merbridge.cni.protocol import CniRequest
+from merbridge.daemon import annotations, podfacts
+from merbridge.daemon.adopt import ADOPTED, Adopter
+from merbridge.daemon.enroll import Enroller, PodNet, failure, netns_id, same_netns
 from merbridge.daemon.legacy import LegacyPods
+from merbridge.daemon.podfacts import pod_meta
 from merbridge.daemon.state import ADDING, ENROLLED, Record, StateStore
 
 log = logging.getLogger(__name__)
 
-#: container id prefix of records ``adopt`` made (CNI container ids have no ':')
-ADOPTED = "adopted:"
-
-class PodNet(Protocol):
-    """Per-pod network plumbing (``podnet.py`` in production, a fake in unit tests)."""
-
-    def open_marker(self, netns: str, key: int) -> Any: ...      # returns an object with close()
-    def marker_ok(self, marker: Any, key: int) -> bool: ...
-    def attach_xdp(self, netns: str, ifname: str) -> None: ...
-    def detach_xdp(self, netns: str, ifname: str) -> None: ...   # idempotent
-    def xdp_attached(self, netns: str, ifname: str) -> bool: ...
-    def tx_checksum_off(self, netns: str, ifname: str) -> None: ...
-    def addresses(self, netns: str, ifname: str) -> list[str]: ...
-    # optional: the netns cookie of the netns a marker socket lives in
-    # def netns_cookie(self, marker: Any) -> int: ...
-    # optional: {netns path: [(ifname, ip), ...]} of the named netns in a directory
-    # def netns_addresses(self, netns_dir: str) -> dict[str, list[tuple[str, str]]]: ...
-
-
-@dataclass(frozen=True)
-class Attachment:
-    """What a CNI request tells us about one container's attachment."""
-
-    container_id: str
-    netns: str = ""
-    ifname: str = "eth0"
-    namespace: str = ""
-    name: str = ""
-    uid: str = ""
-    ips: tuple[str, ...] = ()
-
-
-def pod_meta(pod: dict) -> tuple[str, str, str]:
-    md = pod.get("metadata") if isinstance(pod, dict) else None
-    md = md if isinstance(md, dict) else {}
-
-    def text(key: str) -> str:
-        value = md.get(key)
-        return value if isinstance(value, str) else ""
-    return text("namespace") or "default", text("name"), text("uid")
+#: mark keys stay in 1..2^31-1 (see the module docstring)
+KEY_MASK = 0x7FFFFFFF
 
 
 def allocate_key(container_id: str, used: set[int]) -> int:
@@ -136,10 +91,15 @@ def allocate_key(container_id: str, used: set[int]) -> int:
         if h and h not in used:
             return h
         h = (h + 1) & KEY_MASK
-    raise PodError(INTERNAL, "no free mark key")  # unreachable: used is finite
+    raise CniError(errors.INTERNAL, "no free mark key")  # unreachable: used is finite
 
 
-class Registry(Pieces):
+def _bare_ips(req: CniRequest) -> tuple[str, ...]:
+    """prevResult addresses arrive as "addr/prefix"; the maps want bare addresses."""
+    return tuple(dict.fromkeys(ip.split("/", 1)[0] for ip in req.ips))
+
+
+class Registry:
     def __init__(self, *, mesh: Mesh, maps: Any, podnet: PodNet | None,
                  lookup: Callable[[str, str], dict | None],
                  store: StateStore | None = None, cni_mode: bool = True,
@@ -148,12 +108,14 @@ class Registry(Pieces):
         self.mesh, self.maps, self.podnet, self.lookup = mesh, maps, podnet, lookup
         self.store, self.cni_mode = store, cni_mode
         self.exclude_namespaces = tuple(exclude_namespaces)
-        self.hardware_checksum, self.add_wait, self.metrics = hardware_checksum, add_wait, metrics
+        self.add_wait, self.metrics = add_wait, metrics
         self.records: dict[str, Record] = {}
-        self.markers: dict[str, Any] = {}            # container id -> open marker socket
-        self.ready = False
+        #: not ready: STATUS answers "starting"; draining: "draining" (``merbridge drain``)
+        self.ready = self.draining = False
         self._lock = threading.RLock()               # records, markers, keys, maps
-        self.legacy = LegacyPods(maps, self._lock, self._legacy_decide, pod_meta, PodError)
+        self.enroller = Enroller(maps, podnet, self._lock, hardware_checksum)
+        self.adopter = Adopter(podnet, self._adoptable_ips, self._records_now, self._add_command)
+        self.legacy = LegacyPods(maps, self._lock, self._legacy_decide, pod_meta, CniError)
         self._ctr_locks: dict[str, list] = {}        # container id -> [lock, users]
         self._pod_seen = threading.Condition()
         self._restored = threading.Event()           # cleared while restoring()
@@ -176,6 +138,10 @@ class Registry(Pieces):
                 if entry[1] == 0 and self._ctr_locks.get(cid) is entry:
                     del self._ctr_locks[cid]
 
+    def _records_now(self) -> list[Record]:
+        with self._lock:
+            return list(self.records.values())
+
     def _save(self) -> None:
         self._write(self._snapshot())
 
@@ -191,59 +157,42 @@ class Registry(Pieces):
         if snapshot is not None:
             self.store.write(snapshot)
 
-    def _count(self, what: str, result: str, since: float) -> None:
-        if self.metrics is not None:
-            self.metrics.cni_request(what, result, time.monotonic() - since)
-
-    @staticmethod
-    def _bad_pod(pod: dict, exc: Exception) -> PodError:
-        ns, name, _ = pod_meta(pod)
-        if isinstance(exc, ValueError):
-            return PodError(INVALID_ANNOTATIONS, f"invalid annotations on pod {ns}/{name}",
-                            str(exc)[:500])
-        return PodError(INVALID_ANNOTATIONS, f"malformed manifest of pod {ns}/{name}",
-                        f"{type(exc).__name__}: {exc}"[:500])
-
     def _policy(self, pod: dict):
-        try:
-            policy = annotations.pod_policy(pod, self.mesh)
-            bpfmaps.encode_policy(policy)  # the datapath's limits, before any write
-            return policy
-        except _BAD_MANIFEST as exc:
-            raise self._bad_pod(pod, exc) from exc
+        return podfacts.policy(pod, self.mesh)
+
+    def _fallback_policy(self, rec: Record):
+        pod = self.lookup(rec.namespace, rec.name)
+        if pod is not None:
+            try:
+                return self._policy(pod)
+            except CniError:
+                log.error("pod %s/%s: bad annotations, using the mesh defaults",
+                          rec.namespace, rec.name)
+        return annotations.pod_policy({"metadata": {"namespace": rec.namespace,
+                                                    "name": rec.name}}, self.mesh)
 
     def _in_mesh(self, pod: dict) -> bool:
-        try:
-            return annotations.mesh_membership(pod, self.mesh, self.exclude_namespaces).in_mesh
-        except _BAD_MANIFEST as exc:
-            raise self._bad_pod(pod, exc) from exc
+        return podfacts.in_mesh(pod, self.mesh, self.exclude_namespaces)
 
-    def _pod_ips(self, pod: dict) -> tuple[str, ...]:
-        try:
-            return tuple(annotations.pod_ips(pod))
-        except _BAD_MANIFEST as exc:
-            raise self._bad_pod(pod, exc) from exc
+    def _adoptable_ips(self, pod: dict) -> tuple[str, ...]:
+        return podfacts.pod_ips(pod) if self._in_mesh(pod) else ()
 
-    def _wait_for_pod(self, att: Attachment) -> dict:
+    def _wait_for_pod(self, req: CniRequest) -> dict:
         deadline = time.monotonic() + self.add_wait
         while True:
             # the lookup runs outside the condition: a source may hold its own lock
             # while it delivers the event that notifies us
-            pod = self.lookup(att.namespace, att.name)
-            if isinstance(pod, dict) and (not att.uid or not pod_meta(pod)[2]
-                                    or pod_meta(pod)[2] == att.uid):
+            pod = self.lookup(req.pod_namespace, req.pod_name)
+            if isinstance(pod, dict) and (not req.pod_uid or not pod_meta(pod)[2]
+                                          or pod_meta(pod)[2] == req.pod_uid):
                 return pod
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PodError(TRY_AGAIN_LATER, "pod not known yet",
-                               f"{att.namespace}/{att.name} is not in the pod source "
+                raise CniError(errors.TRY_AGAIN_LATER, "pod not known yet",
+                               f"{req.pod_namespace}/{req.pod_name} is not in the pod source "
                                f"after {self.add_wait:g}s")
             with self._pod_seen:
                 self._pod_seen.wait(min(left, 0.2))
-
-    def _primary_ip(self, ips: tuple[str, ...]) -> str:
-        v4 = [ip for ip in ips if ":" not in ip]
-        return (v4 or list(ips))[0]
 
     @contextmanager
     def restoring(self) -> Iterator[None]:
@@ -260,107 +209,105 @@ class Registry(Pieces):
         long as it takes, the others ``add_wait`` seconds, then code 11."""
         if self._restored.wait(None if wait else self.add_wait):
             return
-        raise PodError(TRY_AGAIN_LATER, "merbridge daemon is restoring its state",
+        raise CniError(errors.TRY_AGAIN_LATER, "merbridge daemon is restoring its state",
                        f"{command} not served within {self.add_wait:g}s of a restart")
 
-    def _record_for(self, att: Attachment) -> Record | None:
-        """The record of ``att``'s container, else the adopted record of its netns."""
-        rec = self.records.get(att.container_id)
-        if rec is not None or not att.netns:
+    def _record_for(self, cid: str, netns: str = "") -> Record | None:
+        """The record of container ``cid``, else the adopted record of its netns."""
+        rec = self.records.get(cid)
+        if rec is not None or not netns:
             return rec
-        now = netns_id(att.netns)
+        now = netns_id(netns)
         with self._lock:
             # the same netns under another path (adopt may know it as /proc/<pid>/ns/net)
             return next((r for r in self.records.values() if r.container_id.startswith(ADOPTED)
-                         and (r.netns == att.netns and now in (None, r.netns_id)
+                         and (r.netns == netns and now in (None, r.netns_id)
                               or now is not None and r.netns_id == now)), None)
 
-    # -- CNI commands ----------------------------------------------------
-    def add(self, att: Attachment) -> None:
-        if not att.container_id or not att.netns:
-            raise PodError(INTERNAL, "ADD needs a container id and a netns")
+    # -- CNI commands (cniserver.CniHandler) -----------------------------
+    def add(self, req: CniRequest) -> dict:
+        """Enrol the pod; {"enrolled", "key"} for the plugin's log."""
+        if not req.container_id or not req.netns:
+            raise CniError(errors.INTERNAL, "ADD needs a container id and a netns")
         self._await_restore("ADD")
-        self._add_command(att)
+        rec = self._add_command(req)
+        return {"enrolled": rec is not None, "key": rec.key if rec else 0}
 
-    def _add_command(self, att: Attachment) -> None:
-        t0 = time.monotonic()
-        with self._container_lock(att.container_id):
+    def _add_command(self, req: CniRequest) -> Record | None:
+        with self._container_lock(req.container_id):
             try:
-                self._check_netns(att.netns)
+                self._check_netns(req.netns)
                 try:
-                    self._add(att)
-                except PodError:
+                    return self._add(req)
+                except CniError:
                     raise
                 except Exception as exc:   # anything before the undo stack exists
-                    log.error("ADD %s failed", att.container_id, exc_info=True)
-                    raise PodError(INTERNAL, f"ADD of {att.namespace}/{att.name} failed",
+                    log.error("ADD %s failed", req.container_id, exc_info=True)
+                    raise CniError(errors.INTERNAL,
+                                   f"ADD of {req.pod_namespace}/{req.pod_name} failed",
                                    f"{type(exc).__name__}: {exc}"[:500]) from exc
-            except PodError as exc:
-                self._count("ADD", "error", t0)
-                log.warning("ADD %s (%s/%s) failed: %s", att.container_id, att.namespace,
-                            att.name, exc)
+            except CniError as exc:
+                log.warning("ADD %s (%s/%s) failed: %s", req.container_id, req.pod_namespace,
+                            req.pod_name, exc)
                 raise
-            self._count("ADD", "ok", t0)
 
     def _check_netns(self, path: str) -> None:
         """Refuse a netns path that is not a pod's network namespace (relative,
         ``..``, a symlink trick, a regular file, another namespace type, the
         daemon's own netns) before anything is looked up or written."""
-        check = getattr(self.podnet, "check_netns", None)
-        if check is None:
-            return
         try:
-            check(path)
+            self.podnet.check_netns(path)
         except Exception as exc:
-            raise PodError(INVALID_NETNS, "invalid netns", str(exc)[:500]) from exc
+            raise CniError(errors.INVALID_NETNS, "invalid netns", str(exc)[:500]) from exc
 
-    def _add(self, att: Attachment) -> None:
-        old = self._record_for(att)
-        if old is not None and old.container_id != att.container_id:
+    def _add(self, req: CniRequest) -> Record | None:
+        old = self._record_for(req.container_id, req.netns)
+        if old is not None and old.container_id != req.container_id:
             with self._container_lock(old.container_id):
                 if self.records.get(old.container_id) is old:
-                    self._claim(old, att.container_id)
+                    self._claim(old, req.container_id)
                 else:
                     old = None             # withdrawn meanwhile
+        ifname = req.ifname or "eth0"
         if old is not None:
-            if old.netns == att.netns and old.ifname == att.ifname and old.phase == ENROLLED:
+            if old.netns == req.netns and old.ifname == ifname and old.phase == ENROLLED:
                 self._ensure(old)          # idempotent ADD: repair whatever is missing
-                return
+                return old
             self._withdraw(old)            # a changed attachment replaces the old one
-        pod = self._wait_for_pod(att)
+        pod = self._wait_for_pod(req)
         if not self._in_mesh(pod):
-            log.info("ADD %s: pod %s/%s is not in the mesh", att.container_id,
-                     att.namespace, att.name)
-            return
+            log.info("ADD %s: pod %s/%s is not in the mesh", req.container_id,
+                     req.pod_namespace, req.pod_name)
+            return None
         policy = self._policy(pod)
-        ips = tuple(att.ips) or self._pod_ips(pod) or tuple(
-            self.podnet.addresses(att.netns, att.ifname))
+        ips = _bare_ips(req) or podfacts.pod_ips(pod) or tuple(
+            self.podnet.addresses(req.netns, ifname))
         if not ips:
-            raise PodError(NO_POD_IP, "pod has no IP address",
-                           f"no IP in prevResult, pod status or {att.ifname} of {att.netns}")
-        rec = Record(container_id=att.container_id, netns=att.netns, ifname=att.ifname,
-                     namespace=att.namespace, name=att.name,
-                     uid=att.uid or pod_meta(pod)[2], ips=ips, phase=ADDING,
-                     netns_id=netns_id(att.netns))
+            raise CniError(errors.NO_POD_IP, "pod has no IP address",
+                           f"no IP in prevResult, pod status or {ifname} of {req.netns}")
+        rec = Record(container_id=req.container_id, netns=req.netns, ifname=ifname,
+                     namespace=req.pod_namespace, name=req.pod_name,
+                     uid=req.pod_uid or pod_meta(pod)[2], ips=ips, phase=ADDING,
+                     netns_id=netns_id(req.netns))
         with self._lock:
-            if att.container_id.startswith(ADOPTED) and any(
-                    r.netns == att.netns or (rec.netns_id and r.netns_id == rec.netns_id)
+            if req.container_id.startswith(ADOPTED) and any(
+                    r.netns == req.netns or (rec.netns_id and r.netns_id == rec.netns_id)
                     or set(r.ips) & set(ips) for r in self.records.values()):
                 # the runtime's own ADD got there first: it enrols the pod
-                raise PodError(TRY_AGAIN_LATER, "pod is being enrolled by its CNI ADD",
-                               f"{att.namespace}/{att.name} in {att.netns}")
+                raise CniError(errors.TRY_AGAIN_LATER, "pod is being enrolled by its CNI ADD",
+                               f"{req.pod_namespace}/{req.pod_name} in {req.netns}")
             used = self._keys_in_use()
             if len(used) >= bpftypes.MB_MAX_PODS:
-                raise PodError(NODE_FULL, "node pod limit reached",
+                raise CniError(errors.NODE_FULL, "node pod limit reached",
                                f"{len(used)} pods are enrolled; the datapath holds "
                                f"{bpftypes.MB_MAX_PODS} (MB_MAX_PODS)")
-            rec.key = allocate_key(att.container_id, used)
+            rec.key = allocate_key(req.container_id, used)
             self.records[rec.container_id] = rec
             snapshot = self._snapshot()
         self._write(snapshot)              # the key is known before it is written anywhere
         undo: list[Callable[[], None]] = []
         try:
-            self._apply(rec, policy, undo)
+            self.enroller.apply(rec, policy, undo)
             with self._lock:
                 rec.phase = ENROLLED
                 snapshot = self._snapshot()
@@ -373,26 +320,23 @@ class Registry(Pieces):
                     log.exception("rollback step failed for %s", rec.container_id)
             with self._lock:
                 self.records.pop(rec.container_id, None)
-                self.markers.pop(rec.container_id, None)
+                self.enroller.markers.pop(rec.container_id, None)
                 self._save()
-            if isinstance(exc, PodError):
-                raise
-            if map_full(exc):
-                raise PodError(NODE_FULL, "node pod limit reached",
-                               f"a datapath map is full: {exc}"[:500]) from exc
-            log.error("enrolling %s failed", rec.container_id, exc_info=True)
-            raise PodError(INTERNAL, f"enrolling {att.namespace}/{att.name} failed",
-                           f"{type(exc).__name__}: {exc}") from exc
+            error = failure(exc, f"{req.pod_namespace}/{req.pod_name}")
+            if error.code == errors.INTERNAL and error is not exc:
+                log.error("enrolling %s failed", rec.container_id, exc_info=True)
+            raise error from (None if error is exc else exc)
         log.info("enrolled %s/%s container %s ips %s key %#x", rec.namespace, rec.name,
                  rec.container_id, ",".join(rec.ips), rec.key)
+        return rec
 
     def _claim(self, rec: Record, container_id: str) -> None:
         """An adopted record gets the runtime's container id (same key, same pieces)."""
         with self._lock:
             self.records.pop(rec.container_id, None)
-            marker = self.markers.pop(rec.container_id, None)
+            marker = self.enroller.markers.pop(rec.container_id, None)
             if marker is not None:
-                self.markers[container_id] = marker
+                self.enroller.markers[container_id] = marker
             log.info("container %s of %s/%s was adopted as %s", container_id, rec.namespace,
                      rec.name, rec.container_id)
             rec.container_id = container_id
@@ -407,58 +351,80 @@ class Registry(Pieces):
             log.debug("cannot list mark_pod_ips", exc_info=True)
         return used
 
-    def delete(self, att: Attachment) -> None:
-        self._await_restore("DEL", wait=True)
-        self._delete(att)
+    def _ensure(self, rec: Record, policy=None) -> None:
+        if self.enroller.ensure(rec, policy, lambda: self._fallback_policy(rec)):
+            with self._lock:
+                self._save()               # the netns cookie changed
 
-    def _delete(self, att: Attachment) -> None:
-        t0 = time.monotonic()
-        with self._container_lock(att.container_id):
-            rec = self._record_for(att)
-            if rec is None:
-                self._count("DEL", "ok", t0)
-                return                     # nothing of ours: DEL is idempotent
-            try:
-                if rec.container_id == att.container_id:
-                    self._withdraw(rec)
-                else:                      # adopted: the pod event path locks it too
-                    with self._container_lock(rec.container_id):
-                        if self.records.get(rec.container_id) is rec:
-                            self._withdraw(rec)
-            except PodError:
-                self._count("DEL", "error", t0)
-                raise
-            self._count("DEL", "ok", t0)
-
-    def check(self, att: Attachment) -> None:
-        self._await_restore("CHECK")
-        with self._container_lock(att.container_id):
-            rec = self._record_for(att)
-            if rec is None:
-                pod = self.lookup(att.namespace, att.name)
-                if pod is not None and self._in_mesh(pod):
-                    raise PodError(NOT_ENROLLED, "pod is in the mesh but not enrolled",
-                                   f"{att.namespace}/{att.name} container {att.container_id}")
-                return
-            problems = self._problems(rec)
+    def _withdraw(self, rec: Record) -> None:
+        problems = self.enroller.release(rec)
+        with self._lock:
+            problems += self.enroller.clear(rec, lambda ip: any(
+                ip in r.ips for c, r in self.records.items() if c != rec.container_id))
             if problems:
-                raise PodError(NOT_ENROLLED, f"enrolment of {rec.namespace}/{rec.name} is "
-                               "incomplete", "; ".join(problems))
+                raise CniError(errors.INTERNAL, f"removing container {rec.container_id}",
+                               "; ".join(problems))
+            self.records.pop(rec.container_id, None)
+            snapshot = self._snapshot()
+        self._write(snapshot)
+        log.info("withdrew %s/%s container %s", rec.namespace, rec.name, rec.container_id)
 
-    def gc(self, valid: Iterable[tuple[str, str]]) -> None:
+    def delete(self, req: CniRequest) -> None:
+        self._await_restore("DEL", wait=True)
+        self._delete(req.container_id, req.netns)
+
+    def _delete(self, cid: str, netns: str = "") -> None:
+        with self._container_lock(cid):
+            rec = self._record_for(cid, netns)
+            if rec is None:
+                return                     # nothing of ours: DEL is idempotent
+            if rec.container_id == cid:
+                self._withdraw(rec)
+            else:                          # adopted: the pod event path locks it too
+                with self._container_lock(rec.container_id):
+                    if self.records.get(rec.container_id) is rec:
+                        self._withdraw(rec)
+
+    def check(self, req: CniRequest) -> None:
+        self._await_restore("CHECK")
+        with self._container_lock(req.container_id):
+            rec = self._record_for(req.container_id, req.netns)
+            if rec is None:
+                pod = self.lookup(req.pod_namespace, req.pod_name)
+                if pod is not None and self._in_mesh(pod):
+                    raise CniError(errors.NOT_ENROLLED, "pod is in the mesh but not enrolled",
+                                   f"{req.pod_namespace}/{req.pod_name} container "
+                                   f"{req.container_id}")
+                return
+            problems = self.enroller.problems(rec)
+            if problems:
+                raise CniError(errors.NOT_ENROLLED, f"enrolment of {rec.namespace}/{rec.name} "
+                               "is incomplete", "; ".join(problems))
+
+    def gc(self, req: CniRequest) -> None:
+        """Drop every container not in ``req.attachments``."""
         self._await_restore("GC")
-        keep = {cid for cid, _ in valid}
-        errors = []
+        keep = {a.container_id for a in req.attachments}
+        failed = []
         # adopted records carry no runtime container id: the pod source removes them
         for cid in [c for c in list(self.records)
                     if c not in keep and not c.startswith(ADOPTED)]:
             try:
-                self._delete(Attachment(container_id=cid))
-            except PodError as exc:
-                errors.append(f"{cid}: {exc}")
-        if errors:
-            raise PodError(INTERNAL, "GC could not remove everything", "; ".join(errors))
+                self._delete(cid)
+            except CniError as exc:
+                failed.append(f"{cid}: {exc.msg}: {exc.details}" if exc.details
+                              else f"{cid}: {exc.msg}")
+        if failed:
+            raise CniError(errors.INTERNAL, "GC could not remove everything", "; ".join(failed))
 
+    def status(self) -> tuple[bool, str]:
+        if self.draining:
+            raise CniError(errors.PLUGIN_NOT_AVAILABLE, "merbridge is draining")
+        if not self.ready:
+            raise CniError(errors.PLUGIN_NOT_AVAILABLE, "merbridge is starting")
+        return True, "ready"
+
+    # -- restart ---------------------------------------------------------
     def restore(self, records: dict[str, Record]) -> None:
         """Adopt the persisted records after a restart and rebuild what died with the
         old process (marker sockets; XDP or map entries if they were removed).
@@ -479,145 +445,46 @@ class Registry(Pieces):
                 if self.records.get(rec.container_id) is not rec:
                     continue               # withdrawn (or replaced) meanwhile
                 try:
-                    if not self._same_netns(rec):
-                        log.info("restore: netns of %s/%s (%s) is gone", rec.namespace,
-                                 rec.name, rec.container_id)
-                        self._withdraw(rec)
-                        continue
-                    pod = self.lookup(rec.namespace, rec.name)
-                    if pod is None or (rec.uid and pod_meta(pod)[2]
-                                       and pod_meta(pod)[2] != rec.uid):
-                        # deleted while no daemon ran (its DEL was lost): the pod
-                        # source has had its first full listing by now
-                        log.info("restore: pod %s/%s (%s) is gone from the pod source",
-                                 rec.namespace, rec.name, rec.container_id)
-                        self._withdraw(rec)
-                        continue
-                    policy = None
-                    if pod is not None:
-                        try:
-                            policy = self._policy(pod)
-                        except PodError as exc:
-                            log.error("restore: %s; keeping the pinned policy", exc)
-                    self._ensure(rec, policy)
-                    with self._lock:
-                        rec.phase = ENROLLED
+                    self._restore_one(rec)
                 except Exception:
                     log.exception("restore of %s/%s (%s) failed", rec.namespace, rec.name,
                                   rec.container_id)
         with self._lock:
-            keys = {r.key for r in self.records.values()}
-            ips = {ip for r in self.records.values() for ip in r.ips}
-            for key, _ in list(self.maps.mark_pod_ips.items()):
-                if key not in keys:
-                    self._quiet(self.maps.mark_pod_ips.delete, key)
-            for ip, _ in list(self.maps.local_pods.items()):
-                if ip not in ips:
-                    self._quiet(self.maps.local_pods.delete, ip)
-            table = self._netns_pods()
-            owned = {(r.key, self._primary_ip(r.ips)) for r in self.records.values() if r.ips}
-            for cookie, ip, mark in list(table.items()) if table is not None else ():
-                if (mark, ip) not in owned:
-                    table.delete(cookie)
+            self.enroller.prune(list(self.records.values()))
             self._save()
 
-    def adopt(self, pods: Iterable[dict], netns_dir: str, proc_path: str | None = None) -> int:
-        """Enrol each in-mesh pod of ``pods`` that has no record: find its netns in
-        ``netns_dir`` (and, with ``proc_path``, among the netns of the node's
-        processes) as the one whose interface carries the pod's primary IP and
-        run the ADD path on it (marker, maps, XDP, policy, state record). A pod
-        that no netns matches, or several do, is left alone with a log line
-        (once per pod: the reconciler calls this every second). Returns how
-        many pods it enrolled; ``unaccounted`` is left holding the in-mesh pods
-        with an IP and no record that it could not enrol."""
-        self.unaccounted: list[str] = []
-        told = self.__dict__.setdefault("_adopt_told", set())
-        find = getattr(self.podnet, "netns_addresses", None)
-        if find is None:
-            return 0
-        wanted = []
-        # this runs every second: records are indexed once, and a pod's verdict
-        # (in the mesh, its IPs) is kept while the pod source hands out the same
-        # object (a changed pod is a new object)
-        with self._lock:
-            uids: dict[tuple[str, str], list[str]] = {}
-            for r in self.records.values():
-                uids.setdefault((r.namespace, r.name), []).append(r.uid)
-        verdicts = self.__dict__.setdefault("_adopt_verdicts", {})
-        seen = {}
-        for pod in pods:
-            ns, name, uid = pod_meta(pod)
-            if any(not uid or not u or u == uid for u in uids.get((ns, name), ())):
-                continue                   # it has a record (as _matching)
-            key = (ns, name, uid, id(pod))
-            verdict = verdicts.get(key)
-            if verdict is None or verdict[0] is not pod:
-                try:
-                    ips = self._pod_ips(pod) if self._in_mesh(pod) else ()
-                except PodError as exc:
-                    log.warning("adopt: %s", exc)
-                    ips = ()
-                verdict = (pod, ips if not self._host_network(pod) else ())
-            seen[key] = verdict
-            if verdict[1]:
-                wanted.append((pod, verdict[1]))
-        verdicts.clear()
-        verdicts.update(seen)
-        if not wanted:
-            told.clear()
-            return 0
+    def _restore_one(self, rec: Record) -> None:
+        if not same_netns(rec):
+            log.info("restore: netns of %s/%s (%s) is gone", rec.namespace, rec.name,
+                     rec.container_id)
+            self._withdraw(rec)
+            return
+        pod = self.lookup(rec.namespace, rec.name)
+        if pod is None or (rec.uid and pod_meta(pod)[2] and pod_meta(pod)[2] != rec.uid):
+            # deleted while no daemon ran (its DEL was lost): the pod
+            # source has had its first full listing by now
+            log.info("restore: pod %s/%s (%s) is gone from the pod source", rec.namespace,
+                     rec.name, rec.container_id)
+            self._withdraw(rec)
+            return
+        policy = None
         try:
-            found = find(netns_dir, proc_path) if proc_path else find(netns_dir)
-        except Exception as exc:           # start-up goes on: these pods stay as they are
-            log.error("adopt: cannot search %s for the netns of %d pod(s): %s", netns_dir,
-                      len(wanted), exc)
-            self.unaccounted = ["/".join(pod_meta(p)[:2]) for p, _ in wanted]
-            return 0
-        adopted = 0
-        owners: dict[str, list[tuple[str, str]]] = {}
-        for path, addrs in found.items():
-            for ifname, ip in addrs:
-                owners.setdefault(ip, []).append((path, ifname))
-        for pod, ips in wanted:
-            ns, name, uid = pod_meta(pod)
-            self.unaccounted.append(f"{ns}/{name}")
-            again = (ns, name, uid) in told
-            say, warn = (log.debug, log.debug) if again else (log.info, log.warning)
-            told.add((ns, name, uid))
-            primary = self._primary_ip(ips)
-            where = owners.get(primary, [])
-            if not where:
-                say("adopt: no netns in %s%s carries %s of pod %s/%s", netns_dir,
-                    f" or {proc_path}" if proc_path else "", primary, ns, name)
-                continue
-            if len(where) > 1:
-                warn("adopt: pod %s/%s not enrolled: its IP %s is on %s", ns, name,
-                     primary, ", ".join(f"{i} in {p}" for p, i in where))
-                continue
-            path, ifname = where[0]
-            with self._lock:
-                taken = any(r.netns == path or set(r.ips) & set(ips)
-                            for r in self.records.values())
-            if taken:
-                warn("adopt: pod %s/%s: netns %s or its IPs belong to another "
-                     "record; not enrolled", ns, name, path)
-                continue
-            try:
-                self._add_command(Attachment(container_id=f"{ADOPTED}{ns}/{name}/{uid}",
-                                             netns=path, ifname=ifname, namespace=ns,
-                                             name=name, uid=uid, ips=ips))
-            except PodError:
-                continue                   # logged by the ADD path
-            adopted += 1
-            self.unaccounted.pop()
-            log.info("adopted pod %s/%s, started while no daemon ran: netns %s %s", ns, name,
-                     path, ifname)
-        return adopted
+            policy = self._policy(pod)
+        except CniError as exc:
+            log.error("restore: %s; keeping the pinned policy", exc)
+        self._ensure(rec, policy)
+        with self._lock:
+            rec.phase = ENROLLED
 
-    @staticmethod
-    def _host_network(pod: dict) -> bool:
-        spec = pod.get("spec") if isinstance(pod, dict) else None
-        return isinstance(spec, dict) and spec.get("hostNetwork") is True
+    def adopt(self, pods: Iterable[dict], netns_dir: str, proc_path: str | None = None) -> int:
+        """Enrol each in-mesh pod of ``pods`` that has no record, found by IP among
+        the node's network namespaces (``adopt.py``); how many it enrolled.
+        ``unaccounted`` then holds those it could not enrol."""
+        return self.adopter.run(pods, netns_dir, proc_path)
+
+    @property
+    def unaccounted(self) -> list[str]:
+        return self.adopter.unaccounted
 
     def shutdown(self) -> None:
         """Close every marker listener and detach every XDP program; the records
@@ -626,21 +493,11 @@ class Registry(Pieces):
         self.ready = False
         for cid, rec in list(self.records.items()):
             with self._container_lock(cid):
-                marker = self.markers.pop(cid, None)
-                if marker is not None:
-                    marker.close()
-                if self._same_netns(rec):
-                    try:
-                        self.podnet.detach_xdp(rec.netns, rec.ifname)
-                    except Exception:
-                        log.exception("detach XDP of %s", cid)
+                for problem in self.enroller.release(rec):
+                    log.error("shutdown: %s of %s", problem, cid)
         if self.cni_mode and self.store is not None:
             with self._lock:
                 self.store.save(self.records, stopped_cleanly=True)
-
-    def status(self) -> None:
-        if not self.ready:
-            raise PodError(NOT_AVAILABLE, "merbridge daemon is not ready")
 
     # -- pod source events -------------------------------------------------
     def on_pod_event(self, event: str, pod: dict) -> None:
@@ -650,7 +507,7 @@ class Registry(Pieces):
             if self.cni_mode:
                 self._cni_event(event, pod)
             else:
-                self._legacy_event(event, pod)
+                self.legacy.event(event, pod)
         except Exception:
             log.exception("pod event %s for %s/%s failed", event, *pod_meta(pod)[:2])
 
@@ -662,11 +519,11 @@ class Registry(Pieces):
     def _cni_event(self, event: str, pod: dict) -> None:
         for rec in self._matching(pod):
             if event == "DELETED":
-                self._delete(Attachment(container_id=rec.container_id))
+                self._delete(rec.container_id)
             elif rec.phase == ENROLLED:
                 try:
                     policy = self._policy(pod)
-                except PodError as exc:
+                except CniError as exc:
                     log.error("%s; keeping the previous policy", exc)
                     continue
                 with self._lock:
@@ -677,10 +534,7 @@ class Registry(Pieces):
     def _legacy_decide(self, pod: dict) -> tuple[tuple[str, ...], Any]:
         if not self._in_mesh(pod):
             return (), None
-        return self._pod_ips(pod), self._policy(pod)
-
-    def _legacy_event(self, event: str, pod: dict) -> None:
-        self.legacy.event(event, pod)
+        return podfacts.pod_ips(pod), self._policy(pod)
 
     def resync_legacy(self, pods: Iterable[dict]) -> None:
         """Make mb_local_pods exactly the in-mesh pods of a full snapshot."""

@@ -43,11 +43,12 @@ import logging
 import os
 import signal
 import threading
-import time
-from contextlib import ExitStack, contextmanager
-from typing import Any, Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
 
 from merbridge.bpf import mesh as meshes
+from merbridge.cni import errors
+from merbridge.cni.errors import CniError
 from merbridge.daemon import config as cfgmod
 from merbridge.daemon import memory
 from merbridge.daemon import pods as podreg
@@ -108,7 +109,7 @@ class Daemon:
         self.metrics_server = None
         self.reconciler = None
         self._installer_thread: threading.Thread | None = None
-        self.ambient = None   # ambient mode (H11): daemon/ambient.AmbientController
+        self.ambient = None   # ambient mode (docs/ambient.md): daemon/ambient.AmbientController
         self.trimmer = memory.Trimmer()
         self._drain_lock = threading.Lock()
         self._drained = False
@@ -185,7 +186,7 @@ class Daemon:
                                        hardware_checksum=cfg.hardware_checksum,
                                        inbound_hook=cfg.inbound_hook,
                                        tc_programs=self.datapath.tc_programs)
-        if getattr(cfg, "ambient", False):   # ambient mode (H11, docs/ambient.md)
+        if getattr(cfg, "ambient", False):   # ambient mode (docs/ambient.md)
             from merbridge.daemon import ambient
             self.ambient = ambient.AmbientController(
                 self.datapath.maps, cfg.cgroup_path, exclude_namespaces=cfg.exclude_namespaces,
@@ -210,7 +211,7 @@ class Daemon:
             self._start_cni(store)
         else:
             self.registry.resync_legacy(self.source.snapshot())
-        if self.ambient is not None:   # ambient mode (H11)
+        if self.ambient is not None:   # ambient mode
             self.ambient.resync(self.source.snapshot(), self.source.namespaces())
             self.ambient.start()
         self.registry.ready = True
@@ -223,12 +224,12 @@ class Daemon:
         self.trimmer.poke()
         if self.registry is not None:
             self.registry.on_pod_event(event, pod)
-        if self.ambient is not None:   # ambient mode (H11)
+        if self.ambient is not None:   # ambient mode
             self.ambient.on_pod_event(event, pod)
 
     def _pod_source(self, callback):
         cfg = self.cfg
-        # ambient mode (H11) also follows namespace labels; only then are namespaces watched
+        # ambient mode also follows namespace labels; only then are namespaces watched
         on_namespace = self.ambient.on_namespace if self.ambient is not None else None
         if cfg.pods_dir:
             from merbridge.daemon import podsdir
@@ -240,9 +241,9 @@ class Daemon:
     def _start_cni(self, store: StateStore) -> None:
         cfg = self.cfg
         from merbridge.daemon import cniserver, install
-        self.server = cniserver.CniServer(cfg.socket_path,
-                                          Handler(self.registry, self.trimmer.poke,
-                                                  metrics=self.metrics, drain=self.drain))
+        # the registry is the server's handler: a CNI ADD goes socket -> registry -> enroller
+        self.server = cniserver.CniServer(cfg.socket_path, self.registry, drain=self.drain,
+                                          observe=self._cni_request)
         # CNI commands wait until the state file is restored and the pods that
         # started while no daemon ran are adopted (pods.py)
         with self.registry.restoring():
@@ -287,8 +288,15 @@ class Daemon:
         log.warning("no static merbridge-cni found (%s); installing the Python plugin, which "
                     "needs python3 on the node: build it with scripts/build-cni",
                     ", ".join(cfgmod.DEFAULT_CNI_PLUGIN_PATHS))
-        from merbridge.cni import main as cni_main
-        return cni_main.build_zipapp(os.path.join(self.cfg.state_dir, "merbridge-cni"))
+        from merbridge.cni import zipapp
+        return zipapp.build_zipapp(os.path.join(self.cfg.state_dir, "merbridge-cni"))
+
+    def _cni_request(self, command: str, result: str, seconds: float) -> None:
+        """Each CNI request the server answered: counted, and a request that
+        changes pods pokes the heap trimmer."""
+        self.metrics.cni_request(command, result, seconds)
+        if command in ("ADD", "DEL", "GC"):
+            self.trimmer.poke()
 
     # -- stop ------------------------------------------------------------
     def stop(self, unpin: bool = True) -> None:
@@ -302,7 +310,7 @@ class Daemon:
         if self.installer is not None:
             steps += [("stop the CNI installer", self._stop_installer),
                       ("uninstall the CNI plugin", self.installer.uninstall)]
-        if self.ambient is not None:   # ambient mode (H11)
+        if self.ambient is not None:   # ambient mode
             steps.append(("stop ambient mode", self.ambient.stop))
         if self.datapath is not None:
             steps.append(("detach the cgroup programs", self.datapath.detach))
@@ -339,86 +347,17 @@ class Daemon:
             if self._drained:
                 return "already drained"
             if not self.ready.is_set() or self.installer is None:
-                raise podreg.PodError(podreg.TRY_AGAIN_LATER, "merbridge is not ready",
-                                      "starting or stopping; drain again in a moment")
+                raise CniError(errors.TRY_AGAIN_LATER, "merbridge is not ready",
+                               "starting or stopping; drain again in a moment")
             self._drained = True
             self.ready.clear()
             self.registry.ready = False
+            self.registry.draining = True       # STATUS: "merbridge is draining"
             self._stop_installer()
             self.installer.uninstall()
         log.info("drained: merbridge-cni removed from %s; waiting for SIGTERM",
                  self.cfg.cni_conf_dir)
         return f"merbridge-cni removed from {self.cfg.cni_conf_dir}"
-
-
-class Handler:
-    """The CNI server's handler: protocol requests -> registry calls.
-
-    ``churned`` is called on each request that changes pods (the heap trimmer's poke).
-    ``metrics`` counts CHECK, GC and STATUS (the registry counts ADD and DEL itself).
-    ``drain`` is the daemon's preStop (``merbridge drain``); STATUS says "draining"
-    after it."""
-
-    def __init__(self, registry: podreg.Registry, churned: Callable[[], None] = lambda: None,
-                 metrics: Any = None, drain: Callable[[], str] | None = None):
-        self.registry = registry
-        self.churned = churned
-        self.metrics = metrics
-        self._drain = drain
-        self.drained = False
-
-    @contextmanager
-    def _counted(self, command: str) -> Iterator[None]:
-        t0, result = time.monotonic(), "error"
-        try:
-            yield
-            result = "ok"
-        finally:
-            if self.metrics is not None:
-                self.metrics.cni_request(command, result, time.monotonic() - t0)
-
-    def add(self, req) -> dict:
-        self.churned()
-        att = _attachment(req)
-        self.registry.add(att)
-        rec = self.registry.records.get(att.container_id)
-        return {"enrolled": rec is not None, "key": rec.key if rec else 0}
-
-    def delete(self, req) -> None:
-        self.churned()
-        self.registry.delete(_attachment(req))
-
-    def check(self, req) -> None:
-        with self._counted("CHECK"):
-            self.registry.check(_attachment(req))
-
-    def gc(self, req) -> None:
-        self.churned()
-        with self._counted("GC"):
-            self.registry.gc((a.container_id, a.ifname) for a in req.attachments)
-
-    def status(self) -> tuple[bool, str]:
-        with self._counted("STATUS"):
-            if self.drained:
-                raise podreg.PodError(podreg.NOT_AVAILABLE, "merbridge is draining")
-            if not self.registry.ready:
-                raise podreg.PodError(podreg.NOT_AVAILABLE, "merbridge is starting")
-        return True, "ready"
-
-    def drain(self) -> str:
-        if self._drain is None:
-            raise podreg.PodError(podreg.NOT_AVAILABLE, "this daemon cannot drain")
-        detail = self._drain()
-        self.drained = True
-        return detail
-
-
-def _attachment(req) -> podreg.Attachment:
-    # prevResult addresses arrive as "addr/prefix"; the maps want bare addresses
-    ips = tuple(dict.fromkeys(ip.split("/", 1)[0] for ip in (req.ips or ())))
-    return podreg.Attachment(container_id=req.container_id, netns=req.netns or "",
-                             ifname=req.ifname or "eth0", namespace=req.pod_namespace,
-                             name=req.pod_name, uid=req.pod_uid or "", ips=ips)
 
 
 def run(config: Any) -> int:

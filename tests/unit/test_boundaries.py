@@ -5,6 +5,10 @@
 - merbridge.cni is stdlib-only: it runs under the node's python3, outside our
   virtualenv, on every pod start.
 - merbridge.bpf never imports merbridge.daemon (layers: daemon above bpf).
+- The daemon imports from merbridge.cni only the modules docs/design.md names
+  (the wire contract and its errors, the in-process plugin, the remembered
+  ADDs, the zipapp builder), and the pod plumbing (podnet, netns) never
+  imports the registry's modules.
 - Nothing imports the folders by name (``import daemon`` would pick up
   python-daemon or the folder itself depending on sys.path).
 """
@@ -31,8 +35,18 @@ OWNERS = {
 }
 
 
+#: the cni modules the daemon may import (docs/design.md, "Import rules")
+DAEMON_FROM_CNI = {"merbridge.cni.protocol", "merbridge.cni.errors", "merbridge.cni.inprocess",
+                   "merbridge.cni.pending", "merbridge.cni.zipapp"}
+#: the pod plumbing, below the registry: it must not import these
+PLUMBING = ("daemon/podnet.py", "daemon/netns.py")
+REGISTRY = ("merbridge.daemon.pods", "merbridge.daemon.enroll", "merbridge.daemon.adopt",
+            "merbridge.daemon.podfacts", "merbridge.daemon.cniserver")
+
+
 def _imports(path: Path) -> list[str]:
-    """Every module name imported anywhere in the file (also inside functions)."""
+    """Every module name imported anywhere in the file (also inside functions);
+    ``from a import b`` gives ``a`` and ``a.b`` (b may be a module)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names: list[str] = []
     for node in ast.walk(tree):
@@ -40,6 +54,7 @@ def _imports(path: Path) -> list[str]:
             names.extend(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append(node.module)
+            names.extend(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
@@ -63,6 +78,14 @@ def test_import_rules(path: Path) -> None:
                 f"{rel} imports {name!r}: the CNI plugin must stay stdlib-only"
         if folder == "bpf":
             assert not name.startswith("merbridge.daemon"), f"{rel} imports {name}: bpf is below daemon"
+        if folder == "daemon" and name.startswith("merbridge.cni."):
+            module = ".".join(name.split(".")[:3])
+            assert module in DAEMON_FROM_CNI, \
+                f"{rel} imports {name}: the daemon may import from cni only " \
+                f"{sorted(DAEMON_FROM_CNI)}"
+        if rel in PLUMBING:
+            assert not name.startswith(REGISTRY), \
+                f"{rel} imports {name}: the pod plumbing is below the registry"
 
 
 def test_every_library_has_its_module() -> None:

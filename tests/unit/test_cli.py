@@ -152,24 +152,26 @@ class DrainHandler:
         self.calls, self.busy, self.error = 0, busy, error
 
     def drain(self):
-        from merbridge.daemon.pods import PodError
+        from merbridge.cni.errors import CniError
         self.calls += 1
         if self.error is not None:
             raise self.error
         if self.calls <= self.busy:
-            raise PodError(11, "merbridge is not ready", "starting")
+            raise CniError(11, "merbridge is not ready", "starting")
         return "merbridge-cni removed from /etc/cni/net.d"
 
 
 @pytest.fixture
 def drain_socket(tmp_path):
-    """Serve a handler on a real CNI socket: ``serve(handler) -> socket path``."""
+    """Serve a drain on a real CNI socket: ``serve(handler) -> socket path``
+    (a handler without ``drain``: the server cannot drain)."""
     from merbridge.daemon.cniserver import CniServer
     servers = []
 
     def serve(handler):
         path = str(tmp_path / f"cni-{len(servers)}.sock")
-        srv = CniServer(path, handler, allowed_uids=(os.getuid(),), owner=None)
+        srv = CniServer(path, handler, allowed_uids=(os.getuid(),), owner=None,
+                        drain=getattr(handler, "drain", None))
         srv.start()
         servers.append(srv)
         return path
@@ -202,8 +204,8 @@ def test_drain_without_a_daemon_has_nothing_to_do(tmp_path):
 
 
 def test_drain_failures_are_clear_errors(drain_socket, tmp_path):
-    from merbridge.daemon.pods import PodError
-    r = drain(drain_socket(DrainHandler(error=PodError(999, "installer stuck", "EIO"))))
+    from merbridge.cni.errors import CniError
+    r = drain(drain_socket(DrainHandler(error=CniError(999, "installer stuck", "EIO"))))
     assert r.exit_code == 1 and "drain failed: installer stuck: EIO" in r.output
     r = drain(drain_socket(DrainHandler(busy=100)), "--timeout=1")
     assert r.exit_code == 1 and "not drained within 1s" in r.output
@@ -235,7 +237,7 @@ def test_daemon_drain_restores_the_conflist_and_is_refused_while_starting(tmp_pa
     from types import SimpleNamespace
 
     from merbridge.daemon import runtime
-    from merbridge.daemon.pods import PodError
+    from merbridge.cni.errors import CniError
     conf, bindir = tmp_path / "net.d", tmp_path / "bin"
     conf.mkdir()
     original = b'{"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "bridge"}]}\n'
@@ -251,7 +253,7 @@ def test_daemon_drain_restores_the_conflist_and_is_refused_while_starting(tmp_pa
     daemon._installer_thread = watcher
     assert daemon.installer.ready.wait(10)
     assert (conf / "10-n.conflist").read_bytes() != original
-    with pytest.raises(PodError, match="not ready") as err:     # still starting
+    with pytest.raises(CniError, match="not ready") as err:     # still starting
         daemon.drain()
     assert err.value.code == 11 and watcher.is_alive()
     daemon.ready.set()
@@ -260,6 +262,7 @@ def test_daemon_drain_restores_the_conflist_and_is_refused_while_starting(tmp_pa
     assert (conf / "10-n.conflist").read_bytes() == original
     assert not (bindir / "merbridge-cni").exists()
     assert not daemon.ready.is_set() and daemon.registry.ready is False
+    assert daemon.registry.draining is True                      # STATUS says so
     assert daemon.drain() == "already drained"
 
 

@@ -187,7 +187,7 @@ def test_fuzz_in_process(environ, stdin, daemon):
 
 @pytest.fixture(scope="module")
 def exe(tmp_path_factory):
-    from merbridge.cni.main import build_zipapp
+    from merbridge.cni.zipapp import build_zipapp
     return build_zipapp(str(tmp_path_factory.mktemp("bin") / "merbridge-cni"))
 
 

@@ -12,7 +12,8 @@ import os
 import pytest
 
 from merbridge.cni import errors, plugin, skel, version
-from merbridge.daemon.cniserver import CniRequestError, CniServer
+from merbridge.cni.errors import CniError
+from merbridge.daemon.cniserver import CniServer
 from test_cniserver import FakeHandler
 
 VERSIONS = version.SUPPORTED
@@ -139,7 +140,7 @@ def test_custom_exclude_namespaces(v, sock, handler):
 
 @pytest.mark.parametrize("v", VERSIONS)
 def test_daemon_error_is_re_emitted(v, sock, handler):
-    handler.fail["add"] = CniRequestError(101, "invalid annotations",
+    handler.fail["add"] = CniError(101, "invalid annotations",
                                           "traffic.sidecar.istio.io/includeInboundPorts: x")
     obj = failed(*run(env("ADD"), config(v, sock)), 101)
     assert obj == {"cniVersion": v, "code": 101, "msg": "invalid annotations",

@@ -13,7 +13,7 @@ import zipfile
 import pytest
 
 import merbridge.cni
-from merbridge.cni.main import build_zipapp
+from merbridge.cni.zipapp import build_zipapp
 from merbridge.daemon.cniserver import CniServer
 from test_cniserver import FakeHandler
 

@@ -14,7 +14,7 @@ from merbridge.cni.client import DaemonClient, DaemonUnavailable
 from merbridge.cni.errors import CniError
 from merbridge.cni.protocol import Attachment, CniRequest
 from merbridge.daemon import cniserver
-from merbridge.daemon.cniserver import CniRequestError, CniServer
+from merbridge.daemon.cniserver import CniServer
 
 
 class FakeHandler:
@@ -43,7 +43,7 @@ class FakeHandler:
     def check(self, req):
         self._enter("check", req)
         if req.container_id not in self.enrolled:
-            raise CniRequestError(103, "not enrolled", req.container_id)
+            raise CniError(103, "not enrolled", req.container_id)
 
     def gc(self, req):
         self._enter("gc", req)
@@ -59,7 +59,7 @@ class FakeHandler:
 
 
 class CodedError(Exception):
-    """Shaped like the registry's PodError (not a CniRequestError)."""
+    """Shaped like a CniError without being one: no longer matched by shape."""
 
     def __init__(self, code, msg, details=""):
         super().__init__(msg)
@@ -154,11 +154,12 @@ def test_peer_uid_not_allowed_is_refused(sock_path, handler):
 
 
 @pytest.mark.parametrize("exc,code", [
-    (CniRequestError(11, "busy", "netns not ready"), 11),
-    (CodedError(101, "invalid annotations", "bad port"), 101),
-    (CniRequestError(50, "not ready"), 50),
+    (CniError(11, "busy", "netns not ready"), 11),
+    (CniError(101, "invalid annotations", "bad port"), 101),
+    (CniError(50, "not ready"), 50),
     (ZeroDivisionError("boom"), errors.INTERNAL),
-    (CodedError(True, "bool is no code"), errors.INTERNAL),
+    (CniError(True, "bool is no code"), errors.INTERNAL),
+    (CodedError(101, "shaped like one"), errors.INTERNAL),
 ])
 def test_handler_errors_become_replies(server, sock_path, handler, exc, code):
     handler.fail["add"] = exc
@@ -173,7 +174,7 @@ def test_handler_errors_become_replies(server, sock_path, handler, exc, code):
 
 
 @pytest.mark.parametrize("state,detail", [((False, "loading maps"), "loading maps"),
-                                          (CodedError(50, "merbridge daemon is not ready"),
+                                          (CniError(50, "merbridge daemon is not ready"),
                                            "merbridge daemon is not ready")])
 def test_status_not_ready(server, sock_path, handler, state, detail):
     handler.ready = state
@@ -396,3 +397,40 @@ def test_client_maps_error_replies_to_their_code(tmp_path):
     with pytest.raises(CniError) as e:
         client(path).call(ADD)
     assert (e.value.code, e.value.msg) == (11, "later")
+
+
+def test_every_command_is_counted_once_here(sock_path, handler):
+    """The server is the one place that counts CNI requests: each ADD, DEL,
+    CHECK, GC and STATUS, "ok" or "error", with its duration."""
+    seen = []
+    with CniServer(sock_path, handler, allowed_uids=(os.getuid(),), owner=None,
+                   observe=lambda *a: seen.append(a)):
+        c = client(sock_path)
+        c.call(ADD)
+        check = CniRequest(command="CHECK", container_id="c1", netns="/n", ifname="eth0")
+        c.call(check)
+        c.call(CniRequest(command="GC"))
+        with pytest.raises(CniError):
+            c.call(check)                           # not enrolled any more
+        c.call(CniRequest(command="DEL", container_id="c1", ifname="eth0"))
+        c.status()
+        handler.ready = CniError(50, "merbridge is starting")
+        c.status()
+        # refused before the handler (no netns): not counted
+        assert reply_of(raw(sock_path, http("POST", "/v1/cni/check", b'{"command":"CHECK"}'
+                                            )))[0] == 400
+    assert [(cmd, result) for cmd, result, _ in seen] == [
+        ("ADD", "ok"), ("CHECK", "ok"), ("GC", "ok"), ("CHECK", "error"), ("DEL", "ok"),
+        ("STATUS", "ok"), ("STATUS", "error")]
+    assert all(isinstance(t, float) and t >= 0 for _, _, t in seen)
+
+
+def test_drain_is_served_only_when_given(sock_path, handler):
+    with CniServer(sock_path, handler, allowed_uids=(os.getuid(),), owner=None):
+        status, reply = reply_of(raw(sock_path, http("POST", cniserver.DRAIN_PATH)))
+        assert status == 404 and reply.msg == "no such endpoint: POST /v1/drain"
+    with CniServer(sock_path, handler, allowed_uids=(os.getuid(),), owner=None,
+                   drain=lambda: "done"):
+        data = raw(sock_path, http("POST", cniserver.DRAIN_PATH))
+        assert protocol.StatusReply.from_json(data.partition(b"\r\n\r\n")[2]) == \
+            protocol.StatusReply(False, "done")

@@ -7,7 +7,7 @@ every level), and the YAML/JSON files a ``--pods-dir`` would hold.
 
 Invariants, per case:
 * CNI mode: ADD either enrols the pod (every map value encodes within the
-  datapath's limits) or fails with a ``PodError`` of a known code and leaves
+  datapath's limits) or fails with a ``CniError`` of a known code and leaves
   nothing behind (maps, listeners, XDP, records, state file); DEL always
   succeeds and leaves nothing. Never another exception.
 * Legacy mode: a pod event never raises; mb_local_pods holds only encodable
@@ -25,9 +25,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from merbridge.bpf import maps as bpfmaps
+from merbridge.cni.errors import CniError
 from merbridge.daemon import annotations as A
 from merbridge.daemon import podsdir
-from merbridge.daemon.pods import PodError, Registry
+from merbridge.daemon.pods import Registry
 from merbridge.daemon.state import StateStore
 from test_pods import ISTIO, FakePodNet, att, real_maps
 
@@ -111,7 +112,7 @@ def fresh(tmp_path, cni_mode=True):
 def assert_empty(reg, m, net, store):
     assert dict(m.local_pods.items()) == {}
     assert dict(m.mark_pod_ips.items()) == {}
-    assert getattr(m, "netns_pod", None) is None or m.netns_pod.items() == []
+    assert m.netns_pod.items() == []
     assert net.listeners == {} and net.xdp == set()
     assert reg.records == {} and store.load() == {} and reg._ctr_locks == {}
 
@@ -129,7 +130,7 @@ def test_add_with_fuzzed_manifests(tmp_path, pod, with_ips):
     a = att(W(tmp_path), ips=("10.240.0.5", "fd00::5") if with_ips else ())
     try:
         reg.add(a)
-    except PodError as exc:
+    except CniError as exc:
         event(f"ADD failed with code {exc.code}")
         assert exc.code in ADD_CODES, exc
         assert_empty(reg, m, net, store)
@@ -196,7 +197,7 @@ def test_nothing_from_a_manifest_reaches_a_shell(tmp_path):
         a = att(W(tmp_path))
         try:
             reg.add(a)
-        except PodError as exc:
+        except CniError as exc:
             assert exc.code in ADD_CODES
         reg.on_pod_event("ADDED", box["pod"])
         reg.delete(a)

@@ -70,28 +70,21 @@ def test_stop_while_waiting_for_quiet_does_not_trim():
 
 
 def test_cni_requests_that_change_pods_poke_the_trimmer():
+    """The daemon's observer of the CNI server: every request counted, and
+    those that change pods poke the trimmer."""
     from types import SimpleNamespace
 
     from merbridge.daemon import runtime
 
-    class Registry:
-        records: dict = {}
-        ready = True
-
-        def add(self, att): pass
-        def delete(self, att): pass
-        def check(self, att): pass
-        def gc(self, attachments): list(attachments)
-
-    pokes = []
-    handler = runtime.Handler(Registry(), churned=lambda: pokes.append(1))
-    req = SimpleNamespace(container_id="c1", netns="/proc/1/ns/net", ifname="eth0",
-                          pod_namespace="default", pod_name="p", pod_uid="u",
-                          ips=["10.0.0.2/24"], attachments=[])
-    handler.add(req)
-    handler.delete(req)
-    handler.gc(req)
+    daemon = runtime.Daemon(SimpleNamespace(mode="istio", mesh="istio"))
+    pokes, counted = [], []
+    daemon.trimmer = SimpleNamespace(poke=lambda: pokes.append(1))
+    daemon.metrics = SimpleNamespace(cni_request=lambda *a: counted.append(a))
+    for command in ("ADD", "DEL", "GC"):
+        daemon._cni_request(command, "ok", 0.01)
     assert len(pokes) == 3
-    handler.check(req)
-    handler.status()
+    daemon._cni_request("CHECK", "error", 0.01)
+    daemon._cni_request("STATUS", "ok", 0.01)
     assert len(pokes) == 3   # read-only requests leave the heap alone
+    assert [c[:2] for c in counted] == [("ADD", "ok"), ("DEL", "ok"), ("GC", "ok"),
+                                        ("CHECK", "error"), ("STATUS", "ok")]

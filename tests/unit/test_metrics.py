@@ -178,63 +178,50 @@ def test_map_occupancy_of_the_typed_handles(served):
     assert 'merbridge_map_capacity{map="mb_mark_pod_ips"} 4096.0' in lines
 
 
-class FakeRegistry:
-    def __init__(self):
-        self.records, self.ready, self.fail = {}, True, set()
+def test_the_cni_server_counts_every_command_into_the_metrics():
+    """What runtime wires: the CNI server's requests (here through the in-process
+    plugin's way in) counted by command and result, with their latency."""
+    from merbridge.cni.errors import CniError
+    from merbridge.cni.protocol import CniRequest
+    from merbridge.daemon.cniserver import CniServer
 
-    def _maybe_fail(self, what):
-        if what in self.fail:
-            from merbridge.daemon.pods import PodError
-            raise PodError(103, f"{what} failed")
+    class Handler:
+        fail = False
 
-    def check(self, att):
-        self._maybe_fail("check")
+        def _maybe_fail(self):
+            if self.fail:
+                raise CniError(103, "failed")
 
-    def gc(self, attachments):
-        list(attachments)
-        self._maybe_fail("gc")
+        def add(self, req):
+            self._maybe_fail()
 
+        def delete(self, req):
+            self._maybe_fail()
 
-def cni_req():
-    from types import SimpleNamespace
-    return SimpleNamespace(container_id="c1", netns="/proc/1/ns/net", ifname="eth0",
-                           pod_namespace="default", pod_name="p", pod_uid="u",
-                           ips=["10.0.0.2/24"], attachments=[])
+        def check(self, req):
+            self._maybe_fail()
 
+        def gc(self, req):
+            self._maybe_fail()
 
-def test_handler_counts_check_gc_and_status():
-    from merbridge.daemon import runtime
-    from merbridge.daemon.pods import PodError
-    m, reg = metrics.Metrics(), FakeRegistry()
-    handler = runtime.Handler(reg, metrics=m)
-    handler.check(cni_req())
-    handler.gc(cni_req())
-    assert handler.status() == (True, "ready")
-    reg.fail = {"check", "gc"}
-    for call in (handler.check, handler.gc):
-        with pytest.raises(PodError):
-            call(cni_req())
-    reg.ready = False
-    with pytest.raises(PodError, match="starting"):
-        handler.status()
+        def status(self):
+            if self.fail:
+                raise CniError(50, "merbridge is starting")
+            return True, "ready"
+
+    m, handler = metrics.Metrics(), Handler()
+    server = CniServer("/nonexistent/never-bound.sock", handler, observe=m.cni_request)
+    check = CniRequest(command="CHECK", container_id="c1", netns="/n", ifname="eth0")
+    for fail in (False, True):
+        handler.fail = fail
+        assert server.local_post(check)[0] == (500 if fail else 200)
+        assert server.local_post(CniRequest(command="GC"))[0] == (500 if fail else 200)
+        assert server.local_status()[0] == (503 if fail else 200)
     lines = set(m.render().decode().splitlines())
     for command in ("CHECK", "GC", "STATUS"):
         assert f'merbridge_cni_requests_total{{command="{command}",result="ok"}} 1.0' in lines
         assert f'merbridge_cni_requests_total{{command="{command}",result="error"}} 1.0' in lines
         assert f'merbridge_cni_request_duration_seconds_count{{command="{command}"}} 2.0' in lines
-
-
-def test_handler_drain_then_status_says_draining():
-    from merbridge.daemon import runtime
-    from merbridge.daemon.pods import PodError
-    drained = []
-    handler = runtime.Handler(FakeRegistry(), drain=lambda: drained.append(1) or "done")
-    assert handler.status() == (True, "ready")
-    assert handler.drain() == "done" and drained == [1]
-    with pytest.raises(PodError, match="draining"):
-        handler.status()
-    with pytest.raises(PodError, match="cannot drain"):
-        runtime.Handler(FakeRegistry()).drain()
 
 
 def test_idle_connections_neither_starve_scrapes_nor_pile_up_threads(served):

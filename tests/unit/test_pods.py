@@ -5,6 +5,7 @@ fake podnet's open listeners and XDP attachments, and the state file.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -14,10 +15,12 @@ from merbridge.bpf import maps
 from merbridge.bpf import types as bpftypes
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
+from merbridge.cni.errors import (INTERNAL, INVALID_ANNOTATIONS, INVALID_ENVIRONMENT_VARIABLES,
+                                  INVALID_NETNS, NOT_ENROLLED, PLUGIN_NOT_AVAILABLE,
+                                  TRY_AGAIN_LATER, CniError)
+from merbridge.cni.protocol import Attachment, CniRequest
 from merbridge.daemon import annotations
-from merbridge.daemon.pods import (INTERNAL, INVALID_ANNOTATIONS, NOT_AVAILABLE, NOT_ENROLLED,
-                                   TRY_AGAIN_LATER, Attachment, PodError, Registry,
-                                   allocate_key)
+from merbridge.daemon.pods import Registry, allocate_key
 from merbridge.daemon.state import ENROLLED, StateStore
 
 ISTIO = MESHES["istio"]
@@ -45,17 +48,38 @@ class Marker:
         self.net.listeners.pop(self.netns, None)
 
 
+class Rtnl:
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
 class FakePodNet:
-    """Per netns: one marker listener and an XDP flag; ``fail`` names a method to break."""
+    """The whole ``enroll.PodNet`` protocol in memory. Per netns: one marker
+    listener, an XDP flag and the tx checksum offload; ``fail`` names a method
+    to break; ``addrs[netns] = [(ifname, ip), ...]`` answers adopt's search
+    (``searched`` lists the directories searched); ``not_veth`` holds the
+    interfaces that are not a pod's veth (an attach answers code 4)."""
+
+    inbound_hook = "xdp"
 
     def __init__(self):
         self.listeners, self.xdp, self.csum_off = {}, set(), set()
         self.fail = None
         self.hardware_checksum = False
+        self.addrs, self.searched, self.not_veth = {}, [], set()
 
     def _maybe_fail(self, what):
         if self.fail == what:
             raise OSError(f"injected failure in {what}")
+
+    def check_netns(self, netns):
+        """As podnet.PodNet: an absolute path to something that exists (a file here)."""
+        if not os.path.isabs(netns) or ".." in netns.split("/") or not os.path.exists(netns):
+            raise ValueError(f"{netns!r} is not a pod network namespace")
+        return netns
 
     def open_marker(self, netns, key):
         self._maybe_fail("open_marker")
@@ -64,10 +88,18 @@ class FakePodNet:
         m = self.listeners[netns] = Marker(self, netns, key)
         return m
 
+    def open_marker_and_rtnl(self, netns, key):
+        return self.open_marker(netns, key), Rtnl()
+
     def marker_ok(self, marker, key):
         return not marker.closed and marker.key == key
 
-    def attach_xdp(self, netns, ifname):
+    def attach_xdp(self, netns, ifname, pod_rtnl=None):
+        if pod_rtnl is not None:
+            pod_rtnl.close()
+        if ifname in self.not_veth:        # as PodNet: refused before anything changes
+            raise CniError(INVALID_ENVIRONMENT_VARIABLES, f"invalid CNI_IFNAME {ifname!r}",
+                           "not a veth")
         if not self.hardware_checksum:     # as PodNet: offload off before the programs
             self.tx_checksum_off(netns, ifname)
         self._maybe_fail("attach_xdp")
@@ -83,11 +115,40 @@ class FakePodNet:
         self._maybe_fail("tx_checksum_off")
         self.csum_off.add((netns, ifname))
 
+    def tx_checksum(self, netns, ifname):
+        self._maybe_fail("tx_checksum")
+        return {"tx-checksum-ip-generic": (netns, ifname) not in self.csum_off}
+
     def addresses(self, netns, ifname):
         return []
 
+    def netns_addresses(self, netns_dir, proc_path=None):
+        self._maybe_fail("netns_addresses")
+        self.searched.append(netns_dir)
+        return dict(self.addrs)
+
     def netns_cookie(self, marker):
         return 1000 + sum(marker.netns.encode())
+
+
+def test_the_fake_and_the_real_podnet_implement_the_whole_protocol():
+    """No optional members: the registry calls every one of them."""
+    import inspect
+
+    from merbridge.daemon import enroll, podnet
+    wanted = {n for n in vars(enroll.PodNet) if not n.startswith("_")}
+    wanted |= set(enroll.PodNet.__annotations__)
+    for impl in (FakePodNet(), podnet.PodNet(lambda: (0, 0))):
+        assert {n for n in wanted if not hasattr(impl, n)} == set(), type(impl)
+        for name in wanted:
+            proto = getattr(enroll.PodNet, name, None)
+            if callable(proto):
+                got = list(inspect.signature(getattr(impl, name)).parameters)
+                want = list(inspect.signature(proto).parameters)[1:]
+                assert len(got) == len(want), (type(impl), name)
+                # passed by name: the same name
+                assert [p for p in want if p in ("pod_rtnl", "proc_path")] == \
+                    [p for p in got if p in ("pod_rtnl", "proc_path")], (type(impl), name)
 
 
 def meshed_pod(name="web", ns="default", ip="10.240.0.5", uid="u-1", ann=None):
@@ -127,15 +188,28 @@ def world(tmp_path):
     return w
 
 
-def att(w, cid="c1", netns="ns-a", name="web", ips=("10.240.0.5",), ifname="eth0"):
-    return Attachment(container_id=cid, netns=str(w.dir / netns), ifname=ifname,
-                      namespace="default", name=name, ips=tuple(ips))
+def cidr(ip):
+    """A pod IP as prevResult gives it to the plugin: "addr/prefix"."""
+    return f"{ip}/128" if ":" in ip else f"{ip}/32"
+
+
+def att(w, cid="c1", netns="ns-a", name="web", ips=("10.240.0.5",), ifname="eth0", uid="",
+        command="ADD"):
+    """The plugin's validated request for one container (``command`` does not
+    matter to the registry: its methods are the commands)."""
+    return CniRequest(command=command, container_id=cid, netns=str(w.dir / netns),
+                      ifname=ifname, pod_namespace="default", pod_name=name, pod_uid=uid,
+                      ips=tuple(cidr(ip) for ip in ips))
+
+
+def gc(*keep):
+    return CniRequest(command="GC", attachments=tuple(Attachment(c, "eth0") for c in keep))
 
 
 def assert_nothing_left(w):
     assert lp(w) == {}
     assert mk(w) == {}
-    assert getattr(w.maps, "netns_pod", None) is None or w.maps.netns_pod.items() == []
+    assert w.maps.netns_pod.items() == []
     assert w.net.listeners == {}
     assert w.net.xdp == set()
     assert w.reg.records == {}
@@ -232,7 +306,7 @@ def test_del_twice_and_del_after_netns_gone(world):
 def test_add_of_unknown_pod_is_try_again_after_the_wait(world):
     w = world
     t0 = time.monotonic()
-    with pytest.raises(PodError) as exc:
+    with pytest.raises(CniError) as exc:
         w.reg.add(att(w))
     assert exc.value.code == TRY_AGAIN_LATER
     assert time.monotonic() - t0 >= 0.3
@@ -256,9 +330,8 @@ def test_add_waits_for_a_pod_that_arrives_late(world):
 def test_add_for_a_recreated_pod_waits_for_the_new_uid(world):
     w = world
     w.pods[("default", "web")] = meshed_pod(uid="old")
-    a = Attachment(container_id="c1", netns=str(w.dir / "ns-a"), namespace="default",
-                   name="web", uid="new", ips=("10.240.0.5",))
-    with pytest.raises(PodError) as exc:
+    a = att(w, uid="new")
+    with pytest.raises(CniError) as exc:
         w.reg.add(a)
     assert exc.value.code == TRY_AGAIN_LATER
 
@@ -277,7 +350,7 @@ def test_invalid_annotation_fails_add_and_writes_nothing(world):
     w = world
     w.pods[("default", "web")] = meshed_pod(
         ann={"traffic.sidecar.istio.io/excludeInboundPorts": "80,notaport"})
-    with pytest.raises(PodError) as exc:
+    with pytest.raises(CniError) as exc:
         w.reg.add(att(w))
     assert exc.value.code == INVALID_ANNOTATIONS
     assert "excludeInboundPorts" in str(exc.value)
@@ -296,7 +369,7 @@ def test_failure_at_each_step_rolls_everything_back(world, step):
         w.maps.local_pods.put = broken
     else:
         w.net.fail = step
-    with pytest.raises(PodError) as exc:
+    with pytest.raises(CniError) as exc:
         w.reg.add(att(w, ips=("10.240.0.5", "10.240.0.6")))
     assert exc.value.code == INTERNAL
     assert_nothing_left(w)
@@ -323,13 +396,69 @@ def test_check_reports_each_missing_piece(world):
     w.reg.add(a)
     w.net.detach_xdp(a.netns, "eth0")
     [w.maps.local_pods.delete(ip) for ip in lp(w)]
-    with pytest.raises(PodError) as exc:
+    with pytest.raises(CniError) as exc:
         w.reg.check(a)
     assert exc.value.code == NOT_ENROLLED
     assert "XDP" in exc.value.details and "local_pods" in exc.value.details
     # CHECK for an in-mesh pod the registry never enrolled is an error too
-    with pytest.raises(PodError):
+    with pytest.raises(CniError):
         w.reg.check(att(w, cid="other"))
+
+
+def test_add_refuses_what_is_no_pod_netns_before_anything_else(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    for netns in (str(w.dir / "ns-gone"), "ns-a", str(w.dir / ".." / w.dir.name / "ns-a")):
+        req = CniRequest(command="ADD", container_id="c1", netns=netns, ifname="eth0",
+                         pod_namespace="default", pod_name="web")
+        t0 = time.monotonic()
+        with pytest.raises(CniError) as exc:
+            w.reg.add(req)
+        assert (exc.value.code, exc.value.msg) == (INVALID_NETNS, "invalid netns")
+        assert repr(netns) in exc.value.details
+        assert time.monotonic() - t0 < 0.3           # no wait for the pod source
+    assert_nothing_left(w)
+
+
+def test_an_interface_that_is_no_pod_veth_is_code_4_and_rolled_back(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    w.net.not_veth = {"lo"}
+    with pytest.raises(CniError) as exc:
+        w.reg.add(att(w, ifname="lo"))
+    assert (exc.value.code, exc.value.msg) == (INVALID_ENVIRONMENT_VARIABLES,
+                                               "invalid CNI_IFNAME 'lo'")
+    assert_nothing_left(w)
+
+
+def test_check_reports_tx_checksum_offload_turned_back_on(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    a = att(w)
+    w.reg.add(a)
+    w.reg.check(a)
+    w.net.csum_off.clear()                      # something turned the offload on again
+    with pytest.raises(CniError) as exc:
+        w.reg.check(a)
+    assert exc.value.code == NOT_ENROLLED
+    assert exc.value.details == ("tx checksum offload is on for eth0 (tx-checksum-ip-generic); "
+                                 "merbridge needs it off unless --hardware-checksum=true")
+    w.reg.add(a)                                # a repeated ADD repairs it
+    w.reg.check(a)
+    w.net.fail = "tx_checksum"
+    with pytest.raises(CniError) as exc:
+        w.reg.check(a)
+    assert "cannot read the tx checksum offload of eth0: injected failure" in exc.value.details
+
+
+def test_hardware_checksum_check_does_not_read_the_offload(world):
+    w = world
+    w.pods[("default", "web")] = meshed_pod()
+    reg = w.make(hardware_checksum=True)
+    a = att(w)
+    reg.add(a)
+    w.net.fail = "tx_checksum"
+    reg.check(a)
 
 
 def test_gc_removes_only_containers_not_listed(world):
@@ -338,7 +467,7 @@ def test_gc_removes_only_containers_not_listed(world):
     w.pods[("default", "api")] = meshed_pod(name="api", ip="10.240.0.7", uid="u-2")
     w.reg.add(att(w, cid="c1"))
     w.reg.add(att(w, cid="c2", netns="ns-b", name="api", ips=("10.240.0.7",)))
-    w.reg.gc([("c2", "eth0")])
+    w.reg.gc(gc("c2"))
     assert set(w.reg.records) == {"c2"}
     assert list(lp(w)) == ["10.240.0.7"]
     assert set(w.net.listeners) == {str(w.dir / "ns-b")}
@@ -357,18 +486,22 @@ def test_gc_keeps_going_and_reports_errors(world):
             raise OSError("EPERM")
         real_delete(w.maps.local_pods, k)
     w.maps.local_pods.delete = broken
-    with pytest.raises(PodError) as exc:
-        w.reg.gc([])
+    with pytest.raises(CniError) as exc:
+        w.reg.gc(gc())
     assert "c1" in exc.value.details
     assert set(w.reg.records) == {"c1"}          # c2 was still removed
 
 
-def test_status_until_ready(world):
-    with pytest.raises(PodError) as exc:
+def test_status_until_ready_and_when_draining(world):
+    with pytest.raises(CniError, match="merbridge is starting") as exc:
         world.reg.status()
-    assert exc.value.code == NOT_AVAILABLE
+    assert exc.value.code == PLUGIN_NOT_AVAILABLE
     world.reg.ready = True
-    world.reg.status()
+    assert world.reg.status() == (True, "ready")
+    world.reg.draining = True
+    with pytest.raises(CniError, match="merbridge is draining") as exc:
+        world.reg.status()
+    assert exc.value.code == PLUGIN_NOT_AVAILABLE
 
 
 def test_parallel_adds_and_a_del_racing_its_add(world):
@@ -438,14 +571,14 @@ def test_restore_completes_a_half_done_add(world):
     w.net.fail = "attach_xdp"
     # simulate a kill -9 between the state write and the XDP attach: the record
     # is on disk as "adding" and the maps have entries
-    orig_apply = Registry._apply
+    orig_apply = w.reg.enroller.apply
 
-    def dying(self, rec, policy, undo):
+    def dying(rec, policy, undo):
         try:
-            orig_apply(self, rec, policy, undo)
+            orig_apply(rec, policy, undo)
         except OSError:
             raise SystemExit("killed")            # no rollback runs for a killed process
-    w.reg._apply = dying.__get__(w.reg)
+    w.reg.enroller.apply = dying
     with pytest.raises(SystemExit):
         w.reg._add(att(w))
     assert w.store.load()["c1"].phase == "adding"
@@ -464,7 +597,7 @@ def test_shutdown_closes_listeners_detaches_xdp_and_keeps_records(world):
     w.reg.shutdown()
     assert w.net.listeners == {} and w.net.xdp == set()
     assert set(w.store.load()) == {"c1"}
-    with pytest.raises(PodError):
+    with pytest.raises(CniError):
         w.reg.status()
 
 
@@ -533,7 +666,8 @@ def test_a_second_daemon_on_the_same_directory_is_refused(tmp_path):
     os.close(_dir_lock(str(tmp_path / "pins"), "pin dir"))   # free again once released
 
 
-def test_metrics_count_requests_and_enrolled_pods(world):
+def test_metrics_count_enrolled_pods(world):
+    """(CNI requests are counted by the server: test_cniserver.)"""
     from merbridge.daemon import metrics
     w = world
     m = metrics.Metrics()
@@ -543,8 +677,7 @@ def test_metrics_count_requests_and_enrolled_pods(world):
     reg.delete(att(w, cid="unknown"))
     text = m.render().decode()
     assert "merbridge_pods_enrolled 1.0" in text
-    assert 'merbridge_cni_requests_total{command="ADD",result="ok"} 1.0' in text
-    assert 'merbridge_cni_requests_total{command="DEL",result="ok"} 1.0' in text
+    assert "merbridge_cni_requests_total{" not in text
     reg.delete(att(w))
     assert "merbridge_pods_enrolled 0.0" in m.render().decode()
 

@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from merbridge.daemon.pods import ADOPTED, TRY_AGAIN_LATER, PodError
+from merbridge.cni.errors import TRY_AGAIN_LATER, CniError
+from merbridge.daemon.adopt import ADOPTED
 from merbridge.daemon.state import StateStore
-from test_pods import att, lp, meshed_pod, mk, world  # noqa: F401 (world: the fixture)
+from test_pods import att, gc, lp, meshed_pod, mk, world  # noqa: F401 (world: the fixture)
 
 
 #: the attachment of the second pod, "api"
@@ -42,12 +43,12 @@ def test_commands_wait_while_restoring_del_until_done(world):
         t = threading.Thread(target=deleting)
         t.start()
         t0 = time.monotonic()
-        with pytest.raises(PodError) as exc:        # ADD: add_wait (0.3 s), then 11
+        with pytest.raises(CniError) as exc:        # ADD: add_wait (0.3 s), then 11
             reg2.add(att(w, **API))
         assert exc.value.code == TRY_AGAIN_LATER and time.monotonic() - t0 >= 0.3
         assert "c2" not in reg2.records
-        for check in (lambda: reg2.check(att(w)), lambda: reg2.gc([])):
-            with pytest.raises(PodError) as exc:
+        for check in (lambda: reg2.check(att(w)), lambda: reg2.gc(gc())):
+            with pytest.raises(CniError) as exc:
                 check()
             assert exc.value.code == TRY_AGAIN_LATER
         assert not done.is_set()                     # DEL keeps waiting
@@ -77,7 +78,7 @@ def test_restore_skips_a_record_a_pod_event_withdrew_meanwhile(world):
     assert events == ["DELETED"]
     assert set(reg2.records) == {"c1"} and set(w.store.load()) == {"c1"}
     assert list(w.net.listeners) == [str(w.dir / "ns-a")]      # no listener for c2
-    assert set(reg2.markers) == {"c1"}
+    assert set(reg2.enroller.markers) == {"c1"}
     assert set(lp(w)) == {"10.240.0.5"} and list(mk(w).values()) == ["10.240.0.5"]
 
 
@@ -100,16 +101,9 @@ def test_an_add_during_the_restore_is_served_after_it(world):
 
 @pytest.fixture
 def adopting(world):
-    """world whose fake podnet also answers adopt's search: ``w.net.addrs[netns]
-    = [(ifname, ip), ...]``; ``w.searched`` lists the directories searched."""
-    w = world
-    w.net.addrs, w.searched = {}, []
-
-    def netns_addresses(netns_dir):
-        w.searched.append(netns_dir)
-        return dict(w.net.addrs)
-    w.net.netns_addresses = netns_addresses
-    return w
+    """world whose fake podnet answers adopt's search: ``w.net.addrs[netns]
+    = [(ifname, ip), ...]``; ``w.net.searched`` lists the directories searched."""
+    return world
 
 
 def test_adopt_enrols_a_pod_found_by_ip_and_its_del_withdraws_it(adopting):
@@ -121,7 +115,7 @@ def test_adopt_enrols_a_pod_found_by_ip_and_its_del_withdraws_it(adopting):
     w.net.addrs = {str(w.dir / "ns-a"): [("eth0", "10.240.0.5")],
                    nsb: [("eth0", "10.240.0.7"), ("eth0", "fe80::1")]}
     w.reg.adopt(w.pods.values(), "/netns")
-    assert w.searched == ["/netns"]
+    assert w.net.searched == ["/netns"]
     rec = w.reg.records[f"{ADOPTED}default/api/u-2"]
     assert (rec.netns, rec.ifname, rec.ips, rec.phase) == (nsb, "eth0", ("10.240.0.7",),
                                                            "enrolled")
@@ -131,7 +125,7 @@ def test_adopt_enrols_a_pod_found_by_ip_and_its_del_withdraws_it(adopting):
     # the runtime's commands name a container id we never saw: found by netns
     real = att(w, cid="real-api", netns="ns-b", name="api", ips=("10.240.0.7",))
     w.reg.check(real)
-    w.reg.gc([("c1", "eth0")])                      # GC leaves adopted records alone
+    w.reg.gc(gc("c1"))                      # GC leaves adopted records alone
     assert rec.container_id in w.reg.records
     w.reg.delete(real)
     assert set(w.reg.records) == {"c1"} and nsb not in w.net.listeners
@@ -146,7 +140,7 @@ def test_an_add_gives_an_adopted_record_its_container_id(adopting):
     key = w.reg.records[f"{ADOPTED}default/api/u-2"].key
     w.reg.add(att(w, cid="real-api", netns="ns-b", name="api", ips=("10.240.0.7",)))
     assert list(w.reg.records) == ["real-api"] and w.reg.records["real-api"].key == key
-    assert list(w.reg.markers) == ["real-api"] and set(w.store.load()) == {"real-api"}
+    assert list(w.reg.enroller.markers) == ["real-api"] and set(w.store.load()) == {"real-api"}
     assert mk(w) == {key: "10.240.0.7"}
 
 
@@ -170,11 +164,10 @@ def test_adopt_survives_a_search_that_fails(adopting, caplog):
     w = adopting
     w.pods[("default", "api")] = meshed_pod(name="api", ip="10.240.0.7", uid="u-2")
 
-    def broken(netns_dir):
-        raise OSError("permission denied")
-    w.net.netns_addresses = broken
+    w.net.fail = "netns_addresses"
     w.reg.adopt(w.pods.values(), "/netns")
-    assert w.reg.records == {} and "cannot search /netns" in caplog.text
+    assert w.reg.records == {}
+    assert "cannot search /netns for the netns of 1 pod(s): injected failure" in caplog.text
 
 
 def test_only_a_clean_shutdown_marks_the_state_file(world):

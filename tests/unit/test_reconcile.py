@@ -5,7 +5,8 @@ import json
 import os
 
 from merbridge.cni import pending, protocol
-from merbridge.daemon.cniserver import CniRequestError, CniServer
+from merbridge.cni.errors import CniError
+from merbridge.daemon.cniserver import CniServer
 from merbridge.daemon.reconcile import Reconciler
 from test_cniserver import FakeHandler
 
@@ -37,7 +38,7 @@ class Later(FakeHandler):
     def add(self, req):
         if req.pod_name == "later":
             self.calls.append(("add", req))
-            raise CniRequestError(11, "pod not known yet", req.pod_name)
+            raise CniError(11, "pod not known yet", req.pod_name)
         return super().add(req)
 
 

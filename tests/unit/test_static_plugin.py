@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import merbridge.cni
 from merbridge.cni import gocontract, inprocess, pending, protocol, skel
-from merbridge.cni.main import build_zipapp
+from merbridge.cni.zipapp import build_zipapp
 from merbridge.daemon.cniserver import CniServer
 from test_cni_fuzz import KUBELET, configs, encode, encodings, environments
 from test_cniserver import FakeHandler
