@@ -25,7 +25,7 @@ import time
 import uuid
 
 from common import BenchError, log, percentiles
-from merbridge.daemon import netns
+from merbridge.lab import netns
 
 LIBCNI_CACHE = "/var/lib/cni/results"
 #: the PATH a container runtime gives its CNI plugins (systemd's default), so

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from merbridge.daemon.lab import CGROUP_ROOT  # the discovered cgroup v2 mount
+from merbridge.lab.lab import CGROUP_ROOT  # the discovered cgroup v2 mount
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

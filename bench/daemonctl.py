@@ -73,7 +73,7 @@ class Daemon:
         exe = os.path.join(os.path.dirname(sys.executable), "merbridge")
         venv_exe = os.path.join(common.TOP, ".venv", "bin", "merbridge")
         exe = exe if os.path.exists(exe) else venv_exe
-        from merbridge.daemon import netns as nsutil
+        from merbridge.lab import netns as nsutil
         return nsutil.command([exe, "run", f"--cni-mode={'true' if self.cni_mode else 'false'}",
                 f"--bpffs-path={self.pin_dir}", f"--cgroup-path={self.cgroup}",
                 f"--cni-bin-dir={self.cni_bin_dir}", f"--cni-conf-dir={self.cni_conf_dir}",

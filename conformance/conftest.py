@@ -30,7 +30,7 @@ from cnikit import CNITOOL, NODE_PATH, CniNetwork, Cnitool, RecordingHandler, ne
 from daemonkit import MerbridgeDaemon, Pod, make_pod, remove_cgroup, remove_pod
 from merbridge.cni.main import build_zipapp
 from merbridge.daemon.cniserver import CniServer
-from merbridge.daemon.lab import CGROUP_ROOT
+from merbridge.lab.lab import CGROUP_ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -184,7 +184,7 @@ def daemon_world(request, tmp_path_factory, plugin_dir):
     """The module's real daemon; a module may set ``DAEMON_ARGS`` (extra
     ``merbridge run`` options, e.g. ``("--hardware-checksum=true",)``)."""
     from merbridge.bpf import loader
-    from merbridge.daemon import netns
+    from merbridge.lab import netns
 
     if not os.access(CNITOOL, os.X_OK):
         pytest.fail(f"{CNITOOL} missing: run scripts/prepare-host (conformance/build-cnitool)")

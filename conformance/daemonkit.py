@@ -251,15 +251,16 @@ def make_pod(w, name: str, in_mesh: bool = True, annotations: dict | None = None
     """A bare pod netns + a child cgroup of ``w.cgroup``, its manifest in the
     daemon's pods dir; not networked yet (``cnitool add`` does that)."""
     from merbridge.daemon import netns
+    from merbridge.lab import netns as labns
 
     uid = f"uid-{name}-{w.tag}"
     pod = Pod(name, f"mbt-{w.tag}-{name}", os.path.join(w.cgroup, name), uid,
               kubelet_args(name=name, uid=uid))
-    netns.create_netns(pod.ns)
+    labns.create_netns(pod.ns)
     try:
         os.mkdir(pod.cgroup)
     except BaseException:
-        netns.remove_netns(pod.ns)
+        labns.remove_netns(pod.ns)
         raise
     w.daemon.publish(pod_manifest("default", name, uid, in_mesh, annotations))
     return pod
@@ -268,12 +269,13 @@ def make_pod(w, name: str, in_mesh: bool = True, annotations: dict | None = None
 def remove_pod(w, pod: Pod) -> None:
     """The runtime's DEL through the chain, then the pod's cgroup, netns and manifest."""
     from merbridge.daemon import netns
+    from merbridge.lab import netns as labns
 
     try:
         w.cnitool("del", w.net, pod.ns, cni_args=pod.args)
     finally:
         remove_cgroup(pod.cgroup)
-        netns.remove_netns(pod.ns)
+        labns.remove_netns(pod.ns)
         w.daemon.unpublish(pod.name)
 
 

@@ -1,4 +1,4 @@
-"""The demo's node: everything ``merbridge demo`` builds, and its verified teardown.
+"""The demo's node: everything ``merbridge-lab demo`` builds, and its verified teardown.
 
 All of it is private to one run (names carry ``mbdemo-<hex>``):
 

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from merbridge.daemon.lab import CGROUP_ROOT, Lab
+from merbridge.lab.lab import CGROUP_ROOT, Lab
 
 
 @pytest.fixture(scope="session", autouse=True)

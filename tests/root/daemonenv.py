@@ -27,7 +27,8 @@ READY_SCALE = float(os.environ.get("MERBRIDGE_TEST_READY_SCALE", "1"))
 from merbridge.bpf import loader
 from merbridge.bpf.mesh import MARK_LISTENER_PORT, MESHES
 from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab, Pod
+from merbridge.lab import netns as labns
+from merbridge.lab.lab import Lab, Pod
 
 ISTIO = MESHES["istio"]
 #: the venv's console script (sys.executable is the venv's python, not its target)
@@ -94,7 +95,7 @@ class Env:
         self.primary = os.path.join(self.conf_dir, PRIMARY)
         with open(self.primary, "wb") as f:
             f.write(PRIMARY_CONFIG)
-        self.node_netns = netns.netns_path(self.lab.nodes[0].ns)
+        self.node_netns = labns.netns_path(self.lab.nodes[0].ns)
 
     # -- pods --------------------------------------------------------------
     def publish(self, pod: Pod, annotations: dict | None = None) -> dict:
@@ -186,7 +187,7 @@ class Env:
                 "pendingDir": os.path.join(self.state_dir, "pending")}
         env = {"PATH": "/usr/bin:/bin", "CNI_COMMAND": command, "CNI_PATH": self.bin_dir}
         if pod is not None:
-            path = netns_path or netns.netns_path(pod.ns)
+            path = netns_path or labns.netns_path(pod.ns)
             env.update(CNI_CONTAINERID=container_id or f"ctr-{pod.name}", CNI_IFNAME="eth0",
                        CNI_NETNS=path,
                        CNI_ARGS=f"K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod.name};"
@@ -204,7 +205,7 @@ class Env:
     # -- observations ----------------------------------------------------------
     def marker(self, pod: Pod) -> list[str]:
         """fwmarks of the sockets listening on 39807 in the pod netns (ss -e)."""
-        out = netns.run(["ss", "-tlnHe", f"sport = :{MARK_LISTENER_PORT}"], ns=pod.ns).stdout
+        out = labns.run(["ss", "-tlnHe", f"sport = :{MARK_LISTENER_PORT}"], ns=pod.ns).stdout
         return [w.split(":", 1)[1] for line in out.splitlines() for w in line.split()
                 if w.startswith("fwmark:")]
 
@@ -213,7 +214,7 @@ class Env:
         XDP program ids on the pod's eth0 and its host-side peer, or the ids
         of the tc programs (to the pod, from the pod) on that peer; (0, 0)
         when none. The other hook must have nothing there."""
-        xdp = (netns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0],
+        xdp = (netns.xdp_prog_id(labns.netns_path(pod.ns), "eth0")[0],
                netns.xdp_prog_id(self.node_netns, pod.host_if, allow_own=True)[0])
         names = netns.tc_filter_names(self.node_netns, pod.host_if, allow_own=True)
         tc = tuple(int(names[k].split("#")[1]) if k in names else 0

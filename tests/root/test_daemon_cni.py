@@ -12,7 +12,7 @@ import json
 import pytest
 
 from daemonenv import ISTIO, Env
-from merbridge.daemon.lab import Lab
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 

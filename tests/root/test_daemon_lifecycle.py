@@ -14,8 +14,8 @@ import pytest
 
 import daemonhttp
 from daemonenv import MERBRIDGE, Env
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 

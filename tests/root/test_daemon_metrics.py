@@ -15,8 +15,9 @@ import pytest
 import daemonhttp
 from daemonenv import Env
 from merbridge.bpf import types as t
-from merbridge.daemon import metrics, netns
-from merbridge.daemon.lab import Lab
+from merbridge.daemon import metrics
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 from test_daemon_lifecycle import ok, two_pods  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.root

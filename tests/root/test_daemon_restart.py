@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from daemonenv import Env, PendingCni
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 from reliabilityenv import ChurnNet, Observer, wire_bare_pod
 from test_daemon_lifecycle import intercepted, ok
 from test_reliability_crash import map_view

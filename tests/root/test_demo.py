@@ -1,4 +1,4 @@
-"""``merbridge demo`` end to end: the command as a user runs it (a subprocess of
+"""``merbridge-lab demo`` end to end: the command as a user runs it (a subprocess of
 the venv's console script), its facts against what the mesh semantics require,
 and nothing of it left on the machine afterwards.
 

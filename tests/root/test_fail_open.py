@@ -27,8 +27,8 @@ import pytest
 
 from daemonenv import MERBRIDGE, Env
 from daemonhttp import scrape as metrics_of
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 from reliabilityenv import CNITOOL, ChurnNet, wire_bare_pod
 from test_daemon_lifecycle import intercepted, ok
 from test_daemon_restart import records

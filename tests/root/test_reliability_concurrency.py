@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from daemonenv import Env
-from merbridge.daemon.lab import Lab
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 

@@ -19,8 +19,8 @@ from merbridge.bpf import types as bpftypes
 from merbridge.cni import protocol
 from merbridge.cni.client import DaemonClient
 from merbridge.cni.errors import CniError
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 
