@@ -33,6 +33,7 @@ from merbridge.bpf.mesh import MARK_LISTENER_PORT
 from merbridge.daemon import netns
 from merbridge.lab import netns as labns
 from merbridge.lab.lab import ISTIO, PYTHON
+from merbridge.lab.manifests import pod_manifest
 
 CNITOOL = "/usr/local/bin/cnitool"
 CNI_PLUGINS = "/usr/lib/cni"
@@ -75,22 +76,10 @@ class ChurnNet:
         return f"{self.name}-{pod}"
 
     def publish(self, pod: str) -> None:
-        manifest = {"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": pod, "namespace": "default", "uid": f"uid-{pod}",
-                                 "annotations": {"sidecar.istio.io/status": "{}"}},
-                    "spec": {"containers": [{"name": "app"}, {
-                        "name": "istio-proxy", "args": ["proxy", "sidecar"]}]},
-                    "status": {"phase": "Running"}}
-        tmp = os.path.join(self.env.pods_dir, f".{pod}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-        os.replace(tmp, os.path.join(self.env.pods_dir, f"{pod}.json"))
+        self.env.publish(pod_manifest(pod, uid=f"uid-{pod}"))
 
     def unpublish(self, pod: str) -> None:
-        try:
-            os.unlink(os.path.join(self.env.pods_dir, f"{pod}.json"))
-        except FileNotFoundError:
-            pass
+        self.env.unpublish(pod)
 
     def make_netns(self, pod: str) -> str:
         ns = self.netns_name(pod)

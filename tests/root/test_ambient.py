@@ -25,8 +25,8 @@ from merbridge.bpf import types as bpft
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns, procwatch
-from merbridge.lab import labconfig
-from merbridge.lab import netns as labns
+from merbridge.lab import labconfig, netns as labns
+from merbridge.lab.cgroups import remove_cgroup
 from merbridge.daemon.ambient import DATAPLANE_MODE, AmbientController
 from merbridge.lab.lab import PYTHON, Lab
 
@@ -34,28 +34,6 @@ pytestmark = pytest.mark.root
 
 ISTIO = MESHES["istio"]
 APP = 8080
-
-
-def remove_cgroup(path: str) -> None:
-    """rmdir a cgroup we made (children first), killing by PID what still runs in it."""
-    if not os.path.isdir(path):
-        return
-    for child in os.scandir(path):
-        if child.is_dir():
-            remove_cgroup(child.path)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            for pid in f.read().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
-        time.sleep(0.05)
 
 
 def ztunnel_cfg(ip4: str) -> str:

@@ -26,7 +26,7 @@ def world(make_bpffs):
         a = lab.add_pod("a")
         env = Env(lab, bpffs)
         try:
-            env.publish(a)
+            env.publish_pod(a)
             proc = env.start()
             yield env, proc, a
         finally:

@@ -41,7 +41,7 @@ def three_pods(pin_dir):
         net = ChurnNet(env)           # a real bridge+host-local primary conflist
         try:
             for pod in pods:
-                env.publish(pod)
+                env.publish_pod(pod)
             yield env, net, pods
         finally:
             net.close()
@@ -83,7 +83,7 @@ def test_kill_9_del_while_down_restart_and_uninstall(three_pods):
     # the runtime deletes a meanwhile: DEL succeeds, the sandbox and the pod go
     ok(env.cni("DEL", a))
     labns.remove_netns(a.ns)
-    env.unpublish(a)
+    env.unpublish(a.name)
 
     proc2 = env.start()
     assert len(env.attached()) == n_attached             # replaced, not attached twice

@@ -32,7 +32,7 @@ from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns, podnet
 from merbridge.lab import netns as labns
-from merbridge.lab.lab import CGROUP_ROOT
+from merbridge.lab.cgroups import CGROUP_ROOT
 
 pytestmark = pytest.mark.root
 
