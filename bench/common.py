@@ -15,7 +15,6 @@ import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
