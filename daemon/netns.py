@@ -1,4 +1,5 @@
 """Pod network-namespace plumbing: the daemon's only module that talks netlink (pyroute2).
+(Over 450 lines because the design keeps pyroute2 in this one product module.)
 
 The daemon's per-pod work in CNI mode: a marker listener inside the pod
 netns, XDP or tc on the pod's veth pair, tx checksum offload off, and the

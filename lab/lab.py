@@ -1,4 +1,5 @@
 """A throw-away pod topology on the real kernel, for tests, the demo and benchmarks.
+(Just over 450 lines: nodes, pods and their sidecars are one lifecycle, torn down together.)
 
 ``Lab`` builds one or two "node" network namespaces, each with a bridge, and
 "pods": a netns with ``eth0`` on a node bridge (IPv4 + IPv6), a child cgroup
