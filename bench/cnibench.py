@@ -24,8 +24,9 @@ import threading
 import time
 import uuid
 
-from common import BenchError, log, percentiles
-from merbridge.daemon import netns
+from common import BENCH_NODE, BenchError, bench_pod, log, percentiles
+from merbridge.lab import netns
+from merbridge.lab.lab import LabError
 
 LIBCNI_CACHE = "/var/lib/cni/results"
 #: the PATH a container runtime gives its CNI plugins (systemd's default), so
@@ -154,24 +155,32 @@ def run(a, workdir: str) -> dict:
         node.close()
     notes = []
     try:
-        import daemonctl
+        from merbridge.lab.node import RealDaemon
         node = CniNode(workdir, "chained")
         try:
-            d = daemonctl.Daemon(workdir, cni_mode=True, cni_conf_dir=node.conf_dir,
-                                 cni_bin_dir=node.bin_dir, netns=node.node_ns)
-            # the pods exist in the pod source before their sandboxes are
-            # networked, as a kubelet's pods do in the API server
-            for name in ([f"seq-{i}" for i in range(n_seq)] + [f"conc-{i}" for i in range(n_conc)]
-                         + [f"res-{i}" for i in range(RESIDENTS)]):
-                d.write_pod(name)
-            with d:
-                d.wait_cni_installed(node.conflist)
-                log(f"cni: bridge + host-local + merbridge-cni -> daemon")
+            d = RealDaemon(conf_dir=node.conf_dir, bin_dir=node.bin_dir,
+                           netns=netns.netns_path(node.node_ns), node_name=BENCH_NODE,
+                           private_netns=False)
+            try:
+                # the pods exist in the pod source before their sandboxes are
+                # networked, as a kubelet's pods do in the API server
+                for name in ([f"seq-{i}" for i in range(n_seq)]
+                             + [f"conc-{i}" for i in range(n_conc)]
+                             + [f"res-{i}" for i in range(RESIDENTS)]):
+                    d.publish(bench_pod(name))
+                d.start()          # ready: merbridge-cni is chained into node.conflist
+                log("cni: bridge + host-local + merbridge-cni -> daemon")
                 chains["bridge+merbridge"] = _measure(node, n_seq, n_conc)
-                chains["bridge+merbridge"]["daemon_enrolled"] = d.enrolled_count()
+                maps = d.maps()
+                try:
+                    chains["bridge+merbridge"]["daemon_enrolled"] = len(maps.mark_pod_ips.items())
+                finally:
+                    maps.close()
+            finally:
+                d.close()
         finally:
             node.close()
-    except (BenchError, ImportError) as e:
+    except (BenchError, LabError, ImportError) as e:
         notes.append(f"chained merbridge-cni not measured: {e}")
     out = {"chains": {c: {op: st for op, st in v.items() if isinstance(st, dict)}
                       for c, v in chains.items()},

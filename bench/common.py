@@ -15,9 +15,20 @@ import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
-from merbridge.daemon.lab import CGROUP_ROOT  # the discovered cgroup v2 mount
-
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+#: the --node-name of the benchmark's daemon, and the nodeName of its pods
+BENCH_NODE = "bench-node"
+
+
+def bench_pod(name: str, ip: str | None = None, ip6: str | None = None) -> dict:
+    """An in-mesh pod of namespace "bench" (dual-stack with ``ip6``); without ``ip``
+    it is a pod the CNI has not networked yet (CNI mode takes the address from
+    ADD's prevResult)."""
+    from merbridge.lab.manifests import pod_manifest
+    ips = [a for a in (ip, ip6) if a] if ip else []
+    return pod_manifest(name, namespace="bench", node=BENCH_NODE, ips=ips)
 
 
 class BenchError(RuntimeError):

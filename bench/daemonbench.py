@@ -16,7 +16,7 @@ import statistics
 import time
 import uuid
 
-from common import BenchError, log, percentiles
+from common import BENCH_NODE, BenchError, bench_pod, log, percentiles
 
 BPFFS = "/sys/fs/bpf"
 
@@ -48,22 +48,22 @@ def map_updates(n: int) -> dict:
             dp.close()
 
 
-def daemon_figures(workdir: str, pods: int, events: int) -> dict:
-    import daemonctl
-    from merbridge.bpf.loader import open_maps
-    d = daemonctl.Daemon(workdir, cni_mode=False)
+def daemon_figures(pods: int, events: int) -> dict:
+    from merbridge.lab.node import RealDaemon
+    d = RealDaemon(cni_mode=False, node_name=BENCH_NODE, private_netns=False)
     try:
         for i in range(pods):
-            d.write_pod(f"p{i}", f"10.234.{i // 250}.{i % 250 + 1}", f"fd00:234::{i + 1:x}")
-        d.start()
+            d.publish(bench_pod(f"p{i}", f"10.234.{i // 250}.{i % 250 + 1}",
+                                f"fd00:234::{i + 1:x}"))
+        d.start(wait=False)
         maps = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if d.proc.poll() is not None:
-                raise BenchError(f"merbridge run exited rc={d.proc.returncode}: {d._tail()}")
+                raise BenchError(f"merbridge run exited rc={d.proc.returncode}: {d.tail()}")
             try:
                 if maps is None:
-                    maps = open_maps(d.pin_dir)
+                    maps = d.maps()
                 if len(maps.local_pods.items()) >= 2 * pods:
                     break
             except Exception:
@@ -71,7 +71,7 @@ def daemon_figures(workdir: str, pods: int, events: int) -> dict:
             time.sleep(0.01)
         else:
             raise BenchError(f"daemon did not enter {pods} dual-stack pods within 60 s: "
-                             f"{d._tail()}")
+                             f"{d.tail()}")
         ready = time.perf_counter() - d.started
         time.sleep(0.5)
         rss = d.rss_mb()
@@ -79,10 +79,10 @@ def daemon_figures(workdir: str, pods: int, events: int) -> dict:
         for k in range(events):
             ip, ip6 = f"10.235.0.{k + 1}", f"fd00:235::{k + 1:x}"
             t0 = time.perf_counter()
-            d.write_pod(f"ev{k}", ip, ip6)
+            d.publish(bench_pod(f"ev{k}", ip, ip6))
             while maps.local_pods.get(ip) is None or maps.local_pods.get(ip6) is None:
                 if time.perf_counter() - t0 > 30:
-                    raise BenchError(f"pod event -> map entry took more than 30 s: {d._tail()}")
+                    raise BenchError(f"pod event -> map entry took more than 30 s: {d.tail()}")
                 time.sleep(0.0005)
             lat.append((time.perf_counter() - t0) * 1000)
         rss_after = d.rss_mb()
@@ -105,7 +105,7 @@ def run(a, workdir: str) -> dict:
         return out
     try:
         log(f"daemon: merbridge run (legacy, pods-dir with {pods} dual-stack pods)")
-        fig = daemon_figures(workdir, pods, 5 if a.quick else 20)
+        fig = daemon_figures(pods, 5 if a.quick else 20)
         ev = fig.pop("event_to_map_ms")
         out.update(fig)
         out["event_to_map_p50_ms"] = ev.get("p50")

@@ -27,6 +27,7 @@ from merbridge.bpf.loader import Datapath, netns_cookie_of
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
+from merbridge.lab import netns as labns
 from merbridge.daemon.podnet import PodNet
 
 BPFFS = "/sys/fs/bpf"
@@ -63,7 +64,7 @@ class MeshDatapath:
                 if self.cni_mode:
                     key = 0x4D420000 + k + 1
                     dp.maps.mark_pod_ips.put(key, pod.ip4)
-                    self.markers.append(netns.open_marker_listener(netns.netns_path(pod.ns), key))
+                    self.markers.append(netns.open_marker_listener(labns.netns_path(pod.ns), key))
                     dp.maps.netns_pod.put(netns_cookie_of(self.markers[-1]), pod.ip4, key)
             for pod in pods:
                 dp.attach(pod.cgroup)
@@ -71,11 +72,11 @@ class MeshDatapath:
                 if not hasattr(dp, "xdp_programs"):
                     log("  loader has no xdp_programs(): cross-node inbound not intercepted")
                     continue
-                podnet = PodNet(dp.xdp_programs, peer_netns=netns.netns_path(node.ns),
+                podnet = PodNet(dp.xdp_programs, peer_netns=labns.netns_path(node.ns),
                                 hardware_checksum=self.hardware_checksum,
                                 inbound_hook=self.inbound_hook, tc_programs=dp.tc_programs)
                 for pod in pods:
-                    podnet.attach_xdp(netns.netns_path(pod.ns), "eth0")
+                    podnet.attach_xdp(labns.netns_path(pod.ns), "eth0")
                     self.xdp.append((podnet, pod.ns))
             elif self.legacy_iptables and node.index > 0:
                 # the cross-node server's inbound: Istio's rules catch it, as in
@@ -94,7 +95,7 @@ class MeshDatapath:
         errors = []
         for podnet, ns in self.xdp:
             try:
-                podnet.detach_xdp(netns.netns_path(ns), "eth0")
+                podnet.detach_xdp(labns.netns_path(ns), "eth0")
             except Exception as e:
                 errors.append(f"xdp {ns}: {e}")
         self.xdp.clear()

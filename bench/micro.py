@@ -27,8 +27,8 @@ import subprocess
 import common
 from common import BenchError, log
 from merbridge.bpf import types as t
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 
 CASES = ("bare", "hooked-loopback", "hooked-redirect")
 

@@ -1,7 +1,7 @@
 """The benchmark topology, built one way per interception mode.
 
 Two "nodes" (network namespaces with a bridge, joined by a link), three pods
-from ``merbridge.daemon.lab``: ``cli`` and ``srv`` on node 0 (same-node) and
+from ``merbridge.lab.lab``: ``cli`` and ``srv`` on node 0 (same-node) and
 ``srvx`` on node 1 (cross-node). ``srv``/``srvx`` run a fast HTTP app
 (haproxy ``http-request return``) on 8080 whose body names the peer it saw.
 
@@ -34,9 +34,9 @@ import subprocess
 import time
 
 from common import BenchError, log
-from merbridge.daemon import labconfig
-from merbridge.daemon.lab import Lab
-from merbridge.daemon.labconfig import ISTIO
+from merbridge.lab import labconfig
+from merbridge.lab.labconfig import ISTIO
+from merbridge.lab.lab import Lab
 
 APP_PORT = 8080
 BULK_PORT = 5201

@@ -27,10 +27,11 @@ import tempfile
 import pytest
 
 from cnikit import CNITOOL, NODE_PATH, CniNetwork, Cnitool, RecordingHandler, netns_path, run
-from daemonkit import MerbridgeDaemon, Pod, make_pod, remove_cgroup, remove_pod
+from daemonkit import NODE_NAME, Pod, make_pod, remove_pod
 from merbridge.cni.zipapp import build_zipapp
 from merbridge.daemon.cniserver import CniServer
-from merbridge.daemon.lab import CGROUP_ROOT
+from merbridge.lab.cgroups import CGROUP_ROOT, make_cgroup, remove_cgroup
+from merbridge.lab.node import DaemonError, RealDaemon
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -173,7 +174,7 @@ class DaemonWorld:
     remote_ip4: str
     remote_ip6: str
     cgroup: str               # --cgroup-path (pods' processes go in children of it)
-    daemon: MerbridgeDaemon
+    daemon: RealDaemon
     net: CniNetwork           # conf_dir is the daemon's: the conflist it chained into
     cnitool: Cnitool
     maps: object              # typed handles on the daemon's pinned maps
@@ -184,7 +185,7 @@ def daemon_world(request, tmp_path_factory, plugin_dir):
     """The module's real daemon; a module may set ``DAEMON_ARGS`` (extra
     ``merbridge run`` options, e.g. ``("--hardware-checksum=true",)``)."""
     from merbridge.bpf import loader
-    from merbridge.daemon import netns
+    from merbridge.lab import netns
 
     if not os.access(CNITOOL, os.X_OK):
         pytest.fail(f"{CNITOOL} missing: run scripts/prepare-host (conformance/build-cnitool)")
@@ -192,7 +193,7 @@ def daemon_world(request, tmp_path_factory, plugin_dir):
         pytest.fail("no cgroup v2 mount in /proc/mounts")
     tag = secrets.token_hex(4)
     node, remote = f"mbt-{tag}-dnode", f"mbt-{tag}-drem"
-    cgroup = os.path.join(CGROUP_ROOT, f"mbt-{tag}-conf")
+    cgroup = ""
     root = str(tmp_path_factory.mktemp(f"daemon-{tag}"))
     bpffs = tempfile.mkdtemp(prefix=f"mbt-{tag}-bpffs-")
     namespaces: list[str] = []
@@ -201,7 +202,7 @@ def daemon_world(request, tmp_path_factory, plugin_dir):
     try:
         run("mount", "-t", "bpf", "bpf", bpffs)
         mounted = True
-        os.mkdir(cgroup)
+        cgroup = make_cgroup(f"mbt-{tag}-conf")
         for ns in (node, remote):
             netns.create_netns(ns)
             namespaces.append(ns)
@@ -216,8 +217,9 @@ def daemon_world(request, tmp_path_factory, plugin_dir):
         netns.set_sysctl(node, "net.ipv4.ip_forward", 1)
         netns.set_sysctl(node, "net.ipv6.conf.all.forwarding", 1)
 
-        daemon = MerbridgeDaemon(node, root, os.path.join(bpffs, "merbridge"), cgroup,
-                                 extra_args=tuple(getattr(request.module, "DAEMON_ARGS", ())))
+        daemon = RealDaemon(os.path.join(bpffs, "merbridge"), cgroup, root=root,
+                            netns=netns.netns_path(node), node_name=NODE_NAME,
+                            args=tuple(getattr(request.module, "DAEMON_ARGS", ())))
         net = CniNetwork(name=f"mbt-{tag}-d", conf_dir=daemon.conf_dir,
                          ipam_dir=os.path.join(root, "ipam"), socket_path=daemon.socket,
                          cni_version="1.0.0", subnet4=DAEMON_SUBNET4, subnet6=DAEMON_SUBNET6,
@@ -231,15 +233,14 @@ def daemon_world(request, tmp_path_factory, plugin_dir):
         if maps is not None:
             maps.close()
         if daemon is not None:
-            daemon.stop()
+            try:
+                daemon.stop()
+            except DaemonError:
+                pass      # killed: close() detaches what it left on our cgroup
+            daemon.close()
         if net is not None:
             net.cleanup_cache()
-        if os.path.isdir(cgroup):
-            try:   # programs a killed daemon may have left on our cgroup
-                from merbridge.bpf import loader
-                loader.detach_cgroup(cgroup)
-            except Exception:
-                pass
+        if cgroup:
             remove_cgroup(cgroup)
         for ns in reversed(namespaces):
             netns.remove_netns(ns)

@@ -1,176 +1,23 @@
-"""The real daemon for the conformance suite: ``MerbridgeDaemon`` (``merbridge run
---cni-mode=true`` on private paths inside a node netns), Pod manifests for its
-``--pods-dir``, and what the tests observe in the kernel and on disk: the 39807
-listener and its fwmark, XDP programs, map entries, state-file records and
-libcni cache files.
+"""The conformance suite's pods for the real daemon (``merbridge.lab.node.RealDaemon``:
+``merbridge run --cni-mode=true`` on private paths inside a node netns), and
+what the tests observe in the kernel and on disk: the 39807 listener and its
+fwmark, XDP programs, map entries, state-file records and libcni cache files.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 from cnikit import (CNI_PLUGIN_DIR, LIBCNI_CACHE, cnitool_container_id, invoke_plugin,
                     kubelet_args, netns_path, run)
-from merbridge.bpf.mesh import MARK_LISTENER_PORT, MESHES
+from merbridge.bpf.mesh import MARK_LISTENER_PORT
+from merbridge.lab import netns
+from merbridge.lab.cgroups import remove_cgroup
+from merbridge.lab.manifests import pod_manifest
 
-#: the venv's console script (sys.executable is the venv's python)
-MERBRIDGE = os.path.join(os.path.dirname(sys.executable), "merbridge")
-
-
-def pod_manifest(namespace: str, name: str, uid: str, in_mesh: bool = True,
-                 annotations: dict | None = None) -> dict:
-    """A Kubernetes Pod object as the daemon's ``--pods-dir`` source reads it; an
-    istio-injected one (sidecar container + ``sidecar.istio.io/status``) when
-    ``in_mesh``. No IPs: the daemon takes them from the CNI prevResult."""
-    containers = [{"name": "app"}]
-    ann = dict(annotations or {})
-    if in_mesh:
-        containers.append({"name": MESHES["istio"].sidecar_container,
-                           "args": ["proxy", "sidecar"]})
-        ann.setdefault("sidecar.istio.io/status", "{}")
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid,
-                         "annotations": ann},
-            "spec": {"nodeName": "conformance", "containers": containers},
-            "status": {"phase": "Pending"}}
-
-
-@dataclasses.dataclass
-class MerbridgeDaemon:
-    """``merbridge run --cni-mode=true`` as a subprocess inside the node netns, on
-    private paths only: ``pin_dir`` (in a bpffs the caller mounted), ``cgroup``
-    (a child cgroup the caller made), and under ``root``: CNI bin and conf dirs,
-    state dir, socket and pods dir. The caller writes the primary conflist into
-    ``conf_dir`` first; the daemon chains itself into it and installs the plugin
-    into ``bin_dir``."""
-
-    node: str
-    root: str
-    pin_dir: str
-    cgroup: str
-    proc: subprocess.Popen | None = None
-    extra_args: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        self.bin_dir, self.conf_dir = f"{self.root}/bin", f"{self.root}/net.d"
-        self.state_dir, self.pods_dir = f"{self.root}/state", f"{self.root}/pods"
-        self.socket = f"{self.root}/cni.sock"
-        self.log_path = f"{self.root}/daemon.log"
-        for d in (self.bin_dir, self.conf_dir, self.pods_dir):
-            os.makedirs(d, exist_ok=True)
-
-    @property
-    def plugin(self) -> str:
-        return os.path.join(self.bin_dir, "merbridge-cni")
-
-    def argv(self) -> list[str]:
-        return [MERBRIDGE, "run", "--mode=istio", "--cni-mode=true",
-                f"--bpffs-path={self.pin_dir}", f"--cgroup-path={self.cgroup}",
-                f"--state-dir={self.state_dir}", f"--cni-bin-dir={self.bin_dir}",
-                f"--cni-conf-dir={self.conf_dir}", f"--socket-path={self.socket}",
-                f"--pods-dir={self.pods_dir}", "--metrics-addr=127.0.0.1:0",
-                "--node-name=conformance", f"--netns-dir={self.root}/netns", "--proc-path=",
-                *self.extra_args]
-
-    def start(self, timeout: float = 120) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(["nsenter", f"--net={netns_path(self.node)}",
-                                          *self.argv()], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        status = {"CNI_COMMAND": "STATUS", "CNI_PATH": self.bin_dir}
-        stdin = json.dumps({"cniVersion": "1.1.0", "name": "probe", "type": "merbridge-cni",
-                            "socketPath": self.socket}).encode()
-        # ready = the plugin is installed and chained in, and STATUS says ready
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.plugin) and self.chained() \
-                    and invoke_plugin(self.node, self.plugin, status, stdin)[0] == 0:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"daemon not ready after {timeout}s:\n{self.log()}")
-
-    def chained(self) -> bool:
-        try:
-            return any(p.get("type") == "merbridge-cni"
-                       for c in self.conflists() for p in c.get("plugins", []))
-        except (OSError, ValueError):
-            return False
-
-    def conflists(self) -> list[dict]:
-        out = []
-        for name in sorted(os.listdir(self.conf_dir)):
-            if name.endswith(".conflist"):
-                with open(os.path.join(self.conf_dir, name)) as f:
-                    out.append(json.load(f))
-        return out
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
-
-    def stop(self, timeout: float = 30) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
-
-    # -- pods it knows about ---------------------------------------------------
-    def publish(self, manifest: dict) -> None:
-        name = manifest["metadata"]["name"]
-        tmp = os.path.join(self.pods_dir, f".{name}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-        os.replace(tmp, os.path.join(self.pods_dir, f"{name}.json"))
-
-    def unpublish(self, name: str) -> None:
-        try:
-            os.unlink(os.path.join(self.pods_dir, f"{name}.json"))
-        except FileNotFoundError:
-            pass
-
-    def records(self) -> dict[str, dict]:
-        """The state file's records by container id (empty when there is no file)."""
-        try:
-            with open(os.path.join(self.state_dir, "enrolled.json")) as f:
-                return {r["container_id"]: r for r in json.load(f)["containers"]}
-        except FileNotFoundError:
-            return {}
-
-
-def remove_cgroup(path: str) -> None:
-    """rmdir a cgroup this suite made (children first), killing by PID whatever
-    this suite left running in it."""
-    deadline = time.monotonic() + 5
-    while os.path.isdir(path):
-        for child in os.scandir(path):
-            if child.is_dir():
-                remove_cgroup(child.path)
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            for pid in f.read().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.05)
-
+#: what the conformance daemon's pods say (--node-name, and not networked yet)
+NODE_NAME = "conformance"
 
 def marker_marks(pod: str, port: int = MARK_LISTENER_PORT) -> list[int]:
     """fwmarks of the sockets listening on ``port`` in the pod netns (``ss -ltne``)."""
@@ -223,7 +70,7 @@ def tc_progs_all(ns: str) -> dict[str, dict[str, str]]:
 
 def hook_of(w) -> str:
     """The daemon's --inbound-hook (tc unless the module's DAEMON_ARGS say xdp)."""
-    return "xdp" if "--inbound-hook=xdp" in w.daemon.extra_args else "tc"
+    return "xdp" if "--inbound-hook=xdp" in w.daemon.args else "tc"
 
 
 def _xdp_id(link: dict) -> int:
@@ -250,8 +97,6 @@ class Pod:
 def make_pod(w, name: str, in_mesh: bool = True, annotations: dict | None = None) -> Pod:
     """A bare pod netns + a child cgroup of ``w.cgroup``, its manifest in the
     daemon's pods dir; not networked yet (``cnitool add`` does that)."""
-    from merbridge.daemon import netns
-
     uid = f"uid-{name}-{w.tag}"
     pod = Pod(name, f"mbt-{w.tag}-{name}", os.path.join(w.cgroup, name), uid,
               kubelet_args(name=name, uid=uid))
@@ -261,14 +106,13 @@ def make_pod(w, name: str, in_mesh: bool = True, annotations: dict | None = None
     except BaseException:
         netns.remove_netns(pod.ns)
         raise
-    w.daemon.publish(pod_manifest("default", name, uid, in_mesh, annotations))
+    w.daemon.publish(pod_manifest(name, uid=uid, node=NODE_NAME, phase="Pending",
+                                  in_mesh=in_mesh, annotations=annotations))
     return pod
 
 
 def remove_pod(w, pod: Pod) -> None:
     """The runtime's DEL through the chain, then the pod's cgroup, netns and manifest."""
-    from merbridge.daemon import netns
-
     try:
         w.cnitool("del", w.net, pod.ns, cni_args=pod.args)
     finally:

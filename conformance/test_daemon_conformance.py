@@ -29,6 +29,7 @@ from daemonkit import (Pod, cid_of, cnitool_ok, direct, enrolled, eth0_exists, h
                        hook_of, listeners, plugin_call, snapshot, tc_progs, tx_checksums,
                        xdp_prog)
 from merbridge.daemon import netns
+from merbridge.lab import netns as labns
 
 pytestmark = pytest.mark.root
 
@@ -180,7 +181,7 @@ def test_remote_client_lands_on_the_pods_inbound_port(daemon_world, pods, family
     enrolled(w, pod, result)
     ip = [i["address"].split("/")[0] for i in result["ips"]
           if (":" in i["address"]) == (family == "v6")][0]
-    server = netns.spawn([PYTHON, PEER, "server", str(IN_PORT)], ns=pod.ns, cgroup=pod.cgroup,
+    server = labns.spawn([PYTHON, PEER, "server", str(IN_PORT)], ns=pod.ns, cgroup=pod.cgroup,
                          stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"
@@ -199,7 +200,7 @@ def test_remote_client_lands_on_the_pods_inbound_port(daemon_world, pods, family
 
 
 def remote_connect(w, ip: str, port: int, size: int = 1 << 20, timeout: float = 5) -> dict:
-    res = netns.run([PYTHON, PEER, "client", ip, str(port), str(size), str(timeout)],
+    res = labns.run([PYTHON, PEER, "client", ip, str(port), str(size), str(timeout)],
                     ns=w.remote, timeout=60)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
@@ -220,7 +221,7 @@ def test_pod_outside_the_mesh_passes_through(daemon_world, pods):
     # the control for the traffic test: without enrolment 8080 is not rewritten,
     # although the pod is reachable on 15006 from the remote node
     ip = [i["address"].split("/")[0] for i in result["ips"] if ":" not in i["address"]][0]
-    server = netns.spawn([PYTHON, PEER, "server", str(IN_PORT)], ns=pod.ns, cgroup=pod.cgroup,
+    server = labns.spawn([PYTHON, PEER, "server", str(IN_PORT)], ns=pod.ns, cgroup=pod.cgroup,
                          stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready"

@@ -46,11 +46,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemonkit import (Pod, cid_of, cnitool_ok, direct, enrolled, make_pod, marker_marks,
-                       node_state, pod_manifest, plugin_call, remove_pod, tc_progs_all,
+from daemonkit import (NODE_NAME, Pod, cid_of, cnitool_ok, direct, enrolled, make_pod,
+                       marker_marks, node_state, plugin_call, remove_pod, tc_progs_all,
                        xdp_progs)
 from cnikit import invoke_plugin, netns_path
 from merbridge.cni import errors, plugin, skel, version
+from merbridge.lab.manifests import pod_manifest
 
 pytestmark = pytest.mark.root
 
@@ -111,7 +112,8 @@ def fuzz(daemon_world, tmp_path_factory):
         made.append(target)
         bystander = make_pod(w, "by")
         made.append(bystander)
-        w.daemon.publish(pod_manifest("default", plain, f"uid-{plain}", in_mesh=False))
+        w.daemon.publish(pod_manifest(plain, uid=f"uid-{plain}", node=NODE_NAME,
+                                      phase="Pending", in_mesh=False))
         # the target networked by the chain without a pod identity: passed through
         p = w.cnitool("add", w.net, target.ns, cni_args="IgnoreUnknown=1")
         assert p.returncode == 0, p.stderr

@@ -426,20 +426,5 @@ def drain(socket_path: str, timeout: float) -> None:
     click.echo(f"merbridge drained: {detail}")
 
 
-# ----------------------------------------------------------------- demo
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON instead of a table.")
-def demo(as_json: bool) -> None:
-    """A small node in network namespaces (pods via the chained CNI, sidecars, the
-    daemon), real traffic, and what happened to each connection; then tears it all
-    down. Needs root; changes nothing outside its own namespaces, cgroup and dirs."""
-    try:
-        from merbridge.daemon import demo as demo_mod
-    except ImportError as exc:
-        fail(f"the demo is not available in this build: {exc}")
-    sys.exit(demo_mod.run(as_json=as_json))
-
-
 if __name__ == "__main__":  # pragma: no cover
     main()

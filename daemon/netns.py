@@ -1,301 +1,43 @@
-"""Network-namespace plumbing: the only module that talks netlink (pyroute2).
+"""Pod network-namespace plumbing: the daemon's only module that talks netlink (pyroute2).
+(Over 450 lines because the design keeps pyroute2 in this one product module.)
 
-Everything here works on *named* network namespaces (``/var/run/netns/NAME``)
-without ever moving a long-lived thread into one: netlink sockets are opened
-inside a namespace by pyroute2's short-lived helper process, and programs run
-in a namespace through ``nsenter --net=...`` (never ``ip netns exec``, which
-remounts /sys and would hide bpffs and the cgroup v2 tree).
+The daemon's per-pod work in CNI mode: a marker listener inside the pod
+netns, XDP or tc on the pod's veth pair, tx checksum offload off, and the
+read-only look-ups that find a pod's netns by address. Pod namespaces arrive
+as *paths* (CNI_NETNS: /var/run/netns/NAME or /proc/PID/ns/net), so every
+function takes a path.
 
-Used by the test/demo lab (``merbridge.daemon.lab``) and by the daemon's CNI
-path. Functions take ``ns=None`` to mean the caller's own namespace.
+Anything that must run *inside* a pod netns (creating the listener socket,
+ethtool ioctls) runs on a fresh thread that setns()es and then exits: setns
+with CLONE_NEWNET moves only the calling thread, so no long-lived daemon
+thread ever sits in a pod netns. Netlink work opens its rtnetlink socket the
+same way (a socket belongs to the netns it was created in) and hands it to
+pyroute2's IPRoute(use_socket=...). pyroute2's own IPRoute(netns=path)
+forks a child for that, ~14 ms per call in a daemon of ~200 MB; the thread
+costs ~0.3 ms.
 """
 from __future__ import annotations
 
 import ipaddress
 import os
-import subprocess
-import uuid
-from typing import Callable, Sequence
-
-from pyroute2 import IPRoute, netns as _netns
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
-
-NETNS_DIR = "/var/run/netns"
-
-
-class NetnsError(RuntimeError):
-    """A namespace operation failed; the message says which and why."""
-
-
-def netns_path(name: str) -> str:
-    return os.path.join(NETNS_DIR, name)
-
-
-def netns_exists(name: str) -> bool:
-    return os.path.exists(netns_path(name))
-
-
-def create_netns(name: str) -> None:
-    """Create the named namespace; it must not exist yet (never adopt a stranger's)."""
-    if "/" in name or not name:
-        raise NetnsError(f"bad netns name {name!r}")
-    if netns_exists(name):
-        raise NetnsError(f"netns {name} already exists")
-    _netns.create(name)
-    # pyroute2 leaves a new namespace with lo down; nothing works without it.
-    link_up(name, "lo")
-
-
-def remove_netns(name: str) -> None:
-    """Remove the named namespace (its interfaces go with it); missing is fine."""
-    if netns_exists(name):
-        _netns.remove(name)
-
-
-def _ipr(ns: str | None) -> IPRoute:
-    # flags=0: never create a namespace by accident when a name is mistyped;
-    # groups=0: a configuration socket needs no broadcast subscriptions.
-    if ns is None:
-        return IPRoute(groups=0)
-    if not netns_exists(ns):
-        raise NetnsError(f"netns {ns} does not exist")
-    return _ipr_path(netns_path(ns), allow_own=True)
-
-
-def link_index(ns: str | None, ifname: str) -> int:
-    with _ipr(ns) as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise NetnsError(f"no interface {ifname} in netns {ns or '(current)'}")
-    return found[0]
-
-
-def link_exists(ns: str | None, ifname: str) -> bool:
-    with _ipr(ns) as ipr:
-        return bool(ipr.link_lookup(ifname=ifname))
-
-
-def link_up(ns: str | None, ifname: str) -> None:
-    with _ipr(ns) as ipr:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            raise NetnsError(f"no interface {ifname} in netns {ns or '(current)'}")
-        ipr.link("set", index=idx[0], state="up")
-
-
-def delete_link(ns: str | None, ifname: str) -> bool:
-    """Delete an interface (a veth takes its peer with it). Returns False if absent."""
-    with _ipr(ns) as ipr:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            return False
-        ipr.link("del", index=idx[0])
-        return True
-
-
-def create_veth(name: str, peer: str, ns: str | None = None,
-                peer_ns: str | None = None) -> None:
-    """Create a veth pair ``name`` (in ``ns``) <-> ``peer`` (in ``peer_ns``).
-
-    Both ends are born under unique temporary names in the caller's namespace,
-    moved, then renamed inside their target namespace: names like ``eth0``
-    exist in every namespace, so the final name can only be taken there.
-    """
-    tag = uuid.uuid4().hex[:8]
-    tmp_a, tmp_b = f"mbv{tag}a", f"mbv{tag}b"
-    with IPRoute(groups=0) as ipr:
-        ipr.link("add", ifname=tmp_a, kind="veth", peer={"ifname": tmp_b})
-        try:
-            for tmp, target_ns in ((tmp_a, ns), (tmp_b, peer_ns)):
-                if target_ns is not None:
-                    ipr.link("set", index=ipr.link_lookup(ifname=tmp)[0],
-                             net_ns_fd=target_ns)
-            for tmp, final, target_ns in ((tmp_a, name, ns), (tmp_b, peer, peer_ns)):
-                with _ipr(target_ns) as nsr:
-                    nsr.link("set", index=nsr.link_lookup(ifname=tmp)[0], ifname=final)
-        except Exception:
-            # Deleting either end removes the pair, wherever it went.
-            for tmp, target_ns in ((tmp_a, ns), (tmp_b, peer_ns), (tmp_a, None)):
-                try:
-                    if target_ns is None or netns_exists(target_ns):
-                        if delete_link(target_ns, tmp):
-                            break
-                except NetlinkError:
-                    pass
-            raise
-
-
-def create_bridge(ns: str | None, name: str) -> None:
-    with _ipr(ns) as ipr:
-        ipr.link("add", ifname=name, kind="bridge")
-        ipr.link("set", index=ipr.link_lookup(ifname=name)[0], state="up")
-
-
-def enslave(ns: str | None, ifname: str, bridge: str) -> None:
-    with _ipr(ns) as ipr:
-        master = ipr.link_lookup(ifname=bridge)
-        port = ipr.link_lookup(ifname=ifname)
-        if not master or not port:
-            raise NetnsError(f"enslave {ifname} to {bridge}: interface missing in {ns}")
-        ipr.link("set", index=port[0], master=master[0])
-
-
-def add_address(ns: str | None, ifname: str, cidr: str) -> None:
-    """Add ``a.b.c.d/n`` or ``v6/n``. IPv6 gets IFA_F_NODAD so it is usable at once
-    (duplicate address detection would otherwise keep it 'tentative' ~1-2 s)."""
-    iface = ipaddress.ip_interface(cidr)
-    kwargs = {}
-    if iface.version == 6:
-        kwargs["flags"] = IFA_F_NODAD
-    with _ipr(ns) as ipr:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            raise NetnsError(f"no interface {ifname} in netns {ns or '(current)'}")
-        ipr.addr("add", index=idx[0], address=str(iface.ip),
-                 prefixlen=iface.network.prefixlen, **kwargs)
-
-
-def add_route(ns: str | None, dst: str, gateway: str | None = None,
-              ifname: str | None = None) -> None:
-    """Add a route; ``dst`` may be ``default``/``default6`` or a CIDR."""
-    if dst in ("default", "default4"):
-        dst = "0.0.0.0/0"
-    elif dst == "default6":
-        dst = "::/0"
-    net = ipaddress.ip_network(dst, strict=False)
-    spec: dict = {"dst": str(net.network_address), "dst_len": net.prefixlen,
-                  "family": 10 if net.version == 6 else 2}
-    if gateway:
-        spec["gateway"] = gateway
-    with _ipr(ns) as ipr:
-        if ifname:
-            idx = ipr.link_lookup(ifname=ifname)
-            if not idx:
-                raise NetnsError(f"no interface {ifname} in netns {ns}")
-            spec["oif"] = idx[0]
-        ipr.route("add", **spec)
-
-
-def addresses(ns: str | None, ifname: str) -> list[str]:
-    """The interface's addresses as ``addr/prefixlen`` strings."""
-    with _ipr(ns) as ipr:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            raise NetnsError(f"no interface {ifname} in netns {ns}")
-        return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
-                for a in ipr.get_addr(index=idx[0])]
-
-
-def links(ns: str | None) -> list[str]:
-    with _ipr(ns) as ipr:
-        return [link.get("IFLA_IFNAME") for link in ipr.get_links()]
-
-
-def set_sysctl(ns: str | None, key: str, value: str | int) -> None:
-    """Write a sysctl (``net.ipv4.ip_forward``) as seen from inside ``ns``.
-
-    /proc/sys/net resolves to the namespace of the process that opens the
-    file, so a short-lived child that entered the namespace writes it.
-    """
-    path = "/proc/sys/" + key.replace(".", "/")
-    res = run(["sh", "-c", 'printf "%s\\n" "$1" > "$0"', path, str(value)], ns=ns)
-    if res.returncode != 0:
-        raise NetnsError(f"sysctl {key}={value} in {ns}: {res.stderr.strip()}")
-
-
-def get_sysctl(ns: str | None, key: str) -> str:
-    res = run(["cat", "/proc/sys/" + key.replace(".", "/")], ns=ns)
-    if res.returncode != 0:
-        raise NetnsError(f"sysctl {key} in {ns}: {res.stderr.strip()}")
-    return res.stdout.strip()
-
-
-def command(argv: Sequence[str], ns: str | None = None, cgroup: str | None = None,
-            uid: int | None = None, gid: int | None = None) -> list[str]:
-    """The argv that runs ``argv`` inside netns ``ns`` and cgroup directory
-    ``cgroup``, as ``uid``/``gid`` (supplementary groups cleared).
-
-    Order matters: a tiny sh first joins the cgroup with its own pid (which the
-    final program keeps through exec, so it starts inside the cgroup), then
-    nsenter (needs root) enters the namespace, then setpriv drops privileges.
-    """
-    out: list[str] = []
-    if cgroup is not None:
-        procs = os.path.join(cgroup, "cgroup.procs")
-        if not os.path.exists(procs):
-            raise NetnsError(f"{cgroup} is not a cgroup v2 directory")
-        out += ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs]
-    if ns is not None:
-        if not netns_exists(ns):
-            raise NetnsError(f"netns {ns} does not exist")
-        out += ["nsenter", f"--net={netns_path(ns)}", "--"]
-    if uid is not None or gid is not None:
-        uid = uid if uid is not None else os.getuid()
-        gid = gid if gid is not None else uid
-        out += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
-    return out + list(argv)
-
-
-def spawn(argv: Sequence[str], ns: str | None = None, cgroup: str | None = None,
-          uid: int | None = None, gid: int | None = None, **popen) -> subprocess.Popen:
-    """Start ``argv`` in ``ns``/``cgroup`` as ``uid``; the Popen's pid is the program's."""
-    return subprocess.Popen(command(argv, ns, cgroup, uid, gid), **popen)
-
-
-def run(argv: Sequence[str], ns: str | None = None, cgroup: str | None = None,
-        uid: int | None = None, gid: int | None = None, timeout: float = 30,
-        input: str | bytes | None = None, text: bool = True) -> subprocess.CompletedProcess:
-    """Run ``argv`` to completion in ``ns``/``cgroup``; output is captured."""
-    return subprocess.run(command(argv, ns, cgroup, uid, gid), capture_output=True,
-                          timeout=timeout, input=input, text=text, check=False)
-
-
-def listening(ns: str | None, proto: str = "tcp") -> set[tuple[str, int]]:
-    """Listening sockets in ``ns`` as (address, port), from ``ss`` -- never by
-    connecting, since a proxy's own port must not be probed (self-loop)."""
-    flag = "-Hltn" if proto == "tcp" else "-Hlun"
-    res = run(["ss", flag], ns=ns)
-    if res.returncode != 0:
-        raise NetnsError(f"ss in {ns}: {res.stderr.strip()}")
-    out = set()
-    for line in res.stdout.splitlines():
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        addr, _, port = fields[3].rpartition(":")
-        addr = addr.strip("[]").split("%")[0]
-        out.add((addr, int(port)))
-    return out
-
-
-
-# ---- CNI-mode pod plumbing (H4) ----
-#
-# The daemon's per-pod work in CNI mode: a marker listener inside the pod
-# netns, XDP on the pod's veth pair, tx checksum offload off. Pod namespaces
-# arrive as *paths* (CNI_NETNS: /var/run/netns/NAME or /proc/PID/ns/net), so
-# these functions take paths, unlike the name-based lab helpers above.
-#
-# Anything that must run *inside* a pod netns (creating the listener socket,
-# ethtool ioctls) runs on a fresh thread that setns()es and then exits: setns
-# with CLONE_NEWNET moves only the calling thread, so no long-lived daemon
-# thread ever sits in a pod netns. Netlink work opens its rtnetlink socket the
-# same way (a socket belongs to the netns it was created in) and hands it to
-# pyroute2's IPRoute(use_socket=...). pyroute2's own IPRoute(netns=path)
-# forks a child for that, ~14 ms per call in a daemon of ~200 MB; the thread
-# costs ~0.3 ms.
-
 import socket as _socket
 import stat as _stat
+import sys as _sys
 import threading as _threading
 import time
 from dataclasses import dataclass as _dataclass
 from fcntl import ioctl as _ioctl
+from typing import Callable, Sequence
 
+from pyroute2 import IPRoute, netns as _netns
 from pyroute2.ethtool import Ethtool as _Ethtool
+from pyroute2.netlink.exceptions import NetlinkError
 
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
+
+
+class NetnsError(RuntimeError):
+    """A namespace operation failed; the message says which and why."""
 
 _NS_GET_NSTYPE = 0xB703          # linux/nsfs.h: _IO(0xb7, 0x3)
 _CLONE_NEWNET = 0x40000000       # os.CLONE_NEWNET needs Python 3.12
@@ -403,9 +145,10 @@ def _rtnl_socket() -> _socket.socket:
     return _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM, _socket.NETLINK_ROUTE)
 
 
-def _ipr_path(path: str | None, allow_own: bool = False) -> IPRoute:
+def ipr_at(path: str | None, allow_own: bool = False) -> IPRoute:
     """An IPRoute whose socket lives in netns ``path`` (None: ours). The path
-    is validated by ``_open_netns``: nothing is ever created at it.
+    is validated by ``_open_netns``: nothing is ever created at it;
+    ``allow_own`` accepts our own netns too. The caller closes it.
 
     Never kept between CNI requests: pyroute2 0.9 gives each *thread* that
     uses an IPRoute its own event loop (and, without ``use_socket``, its own
@@ -597,7 +340,7 @@ def attach_xdp(netns_path: str, ifname: str, ingress_fd: int, egress_fd: int,
     _check_ifname(ifname)
     if mode not in XDP_MODES:
         raise PodNetnsError(f"XDP mode must be one of {', '.join(XDP_MODES)}, got {mode!r}")
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with ipr_at(netns_path) as pod_ipr, ipr_at(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         if prepare is not None:
             prepare()
@@ -621,7 +364,7 @@ def detach_xdp(netns_path: str, ifname: str, peer_netns: str | None = None) -> b
     _check_ifname(ifname)
     if not os.path.exists(netns_path):
         return False
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with ipr_at(netns_path) as pod_ipr, ipr_at(peer_netns, allow_own=True) as peer_ipr:
         try:
             pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         except PodNetnsError:
@@ -639,7 +382,7 @@ def detach_xdp(netns_path: str, ifname: str, peer_netns: str | None = None) -> b
 def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) -> tuple[int, str]:
     """(program id, "native"/"generic"/"") attached to ``ifname``; (0, "") if none."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path, allow_own) as ipr:
+    with ipr_at(netns_path, allow_own) as ipr:
         link = _link(ipr, ifname=ifname)
     if link is None:
         raise PodNetnsError(f"no interface {ifname} in {netns_path}")
@@ -649,7 +392,7 @@ def xdp_prog_id(netns_path: str | None, ifname: str, allow_own: bool = False) ->
 def xdp_prog_ids(netns_path: str, ifname: str, peer_netns: str | None = None) -> tuple[int, int]:
     """Program ids attached to the pod's ``ifname`` and to its host-side peer (0: none)."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with ipr_at(netns_path) as pod_ipr, ipr_at(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
     return _xdp_of(pod)[0], _xdp_of(peer)[0]
 
@@ -657,7 +400,7 @@ def xdp_prog_ids(netns_path: str, ifname: str, peer_netns: str | None = None) ->
 def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
     """Name of the host-side veth peer of the pod's ``ifname`` (in ``peer_netns``)."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with ipr_at(netns_path) as pod_ipr, ipr_at(peer_netns, allow_own=True) as peer_ipr:
         return _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)[1] \
             .get_attr("IFLA_IFNAME")
 
@@ -743,9 +486,9 @@ def attach_tc(netns_path: str, ifname: str, to_pod_fd: int, from_pod_fd: int,
     socket already open in the pod netns (``open_marker_and_rtnl``), which is
     used and closed instead of opening one."""
     _check_ifname(ifname)
-    pod_ipr = (_ipr_path(netns_path) if pod_rtnl is None
+    pod_ipr = (ipr_at(netns_path) if pod_rtnl is None
                else IPRoute(groups=0, use_socket=pod_rtnl))
-    with pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with pod_ipr, ipr_at(peer_netns, allow_own=True) as peer_ipr:
         pod, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         index = peer["index"]
         try:
@@ -775,7 +518,7 @@ def detach_tc(netns_path: str, ifname: str, peer_netns: str | None = None) -> bo
     _check_ifname(ifname)
     if not os.path.exists(netns_path):
         return False
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with ipr_at(netns_path) as pod_ipr, ipr_at(peer_netns, allow_own=True) as peer_ipr:
         try:
             _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         except PodNetnsError:
@@ -788,7 +531,7 @@ def tc_filter_names(netns_path: str | None, ifname: str,
                     allow_own: bool = False) -> dict[str, str]:
     """{"to_pod"/"from_pod": filter name} of our tc filters on ``ifname``."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path, allow_own) as ipr:
+    with ipr_at(netns_path, allow_own) as ipr:
         link = _link(ipr, ifname=ifname)
         if link is None:
             raise PodNetnsError(f"no interface {ifname} in {netns_path}")
@@ -798,7 +541,7 @@ def tc_filter_names(netns_path: str | None, ifname: str,
 def tc_names(netns_path: str, ifname: str, peer_netns: str | None = None) -> dict[str, str]:
     """{"to_pod"/"from_pod": filter name} of our tc filters on the pod's peer."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as pod_ipr, _ipr_path(peer_netns, allow_own=True) as peer_ipr:
+    with ipr_at(netns_path) as pod_ipr, ipr_at(peer_netns, allow_own=True) as peer_ipr:
         _, peer = _find_peer(pod_ipr, peer_ipr, netns_path, ifname, peer_netns)
         return _tc_filters(peer_ipr, peer["index"])
 
@@ -857,7 +600,7 @@ def set_tx_checksum(netns_path: str, ifname: str, enabled: bool) -> dict[str, bo
 def pod_addresses(netns_path: str, ifname: str) -> list[str]:
     """The global (non link-local) IPs of ``ifname`` in the pod netns, IPv4 first."""
     _check_ifname(ifname)
-    with _ipr_path(netns_path) as ipr:
+    with ipr_at(netns_path) as ipr:
         link = _link(ipr, ifname=ifname)
         if link is None:
             raise PodNetnsError(f"no interface {ifname} in {netns_path}")
@@ -900,7 +643,7 @@ def netns_addrs(path: str) -> list[tuple[str, str]] | None:
     """``[(ifname, ip), ...]`` in netns ``path`` but on ``lo``; None when ``path``
     is not (or no longer) a network namespace other than ours."""
     try:
-        with _ipr_path(path) as ipr:
+        with ipr_at(path) as ipr:
             ifnames = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
             addrs = [(ifnames.get(a["index"]), a.get_attr("IFA_ADDRESS"))
                      for a in ipr.get_addr()]
@@ -934,8 +677,6 @@ def node_netns(netns_dir: str, proc_path: str) -> dict[tuple[int, int], str]:
             found.setdefault(key, path)
     return found
 
-
-import sys as _sys  # noqa: E402
 
 #: getsockopt(SOL_SOCKET, SO_NETNS_COOKIE) (Linux 5.14): the cookie
 #: bpf_get_netns_cookie() gives the datapath for the same namespace

@@ -2,15 +2,14 @@
 bpffs pin directory and a lab. Each removes exactly what it created."""
 import contextlib
 import os
-import signal
 import subprocess
 import tempfile
-import time
 import uuid
 
 import pytest
 
-from merbridge.daemon.lab import CGROUP_ROOT, Lab
+from merbridge.lab.cgroups import make_cgroup, remove_cgroup
+from merbridge.lab.lab import Lab
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,35 +29,10 @@ def unique() -> str:
     return f"mbt-{uuid.uuid4().hex[:8]}"
 
 
-def remove_cgroup(path: str) -> None:
-    """rmdir a test cgroup, killing (by PID) whatever the test left running in it."""
-    deadline = time.monotonic() + 5
-    while os.path.isdir(path):
-        for child in os.scandir(path):
-            if child.is_dir():
-                remove_cgroup(child.path)
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            for pid in f.read().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def cgroup(unique):
     """A child cgroup of the cgroup v2 mount (never the root cgroup)."""
-    if not CGROUP_ROOT:
-        pytest.fail("no cgroup v2 mount in /proc/mounts")
-    path = os.path.join(CGROUP_ROOT, unique)
-    os.mkdir(path)
+    path = make_cgroup(unique)
     try:
         yield path
     finally:

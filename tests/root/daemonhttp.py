@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from daemonenv import Env
-from merbridge.daemon import netns
+from merbridge.lab import netns
 
 _FETCH = """\
 import sys, urllib.error, urllib.request

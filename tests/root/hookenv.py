@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 
-from merbridge.daemon.lab import CGROUP_ROOT  # the cgroup v2 mount
+from merbridge.lab.cgroups import CGROUP_ROOT  # the cgroup v2 mount
 
 PY = sys.executable
 

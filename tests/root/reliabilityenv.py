@@ -31,7 +31,9 @@ from daemonenv import Env
 from merbridge.bpf import types as t
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
 from merbridge.daemon import netns
-from merbridge.daemon.lab import ISTIO, PYTHON
+from merbridge.lab import netns as labns
+from merbridge.lab.lab import ISTIO, PYTHON
+from merbridge.lab.manifests import pod_manifest
 
 CNITOOL = "/usr/local/bin/cnitool"
 CNI_PLUGINS = "/usr/lib/cni"
@@ -74,33 +76,21 @@ class ChurnNet:
         return f"{self.name}-{pod}"
 
     def publish(self, pod: str) -> None:
-        manifest = {"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": pod, "namespace": "default", "uid": f"uid-{pod}",
-                                 "annotations": {"sidecar.istio.io/status": "{}"}},
-                    "spec": {"containers": [{"name": "app"}, {
-                        "name": "istio-proxy", "args": ["proxy", "sidecar"]}]},
-                    "status": {"phase": "Running"}}
-        tmp = os.path.join(self.env.pods_dir, f".{pod}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-        os.replace(tmp, os.path.join(self.env.pods_dir, f"{pod}.json"))
+        self.env.publish(pod_manifest(pod, uid=f"uid-{pod}"))
 
     def unpublish(self, pod: str) -> None:
-        try:
-            os.unlink(os.path.join(self.env.pods_dir, f"{pod}.json"))
-        except FileNotFoundError:
-            pass
+        self.env.unpublish(pod)
 
     def make_netns(self, pod: str) -> str:
         ns = self.netns_name(pod)
-        netns.create_netns(ns)
+        labns.create_netns(ns)
         with self.lock:
             self.created.add(ns)
         return ns
 
     def drop_netns(self, pod: str) -> None:
         ns = self.netns_name(pod)
-        netns.remove_netns(ns)
+        labns.remove_netns(ns)
         with self.lock:
             self.created.discard(ns)
 
@@ -112,7 +102,7 @@ class ChurnNet:
 
     def cnitool(self, command: str, pod: str) -> subprocess.CompletedProcess:
         return subprocess.run(["nsenter", f"--net={self.env.node_netns}", CNITOOL, command,
-                               self.name, netns.netns_path(self.netns_name(pod))],
+                               self.name, labns.netns_path(self.netns_name(pod))],
                               env={**self.node_env(pod), "NETCONFPATH": self.env.conf_dir},
                               capture_output=True, text=True, timeout=60)
 
@@ -126,7 +116,7 @@ class ChurnNet:
         (entry,) = [p for p in conflist["plugins"] if p["type"] == "merbridge-cni"]
         conf = {"cniVersion": conflist["cniVersion"], "name": conflist["name"], **entry,
                 "prevResult": result}
-        path = netns.netns_path(self.netns_name(pod))
+        path = labns.netns_path(self.netns_name(pod))
         # cnitool's container id: "cnitool-" + the first 10 bytes of sha512(netns path)
         cid = "cnitool-" + hashlib.sha512(path.encode()).hexdigest()[:20]
         env = {**self.node_env(pod), "CNI_COMMAND": "DEL", "CNI_CONTAINERID": cid,
@@ -142,13 +132,13 @@ class ChurnNet:
         daemon's cgroup (where mb_getsockopt answers SO_ORIGINAL_DST). Returns
         the server's JSON (``sock``, ``orig``, ``sha``, ``n``) plus the client's
         ``client_peer``/``sent_sha``, or ``error``."""
-        server = netns.spawn([PYTHON, PEER, "server", str(ISTIO.in_port)],
+        server = labns.spawn([PYTHON, PEER, "server", str(ISTIO.in_port)],
                              ns=self.netns_name(pod), cgroup=self.env.lab.cgroup,
                              stdout=subprocess.PIPE, text=True)
         try:
             if server.stdout.readline().strip() != "ready":
                 return {"error": f"server exited rc={server.wait()}"}
-            res = netns.run([PYTHON, PEER, "client", ip, str(port), "4096", "5"],
+            res = labns.run([PYTHON, PEER, "client", ip, str(port), "4096", "5"],
                             ns=self.env.lab.nodes[0].ns)
             return json.loads(res.stdout) if res.returncode == 0 else {"error": res.stderr}
         finally:
@@ -195,7 +185,7 @@ class ChurnNet:
 
     def close(self) -> None:
         for ns in list(self.created):
-            netns.remove_netns(ns)
+            labns.remove_netns(ns)
         for path in glob.glob(os.path.join(LIBCNI_CACHE, f"{glob.escape(self.name)}-*")):
             os.unlink(path)
 
@@ -209,7 +199,7 @@ def wire_bare_pod(pod, env: Env, result: str) -> None:
             pod.ip6 = ip
         else:
             pod.ip4 = ip
-    pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", env.node_netns)
+    pod.host_if = netns.peer_of(labns.netns_path(pod.ns), "eth0", env.node_netns)
 
 
 class Observer:
@@ -293,7 +283,7 @@ class Observer:
         """The inbound programs on the pod's veth pair (0: none): XDP program
         ids on eth0 and its host-side peer, or the ids of our two tc filters
         on that peer, by the daemon's hook; the other hook must have none."""
-        path = netns.netns_path(ns)
+        path = labns.netns_path(ns)
         xdp = netns.xdp_prog_ids(path, "eth0", self.env.node_netns)
         names = netns.tc_names(path, "eth0", self.env.node_netns)
         tc = tuple(int(names[k].split("#")[1]) if k in names else 0
@@ -306,7 +296,7 @@ class Observer:
         """Node-netns interfaces with an XDP program or a tc filter of ours
         (the host-side veth peers)."""
         ns = self.env.lab.nodes[0].ns
-        out = netns.run(["ip", "-o", "link", "show"], ns=ns).stdout
+        out = labns.run(["ip", "-o", "link", "show"], ns=ns).stdout
         names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()]
         xdp = [n for n, line in zip(names, out.splitlines()) if " xdp" in line]
         tc = [n for n in names if n != "lo"
@@ -314,5 +304,5 @@ class Observer:
         return xdp + tc
 
     def markers_in(self, ns: str) -> list[str]:
-        out = netns.run(["ss", "-tlnH", f"sport = :{MARK_LISTENER_PORT}"], ns=ns).stdout
+        out = labns.run(["ss", "-tlnH", f"sport = :{MARK_LISTENER_PORT}"], ns=ns).stdout
         return out.splitlines()

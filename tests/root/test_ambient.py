@@ -24,36 +24,16 @@ from merbridge.bpf import loader
 from merbridge.bpf import types as bpft
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
-from merbridge.daemon import labconfig, netns, procwatch
+from merbridge.daemon import netns, procwatch
+from merbridge.lab import labconfig, netns as labns
+from merbridge.lab.cgroups import remove_cgroup
 from merbridge.daemon.ambient import DATAPLANE_MODE, AmbientController
-from merbridge.daemon.lab import PYTHON, Lab
+from merbridge.lab.lab import PYTHON, Lab
 
 pytestmark = pytest.mark.root
 
 ISTIO = MESHES["istio"]
 APP = 8080
-
-
-def remove_cgroup(path: str) -> None:
-    """rmdir a cgroup we made (children first), killing by PID what still runs in it."""
-    if not os.path.isdir(path):
-        return
-    for child in os.scandir(path):
-        if child.is_dir():
-            remove_cgroup(child.path)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            for pid in f.read().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
-        time.sleep(0.05)
 
 
 def ztunnel_cfg(ip4: str) -> str:
@@ -99,7 +79,7 @@ def namespace(name, labels=None):
 
 def connect(ns, cgroup, dst, port=APP, timeout=5.0):
     """One client connection from netns+cgroup; (ok, reply dict, peer the app saw)."""
-    res = netns.run([PYTHON, "-I", "-c", labconfig.CLIENT, dst, str(port), "hi", str(timeout)],
+    res = labns.run([PYTHON, "-I", "-c", labconfig.CLIENT, dst, str(port), "hi", str(timeout)],
                     ns=ns, cgroup=cgroup, timeout=timeout + 10)
     try:
         out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -163,7 +143,7 @@ def world(bpffs):
             six = os.path.join(os.path.dirname(labconfig.__file__), "sidecar6.py")
             with open(zlog, "ab") as log:
                 for argv in (["haproxy", "-db", "-f", cfg], [PYTHON, "-I", "-u", six, "15001", "15006", ""]):
-                    procs.append(netns.spawn(argv, ns=zt.ns, cgroup=os.path.join(zcg, "ztunnel"),
+                    procs.append(labns.spawn(argv, ns=zt.ns, cgroup=os.path.join(zcg, "ztunnel"),
                                              stdout=log, stderr=subprocess.STDOUT))
             for addr, port in ((zt.ip4, 15001), (zt.ip4, 15006), ("::", 15001), ("::", 15006)):
                 zt.wait_listening(port, addr, proc=procs[0], log=zlog)
@@ -180,7 +160,7 @@ def world(bpffs):
             # the sidecar pod is enrolled as the CNI ADD would
             for addr in s1.ips():
                 dp.maps.local_pods.put(addr, PodPolicy(status_port=ISTIO.status_port))
-            marker = netns.open_marker_listener(netns.netns_path(s1.ns), 7)
+            marker = netns.open_marker_listener(labns.netns_path(s1.ns), 7)
             closers.append(marker.close)
             dp.maps.mark_pod_ips.put(7, s1.ip4)
             dp.maps.netns_pod.put(loader.netns_cookie_of(marker), s1.ip4, 7)
@@ -319,7 +299,7 @@ def test_a_marker_port_listener_on_the_node_does_not_turn_ztunnel_off(w):
     ambient pod still go through ztunnel (a sidecar pod is one the daemon
     recorded, never the node; docs/security.md)."""
     a2, node = w.pods["a2"][0], w.lab.nodes[0]
-    listener = netns.spawn(["/usr/bin/python3", "-c", "import socket, sys, time; s = socket.socket(); "
+    listener = labns.spawn(["/usr/bin/python3", "-c", "import socket, sys, time; s = socket.socket(); "
                             "s.bind(('0.0.0.0', 39807)); s.listen(); print('ready', flush=True); "
                             "time.sleep(600)"], ns=node.ns, uid=65534, gid=65534,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -373,7 +353,7 @@ def test_new_container_cgroup_is_found_by_the_process_watcher(w):
         cgid = procwatch.cgroup_id(late)
         assert w.dp.maps.cgroup_info.get(cgid) is None
         # no pod event, no rescan (1 h): only the exec event can tell
-        sleeper = netns.spawn(["sleep", "30"], ns=a2.ns, cgroup=late)
+        sleeper = labns.spawn(["sleep", "30"], ns=a2.ns, cgroup=late)
         try:
             deadline = time.monotonic() + 5
             while w.dp.maps.cgroup_info.get(cgid) is None and time.monotonic() < deadline:
@@ -425,7 +405,7 @@ def test_daemon_flag_follows_pod_labels(pin_dir):
         with open(cfg, "w") as f:
             f.write(ztunnel_cfg(zt.ip4))
         with open(zlog, "ab") as log:
-            zproc = netns.spawn(["haproxy", "-db", "-f", cfg], ns=zt.ns, cgroup=cgs["zt"],
+            zproc = labns.spawn(["haproxy", "-db", "-f", cfg], ns=zt.ns, cgroup=cgs["zt"],
                                 stdout=log, stderr=subprocess.STDOUT)
         env = Env(lab, pin_dir, cni_mode=False)
         try:

@@ -26,8 +26,8 @@ import pytest
 from merbridge.bpf import loader
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
-from merbridge.daemon import netns
-from merbridge.daemon.lab import PYTHON, Lab, Pod
+from merbridge.lab import netns
+from merbridge.lab.lab import PYTHON, Lab, Pod
 from test_e2e_sidecar import enrol
 
 pytestmark = pytest.mark.root

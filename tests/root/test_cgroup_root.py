@@ -11,9 +11,10 @@ import time
 import pytest
 
 import hookenv
-from merbridge.daemon import lab as labmod
 from merbridge.daemon.config import find_cgroup2_mount
-from merbridge.daemon.lab import CGROUP_ROOT, Lab, LabError
+from merbridge.lab import lab as labmod
+from merbridge.lab.cgroups import CGROUP_ROOT
+from merbridge.lab.lab import Lab, LabError
 
 pytestmark = pytest.mark.root
 

@@ -31,7 +31,8 @@ from merbridge.bpf import loader
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
-from merbridge.daemon.lab import PYTHON, Lab, Pod, Sidecar
+from merbridge.lab import netns as labns
+from merbridge.lab.lab import PYTHON, Lab, Pod, Sidecar
 
 pytestmark = pytest.mark.root
 
@@ -101,7 +102,7 @@ def coexist_setup(bpffs: str, cni_mode: bool):
                 for addr in pod.ips():
                     dp.maps.local_pods.put(addr, policy)
                 if cni_mode:
-                    sock = netns.open_marker_listener(netns.netns_path(pod.ns), key)
+                    sock = netns.open_marker_listener(labns.netns_path(pod.ns), key)
                     closers.append(sock.close)
                     dp.maps.mark_pod_ips.put(key, *pod.ips())
                     dp.maps.netns_pod.put(loader.netns_cookie_of(sock), pod.ips(), key)

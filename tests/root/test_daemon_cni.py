@@ -12,7 +12,7 @@ import json
 import pytest
 
 from daemonenv import ISTIO, Env
-from merbridge.daemon.lab import Lab
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 
@@ -31,7 +31,7 @@ def world(make_bpffs, request):
         env = Env(lab, bpffs, inbound_hook=request.param)
         try:
             for pod in (a, b, c):
-                env.publish(pod)
+                env.publish_pod(pod)
             proc = env.start()
             yield env, proc, a, b, c
         finally:
@@ -117,7 +117,7 @@ def test_unknown_pod_is_try_again_later(world, unique):
 def test_invalid_annotation_fails_add_and_leaves_nothing(world):
     env, proc, a, b, c = world
     bad = dataclasses.replace(c, name="bad", in_mesh=True)
-    env.publish(bad, {"traffic.sidecar.istio.io/excludeInboundPorts": "80,http"})
+    env.publish_pod(bad, {"traffic.sidecar.istio.io/excludeInboundPorts": "80,http"})
     try:
         for _ in range(10):                           # until the pod source has it
             res = env.cni("ADD", bad, container_id="ctr-bad")
@@ -133,7 +133,7 @@ def test_invalid_annotation_fails_add_and_leaves_nothing(world):
         finally:
             maps.close()
     finally:
-        env.unpublish(bad)
+        env.unpublish(bad.name)
 
 
 def test_del_removes_everything_and_is_idempotent(world):

@@ -11,7 +11,7 @@ import pytest
 import daemonhttp
 from daemonenv import MERBRIDGE, PRIMARY_CONFIG, Env
 from merbridge.daemon import install
-from merbridge.daemon.lab import Lab
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 

@@ -14,8 +14,8 @@ import pytest
 
 import daemonhttp
 from daemonenv import MERBRIDGE, Env
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 
@@ -30,7 +30,7 @@ def two_pods(pin_dir):
         env = Env(lab, pin_dir)
         try:
             for pod in (a, b):
-                env.publish(pod)
+                env.publish_pod(pod)
             yield env, a, b
         finally:
             env.close()
@@ -195,8 +195,8 @@ def test_legacy_mode_follows_the_pod_source(pin_dir):
             pod.start_sidecar()
         env = Env(lab, pin_dir, cni_mode=False)
         try:
-            env.publish(a)
-            env.publish(b)
+            env.publish_pod(a)
+            env.publish_pod(b)
             proc = env.start()
 
             def local_pods():
@@ -215,12 +215,12 @@ def test_legacy_mode_follows_the_pod_source(pin_dir):
             assert set(local_pods()) == {a.ip4, a.ip6, b.ip4, b.ip6}
             assert intercepted(a, b)
             assert os.listdir(env.conf_dir) == [os.path.basename(env.primary)]
-            env.publish(b, {"traffic.sidecar.istio.io/includeInboundPorts": "9999"})
+            env.publish_pod(b, {"traffic.sidecar.istio.io/includeInboundPorts": "9999"})
             until(lambda: local_pods().get(b.ip4) is not None
                   and local_pods()[b.ip4].include_inbound_ports == frozenset({9999}))
             r = a.connect(b.ip4, 8080)                       # 8080 no longer captured inbound
             assert r.ok and r.peer[0] == a.ip4
-            env.unpublish(b)
+            env.unpublish(b.name)
             until(lambda: set(local_pods()) == {a.ip4, a.ip6})
             assert env.stop(proc) == 0
             assert env.attached() == []

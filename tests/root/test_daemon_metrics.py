@@ -15,8 +15,9 @@ import pytest
 import daemonhttp
 from daemonenv import Env
 from merbridge.bpf import types as t
-from merbridge.daemon import metrics, netns
-from merbridge.daemon.lab import Lab
+from merbridge.daemon import metrics
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 from test_daemon_lifecycle import ok, two_pods  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.root
@@ -88,7 +89,7 @@ def test_cni_mode_metrics(two_pods):  # noqa: F811
     assert_occupancy(env, m)
     assert not [k for k in m if k.startswith("merbridge_errors_total")]
     # an enrolled pod's annotations go bad: logged as an error, counted by module
-    env.publish(a, {"traffic.sidecar.istio.io/includeInboundPorts": "not-a-port"})
+    env.publish_pod(a, {"traffic.sidecar.istio.io/includeInboundPorts": "not-a-port"})
     until(lambda: daemonhttp.scrape(env, proc).get('merbridge_errors_total{kind="pods"}') == 1,
           f"no error counted:\n{env.log(proc)}")
     assert env.stop(proc) == 0
@@ -99,14 +100,14 @@ def test_legacy_mode_counts_the_pods_it_writes(pin_dir):
         a, b = lab.add_pod("a"), lab.add_pod("b")
         env = Env(lab, pin_dir, cni_mode=False)
         try:
-            env.publish(a)
-            env.publish(b)
+            env.publish_pod(a)
+            env.publish_pod(b)
             proc = env.start()
             m = counted(env, proc)
             assert m["merbridge_pods_enrolled"] == 2
             assert m['merbridge_map_entries{map="mb_local_pods"}'] == 4
             assert_occupancy(env, m)
-            env.unpublish(b)
+            env.unpublish(b.name)
             until(lambda: daemonhttp.scrape(env, proc)["merbridge_pods_enrolled"] == 1,
                   "pods_enrolled did not follow the pod source")
             m = counted(env, proc)

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from daemonenv import Env, PendingCni
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 from reliabilityenv import ChurnNet, Observer, wire_bare_pod
 from test_daemon_lifecycle import intercepted, ok
 from test_reliability_crash import map_view
@@ -69,7 +69,7 @@ def race_pods(pin_dir):
         env = Env(lab, pin_dir)
         try:
             for pod in pods.values():
-                env.publish(pod)
+                env.publish_pod(pod)
             yield env, pods
         finally:
             env.close()
@@ -129,7 +129,7 @@ def test_pod_started_while_stopped_is_enrolled_at_start(pin_dir):
         # that its cnitool networks the lab's pod namespaces
         net = ChurnNet(env, tag=lab.name.split("-", 1)[1])
         try:
-            env.publish(a)
+            env.publish_pod(a)
             proc = env.start()
             ok(env.cni("ADD", a))
             assert env.stop(proc) == 0, env.log(proc)
@@ -141,7 +141,7 @@ def test_pod_started_while_stopped_is_enrolled_at_start(pin_dir):
             ok(res)
             wire_bare_pod(d, env, res.stdout)
             d.start_sidecar()
-            env.publish(d)
+            env.publish_pod(d)
             assert env.marker(d) == [] and env.xdp(d) == (0, 0)
 
             proc2 = env.start(f"--netns-dir={netns.NETNS_DIR}")

@@ -1,4 +1,4 @@
-"""``merbridge demo`` end to end: the command as a user runs it (a subprocess of
+"""``merbridge-lab demo`` end to end: the command as a user runs it (a subprocess of
 the venv's console script), its facts against what the mesh semantics require,
 and nothing of it left on the machine afterwards.
 
@@ -18,11 +18,11 @@ import pytest
 
 pytestmark = pytest.mark.root
 
-MERBRIDGE = os.path.join(os.path.dirname(sys.executable), "merbridge")
+MERBRIDGE_LAB = os.path.join(os.path.dirname(sys.executable), "merbridge-lab")
 
 
 def _run(*args, **kw):
-    return subprocess.run([MERBRIDGE, "demo", *args], capture_output=True, text=True,
+    return subprocess.run([MERBRIDGE_LAB, "demo", *args], capture_output=True, text=True,
                           timeout=180, **kw)
 
 
@@ -209,7 +209,7 @@ def test_refuses_with_a_clear_message_when_the_host_lacks_something():
     # checkout stays readable wherever CI cloned it.
     before = set(os.listdir("/var/run/netns"))
     proc = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all",
-                           MERBRIDGE, "demo"], capture_output=True, text=True, timeout=120,
+                           MERBRIDGE_LAB, "demo"], capture_output=True, text=True, timeout=120,
                           cwd="/")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "this host cannot run the demo yet" in proc.stderr
@@ -246,7 +246,7 @@ def _leftovers(name):
 
 
 def _interrupt_and_check(step, sig):
-    proc = subprocess.Popen([MERBRIDGE, "demo", "--json"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([MERBRIDGE_LAB, "demo", "--json"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
     try:

@@ -24,7 +24,7 @@ import pytest
 from merbridge.bpf import loader
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
-from merbridge.daemon.lab import Lab, Pod
+from merbridge.lab.lab import Lab, Pod
 from test_e2e_sidecar import enrol
 
 pytestmark = pytest.mark.root

@@ -41,7 +41,7 @@ def test_daemon_exclude_namespaces_reach_the_plugin(pin_dir, lab, flag, excluded
     a.start_sidecar()
     env = Env(lab, pin_dir)
     try:
-        env.publish(a)
+        env.publish_pod(a)
         proc = env.start(flag)
         chained, entry = installed_entry(env)
         assert entry["excludeNamespaces"] == flag.split("=", 1)[1].split(",")

@@ -27,8 +27,8 @@ import pytest
 
 from daemonenv import MERBRIDGE, Env
 from daemonhttp import scrape as metrics_of
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 from reliabilityenv import CNITOOL, ChurnNet, wire_bare_pod
 from test_daemon_lifecycle import intercepted, ok
 from test_daemon_restart import records
@@ -54,7 +54,7 @@ def chained_pod(lab, net, env, name, conf_dir=None):
     wire_bare_pod(pod, env, res.stdout)
     pod.start_app(8080)
     pod.start_sidecar()
-    env.publish(pod)
+    env.publish_pod(pod)
     return pod, res
 
 
@@ -76,7 +76,7 @@ def lab_net(pin_dir):
         env = Env(lab, pin_dir, fail_open=True)
         net = ChurnNet(env, tag=lab.name.split("-", 1)[1])
         try:
-            env.publish(a)
+            env.publish_pod(a)
             yield lab, env, net, a
         finally:
             net.close()

@@ -24,7 +24,7 @@ from hookenv import PROBE, Pod, datapath, sh
 from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
-from merbridge.daemon import labconfig
+from merbridge.lab import labconfig
 
 pytestmark = pytest.mark.root
 
@@ -349,7 +349,7 @@ def _landed(p: Pod, who: dict, dst: str, port: int, bind: str) -> tuple:
 @pytest.mark.parametrize("config", sorted(HAIRPIN_POLICIES))
 def test_proxy_hairpin_matches_istio_iptables(dp, config):
     """The same calls in a pod with istio-iptables' rules (the oracle,
-    daemon/labconfig.py) and in a pod with our datapath land on the same
+    lab/labconfig.py) and in a pod with our datapath land on the same
     listener with the same SO_ORIGINAL_DST, at the same local address
     (REDIRECT in OUTPUT sends a local call to 127.0.0.1 / ::1)."""
     iptables_opts, policy = HAIRPIN_POLICIES[config]

@@ -23,6 +23,7 @@ from merbridge.bpf import loader
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
+from merbridge.lab import netns as labns
 
 from test_xdp import datapath, make_podnet, nothing_attached, wait_for  # noqa: F401
 
@@ -46,30 +47,30 @@ def topo(datapath):
     servers = []
     try:
         for ns in (pa, pb, node, rem):
-            netns.create_netns(ns)
+            labns.create_netns(ns)
         links = ((pa, "vpa", PODA, "10.232.1.1"), (pb, "vpb", PODB, "10.232.3.1"),
                  (rem, "vrem", REM, "10.232.2.1"))
         for ns, peer, ip, gw in links:
-            netns.create_veth("eth0", peer, ns=ns, peer_ns=node)
-            netns.link_up(ns, "eth0")
-            netns.link_up(node, peer)
-            netns.add_address(ns, "eth0", f"{ip}/24")
-            netns.add_address(node, peer, f"{gw}/24")
-            netns.add_route(ns, "default", gw)
-        netns.set_sysctl(node, "net.ipv4.ip_forward", 1)
+            labns.create_veth("eth0", peer, ns=ns, peer_ns=node)
+            labns.link_up(ns, "eth0")
+            labns.link_up(node, peer)
+            labns.add_address(ns, "eth0", f"{ip}/24")
+            labns.add_address(node, peer, f"{gw}/24")
+            labns.add_route(ns, "default", gw)
+        labns.set_sysctl(node, "net.ipv4.ip_forward", 1)
         for ns in (pa, pb):
-            srv = netns.spawn(["/usr/bin/python3", PEER, "echo", str(IN_PORT)], ns=ns,
+            srv = labns.spawn(["/usr/bin/python3", PEER, "echo", str(IN_PORT)], ns=ns,
                               cgroup=cgroup, stdout=subprocess.PIPE, text=True)
             servers.append(srv)
             assert srv.stdout.readline().strip() == "ready"
-        yield {"pa": netns.netns_path(pa), "pb": netns.netns_path(pb),
-               "node": netns.netns_path(node), "rem": rem}
+        yield {"pa": labns.netns_path(pa), "pb": labns.netns_path(pb),
+               "node": labns.netns_path(node), "rem": rem}
     finally:
         for srv in servers:
             srv.kill()
             srv.wait()
         for ns in (pa, pb, node, rem):
-            netns.remove_netns(ns)
+            labns.remove_netns(ns)
 
 
 @pytest.fixture(params=["tc", "generic"])
@@ -119,7 +120,7 @@ def established(maps) -> dict:
 
 
 def open_idle(topo, host: str, port: int = 8080) -> tuple[subprocess.Popen, dict]:
-    proc = netns.spawn(["/usr/bin/python3", PEER, "idle", host, str(port)], ns=topo["rem"],
+    proc = labns.spawn(["/usr/bin/python3", PEER, "idle", host, str(port)], ns=topo["rem"],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line, proc.communicate(timeout=5)
@@ -132,7 +133,7 @@ def resume(proc: subprocess.Popen) -> dict:
 
 
 def synflood(topo, dst: str, n: int, sport0: int = 1024, ports: str = FLOOD_PORTS) -> dict:
-    res = netns.run(["/usr/bin/python3", PEER, "synflood", REM, dst, str(sport0), str(n), ports],
+    res = labns.run(["/usr/bin/python3", PEER, "synflood", REM, dst, str(sport0), str(n), ports],
                     ns=topo["rem"], timeout=300)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
@@ -205,7 +206,7 @@ def test_sockops_entry_is_never_overwritten(topo, enrolled):
                 f"    s.connect(('{PODA}', 8080)); s.sendall(b'x\\n'); print(s.recv(100))\n"
                 "except OSError as e:\n"
                 "    print('error', e)\n")
-        netns.run(["/usr/bin/python3", "-c", code], ns=topo["rem"], timeout=20)
+        labns.run(["/usr/bin/python3", "-c", code], ns=topo["rem"], timeout=20)
         assert established(maps)[key_of(pair)] == want
     finally:
         maps.pair_orig_dst.delete(pair)
@@ -228,7 +229,7 @@ def test_pod_closing_first_keeps_the_port_through_time_wait(topo, enrolled):
             "time.sleep(0.5)\n"
             "print(json.dumps({'orig': hello['orig'], 'eof': eof.decode(), 'port': port}))\n")
     c0 = maps.counters()
-    res = netns.run(["/usr/bin/python3", "-c", code], ns=topo["rem"], timeout=20)
+    res = labns.run(["/usr/bin/python3", "-c", code], ns=topo["rem"], timeout=20)
     # (the netns-wide TCP counters are no witness here: the pod still retransmits
     # SYN-ACKs to the earlier tests' spoofed SYNs, and this netns resets them)
     assert res.returncode == 0, res.stderr
@@ -239,7 +240,7 @@ def test_pod_closing_first_keeps_the_port_through_time_wait(topo, enrolled):
     closing = {key_of(p): (socket.ntohs(f.port), f.flags) for p, f in maps.in_pending.items()}
     assert closing.get(key) == (8080, t.MB_IN_F_CLOSING)
     assert maps.counters()["in_closed"] - c0["in_closed"] == 1
-    left = netns.run(["ss", "-tanH", "state", "last-ack", "state", "fin-wait-1",
+    left = labns.run(["ss", "-tanH", "state", "last-ack", "state", "fin-wait-1",
                       "state", "closing"], ns=topo["rem"]).stdout
     assert f":{r['port']} " not in left, left
     maps.in_pending.delete_ip(PODB)

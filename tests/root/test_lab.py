@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab, LabError
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab, LabError
 
 pytestmark = pytest.mark.root
 

@@ -12,6 +12,7 @@ import pytest
 from merbridge.bpf import loader, mesh
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
 from merbridge.daemon import netns, podnet
+from merbridge.lab import netns as labns
 
 pytestmark = pytest.mark.root
 
@@ -21,17 +22,17 @@ def pod(unique):
     """A pod netns with eth0 (veth) whose peer sits in a "node" netns."""
     pod, node = f"{unique}-pod", f"{unique}-node"
     try:
-        netns.create_netns(pod)
-        netns.create_netns(node)
-        netns.create_veth("eth0", "vpod", ns=pod, peer_ns=node)
-        netns.link_up(pod, "eth0")
-        netns.link_up(node, "vpod")
-        netns.add_address(pod, "eth0", "10.231.1.2/24")
-        netns.add_address(pod, "eth0", "fd00:231:1::2/64")
-        yield netns.netns_path(pod), netns.netns_path(node)
+        labns.create_netns(pod)
+        labns.create_netns(node)
+        labns.create_veth("eth0", "vpod", ns=pod, peer_ns=node)
+        labns.link_up(pod, "eth0")
+        labns.link_up(node, "vpod")
+        labns.add_address(pod, "eth0", "10.231.1.2/24")
+        labns.add_address(pod, "eth0", "fd00:231:1::2/64")
+        yield labns.netns_path(pod), labns.netns_path(node)
     finally:
-        netns.remove_netns(pod)
-        netns.remove_netns(node)
+        labns.remove_netns(pod)
+        labns.remove_netns(node)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_detach_after_the_pod_is_gone(pod, datapath_xdp):
     pod_ns, node_ns = pod
     pn = podnet.PodNet(datapath_xdp, peer_netns=node_ns)
     pn.attach_xdp(pod_ns, "eth0")
-    netns.remove_netns(os.path.basename(pod_ns))   # the runtime tore the pod down
+    labns.remove_netns(os.path.basename(pod_ns))   # the runtime tore the pod down
     pn.detach_xdp(pod_ns, "eth0")                  # DEL afterwards: no error
     assert not pn.xdp_attached(pod_ns, "eth0")
 

@@ -27,7 +27,8 @@ from merbridge.bpf import loader
 from merbridge.bpf.mesh import MESHES
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab, Pod
+from merbridge.lab import netns as labns
+from merbridge.lab.lab import Lab, Pod
 from merbridge.daemon.legacy import LegacyPods
 from test_e2e_sidecar import enrol
 
@@ -45,7 +46,7 @@ def landed(pod: Pod, dst: str, uid: int, gid: int) -> tuple[str, int]:
     mode would take Q for a mesh pod, its outbound listener being there)."""
     argv = ["/usr/bin/python3", "-I", "-c", CLIENT, dst]
     if pod.name == "q":
-        res = netns.run(argv, ns=pod.ns, uid=uid, gid=gid)
+        res = labns.run(argv, ns=pod.ns, uid=uid, gid=gid)
     else:
         res = pod.run(argv, uid=uid, gid=gid)
     assert res.returncode == 0, res.stderr
@@ -112,12 +113,12 @@ def legacy_pod(dp, pod: Pod, policy: PodPolicy, nsdir: str) -> None:
     netns found in ``nsdir`` (links to the lab's: other labs on the machine
     may use the same addresses)."""
     for other in pod.lab.pods.values():
-        os.symlink(netns.netns_path(other.ns), os.path.join(nsdir, other.ns))
+        os.symlink(labns.netns_path(other.ns), os.path.join(nsdir, other.ns))
     legacy = LegacyPods(dp.maps, threading.RLock(), lambda _: (pod.ips(), policy),
                         lambda _: ("default", pod.name, "uid"), ValueError)
     legacy.find_netns_cookie = lambda ips: netns.find_netns_cookie(nsdir, ips)
     legacy.event("ADDED", {})
-    cookie = netns.netns_cookie(netns.netns_path(pod.ns))
+    cookie = netns.netns_cookie(labns.netns_path(pod.ns))
     assert dict(dp.maps.netns_ip.all_items())[cookie] == pod.ips()
     assert dp.maps.counters()["learned_ip"] == 0   # the daemon told it, no traffic did
 

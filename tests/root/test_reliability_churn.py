@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from daemonenv import Env
-from merbridge.daemon.lab import ISTIO, Lab
+from merbridge.lab.lab import ISTIO, Lab
 from reliabilityenv import ChurnNet, Observer
 
 pytestmark = pytest.mark.root

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from daemonenv import Env
-from merbridge.daemon.lab import Lab
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 
@@ -26,7 +26,7 @@ def world(make_bpffs):
         a = lab.add_pod("a")
         env = Env(lab, bpffs)
         try:
-            env.publish(a)
+            env.publish_pod(a)
             proc = env.start()
             yield env, proc, a
         finally:

@@ -22,7 +22,8 @@ import pytest
 from daemonenv import Env
 from merbridge.bpf import loader
 from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns as labns
+from merbridge.lab.lab import Lab
 from reliabilityenv import ChurnNet, Observer
 from test_daemon_lifecycle import intercepted, ok
 
@@ -40,7 +41,7 @@ def three_pods(pin_dir):
         net = ChurnNet(env)           # a real bridge+host-local primary conflist
         try:
             for pod in pods:
-                env.publish(pod)
+                env.publish_pod(pod)
             yield env, net, pods
         finally:
             net.close()
@@ -81,8 +82,8 @@ def test_kill_9_del_while_down_restart_and_uninstall(three_pods):
     assert intercepted(a, b) and intercepted(b, c) and intercepted(c, a)
     # the runtime deletes a meanwhile: DEL succeeds, the sandbox and the pod go
     ok(env.cni("DEL", a))
-    netns.remove_netns(a.ns)
-    env.unpublish(a)
+    labns.remove_netns(a.ns)
+    env.unpublish(a.name)
 
     proc2 = env.start()
     assert len(env.attached()) == n_attached             # replaced, not attached twice
@@ -109,8 +110,8 @@ def test_node_reboot_rebuilds_from_the_pod_source(three_pods):
     loader.detach_cgroup(env.lab.cgroup)
     loader.remove_pins(env.pin_dir, rmdir=True)
     for pod in (a, b):
-        netns.detach_xdp(netns.netns_path(pod.ns), "eth0", peer_netns=env.node_netns)
-        netns.detach_tc(netns.netns_path(pod.ns), "eth0", peer_netns=env.node_netns)
+        netns.detach_xdp(labns.netns_path(pod.ns), "eth0", peer_netns=env.node_netns)
+        netns.detach_tc(labns.netns_path(pod.ns), "eth0", peer_netns=env.node_netns)
     assert env.attached() == [] and env.xdp(a) == (0, 0)
 
     proc2 = env.start()

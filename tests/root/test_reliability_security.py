@@ -19,8 +19,8 @@ from merbridge.bpf import types as bpftypes
 from merbridge.cni import protocol
 from merbridge.cni.client import DaemonClient
 from merbridge.cni.errors import CniError
-from merbridge.daemon import netns
-from merbridge.daemon.lab import Lab
+from merbridge.lab import netns
+from merbridge.lab.lab import Lab
 
 pytestmark = pytest.mark.root
 
@@ -35,7 +35,7 @@ def world(make_bpffs):
         os.chmod(env.root, 0o711)
         try:
             for pod in (a, b):
-                env.publish(pod)
+                env.publish_pod(pod)
             proc = env.start()
             yield env, proc, a, b
         finally:
@@ -157,7 +157,7 @@ def test_netns_path_tricks_are_refused(world, tmp_path, trick):
 def test_port_list_over_the_datapath_limit_is_refused(world):
     env, proc, a, b = world
     ports = ",".join(str(1000 + i) for i in range(bpftypes.MB_MAX_PORTS + 1))
-    env.publish(b, {"traffic.sidecar.istio.io/excludeInboundPorts": ports})
+    env.publish_pod(b, {"traffic.sidecar.istio.io/excludeInboundPorts": ports})
     try:
         for _ in range(20):                   # until the pod source has the new manifest
             res = env.cni("ADD", b, container_id="ctr-limit")
@@ -168,7 +168,7 @@ def test_port_list_over_the_datapath_limit_is_refused(world):
         assert f"at most {bpftypes.MB_MAX_PORTS}" in err["msg"] + err.get("details", "")
         nothing_enrolled(env, b)
     finally:
-        env.publish(b)
+        env.publish_pod(b)
 
 
 def test_full_node_is_refused_with_a_code_and_nothing_left(world):

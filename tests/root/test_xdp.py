@@ -31,7 +31,8 @@ from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns, podnet
-from merbridge.daemon.lab import CGROUP_ROOT
+from merbridge.lab import netns as labns
+from merbridge.lab.cgroups import CGROUP_ROOT
 
 pytestmark = pytest.mark.root
 
@@ -73,40 +74,40 @@ def topo(datapath):
     server = None
     try:
         for ns in (pod, node, rem):
-            netns.create_netns(ns)
-        netns.create_veth("eth0", "vpod", ns=pod, peer_ns=node)
-        netns.create_veth("eth0", "vrem", ns=rem, peer_ns=node)
+            labns.create_netns(ns)
+        labns.create_veth("eth0", "vpod", ns=pod, peer_ns=node)
+        labns.create_veth("eth0", "vrem", ns=rem, peer_ns=node)
         for ns, ifname in ((pod, "eth0"), (node, "vpod"), (node, "vrem"), (rem, "eth0")):
-            netns.link_up(ns, ifname)
+            labns.link_up(ns, ifname)
         for ns, ifname, cidr in ((pod, "eth0", f"{POD4}/24"), (pod, "eth0", f"{POD6}/64"),
                                  (node, "vpod", "10.231.1.1/24"),
                                  (node, "vpod", "fd00:231:1::1/64"),
                                  (node, "vrem", "10.231.2.1/24"),
                                  (node, "vrem", "fd00:231:2::1/64"),
                                  (rem, "eth0", f"{REM4}/24"), (rem, "eth0", f"{REM6}/64")):
-            netns.add_address(ns, ifname, cidr)
-        netns.add_route(pod, "default", "10.231.1.1")
-        netns.add_route(pod, "default6", "fd00:231:1::1")
-        netns.add_route(rem, "default", "10.231.2.1")
-        netns.add_route(rem, "default6", "fd00:231:2::1")
-        netns.set_sysctl(node, "net.ipv4.ip_forward", 1)
-        netns.set_sysctl(node, "net.ipv6.conf.all.forwarding", 1)
-        server = netns.spawn(["/usr/bin/python3", PEER, "server", str(IN_PORT), "9090",
+            labns.add_address(ns, ifname, cidr)
+        labns.add_route(pod, "default", "10.231.1.1")
+        labns.add_route(pod, "default6", "fd00:231:1::1")
+        labns.add_route(rem, "default", "10.231.2.1")
+        labns.add_route(rem, "default6", "fd00:231:2::1")
+        labns.set_sysctl(node, "net.ipv4.ip_forward", 1)
+        labns.set_sysctl(node, "net.ipv6.conf.all.forwarding", 1)
+        server = labns.spawn(["/usr/bin/python3", PEER, "server", str(IN_PORT), "9090",
                               "7070", "15020"], ns=pod, cgroup=cgroup,
                               stdout=subprocess.PIPE, text=True)
         assert server.stdout.readline().strip() == "ready"
         # resolve neighbours once, so no test pays for a lost first SYN
         for dst in (POD4, POD6):
-            res = netns.run(["/usr/bin/python3", PEER, "client", dst, "9090", "1", "5"], ns=rem)
+            res = labns.run(["/usr/bin/python3", PEER, "client", dst, "9090", "1", "5"], ns=rem)
             assert '"sock"' in res.stdout, res
-        yield {"pod": netns.netns_path(pod), "node": netns.netns_path(node),
-               "rem": netns.netns_path(rem), "names": (pod, node, rem)}
+        yield {"pod": labns.netns_path(pod), "node": labns.netns_path(node),
+               "rem": labns.netns_path(rem), "names": (pod, node, rem)}
     finally:
         if server is not None:
             server.kill()
             server.wait()
         for ns in (pod, node, rem):
-            netns.remove_netns(ns)
+            labns.remove_netns(ns)
 
 
 def ethtool(ns_path: str, ifname: str, *args: str) -> None:
@@ -186,7 +187,7 @@ def enrolled(topo, datapath, request):
 
 
 def connect(topo, host: str, port: int, size: int = SIZE, timeout: float = 5) -> dict:
-    res = netns.run(["/usr/bin/python3", PEER, "client", host, str(port), str(size),
+    res = labns.run(["/usr/bin/python3", PEER, "client", host, str(port), str(size),
                      str(timeout)], ns=os.path.basename(topo["rem"]), timeout=60)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)

@@ -1,10 +1,11 @@
 """The demo's "why": the datapath's decision order replayed on a pod's policy,
-and the table that shows it (merbridge.daemon.demoreport)."""
+and the table that shows it (merbridge.lab.demoreport)."""
 import json
 
 from merbridge.bpf.mesh import MESHES
-from merbridge.daemon import annotations, demoreport
-from merbridge.daemon.demoreport import PodView
+from merbridge.daemon import annotations
+from merbridge.lab import demoreport
+from merbridge.lab.demoreport import PodView
 
 ISTIO = MESHES["istio"]
 A = "traffic.sidecar.istio.io/"

@@ -1,7 +1,7 @@
 """The lab's generated texts: istio-iptables rules and the sidecar log format."""
 import pytest
 
-from merbridge.daemon import labconfig
+from merbridge.lab import labconfig
 
 # ISTIO_OUTPUT of istio's cni/pkg/plugin/testdata/basic.txt.golden, in order.
 GOLDEN_OUTPUT_V4 = """\

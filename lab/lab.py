@@ -1,4 +1,5 @@
 """A throw-away pod topology on the real kernel, for tests, the demo and benchmarks.
+(Just over 450 lines: nodes, pods and their sidecars are one lifecycle, torn down together.)
 
 ``Lab`` builds one or two "node" network namespaces, each with a bridge, and
 "pods": a netns with ``eth0`` on a node bridge (IPv4 + IPv6), a child cgroup
@@ -31,13 +32,9 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from merbridge.bpf.mesh import MESHES
-from merbridge.daemon import labconfig, netns
-from merbridge.daemon.config import find_cgroup2_mount
+from merbridge.lab import labconfig, netns
+from merbridge.lab.cgroups import CGROUP_ROOT, remove_cgroup
 
-#: the cgroup v2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid
-#: host); labs and tests make their ``mbt-*`` cgroups below it and never attach
-#: to it. None without a cgroup2 mount: a Lab then refuses to start.
-CGROUP_ROOT = find_cgroup2_mount()
 ISTIO = MESHES["istio"]
 #: IPv6 inbound-passthrough source; istio-iptables adds it to lo the same way.
 PASSTHROUGH6 = "::6"
@@ -435,7 +432,7 @@ class Lab:
         self._procs.clear()
         for cg in reversed(self._cgroups):
             try:
-                _empty_and_remove_cgroup(cg)
+                remove_cgroup(cg)
             except OSError as e:
                 errors.append(f"cgroup {cg}: {e}")
         self._cgroups.clear()
@@ -463,25 +460,3 @@ def _tail(path: str, size: int = 2000) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
-
-
-def _empty_and_remove_cgroup(path: str) -> None:
-    """rmdir a lab cgroup; stray processes in it (ours: only lab processes run
-    there) are killed by PID first."""
-    if not os.path.isdir(path):
-        return
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        with open(os.path.join(path, "cgroup.procs")) as f:
-            for pid in f.read().split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.05)

@@ -1,4 +1,4 @@
-"""``merbridge demo``: one small node, no Kubernetes, real traffic, and what happened to it.
+"""``merbridge-lab demo``: one small node, no Kubernetes, real traffic, and what happened to it.
 
 The node (``demonode.Node``): pods in network namespaces networked through the
 chained CNI by cnitool, haproxy sidecars as UID 1337, echo apps, and the real
@@ -25,11 +25,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from merbridge.daemon import demoreport, lab
-from merbridge.daemon.config import find_cgroup2_mount
-from merbridge.daemon.demonode import (A, CNI_PLUGIN_DIR, CNITOOL, MESH, NODE_PATH, DemoError,
-                                       Node, PodSpec)
-from merbridge.daemon.lab import LabError
+from merbridge.lab import demoreport, lab
+from merbridge.lab.cgroups import CGROUP_ROOT
+from merbridge.lab.demonode import (A, CNI_PLUGIN_DIR, CNITOOL, MESH, NODE_PATH, DemoError,
+                                    Node, PodSpec)
+from merbridge.lab.lab import LabError
 
 PODS = (
     PodSpec("backend", True, apps=(8080, 9090)),
@@ -109,7 +109,7 @@ def preflight() -> list[str]:
     problems = []
     # the demo mounts its own bpffs, so only the filesystem type must exist
     checks = [c for c in doctor.run_checks(bpffs_path="/sys/fs/bpf",
-                                           cgroup_path=find_cgroup2_mount())
+                                           cgroup_path=CGROUP_ROOT)
               if c.name != "bpffs"]
     for c in checks:
         if c.required and c.status != "ok":
@@ -216,14 +216,14 @@ def _interrupt(signum, frame) -> None:
 
 
 def run(as_json: bool = False) -> int:
-    """The ``merbridge demo`` command; returns the exit status."""
+    """The ``merbridge-lab demo`` command; returns the exit status."""
     global _MAIN_PID, _PROGRESS
     _MAIN_PID = os.getpid()
     progress = _PROGRESS = Progress()
     progress("checking the host (merbridge doctor's checks, plus the demo's tools)")
     problems = preflight()
     if problems:
-        print("merbridge demo: this host cannot run the demo yet:\n  "
+        print("merbridge-lab demo: this host cannot run the demo yet:\n  "
               + "\n  ".join(problems), file=sys.stderr)
         return 2
     node = Node(PODS, progress)
@@ -278,6 +278,6 @@ def run(as_json: bool = False) -> int:
         print(("clean: " + done) if cleanup["clean"] else
               f"NOT clean: {left} {'; '.join(cleanup['errors'])}".strip())
     if failure is not None:
-        print(f"merbridge demo failed: {failure}", file=sys.stderr)
+        print(f"merbridge-lab demo failed: {failure}", file=sys.stderr)
     progress("done" if report["ok"] else "done, with problems (see above)")
     return 0 if report["ok"] else 1

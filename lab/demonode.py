@@ -1,4 +1,4 @@
-"""The demo's node: everything ``merbridge demo`` builds, and its verified teardown.
+"""The demo's node: everything ``merbridge-lab demo`` builds, and its verified teardown.
 
 All of it is private to one run (names carry ``mbdemo-<hex>``):
 
@@ -7,7 +7,8 @@ All of it is private to one run (names carry ``mbdemo-<hex>``):
   host's network namespace;
 * a child cgroup of the cgroup v2 mount (one per pod below it), a private bpffs
   (``mount -t bpf`` on a temp dir) and temp CNI bin/conf/state/ipam dirs;
-* ``merbridge run --cni-mode=true --pods-dir=...`` in the node netns: it attaches
+* ``merbridge run --cni-mode=true --pods-dir=...`` in the node netns
+  (``node.RealDaemon``): it attaches
   the eBPF programs to the demo's cgroup and chains ``merbridge-cni`` into the
   demo's primary conflist (bridge + host-local);
 * pods: a netns + cgroup each (``Lab.add_bare_pod``), networked through that
@@ -26,17 +27,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from merbridge.bpf.mesh import MESHES
-from merbridge.daemon import annotations, demoreport, netns
-from merbridge.daemon.config import find_cgroup2_mount
-from merbridge.daemon.lab import Lab, Pod, uninterrupted
+from merbridge.daemon import annotations, netns as podns
+from merbridge.lab import demoreport, netns
+from merbridge.lab.cgroups import CGROUP_ROOT
+from merbridge.lab.lab import Lab, Pod, uninterrupted
+from merbridge.lab.manifests import pod_manifest
+from merbridge.lab.node import RealDaemon
 
 MESH = MESHES["istio"]
 PREFIX = "mbdemo"
@@ -80,7 +82,7 @@ class Node:
         self.bpffs_mounted = False
         self.bridge = ""                  # set as set-up goes: teardown reads them at any point
         self.conflist = ""
-        self.daemon: subprocess.Popen | None = None
+        self.daemon: RealDaemon | None = None
         self.pods: dict[str, Pod] = {}
         self.specs = {s.name: s for s in specs}
         self.manifests: dict[str, dict] = {}
@@ -96,7 +98,7 @@ class Node:
 
     # -- set-up ------------------------------------------------------------
     def setup(self) -> None:
-        cgroup_root = find_cgroup2_mount() or "/sys/fs/cgroup/unified"
+        cgroup_root = CGROUP_ROOT or "/sys/fs/cgroup/unified"
         self.progress(f"creating the node netns and cgroup {cgroup_root}/{PREFIX}-<id>")
         with uninterrupted():
             self.lab = Lab(PREFIX, cgroup_root=cgroup_root, name=self.name)
@@ -113,7 +115,6 @@ class Node:
             finally:
                 self.bpffs_mounted = _mounted(self.bpffs)
         self.pin_dir = os.path.join(self.bpffs, "merbridge")
-        self.socket = os.path.join(self.root, "merbridge-cni.sock")
         self.bridge = "mbd" + self.name.rsplit("-", 1)[1][:8]
         self.conflist = os.path.join(self.dirs["net.d"], "10-demo.conflist")
         with open(self.conflist, "w") as f:
@@ -163,17 +164,10 @@ class Node:
     def _publish(self, spec: PodSpec) -> None:
         ann = {k: v.replace("{legacy}", self.pods["legacy"].ip4) if "{legacy}" in v else v
                for k, v in spec.annotations.items()}
-        containers = [{"name": "app", "image": "demo/app"}]
-        if spec.in_mesh:
-            ann["sidecar.istio.io/status"] = ISTIO_STATUS
-            containers.append({"name": MESH.sidecar_container, "image": "haproxy-as-envoy",
-                               "args": ["proxy", "sidecar"],
-                               "env": [{"name": k, "value": v} for k, v in spec.proxy_env.items()]})
-        manifest = {"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": spec.name, "namespace": K8S_NAMESPACE,
-                                 "uid": f"uid-{spec.name}-{self.name}", "annotations": ann},
-                    "spec": {"nodeName": "demo", "containers": containers},
-                    "status": {"phase": "Running"}}
+        manifest = pod_manifest(spec.name, namespace=K8S_NAMESPACE, node="demo",
+                                uid=f"uid-{spec.name}-{self.name}", in_mesh=spec.in_mesh,
+                                annotations=ann, proxy_env=spec.proxy_env,
+                                injected=ISTIO_STATUS)
         path = os.path.join(self.dirs["pods"], f"{spec.name}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(manifest, f, indent=2)
@@ -181,41 +175,16 @@ class Node:
         self.manifests[spec.name] = manifest
 
     def _start_daemon(self) -> None:
-        argv = ["nsenter", f"--net={self.node_ns}", sys.executable, "-m", "merbridge.daemon.cli",
-                "run", "--mode=istio", "--cni-mode=true", f"--pods-dir={self.dirs['pods']}",
-                f"--cgroup-path={self.lab.cgroup}", f"--bpffs-path={self.pin_dir}",
-                f"--cni-bin-dir={self.dirs['bin']}", f"--cni-conf-dir={self.dirs['net.d']}",
-                f"--socket-path={self.socket}", "--metrics-addr=127.0.0.1:0",
-                f"--state-dir={self.dirs['state']}", "--node-name=demo"]
         self.progress("starting `merbridge run --cni-mode=true` in the node netns "
                       "(compiling and loading the eBPF programs)")
-        self.daemon_log = os.path.join(self.root, "daemon.log")
-        with open(self.daemon_log, "wb") as log, uninterrupted():
-            self.daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise DemoError(f"merbridge run exited with {self.daemon.returncode}:\n"
-                                + self.daemon_tail())
-            if "merbridge ready" in _read(self.daemon_log) and self._chained():
-                self.progress(f"daemon ready: programs attached to {self.lab.cgroup}, "
-                              f"merbridge-cni chained into {os.path.basename(self.conflist)}")
-                return
-            time.sleep(0.2)
-        raise DemoError("merbridge run did not become ready in 120 s:\n" + self.daemon_tail())
-
-    def _chained(self) -> bool:
-        try:
-            with open(self.conflist) as f:
-                types = [p.get("type") for p in json.load(f).get("plugins", [])]
-        except (OSError, ValueError):
-            return False
-        return types[-1:] == ["merbridge-cni"] and os.path.exists(
-            os.path.join(self.dirs["bin"], "merbridge-cni"))
+        self.daemon = RealDaemon(self.pin_dir, self.lab.cgroup, root=self.root,
+                                 netns=self.node_ns, node_name="demo")
+        self.daemon.start()
+        self.progress(f"daemon ready: programs attached to {self.lab.cgroup}, "
+                      f"merbridge-cni chained into {os.path.basename(self.conflist)}")
 
     def daemon_tail(self, lines: int = 15) -> str:
-        return "\n".join(_read(self.daemon_log).splitlines()[-lines:])
+        return self.daemon.tail(lines=lines) if self.daemon is not None else ""
 
     def _cnitool(self, command: str, pod: Pod) -> subprocess.CompletedProcess:
         spec_uid = self.manifests[pod.name]["metadata"]["uid"]
@@ -245,9 +214,9 @@ class Node:
                 pod.ip6 = ip
             else:
                 pod.ip4 = ip
-        pod.host_if = netns.peer_of(netns.netns_path(pod.ns), "eth0", self.node_ns)
-        tc = netns.tc_filter_names(self.node_ns, pod.host_if, allow_own=True)
-        xdp = netns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0]
+        pod.host_if = podns.peer_of(netns.netns_path(pod.ns), "eth0", self.node_ns)
+        tc = podns.tc_filter_names(self.node_ns, pod.host_if, allow_own=True)
+        xdp = podns.xdp_prog_id(netns.netns_path(pod.ns), "eth0")[0]
         hook = (f"tc {', '.join(sorted(tc.values()))} on {pod.host_if}" if tc else
                 f"XDP prog {xdp} on eth0" if xdp else "")
         self.progress(f"pod {spec.name}: CNI ADD (bridge, host-local, merbridge-cni) -> "
@@ -311,11 +280,12 @@ class Node:
                 if res.returncode != 0:
                     raise DemoError((res.stdout + res.stderr).strip())
             step(f"cnitool del {name}", delete)
-        if self.daemon is not None:
-            step("stop the daemon", self._stop_daemon)
+        daemon = self.daemon.proc if self.daemon is not None else None
+        if daemon is not None:
+            step("stop the daemon", self.daemon.stop)
             # exit 0; or killed by the SIGTERM before its handler was installed (the
             # first thing `merbridge run` does), so before it had made anything
-            checked["daemon exited cleanly"] = self.daemon.returncode in (0, -signal.SIGTERM)
+            checked["daemon exited cleanly"] = daemon.returncode in (0, -signal.SIGTERM)
         if self.lab is not None:
             from merbridge.bpf import loader
             try:
@@ -337,7 +307,7 @@ class Node:
             lab_procs = list(self.lab._procs)
             step("close the lab", self.lab.close)
             checked["processes gone"] = all(p.poll() is not None for p in lab_procs) and (
-                self.daemon is None or self.daemon.poll() is not None)
+                daemon is None or daemon.poll() is not None)
             checked["cgroups gone"] = not os.path.exists(self.lab.cgroup)
             checked["netns gone"] = not any(n.startswith(self.name) for n in _netns_names())
             checked["no interfaces in the host netns"] = not any(
@@ -357,29 +327,11 @@ class Node:
         return {"clean": not errors and all(checked.values()), "checked": checked,
                 "errors": errors}
 
-    def _stop_daemon(self) -> None:
-        if self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait(timeout=10)
-                raise DemoError("the daemon ignored SIGTERM for 30 s; killed")
-
 
 def _run(argv: list[str]) -> None:
     res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if res.returncode != 0:
         raise DemoError(f"{' '.join(argv)}: {res.stderr.strip()}")
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _mounted(path: str) -> bool:

@@ -1,4 +1,4 @@
-"""What ``merbridge demo`` says about each connection: the rule that applies, and
+"""What ``merbridge-lab demo`` says about each connection: the rule that applies, and
 the table / JSON it prints.  Pure (no root, no I/O), so it is unit-tested.
 
 The demo measures the facts (sidecar logs, the app's view of its peer, kernel

@@ -2,7 +2,7 @@
 the stdlib echo app / client scripts.
 
 Pure (no root, no I/O) so the exact rule set and the sidecar's log format are
-unit-tested; ``merbridge.daemon.lab`` runs them in pod namespaces.
+unit-tested; ``merbridge.lab.lab`` runs them in pod namespaces.
 
 The IPv4 sidecar stand-in is haproxy: it asks the kernel for a connection's
 original destination itself (getsockopt SOL_IP SO_ORIGINAL_DST, falling back to
