@@ -26,7 +26,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import kubernetes
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
 from kubernetes.informer import ADDED, DELETED, ERROR, MODIFIED, SharedInformer
