@@ -16,8 +16,8 @@ from __future__ import annotations
 import socket
 import time
 
-from . import errors, protocol
-from .errors import CniError
+from merbridge.cni import errors, protocol
+from merbridge.cni.errors import CniError
 
 #: a reply's status line and headers may take this much beyond the body
 MAX_HEAD = 16 * 1024

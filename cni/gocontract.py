@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from . import errors, main, netconf, pending, protocol, skel, version
+from merbridge.cni import errors, main, netconf, pending, protocol, skel, version
 
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "contract.go")
 

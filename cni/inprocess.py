@@ -21,10 +21,10 @@ from __future__ import annotations
 import io
 from typing import Callable
 
-from . import errors, protocol, skel
-from .errors import CniError
-from .main import ABOUT
-from .plugin import Plugin
+from merbridge.cni import errors, protocol, skel
+from merbridge.cni.errors import CniError
+from merbridge.cni.main import ABOUT
+from merbridge.cni.plugin import Plugin
 
 Post = Callable[[protocol.CniRequest], tuple]
 Status = Callable[[], tuple]

@@ -20,7 +20,7 @@ class _LazyPlugin:
     so VERSION answers with the skel alone."""
 
     def __getattr__(self, name: str):
-        from .plugin import Plugin
+        from merbridge.cni.plugin import Plugin
         plugin = Plugin()
         self.__dict__.update((m, getattr(plugin, m)) for m in
                              ("add", "delete", "check", "status", "gc", "configure_log"))
@@ -28,7 +28,7 @@ class _LazyPlugin:
 
 
 def main() -> None:
-    from . import skel
+    from merbridge.cni import skel
 
     # fd 0/1/2 may be closed by a careless runtime: Python then sets sys.std* to None
     stdin = sys.stdin.buffer if sys.stdin is not None else open(os.devnull, "rb")

@@ -18,9 +18,9 @@ handlers start from a validated config. Our keys:
 """
 from __future__ import annotations
 
-from . import errors
-from .errors import CniError
-from .protocol import DEFAULT_EXCLUDE_NAMESPACES, DEFAULT_SOCKET_PATH
+from merbridge.cni import errors
+from merbridge.cni.errors import CniError
+from merbridge.cni.protocol import DEFAULT_EXCLUDE_NAMESPACES, DEFAULT_SOCKET_PATH
 
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 300.0

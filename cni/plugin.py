@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import json
 
-from . import errors, netconf, pending, protocol, skel
-from .errors import CniError
+from merbridge.cni import errors, netconf, pending, protocol, skel
+from merbridge.cni.errors import CniError
 
 
 def passthrough(prev: dict, cni_version: str) -> dict:
@@ -37,12 +37,12 @@ def passthrough(prev: dict, cni_version: str) -> dict:
 
 
 def default_client(conf: netconf.NetConf):
-    from .client import DaemonClient  # imported only when a daemon is needed
+    from merbridge.cni.client import DaemonClient  # imported only when a daemon is needed
     return DaemonClient(conf.socket_path, conf.timeout)
 
 
 def _unavailable():
-    from .client import DaemonUnavailable
+    from merbridge.cni.client import DaemonUnavailable
     return DaemonUnavailable
 
 

@@ -72,10 +72,15 @@ class ProtocolError(ValueError):
 
 
 class _Record:
-    """An immutable value: ``_fields`` (name, default) pairs, set once in __init__."""
+    """An immutable value: ``_fields`` (name, default) pairs, set once in __init__.
+
+    Each subclass also annotates its fields at class level, for type checkers:
+    an annotation without a value creates no class attribute, so it neither
+    clashes with ``__slots__`` nor costs anything at import.
+    """
 
     __slots__ = ()
-    _fields: tuple = ()
+    _fields: tuple[tuple[str, object], ...] = ()
 
     def __init__(self, *args, **kwargs) -> None:
         if len(args) > len(self._fields):
@@ -102,10 +107,11 @@ class _Record:
     def _values(self) -> tuple:
         return tuple(getattr(self, name) for name, _ in self._fields)
 
-    def __setattr__(self, name: str, value) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
-    __delattr__ = __setattr__
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __eq__(self, other) -> bool:
         if type(other) is not type(self):
@@ -178,6 +184,8 @@ class Interface(_Record):
     """An interface of the pod (``prevResult.interfaces`` entries with a sandbox)."""
 
     __slots__ = ("name", "sandbox")
+    name: str
+    sandbox: str
     _fields = (("name", _REQUIRED), ("sandbox", ""))
 
 
@@ -185,6 +193,8 @@ class Attachment(_Record):
     """A (container id, ifname) pair the runtime still considers valid (GC)."""
 
     __slots__ = ("container_id", "ifname")
+    container_id: str
+    ifname: str
     _fields = (("container_id", _REQUIRED), ("ifname", _REQUIRED))
 
 
@@ -203,6 +213,18 @@ class CniRequest(_Record):
                ("pod_namespace", ""), ("pod_name", ""), ("pod_uid", ""), ("ips", ()),
                ("interfaces", ()), ("cni_version", ""), ("network", ""), ("attachments", ()))
     __slots__ = tuple(name for name, _ in _fields)
+    command: str
+    container_id: str
+    netns: str
+    ifname: str
+    pod_namespace: str
+    pod_name: str
+    pod_uid: str
+    ips: tuple[str, ...]
+    interfaces: tuple[Interface, ...]
+    cni_version: str
+    network: str
+    attachments: tuple[Attachment, ...]
 
     def _check(self) -> None:
         self.validate()
@@ -282,7 +304,8 @@ class AddReply(_Record):
     the plugin always prints ``prevResult`` unchanged."""
 
     __slots__ = ("result",)
-    _fields = (("result", {}),)
+    result: dict
+    _fields: tuple[tuple[str, object], ...] = (("result", {}),)
 
     def to_json(self) -> bytes:
         return _dump({"result": self.result})
@@ -300,6 +323,9 @@ class ErrorReply(_Record):
     """Failure, with the CNI code the plugin passes on."""
 
     __slots__ = ("code", "msg", "details")
+    code: int
+    msg: str
+    details: str
     _fields = (("code", _REQUIRED), ("msg", _REQUIRED), ("details", ""))
 
     def to_json(self) -> bytes:
@@ -318,6 +344,8 @@ class StatusReply(_Record):
     """``GET /v1/status``: whether the daemon can service ADD now."""
 
     __slots__ = ("ready", "detail")
+    ready: bool
+    detail: str
     _fields = (("ready", _REQUIRED), ("detail", ""))
 
     def to_json(self) -> bytes:
@@ -352,7 +380,9 @@ class ExecRequest(_Record):
     names of ``EXEC_ENV``, values as bytes) and its stdin."""
 
     __slots__ = ("env", "stdin")
-    _fields = (("env", {}), ("stdin", b""))
+    env: dict[str, bytes]
+    stdin: bytes
+    _fields: tuple[tuple[str, object], ...] = (("env", {}), ("stdin", b""))
 
     def _check(self) -> None:
         if not isinstance(self.env, dict) or not all(
@@ -384,6 +414,9 @@ class ExecReply(_Record):
     """What the plugin printed (stdout, stderr) and its exit status."""
 
     __slots__ = ("exit", "stdout", "stderr")
+    exit: int
+    stdout: bytes
+    stderr: bytes
     _fields = (("exit", 0), ("stdout", b""), ("stderr", b""))
 
     def to_json(self) -> bytes:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 
-from . import errors, version
-from .errors import CniError
+from merbridge.cni import errors, version
+from merbridge.cni.errors import CniError
 
 #: larger configs are refused: a real one (config + prevResult) is a few KiB
 MAX_STDIN = 1 << 20

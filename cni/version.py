@@ -5,7 +5,7 @@ Like Go's ``pkg/version``: the config's ``cniVersion`` must be one we support
 """
 from __future__ import annotations
 
-from . import errors
+from merbridge.cni import errors
 
 #: oldest first; the result and error JSON we print carry the config's version
 SUPPORTED = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
