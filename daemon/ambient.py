@@ -46,7 +46,8 @@ from typing import Any, Iterable
 
 from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as bpft
-from merbridge.daemon import annotations, procwatch
+from merbridge.daemon import annotations as pod_annotations
+from merbridge.daemon import procwatch
 from merbridge.daemon.config import (DEFAULT_EXCLUDE_NAMESPACES, DEFAULT_ZTUNNEL_NAMESPACE,
                                      find_cgroup2_mount)
 
@@ -86,8 +87,8 @@ def ambient_state(pod: dict, namespace_labels: dict[str, str] | None = None,
         return AmbientState(False, False, f"namespace {ns} is excluded")
     if (pod.get("spec") or {}).get("hostNetwork"):
         return AmbientState(False, False, "host network pod")
-    if annotations.STATUS in notes or any(
-            c.get("name") == "istio-proxy" for c in annotations._containers(pod)):
+    if pod_annotations.STATUS in notes or any(
+            c.get("name") == "istio-proxy" for c in pod_annotations._containers(pod)):
         return AmbientState(False, False, "has an istio sidecar (sidecar mode)")
     if labels.get(REDIRECTION) == "disabled" or notes.get(REDIRECTION) == "disabled":
         return AmbientState(False, False, f"{REDIRECTION}=disabled")
@@ -196,7 +197,7 @@ class AmbientController:
         ns = meta.get("namespace") or "default"
         state = ambient_state(pod, self.namespaces.get(ns), self.exclude_namespaces,
                               self.ztunnel_namespace)
-        ips = split_ips(annotations.pod_ips(pod))
+        ips = split_ips(pod_annotations.pod_ips(pod))
         old = self.pods.get(uid)
         p = _Pod(uid, ns, meta.get("name") or "", pod, state, ips,
                  dict(old.cgroups) if old else {})

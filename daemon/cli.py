@@ -289,7 +289,7 @@ def _enrolled_pods(maps: Any, state_dir: str) -> list[dict[str, Any]]:
     from merbridge.bpf.policy import describe
     from merbridge.daemon import state
 
-    by_ip: dict[str, Any] = {}
+    by_ip: dict[str, state.Record] = {}
     try:  # read-only: StateStore.load() would move a corrupt file aside
         with open(os.path.join(state_dir, state.STATE_FILE)) as f:
             records = [state.Record.from_json(r) for r in json.load(f).get("containers", [])]
@@ -300,12 +300,12 @@ def _enrolled_pods(maps: Any, state_dir: str) -> list[dict[str, Any]]:
             by_ip[ip.split("/", 1)[0]] = rec
     pods = []
     for ip, policy in sorted(maps.local_pods.items()):
-        rec = by_ip.get(ip)
+        owner = by_ip.get(ip)
         pods.append({"ip": ip, "policy": describe(policy),
-                     "namespace": rec.namespace if rec else None,
-                     "name": rec.name if rec else None,
-                     "container_id": rec.container_id if rec else None,
-                     "mark": rec.key if rec else None})
+                     "namespace": owner.namespace if owner else None,
+                     "name": owner.name if owner else None,
+                     "container_id": owner.container_id if owner else None,
+                     "mark": owner.key if owner else None})
     return pods
 
 

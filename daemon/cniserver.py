@@ -105,7 +105,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
     server: _UnixServer
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # per blocking read/write
+        # per blocking read/write (what StreamRequestHandler.setup does with a timeout)
+        self.request.settimeout(self.server.request_timeout)
         super().setup()
         # and a bound on the whole read phase, against a client trickling bytes
         self._drained = False  # set once the whole request has been read
@@ -157,7 +158,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return
         self._peer_pid = pid
         if uid not in self.server.allowed_uids:
-            self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
             log.warning("cni socket: refused pid %d uid %d", pid, uid)
             self._send(403, protocol.ErrorReply(errors.INTERNAL, "permission denied",
                                                 f"uid {uid} may not use this socket"))
@@ -292,7 +293,8 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
     def __init__(self, handler: CniHandler, allowed_uids: frozenset, request_timeout: float,
                  max_connections: int, drain: Callable[[], str] | None,
                  observe: Callable[[str, str, float], None] | None) -> None:
-        super().__init__(None, _RequestHandler, bind_and_activate=False)
+        # the address is bound later, privately, by CniServer._bind
+        super().__init__("", _RequestHandler, bind_and_activate=False)
         self.handler, self.drain, self._observe = handler, drain, observe
         self.allowed_uids = allowed_uids
         self.request_timeout = request_timeout

@@ -113,6 +113,14 @@ class Enroller:
         self.hardware_checksum = hardware_checksum
         self.markers: dict[str, Any] = {}            # container id -> open marker socket
 
+    @property
+    def net(self) -> PodNet:
+        """The pod plumbing. Only CNI commands enrol pods, and CNI mode always has
+        plumbing (without CNI mode, ``podnet`` is None and nothing here runs)."""
+        if self.podnet is None:
+            raise RuntimeError("no pod plumbing: pods are enrolled only in CNI mode")
+        return self.podnet
+
     def apply(self, rec: Record, policy: Any, undo: list) -> None:
         """Create every piece of an enrolment, pushing its undo first-in-last-out."""
         with self._lock:
@@ -122,7 +130,7 @@ class Enroller:
                 self.maps.local_pods.put(ip, policy)
                 undo.append(lambda ip=ip: _quiet(self.maps.local_pods.delete, ip))
         # one entry into the pod netns for both sockets
-        marker, rtnl = self.podnet.open_marker_and_rtnl(rec.netns, rec.key)
+        marker, rtnl = self.net.open_marker_and_rtnl(rec.netns, rec.key)
         undo.append(rtnl.close)
         undo.append(marker.close)
         self.markers[rec.container_id] = marker
@@ -131,9 +139,9 @@ class Enroller:
         # ADD): a restart finds an "adding" record's entries by its key anyway
         self.remember_netns(rec, marker)
         undo.append(lambda: self._forget_netns(rec))
-        undo.append(lambda: self.podnet.detach_xdp(rec.netns, rec.ifname))
+        undo.append(lambda: self.net.detach_xdp(rec.netns, rec.ifname))
         try:   # tx checksum off first, in there
-            self.podnet.attach_xdp(rec.netns, rec.ifname, pod_rtnl=rtnl)
+            self.net.attach_xdp(rec.netns, rec.ifname, pod_rtnl=rtnl)
         finally:
             rtnl.close()           # used and closed by the attach; never kept
 
@@ -141,7 +149,7 @@ class Enroller:
     def remember_netns(self, rec: Record, marker: Any) -> bool:
         """mb_netns_pod[cookie of the pod netns] = (pod IPs, key); True when the
         record's cookie changed (the registry saves it)."""
-        cookie = int(self.podnet.netns_cookie(marker))
+        cookie = int(self.net.netns_cookie(marker))
         with self._lock:
             self.maps.netns_pod.put(cookie, marked_ips(rec.ips), rec.key)
             if rec.netns_cookie == cookie:
@@ -171,16 +179,15 @@ class Enroller:
                 elif self.maps.local_pods.get(ip) is None:
                     self.maps.local_pods.put(ip, fallback())
         marker = self.markers.get(rec.container_id)
-        if marker is None or not self.podnet.marker_ok(marker, rec.key):
+        if marker is None or not self.net.marker_ok(marker, rec.key):
             if marker is not None:
                 marker.close()
-            marker = self.markers[rec.container_id] = self.podnet.open_marker(rec.netns,
-                                                                               rec.key)
+            marker = self.markers[rec.container_id] = self.net.open_marker(rec.netns, rec.key)
         changed = self.remember_netns(rec, marker)
-        if not self.podnet.xdp_attached(rec.netns, rec.ifname):
-            self.podnet.attach_xdp(rec.netns, rec.ifname)   # with tx checksum off
+        if not self.net.xdp_attached(rec.netns, rec.ifname):
+            self.net.attach_xdp(rec.netns, rec.ifname)   # with tx checksum off
         elif not self.hardware_checksum:
-            self.podnet.tx_checksum_off(rec.netns, rec.ifname)
+            self.net.tx_checksum_off(rec.netns, rec.ifname)
         return changed
 
     def release(self, rec: Record) -> list[str]:
@@ -191,7 +198,7 @@ class Enroller:
             marker.close()
         if same_netns(rec):
             try:
-                self.podnet.detach_xdp(rec.netns, rec.ifname)
+                self.net.detach_xdp(rec.netns, rec.ifname)
             except Exception as exc:
                 if same_netns(rec):  # gone meanwhile: nothing left to detach
                     errors_.append(f"detach XDP in {rec.netns}: {exc}")
@@ -248,10 +255,10 @@ class Enroller:
         out += [f"local_pods has no {ip}" for ip in rec.ips
                 if self.maps.local_pods.get(ip) is None]
         marker = self.markers.get(rec.container_id)
-        if marker is None or not self.podnet.marker_ok(marker, rec.key):
+        if marker is None or not self.net.marker_ok(marker, rec.key):
             out.append("marker listener is not open")
-        if not self.podnet.xdp_attached(rec.netns, rec.ifname):
-            hook = "tc" if self.podnet.inbound_hook == "tc" else "XDP"
+        if not self.net.xdp_attached(rec.netns, rec.ifname):
+            hook = "tc" if self.net.inbound_hook == "tc" else "XDP"
             out.append(f"{hook} is not attached to {rec.ifname}")
         entry = {c: (ips, mark)
                  for c, ips, mark in self.maps.netns_pod.all_items()}.get(rec.netns_cookie)
@@ -261,7 +268,7 @@ class Enroller:
         if not self.hardware_checksum:
             try:
                 on = [name for name, enabled in
-                      self.podnet.tx_checksum(rec.netns, rec.ifname).items() if enabled]
+                      self.net.tx_checksum(rec.netns, rec.ifname).items() if enabled]
             except Exception as exc:
                 out.append(f"cannot read the tx checksum offload of {rec.ifname}: {exc}")
             else:

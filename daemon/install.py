@@ -29,7 +29,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -65,7 +64,8 @@ def plugin_entry(socket_path: str, mode: str = "istio", log_level: str = "info",
     straight through; without it the plugin's own default applies. Likewise
     ``fail_open`` (``--cni-fail-open``) and ``pending_dir`` (in ``--state-dir``)
     become ``failOpen`` and ``pendingDir``."""
-    entry = {"type": PLUGIN_TYPE, "socketPath": socket_path, "mode": mode, "logLevel": log_level}
+    entry: dict[str, object] = {"type": PLUGIN_TYPE, "socketPath": socket_path, "mode": mode,
+                                "logLevel": log_level}
     if exclude_namespaces is not None:
         entry["excludeNamespaces"] = list(exclude_namespaces)
     if fail_open is not None:

@@ -321,6 +321,7 @@ class MetricsServer:
     @property
     def address(self) -> tuple[str, int]:
         host, port = self.httpd.server_address[:2]
+        assert isinstance(host, str)   # an AF_INET or AF_INET6 server's
         return host, port
 
     @property

@@ -17,7 +17,7 @@ from merbridge.bpf.mesh import Mesh
 from merbridge.bpf.policy import PodPolicy
 from merbridge.cni import errors
 from merbridge.cni.errors import CniError
-from merbridge.daemon import annotations
+from merbridge.daemon import annotations as pod_annotations
 
 #: what a malformed manifest raises in the annotation parsers
 BAD_MANIFEST = (ValueError, TypeError, AttributeError, KeyError)
@@ -50,7 +50,7 @@ def bad_pod(pod: dict, exc: Exception) -> CniError:
 
 def policy(pod: dict, mesh: Mesh) -> PodPolicy:
     try:
-        result = annotations.pod_policy(pod, mesh)
+        result = pod_annotations.pod_policy(pod, mesh)
         bpfmaps.encode_policy(result)  # the datapath's limits, before any write
         return result
     except BAD_MANIFEST as exc:
@@ -59,13 +59,13 @@ def policy(pod: dict, mesh: Mesh) -> PodPolicy:
 
 def in_mesh(pod: dict, mesh: Mesh, exclude_namespaces: Iterable[str]) -> bool:
     try:
-        return annotations.mesh_membership(pod, mesh, exclude_namespaces).in_mesh
+        return pod_annotations.mesh_membership(pod, mesh, exclude_namespaces).in_mesh
     except BAD_MANIFEST as exc:
         raise bad_pod(pod, exc) from exc
 
 
 def pod_ips(pod: dict) -> tuple[str, ...]:
     try:
-        return tuple(annotations.pod_ips(pod))
+        return tuple(pod_annotations.pod_ips(pod))
     except BAD_MANIFEST as exc:
         raise bad_pod(pod, exc) from exc

@@ -120,6 +120,8 @@ class PodNet:
     # hook; with inbound_hook "tc" they do the tc work instead.
     def _tc_names(self) -> tuple[int, int, str, str]:
         from merbridge.bpf.loader import TC_FROM_POD, TC_TO_POD
+        if self._tc_programs is None:   # only inbound hook "tc" calls this, and it has them
+            raise PodNetError("inbound hook tc needs tc_programs")
         to_pod, from_pod = self._tc_programs()
         return (to_pod, from_pod, f"{TC_TO_POD}#{prog_id(to_pod)}",
                 f"{TC_FROM_POD}#{prog_id(from_pod)}")

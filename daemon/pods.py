@@ -62,7 +62,8 @@ from merbridge.bpf.mesh import Mesh
 from merbridge.cni import errors
 from merbridge.cni.errors import CniError
 from merbridge.cni.protocol import CniRequest
-from merbridge.daemon import annotations, podfacts
+from merbridge.daemon import annotations as pod_annotations
+from merbridge.daemon import podfacts
 from merbridge.daemon.adopt import ADOPTED, Adopter
 from merbridge.daemon.enroll import Enroller, PodNet, failure, netns_id, same_netns
 from merbridge.daemon.legacy import LegacyPods
@@ -154,7 +155,7 @@ class Registry:
         return self.store.snapshot(self.records) if self.store is not None else None
 
     def _write(self, snapshot: tuple[int, str] | None) -> None:
-        if snapshot is not None:
+        if snapshot is not None and self.store is not None:   # a snapshot comes from the store
             self.store.write(snapshot)
 
     def _policy(self, pod: dict):
@@ -168,8 +169,8 @@ class Registry:
             except CniError:
                 log.error("pod %s/%s: bad annotations, using the mesh defaults",
                           rec.namespace, rec.name)
-        return annotations.pod_policy({"metadata": {"namespace": rec.namespace,
-                                                    "name": rec.name}}, self.mesh)
+        return pod_annotations.pod_policy({"metadata": {"namespace": rec.namespace,
+                                                        "name": rec.name}}, self.mesh)
 
     def _in_mesh(self, pod: dict) -> bool:
         return podfacts.in_mesh(pod, self.mesh, self.exclude_namespaces)
@@ -256,7 +257,7 @@ class Registry:
         ``..``, a symlink trick, a regular file, another namespace type, the
         daemon's own netns) before anything is looked up or written."""
         try:
-            self.podnet.check_netns(path)
+            self.enroller.net.check_netns(path)
         except Exception as exc:
             raise CniError(errors.INVALID_NETNS, "invalid netns", str(exc)[:500]) from exc
 
@@ -281,7 +282,7 @@ class Registry:
             return None
         policy = self._policy(pod)
         ips = _bare_ips(req) or podfacts.pod_ips(pod) or tuple(
-            self.podnet.addresses(req.netns, ifname))
+            self.enroller.net.addresses(req.netns, ifname))
         if not ips:
             raise CniError(errors.NO_POD_IP, "pod has no IP address",
                            f"no IP in prevResult, pod status or {ifname} of {req.netns}")

@@ -32,7 +32,13 @@ Callback = Callable[[str, dict], None]
 SUFFIXES = (".yaml", ".yml", ".json")
 
 
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+try:   # libyaml's parser, where PyYAML was built with it
+    from yaml import CSafeLoader as _SafeLoader
+except ImportError:
+    from yaml import SafeLoader as _SafeLoader
+
+
+class _Loader(_SafeLoader):
     """SafeLoader (libyaml's parser where PyYAML has it, ~10x faster) that keeps
     timestamps as strings, as the API server's JSON has them."""
 
@@ -223,6 +229,8 @@ class PodsDirSource:
                 pod_events = _diff(self._pods, pods)
                 self._pods, self._namespaces = pods, namespaces
             for callback, events in ((self._on_namespace, ns_events), (self._callback, pod_events)):
+                if callback is None:   # no namespace callback: no namespace events either
+                    continue
                 for event_type, obj in events:
                     try:
                         callback(event_type, obj)

@@ -129,13 +129,15 @@ class ProcessWatcher:
         sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, 0) + cn)
 
     def _run(self) -> None:
-        assert self._sock is not None
+        sock = self._sock
+        assert sock is not None
+        waitables: list[socket.socket | int] = [sock, self._wake_r]
         while True:
-            ready, _, _ = select.select([self._sock, self._wake_r], [], [])
+            ready, _, _ = select.select(waitables, [], [])
             if self._wake_r in ready:
                 return
             try:
-                data = self._sock.recv(65536)
+                data = sock.recv(65536)
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     self._emit("lost", 0)
@@ -160,11 +162,13 @@ class ProcessWatcher:
         os.write(self._wake_w, b"x")
         self._thread.join(timeout=5)
         self._thread = None
-        try:
-            self._send(self._sock, PROC_CN_MCAST_IGNORE)
-        except OSError:
-            pass
-        self._sock.close()
+        sock = self._sock
+        if sock is not None:   # open while the thread ran
+            try:
+                self._send(sock, PROC_CN_MCAST_IGNORE)
+            except OSError:
+                pass
+            sock.close()
         self._sock = None
         os.close(self._wake_r)
         os.close(self._wake_w)

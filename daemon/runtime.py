@@ -44,7 +44,7 @@ import os
 import signal
 import threading
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from merbridge.bpf import mesh as meshes
 from merbridge.cni import errors
@@ -53,6 +53,14 @@ from merbridge.daemon import config as cfgmod
 from merbridge.daemon import memory
 from merbridge.daemon import pods as podreg
 from merbridge.daemon.state import StateStore
+
+if TYPE_CHECKING:   # imported where they are used, as start-up reaches them
+    from merbridge.bpf.loader import Datapath
+    from merbridge.daemon.ambient import AmbientController
+    from merbridge.daemon.cniserver import CniServer
+    from merbridge.daemon.install import Installer
+    from merbridge.daemon.metrics import Metrics, MetricsServer
+    from merbridge.daemon.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +102,17 @@ def _dir_lock(path: str, what: str, pid_file: str | None = None) -> int:
     return fd
 
 
+class PodSource(Protocol):
+    """Where pods come from: ``k8s.KubernetesPodSource`` or ``podsdir.PodsDirSource``."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def wait_synced(self, timeout: float | None = None) -> bool: ...
+    def snapshot(self) -> list[dict]: ...
+    def namespaces(self) -> list[dict]: ...
+    def get(self, namespace: str, name: str) -> dict | None: ...
+
+
 class Daemon:
     """One daemon instance; ``start()`` returns when it is ready, ``stop()`` undoes it."""
 
@@ -105,11 +124,15 @@ class Daemon:
         self.ready = threading.Event()
         self.stack = ExitStack()
         self.registry: podreg.Registry | None = None
-        self.datapath = self.source = self.server = self.installer = self.metrics = None
-        self.metrics_server = None
-        self.reconciler = None
+        self.datapath: Datapath | None = None
+        self.source: PodSource | None = None
+        self.server: CniServer | None = None
+        self.installer: Installer | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.reconciler: Reconciler | None = None
         self._installer_thread: threading.Thread | None = None
-        self.ambient = None   # ambient mode (docs/ambient.md): daemon/ambient.AmbientController
+        self.ambient: AmbientController | None = None   # ambient mode (docs/ambient.md)
         self.trimmer = memory.Trimmer()
         self._drain_lock = threading.Lock()
         self._drained = False
@@ -191,13 +214,13 @@ class Daemon:
             self.ambient = ambient.AmbientController(
                 self.datapath.maps, cfg.cgroup_path, exclude_namespaces=cfg.exclude_namespaces,
                 ztunnel_namespace=cfg.ztunnel_namespace)
-        self.source = self._pod_source(self._on_pod_event)
-        self.registry = podreg.Registry(
-            mesh=self.mesh, maps=self.datapath.maps, podnet=podnet, lookup=self.source.get,
+        self.source = source = self._pod_source(self._on_pod_event)
+        self.registry = registry = podreg.Registry(
+            mesh=self.mesh, maps=self.datapath.maps, podnet=podnet, lookup=source.get,
             store=store, cni_mode=cfg.cni_mode, exclude_namespaces=cfg.exclude_namespaces,
             hardware_checksum=cfg.hardware_checksum, metrics=self.metrics)
         if not cfg.cni_mode:
-            self.metrics.set_pods_enrolled_source(lambda: len(self.registry.legacy))
+            self.metrics.set_pods_enrolled_source(lambda: len(registry.legacy))
             # pods whose proxy runs as its own UID/GID: their netns by pod IP
             from merbridge.daemon import netns as netns_mod
             netns_dir = cfg.netns_dir
@@ -208,7 +231,7 @@ class Daemon:
             if self.stopping.is_set():
                 raise Interrupted("stopped while waiting for the first pod listing")
         if cfg.cni_mode:
-            self._start_cni(store)
+            self._start_cni(store, registry, source)
         else:
             self.registry.resync_legacy(self.source.snapshot())
         if self.ambient is not None:   # ambient mode
@@ -238,24 +261,25 @@ class Daemon:
         return k8s.KubernetesPodSource(callback, cfg.node_name, kubeconfig=cfg.kubeconfig,
                                        on_namespace=on_namespace)
 
-    def _start_cni(self, store: StateStore) -> None:
+    def _start_cni(self, store: StateStore, registry: podreg.Registry,
+                   source: PodSource) -> None:
         cfg = self.cfg
         from merbridge.daemon import cniserver, install
         # the registry is the server's handler: a CNI ADD goes socket -> registry -> enroller
-        self.server = cniserver.CniServer(cfg.socket_path, self.registry, drain=self.drain,
+        self.server = cniserver.CniServer(cfg.socket_path, registry, drain=self.drain,
                                           observe=self._cni_request)
         # CNI commands wait until the state file is restored and the pods that
         # started while no daemon ran are adopted (pods.py)
-        with self.registry.restoring():
+        with registry.restoring():
             self.server.start()
-            self.registry.restore(store.load())
+            registry.restore(store.load())
             # pods that started while no daemon ran: our plugin was out of the CNI
             # config (a clean stop, or never installed) or could not reach us
-            adopted = self.registry.adopt(self.source.snapshot(), cfg.netns_dir,
-                                          getattr(cfg, "proc_path", None) or None)
+            adopted = registry.adopt(source.snapshot(), cfg.netns_dir,
+                                     getattr(cfg, "proc_path", None) or None)
         from merbridge.daemon import reconcile
         self.reconciler = reconcile.Reconciler(
-            self.registry, self.server, self.source.snapshot,
+            registry, self.server, source.snapshot,
             pending_dir=os.path.join(cfg.state_dir, "pending"), netns_dir=cfg.netns_dir,
             proc_path=getattr(cfg, "proc_path", None) or None, state_dir=cfg.state_dir,
             interval=getattr(cfg, "reconcile_interval", 1.0), metrics=self.metrics)
@@ -294,7 +318,8 @@ class Daemon:
     def _cni_request(self, command: str, result: str, seconds: float) -> None:
         """Each CNI request the server answered: counted, and a request that
         changes pods pokes the heap trimmer."""
-        self.metrics.cni_request(command, result, seconds)
+        if self.metrics is not None:   # created before the server that calls this
+            self.metrics.cni_request(command, result, seconds)
         if command in ("ADD", "DEL", "GC"):
             self.trimmer.poke()
 
@@ -336,7 +361,8 @@ class Daemon:
         log.info("merbridge stopped")
 
     def _stop_installer(self) -> None:
-        self.installer.stop()
+        if self.installer is not None:
+            self.installer.stop()
         if self._installer_thread is not None:
             self._installer_thread.join(timeout=5)
 
@@ -346,7 +372,8 @@ class Daemon:
         with self._drain_lock:
             if self._drained:
                 return "already drained"
-            if not self.ready.is_set() or self.installer is None:
+            # (the installer, CNI mode's last piece, exists only with a registry)
+            if not self.ready.is_set() or self.installer is None or self.registry is None:
                 raise CniError(errors.TRY_AGAIN_LATER, "merbridge is not ready",
                                "starting or stopping; drain again in a moment")
             self._drained = True
