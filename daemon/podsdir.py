@@ -79,14 +79,16 @@ def load_file(path: str) -> list[dict]:
             log.warning("skipping %s in %s: not a mapping", where, path)
             continue
         kind = doc.get("kind")
-        in_list = kind in _LISTS
+        # the kind of a list's items; None: no list (a kind may be any YAML value)
+        item_default = _LISTS.get(kind) if isinstance(kind, str) else None
+        in_list = item_default is not None
         items = doc.get("items") or []
         if in_list and not isinstance(items, list):
             log.warning("skipping %s in %s: items is not a list", where, path)
             continue
         for item in items if in_list else [doc]:
             # items of a PodList often omit their kind
-            item_kind = item.get("kind", _LISTS.get(kind)) if isinstance(item, dict) else None
+            item_kind = item.get("kind", item_default) if isinstance(item, dict) else None
             if item_kind not in KINDS:
                 log.warning("skipping %s in %s: kind %r is not Pod or Namespace", where, path,
                             item_kind)

@@ -138,6 +138,15 @@ def test_bad_files_are_logged_and_skipped(tmp_path, source, caplog):
     assert src._thread.is_alive()
 
 
+def test_a_kind_that_is_no_string_is_skipped(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="merbridge.daemon.podsdir")
+    (tmp_path / "a.yaml").write_text("kind: [Pod]\nmetadata: {name: a}\n")
+    (tmp_path / "b.yaml").write_text("kind: {List: 1}\nitems: []\n")
+    assert podsdir.load_file(str(tmp_path / "a.yaml")) == []
+    assert podsdir.load_dir(str(tmp_path)) == {}
+    assert "kind ['Pod'] is not Pod or Namespace" in caplog.text
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     src = podsdir.PodsDirSource(lambda *a: None, str(tmp_path / "nope"))
     with pytest.raises(podsdir.PodsDirError, match="not a directory"):
