@@ -1,5 +1,6 @@
 """Shared fixtures for root tests: unique names, a private cgroup, a private
-bpffs pin directory and a lab. Each removes exactly what it created."""
+bpffs pin directory, a lab, two pods for a daemon and the whole datapath on a
+test cgroup. Each removes exactly what it created."""
 import contextlib
 import os
 import subprocess
@@ -8,7 +9,9 @@ import uuid
 
 import pytest
 
-from merbridge.lab.cgroups import make_cgroup, remove_cgroup
+from daemonenv import Env
+from merbridge.bpf import loader, mesh
+from merbridge.lab.cgroups import CGROUP_ROOT, make_cgroup, remove_cgroup
 from merbridge.lab.lab import Lab
 
 
@@ -58,10 +61,48 @@ def pin_dir():
 
 
 @pytest.fixture
+def two_pods(pin_dir):
+    """Pods a and b with an app on 8080 and a sidecar, published to a daemon
+    environment (daemonenv.Env) on private pins; the daemon is not started."""
+    with Lab("mbt") as lab:
+        a, b = lab.add_pod("a"), lab.add_pod("b")
+        for pod in (a, b):
+            pod.start_app(8080)
+            pod.start_sidecar()
+        env = Env(lab, pin_dir)
+        try:
+            for pod in (a, b):
+                env.publish_pod(pod)
+            yield env, a, b
+        finally:
+            env.close()
+
+
+@pytest.fixture
 def lab():
     """A one-node lab; pods are added by the test."""
     with Lab("mbt") as lb:
         yield lb
+
+
+@pytest.fixture(scope="module")
+def datapath():
+    """The whole datapath (test_xdp, test_inbound_flows), pinned in a unique
+    directory, with its cgroup programs on a test cgroup that the pods' servers
+    run in (so their getsockopt(SO_ORIGINAL_DST) is answered by mb_getsockopt)."""
+    tag = os.urandom(4).hex()
+    cgroup = os.path.join(CGROUP_ROOT, f"mbt-{tag}-xdp")
+    dp = loader.Datapath(f"/sys/fs/bpf/mbt-{tag}", mesh.get("istio"), cni_mode=True)
+    os.mkdir(cgroup)
+    try:
+        dp.load()
+        dp.attach(cgroup)
+        yield dp, cgroup
+    finally:
+        dp.detach()
+        dp.close()
+        dp.unpin()
+        os.rmdir(cgroup)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,12 @@ synflood SRC DST SPORT0 N PORTS
                    1024..65535 and cycling over the comma-separated PORTS, so
                    every SYN is a new tuple. Prints {"sent": N, "secs": ...}.
 """
-import json, socket, struct, sys, threading, time
+import json
+import socket
+import struct
+import sys
+import threading
+import time
 
 
 def orig_dst(c):

@@ -20,22 +20,6 @@ from merbridge.lab.lab import Lab
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture
-def two_pods(pin_dir):
-    with Lab("mbt") as lab:
-        a, b = lab.add_pod("a"), lab.add_pod("b")
-        for pod in (a, b):
-            pod.start_app(8080)
-            pod.start_sidecar()
-        env = Env(lab, pin_dir)
-        try:
-            for pod in (a, b):
-                env.publish_pod(pod)
-            yield env, a, b
-        finally:
-            env.close()
-
-
 def intercepted(src, dst) -> bool:
     """Did src-app -> dst:8080 pass src's outbound and dst's inbound sidecar?"""
     n_out, n_in = len(src.sidecar.entries()), len(dst.sidecar.entries())

@@ -18,7 +18,7 @@ from merbridge.bpf import types as t
 from merbridge.daemon import metrics
 from merbridge.lab import netns
 from merbridge.lab.lab import Lab
-from test_daemon_lifecycle import ok, two_pods  # noqa: F401  (a fixture)
+from test_daemon_lifecycle import ok
 
 pytestmark = pytest.mark.root
 
@@ -66,7 +66,7 @@ def counted(env: Env, proc) -> dict[str, float]:
     return daemonhttp.scrape(env, proc)
 
 
-def test_cni_mode_metrics(two_pods):  # noqa: F811
+def test_cni_mode_metrics(two_pods):
     env, a, b = two_pods
     proc = env.start()
     for pod in (a, b):
@@ -138,7 +138,7 @@ sys.stdin.read()
 """
 
 
-def test_idle_connections_leave_adds_and_scrapes_answered(two_pods):  # noqa: F811
+def test_idle_connections_leave_adds_and_scrapes_answered(two_pods):
     """1,000 idle connections to the metrics port (any pod could make them:
     the endpoint is on the node's loopback only in the manifests, but a
     flag can change that): CNI ADDs and scrapes are still answered, and the
@@ -170,7 +170,7 @@ def test_idle_connections_leave_adds_and_scrapes_answered(two_pods):  # noqa: F8
     assert env.stop(proc) == 0
 
 
-def test_empty_metrics_addr_disables_the_endpoint(two_pods):  # noqa: F811
+def test_empty_metrics_addr_disables_the_endpoint(two_pods):
     """`--metrics-addr ''` (documented as "disables") starts a daemon with no
     metrics or health listener at all; CNI requests are served as ever."""
     env, a, _ = two_pods

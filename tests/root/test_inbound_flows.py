@@ -15,7 +15,6 @@ import json
 import os
 import socket
 import subprocess
-import time
 
 import pytest
 
@@ -25,7 +24,7 @@ from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns
 from merbridge.lab import netns as labns
 
-from test_xdp import datapath, make_podnet, nothing_attached, wait_for  # noqa: F401
+from test_xdp import make_podnet, nothing_attached, wait_for
 
 pytestmark = pytest.mark.root
 

@@ -27,12 +27,11 @@ import time
 
 import pytest
 
-from merbridge.bpf import loader, mesh
+from merbridge.bpf import loader
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import PodPolicy
 from merbridge.daemon import netns, podnet
 from merbridge.lab import netns as labns
-from merbridge.lab.cgroups import CGROUP_ROOT
 
 pytestmark = pytest.mark.root
 
@@ -44,26 +43,6 @@ SIZE = 8 << 20
 MARK = 0x2330001   # the pod's marker key (enrolled)
 POLICY = PodPolicy(include_inbound_all=True, exclude_inbound_ports=frozenset({9090}),
                    status_port=15020)
-
-
-@pytest.fixture(scope="module")
-def datapath():
-    """The whole datapath, pinned in a unique directory, with its cgroup
-    programs on a test cgroup that the pod's server runs in (so the server's
-    getsockopt(SO_ORIGINAL_DST) is answered by mb_getsockopt)."""
-    tag = os.urandom(4).hex()
-    cgroup = os.path.join(CGROUP_ROOT, f"mbt-{tag}-xdp")
-    dp = loader.Datapath(f"/sys/fs/bpf/mbt-{tag}", mesh.get("istio"), cni_mode=True)
-    os.mkdir(cgroup)
-    try:
-        dp.load()
-        dp.attach(cgroup)
-        yield dp, cgroup
-    finally:
-        dp.detach()
-        dp.close()
-        dp.unpin()
-        os.rmdir(cgroup)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,12 @@ client HOST PORT SIZE TIMEOUT
                  plus the address the client saw and the sha256 it sent.
                  SIZE -1 sends "RST": the server aborts the connection.
 """
-import hashlib, json, os, socket, struct, sys
+import hashlib
+import json
+import os
+import socket
+import struct
+import sys
 
 def orig_dst(c):
     try:
@@ -29,45 +34,57 @@ def server(ports):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if fam == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.bind((addr, p)); s.listen(64); sel.register(s, selectors.EVENT_READ)
+            s.bind((addr, p))
+            s.listen(64)
+            sel.register(s, selectors.EVENT_READ)
     print("ready", flush=True)
     while True:
         for key, _ in sel.select():
             c, peer = key.fileobj.accept()
             c.settimeout(20)
-            h = hashlib.sha256(); n = 0; head = b""
+            h, n, head = hashlib.sha256(), 0, b""
             while True:
                 b = c.recv(1 << 16)
-                if not b: break
-                h.update(b); n += len(b); head = (head + b)[:3]
+                if not b:
+                    break
+                h.update(b)
+                n += len(b)
+                head = (head + b)[:3]
             if head == b"RST" and n == 3:   # abort: the kernel answers with a RST
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 c.close()
                 continue
             rep = {"sock": list(c.getsockname()[:2]), "peer": list(peer[:2]), "orig": orig_dst(c),
                    "sha": h.hexdigest(), "n": n}
-            c.sendall(json.dumps(rep).encode()); c.close()
+            c.sendall(json.dumps(rep).encode())
+            c.close()
 
 def client(host, port, size, timeout):
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    c = socket.socket(fam, socket.SOCK_STREAM); c.settimeout(timeout)
+    c = socket.socket(fam, socket.SOCK_STREAM)
+    c.settimeout(timeout)
     try:
         c.connect((host, port))
     except OSError as e:
-        print(json.dumps({"error": str(e)})); return
+        print(json.dumps({"error": str(e)}))
+        return
     data = b"RST" if size < 0 else os.urandom(size)
     peer = list(c.getpeername()[:2])
-    c.sendall(data); c.shutdown(socket.SHUT_WR)
+    c.sendall(data)
+    c.shutdown(socket.SHUT_WR)
     rep = b""
     try:
         while True:
             b = c.recv(65536)
-            if not b: break
+            if not b:
+                break
             rep += b
     except OSError as e:
-        print(json.dumps({"error": str(e), "client_peer": peer})); return
+        print(json.dumps({"error": str(e), "client_peer": peer}))
+        return
     out = json.loads(rep) if rep else {}
-    out["client_peer"] = peer; out["sent_sha"] = hashlib.sha256(data).hexdigest()
+    out["client_peer"] = peer
+    out["sent_sha"] = hashlib.sha256(data).hexdigest()
     print(json.dumps(out))
 
 if __name__ == "__main__":

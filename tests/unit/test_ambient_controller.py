@@ -14,7 +14,7 @@ from merbridge.bpf import types as bpft
 from merbridge.daemon import procwatch
 from merbridge.daemon.ambient import DATAPLANE_MODE, AmbientController, ambient_state
 from merbridge.daemon.config import DaemonConfig
-from test_k8s_source import server, write_kubeconfig  # noqa: F401 (fixture)
+from test_k8s_source import write_kubeconfig
 
 
 def pod(name="p", ns="default", uid=None, ips=("10.0.0.5",), labels=None, notes=None,

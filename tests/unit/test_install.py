@@ -92,7 +92,8 @@ def test_uninstall_removes_entry_before_binary(dirs):
         wd_bin = ino.add_watch(str(bindir))
         inst.uninstall()
         events = ino.read(1) + ino.read(0.1)
-    order = [("conf" if e.wd == wd_conf else "bin", e.name) for e in events
+    watched = {wd_conf: "conf", wd_bin: "bin"}
+    order = [(watched[e.wd], e.name) for e in events
              if e.mask & (inotify.IN_MOVED_TO | inotify.IN_DELETE)]
     assert order == [("conf", "10-calico.conflist"), ("bin", "merbridge-cni")]
 

@@ -6,7 +6,6 @@ import time
 import pytest
 
 from merbridge.daemon import k8s
-from fake_apiserver import FakeApiServer  # tests/unit is on sys.path (rootdir-less test dirs)
 
 NODE = "node-a"
 
@@ -34,12 +33,6 @@ class Recorder:
 
     def names(self):
         return [(t, n) for t, n, _ in self.events]
-
-
-@pytest.fixture
-def server():
-    with FakeApiServer() as s:
-        yield s
 
 
 def write_kubeconfig(path, server):
@@ -159,7 +152,7 @@ def test_410_gone_relists_and_diffs(server, source_factory):
 
     lists_before = sum(1 for _, q in server.requests if "watch" not in q)
     server.expire(silent_changes)
-    events = rec.wait(lambda ev: len(ev) >= 5)
+    rec.wait(lambda ev: len(ev) >= 5)
     assert sorted(rec.names()[2:]) == [("ADDED", "new"), ("DELETED", "gone"), ("MODIFIED", "keep")]
     assert sum(1 for _, q in server.requests if "watch" not in q) == lists_before + 1
     assert sorted(p["metadata"]["name"] for p in src.snapshot()) == ["keep", "new"]

@@ -166,8 +166,9 @@ def plain_pod(name="plain", ns="default", ip="10.240.0.9"):
             "spec": {"containers": [{"name": "app"}]}, "status": {"podIP": ip}}
 
 
-@pytest.fixture
-def world(tmp_path):
+def make_world(tmp_path):
+    """The registry over in-memory maps, the fake podnet and a state file in
+    ``tmp_path``, and the pods its lookup finds (the ``world`` fixture)."""
     pods: dict = {}
     maps, net = real_maps(), FakePodNet()
     store = StateStore(tmp_path / "state")

@@ -11,7 +11,7 @@ import pytest
 from merbridge.cni.errors import TRY_AGAIN_LATER, CniError
 from merbridge.daemon.adopt import ADOPTED
 from merbridge.daemon.state import StateStore
-from test_pods import att, gc, lp, meshed_pod, mk, world  # noqa: F401 (world: the fixture)
+from test_pods import att, gc, lp, meshed_pod, mk
 
 
 #: the attachment of the second pod, "api"

@@ -12,7 +12,7 @@ import json
 import threading
 
 from merbridge.daemon import k8s, podsdir
-from test_k8s_source import NODE, make_pod, server, write_kubeconfig  # noqa: F401 (fixture)
+from test_k8s_source import NODE, make_pod, write_kubeconfig
 
 WAIT = 3.0
 
