@@ -44,7 +44,7 @@ import os
 import signal
 import threading
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from merbridge.bpf import mesh as meshes
 from merbridge.cni import errors
@@ -250,7 +250,7 @@ class Daemon:
         if self.ambient is not None:   # ambient mode
             self.ambient.on_pod_event(event, pod)
 
-    def _pod_source(self, callback):
+    def _pod_source(self, callback: Callable[[str, dict], None]) -> PodSource:
         cfg = self.cfg
         # ambient mode also follows namespace labels; only then are namespaces watched
         on_namespace = self.ambient.on_namespace if self.ambient is not None else None
