@@ -2,12 +2,9 @@
  *
  * Address handling over the 16-byte form, the per-pod policy decisions (the
  * order is istio-iptables' ISTIO_OUTPUT / ISTIO_INBOUND order, documented in
- * bpf/policy.py) and the marker-listener lookup.
- *
- * No map is touched here, on purpose: bcc rewrites map calls (m.lookup(),
- * m.update(), ...) only in the main source file, and a map call left in a
- * header compiles into an indirect call the verifier rejects. So headers hold
- * pure logic over values and pointers; every map access is in bpf/progs/.
+ * bpf/policy.py) and socket 4-tuples. Pure logic over values and pointers: no
+ * map, no helper call but byte-order ones; who is calling (maps, listeners) is
+ * pod.h's.
  */
 #ifndef MERBRIDGE_HELPERS_H
 #define MERBRIDGE_HELPERS_H
@@ -281,50 +278,6 @@ static __always_inline void mb_pair_reverse(const struct mb_pair *p, struct mb_p
 	r->dip = p->sip;
 	r->sport = p->dport;
 	r->dport = p->sport;
-}
-
-/* ---- who is calling? ------------------------------------------------------ */
-
-/* Is a TCP listener on (v4 addr4 | v6 ::addr6_last):port in the caller's
- * netns? Returns its SO_MARK + 1 (0: none). A v4 lookup also finds
- * dual-stack [::] listeners; the v6 lookup catches v6-only ones. */
-static __always_inline u64 mb_listener_mark(void *ctx, u32 addr4, u32 addr6_last, u16 port)
-{
-	struct bpf_sock_tuple t = {};
-	struct bpf_sock *sk;
-	u64 mark;
-
-	t.ipv4.daddr = addr4;
-	t.ipv4.dport = bpf_htons(port);
-	sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
-	if (!sk) {
-		__builtin_memset(&t, 0, sizeof(t));
-		t.ipv6.daddr[3] = addr6_last;
-		t.ipv6.dport = bpf_htons(port);
-		sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
-	}
-	if (!sk)
-		return 0;
-	mark = (u64)sk->mark + 1;
-	bpf_sk_release(sk);
-	return mark;
-}
-
-/* Mesh membership probe: CNI mode looks for the daemon's marker listener on
- * MB_MARK_PORT (its SO_MARK keys mb_mark_pod_ips), legacy mode for the
- * proxy's outbound listener on 127.0.0.1 / ::1. Returns mark + 1, 0: not in
- * a mesh pod. Nothing is cached: a pod whose listener appears later is seen
- * at its next connect (upstream cached a negative answer per cgroup).
- * connect4/6 ask it only in legacy mode and never in the node's netns; in
- * CNI mode they trust no listener, only the daemon's record (mb_netns_pod,
- * docs/security.md). */
-static __always_inline u64 mb_mesh_probe(void *ctx)
-{
-#if MB_CNI_MODE
-	return mb_listener_mark(ctx, 0, 0, MB_MARK_PORT);
-#else
-	return mb_listener_mark(ctx, bpf_htonl(0x7f000001), bpf_htonl(1), MB_OUT_PORT);
-#endif
 }
 
 #endif /* MERBRIDGE_HELPERS_H */

@@ -1,10 +1,15 @@
 /* maps.h: every map of the datapath, declared once.
  *
- * Each program in bpf/progs/ is compiled by bcc as its own object; all of them
- * include this file, so they all name the same maps. Every map is pinned under
- * MB_PIN_DIR (-DMB_PIN_DIR="..." from bpf/loader.py): the first object to load
- * creates and pins a map, later objects (and a restarted daemon) reuse the pin.
- * Names are mirrored as constants in bpf/types.py.
+ * Each program file in bpf/progs/ is compiled by bcc as its own object; all of
+ * them include this file, so they all name the same maps. Every map is pinned
+ * under MB_PIN_DIR (-DMB_PIN_DIR="..." from bpf/loader.py): the first object
+ * to load creates and pins a map, later objects (and a restarted daemon) reuse
+ * the pin. Names are mirrored as constants in bpf/types.py. Ambient mode's
+ * maps are in ambient_maps.h, included at the end.
+ *
+ * Map accesses (m.lookup(&k), m.update(...)) may stand in any header of
+ * bpf/include/: bcc rewrites them only in the text it compiles, so the loader
+ * writes every header a program includes into that text (bpf/csource.py).
  */
 #ifndef MERBRIDGE_MAPS_H
 #define MERBRIDGE_MAPS_H
@@ -125,10 +130,26 @@ BPF_TABLE_PINNED("hash", u64, struct mb_netns_pod, mb_netns_pod,
 BPF_TABLE_PINNED("array", u32, u64, mb_settings, MB_N_SETTINGS,
 		 MB_PIN(mb_settings));
 
+/* The value of setting idx (0: not set). */
+static __always_inline u64 mb_setting(u32 idx)
+{
+	u64 *v = mb_settings.lookup(&idx);
+
+	return v ? *v : 0;
+}
+
 /* Per-CPU event counters, index MB_C_*. Written by every program; read by
  * maps.counters() (status, metrics, tests). */
 BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS,
 		 MB_PIN(mb_counters));
+
+static __always_inline void mb_count(u32 idx)
+{
+	u64 *v = mb_counters.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
 
 /* Socket cookie -> what the app asked for, for the sockets whose address
  * the datapath rewrote: connect4/6 (flag REDIRECT, plus INBOUND for the
@@ -143,19 +164,6 @@ BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS,
 BPF_TABLE_PINNED("hash", u64, struct mb_origin, mb_sock_peer,
 		 MB_MAX_CONNS, MB_PIN(mb_sock_peer));
 
-/* ==== ambient mode (H11, docs/ambient.md) ================================ */
-
-/* cgroup id -> the pod owning that cgroup (ambient or not, pod IPs, ztunnel
- * flag). Written by the daemon (daemon/ambient.py, maps.cgroup_info) from pod
- * events and process events; read by ambient4.c/ambient6.c through
- * bpf_get_current_cgroup_id(). */
-BPF_TABLE_PINNED("hash", u64, struct mb_cgroup_info, mb_cgroup_info,
-		 MB_MAX_CGROUPS, MB_PIN(mb_cgroup_info));
-
-/* IP of an ambient pod on this node -> 1. Written by the daemon
- * (maps.ambient_ips); read by ambient4.c/ambient6.c: a host process's
- * connect to such an address goes to ztunnel's inbound port. */
-BPF_TABLE_PINNED("hash", struct mb_addr, u32, mb_ambient_ips,
-		 MB_MAX_PODS, MB_PIN(mb_ambient_ips));
+#include "ambient_maps.h"
 
 #endif /* MERBRIDGE_MAPS_H */

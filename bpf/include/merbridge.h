@@ -2,7 +2,8 @@
  *
  * Included by every program in bpf/progs/ (compiled by bcc) and by the host
  * gcc in tests/unit/test_layout.py, which checks it against the ctypes mirrors
- * in bpf/types.py. Declare a shared struct or constant here and nowhere else.
+ * in bpf/types.py. Declare a shared struct or constant here and nowhere else
+ * (ambient mode's own are in ambient.h, checked the same way).
  *
  * Conventions:
  *  - every address is 16 bytes (struct mb_addr): IPv6 as is, IPv4 as the
@@ -66,7 +67,7 @@
 #define MB_ORIGIN_F_REDIRECT 0x01  /* connect rewrote this socket: register the pair */
 #define MB_ORIGIN_F_LEARN    0x02  /* legacy: learn the netns' own IP in sockops */
 #define MB_ORIGIN_F_INBOUND  0x04  /* proxy -> local pod, rewritten to MB_IN_PORT */
-#define MB_ORIGIN_F_XDP      0x08  /* written by the XDP program (H4), keyed
+#define MB_ORIGIN_F_XDP      0x08  /* written by bpf/progs/inbound.c (tc or XDP), keyed
                                     * {client ip, client port, pod ip, MB_IN_PORT} */
 #define MB_ORIGIN_F_DNS      0x10  /* mb_sock_peer: a DNS query sent to MB_DNS_PORT
                                     * (bpf/progs/dns.c) */
@@ -220,36 +221,6 @@ struct mb_pod_config {
 	 * MB_PROXY_UID / MB_PROXY_GID */
 	__u32 proxy_uid;
 	__u32 proxy_gid;
-};
-
-/* ==== ambient mode (H11, docs/ambient.md) =================================
- * Used only by bpf/progs/ambient4.c and ambient6.c (loaded with --ambient).
- * A pod in Istio's ambient mesh has no sidecar: its app's connects go to the
- * node's ztunnel, whose address the daemon keeps in mb_settings. Pods are
- * recognised by their cgroup (bpf_get_current_cgroup_id, cgroup v2), not by a
- * listener in their netns, because joining or leaving ambient happens by a
- * label change on a running pod, with no CNI call. */
-#define MB_MAX_CGROUPS 4096        /* mb_cgroup_info: pod + container cgroups */
-#define MB_AMBIENT_OUT_PORT 15001  /* ztunnel's outbound listener */
-#define MB_AMBIENT_IN_PORT 15006   /* ztunnel's inbound (plaintext) listener */
-
-/* struct mb_cgroup_info.flags */
-#define MB_CG_F_ZTUNNEL 0x01       /* the node's ztunnel: never intercepted */
-
-/* mb_settings indexes holding the node's ztunnel address (0: none) */
-#define MB_SET_ZTUNNEL_IP4    12   /* IPv4, network order, in the low 32 bits */
-#define MB_SET_ZTUNNEL_IP6_HI 13   /* IPv6 bytes 0..7, as they lie in memory */
-#define MB_SET_ZTUNNEL_IP6_LO 14   /* IPv6 bytes 8..15 */
-
-/* One cgroup of a pod on this node (the pod's cgroup and each container's).
- * Value of mb_cgroup_info, keyed by the u64 cgroup id (the inode of the
- * cgroup v2 directory). A pod outside ambient has an entry with in_mesh 0:
- * that tells "a pod" from "a host process". */
-struct mb_cgroup_info {
-	struct mb_addr ip4;        /* the pod's IPv4 (::ffff:a.b.c.d); 0s: none */
-	struct mb_addr ip6;        /* the pod's IPv6; 0s: none */
-	__u32 in_mesh;             /* 1: ambient, the app's connects go to ztunnel */
-	__u32 flags;               /* MB_CG_F_* */
 };
 
 #endif /* MERBRIDGE_H */
