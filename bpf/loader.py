@@ -86,9 +86,10 @@ HOOKS: dict[str, tuple[int, int]] = {
 #: Datapath is asked for them (and detached by one that is not)
 FEATURES: dict[str, tuple[Prog, ...]] = {"ambient": ambient.PROGRAMS}
 
-_ALL_PROGRAMS = PROGRAMS + tuple(p for progs in FEATURES.values() for p in progs)
-CGROUP_ATTACH_TYPES = {HOOKS[p.hook][1] for p in _ALL_PROGRAMS if p.target == "cgroup"}
-OUR_NAMES = {p.func for p in _ALL_PROGRAMS}
+#: every program of ours, optional ones included (what detach and attached() look for)
+ALL_PROGRAMS = PROGRAMS + tuple(p for progs in FEATURES.values() for p in progs)
+CGROUP_ATTACH_TYPES = {HOOKS[p.hook][1] for p in ALL_PROGRAMS if p.target == "cgroup"}
+OUR_NAMES = {p.func for p in ALL_PROGRAMS}
 
 # ---- the inbound rewrite on pod interfaces (tc or XDP) -----------------------
 # bpf/progs/inbound.c is not attached to a cgroup but to pod interfaces, by the

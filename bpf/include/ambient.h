@@ -17,15 +17,15 @@
 
 #include "merbridge.h"
 
-#define MB_MAX_CGROUPS 4096       /* mb_cgroup_info: pod + container cgroups */
+#define MB_MAX_CGROUPS      4096  /* mb_cgroup_info: pod + container cgroups */
 #define MB_AMBIENT_OUT_PORT 15001 /* ztunnel's outbound listener */
-#define MB_AMBIENT_IN_PORT 15006  /* ztunnel's inbound (plaintext) listener */
+#define MB_AMBIENT_IN_PORT  15006 /* ztunnel's inbound (plaintext) listener */
 
 /* struct mb_cgroup_info.flags */
 #define MB_CG_F_ZTUNNEL 0x01 /* the node's ztunnel: never intercepted */
 
 /* mb_settings indexes holding the node's ztunnel address (0: none) */
-#define MB_SET_ZTUNNEL_IP4 12    /* IPv4, network order, in the low 32 bits */
+#define MB_SET_ZTUNNEL_IP4    12 /* IPv4, network order, in the low 32 bits */
 #define MB_SET_ZTUNNEL_IP6_HI 13 /* IPv6 bytes 0..7, as they lie in memory */
 #define MB_SET_ZTUNNEL_IP6_LO 14 /* IPv6 bytes 8..15 */
 

@@ -20,9 +20,9 @@
 #include "pod.h"
 #include "sockaddr.h"
 
-#define MB_AMB_PASS 0   /* leave the connect alone */
-#define MB_AMB_OUT  1   /* ambient pod's app -> ztunnel:MB_AMBIENT_OUT_PORT */
-#define MB_AMB_IN   2   /* host process -> ambient pod: ztunnel:MB_AMBIENT_IN_PORT */
+#define MB_AMB_PASS 0 /* leave the connect alone */
+#define MB_AMB_OUT  1 /* ambient pod's app -> ztunnel:MB_AMBIENT_OUT_PORT */
+#define MB_AMB_IN   2 /* host process -> ambient pod: ztunnel:MB_AMBIENT_IN_PORT */
 
 /* The decision.
  *  self:        the caller's cgroup entry (0: not a known pod, i.e. a host
@@ -38,14 +38,14 @@ static __always_inline int mb_ambient_decide(int sidecar, const struct mb_cgroup
 					     struct mb_addr *bind)
 {
 	if (!have_zt)
-		return MB_AMB_PASS;            /* no ztunnel on this node (yet) */
+		return MB_AMB_PASS; /* no ztunnel on this node (yet) */
 	if (self) {
 		const struct mb_addr *own;
 
 		if (self->flags & MB_CG_F_ZTUNNEL)
-			return MB_AMB_PASS;    /* ztunnel itself: never intercepted */
+			return MB_AMB_PASS; /* ztunnel itself: never intercepted */
 		if (!self->in_mesh)
-			return MB_AMB_PASS;    /* a pod outside ambient (sidecar or none) */
+			return MB_AMB_PASS; /* a pod outside ambient (sidecar or none) */
 		own = mb_addr_is_v4(dst) ? &self->ip4 : &self->ip6;
 		/* loopback, the pod's own IP (both stay in the pod) and ztunnel
 		 * itself are not captured (Istio's in-pod rules do the same) */
@@ -57,7 +57,7 @@ static __always_inline int mb_ambient_decide(int sidecar, const struct mb_cgroup
 	if (!dst_ambient)
 		return MB_AMB_PASS;
 	if (sidecar)
-		return MB_AMB_PASS;            /* a sidecar pod: connect4/6 handle it */
+		return MB_AMB_PASS; /* a sidecar pod: connect4/6 handle it */
 	return MB_AMB_IN;
 }
 
@@ -104,8 +104,8 @@ static __always_inline int mb_ambient_connect(struct bpf_sock_addr *ctx, const i
 	self = mb_cgroup_info.lookup(&cg);
 	if (!self)
 		dst_ambient = mb_ambient_ips.lookup(&dst) != 0;
-	act = mb_ambient_decide(!self && dst_ambient && mb_sidecar_netns(ctx), self, &dst,
-				have_zt, &zt, dst_ambient, &bind);
+	act = mb_ambient_decide(!self && dst_ambient && mb_sidecar_netns(ctx), self, &dst, have_zt,
+				&zt, dst_ambient, &bind);
 	if (act == MB_AMB_PASS)
 		return 1;
 

@@ -16,14 +16,13 @@
  * flag). Written by the daemon (daemon/ambient.py, maps.cgroup_info) from pod
  * events and process events; read by ambient4.c/ambient6.c through
  * bpf_get_current_cgroup_id(). */
-BPF_TABLE_PINNED("hash", u64, struct mb_cgroup_info, mb_cgroup_info,
-		 MB_MAX_CGROUPS, MB_PIN(mb_cgroup_info));
+BPF_TABLE_PINNED("hash", u64, struct mb_cgroup_info, mb_cgroup_info, MB_MAX_CGROUPS,
+		 MB_PIN(mb_cgroup_info));
 
 /* IP of an ambient pod on this node -> 1. Written by the daemon
  * (maps.ambient_ips); read by ambient4.c/ambient6.c: a host process's
  * connect to such an address goes to ztunnel's inbound port. */
-BPF_TABLE_PINNED("hash", struct mb_addr, u32, mb_ambient_ips,
-		 MB_MAX_PODS, MB_PIN(mb_ambient_ips));
+BPF_TABLE_PINNED("hash", struct mb_addr, u32, mb_ambient_ips, MB_MAX_PODS, MB_PIN(mb_ambient_ips));
 
 /* The node's ztunnel address of dst's family into *zt, from the mb_settings
  * the daemon keeps (MB_SET_ZTUNNEL_*); 0 when it has none of that family. */

@@ -16,27 +16,27 @@
 #include "sockaddr.h"
 
 #define MB_ACT_PASS  0
-#define MB_ACT_OUT   1   /* -> loopback : MB_OUT_PORT */
-#define MB_ACT_IN    2   /* another local pod -> same address : MB_IN_PORT */
-#define MB_ACT_IN_LO 3   /* the proxy through lo -> loopback : MB_IN_PORT */
+#define MB_ACT_OUT   1 /* -> loopback : MB_OUT_PORT */
+#define MB_ACT_IN    2 /* another local pod -> same address : MB_IN_PORT */
+#define MB_ACT_IN_LO 3 /* the proxy through lo -> loopback : MB_IN_PORT */
 
 struct mb_conn {
 	const struct mb_addr *dst;
-	const struct mb_addr *src;      /* the socket's bound source (0s: none) */
-	u16 port;                       /* destination port, host order */
-	int is_proxy;                   /* caller's UID or GID is the proxy's */
-	int is_proxy_uid;               /* caller's UID is the proxy's */
-	int ip_known;                   /* the pod IP of the connection's family is
-					 * known (legacy mode: learned) */
-	const struct mb_pod_ips *self;  /* the caller's pod IPs (0s: unknown) */
-	const struct mb_pod_config *own;     /* caller's pod policy (may be 0) */
-	const struct mb_pod_config *target;  /* dst's pod policy, proxy only (may be 0) */
+	const struct mb_addr *src; /* the socket's bound source (0s: none) */
+	u16 port;                  /* destination port, host order */
+	int is_proxy;              /* caller's UID or GID is the proxy's */
+	int is_proxy_uid;          /* caller's UID is the proxy's */
+	/* the pod IP of the connection's family is known (legacy mode: learned) */
+	int ip_known;
+	const struct mb_pod_ips *self;      /* the caller's pod IPs (0s: unknown) */
+	const struct mb_pod_config *own;    /* caller's pod policy (may be 0) */
+	const struct mb_pod_config *target; /* dst's pod policy, proxy only (may be 0) */
 };
 
 struct mb_verdict {
-	int act;        /* MB_ACT_* */
-	u32 counter;    /* MB_C_* to bump */
-	u16 flags;      /* MB_ORIGIN_F_* to record under the cookie (0: none) */
+	int act;     /* MB_ACT_* */
+	u32 counter; /* MB_C_* to bump */
+	u16 flags;   /* MB_ORIGIN_F_* to record under the cookie (0: none) */
 };
 
 /* ---- the caller's pod IPs (struct mb_pod_ips) ------------------------------ */
@@ -81,7 +81,8 @@ static __always_inline int mb_via_lo(const struct mb_conn *c)
 static __always_inline int mb_from_passthrough(const struct mb_conn *c)
 {
 	return mb_addr_is_passthrough(c->src) ||
-	       (mb_addr_is_zero(c->src) && !mb_addr_is_v4(c->dst) && mb_addr_is_passthrough(c->dst));
+	       (mb_addr_is_zero(c->src) && !mb_addr_is_v4(c->dst) &&
+		mb_addr_is_passthrough(c->dst));
 }
 
 /* A bypass that, in legacy mode with the pod IP of the connection's family
@@ -104,8 +105,10 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 	v->flags = 0;
 
 	/* 1. excludeOutboundPorts: before everything else, the proxy included */
-	if (c->own && mb_port_in(c->own->exclude_out_ports, c->own->n_exclude_out_ports, c->port))
-		{ mb_bypass(c, v, MB_C_BYPASS_POLICY); return; }
+	if (c->own && mb_port_in(c->own->exclude_out_ports, c->own->n_exclude_out_ports, c->port)) {
+		mb_bypass(c, v, MB_C_BYPASS_POLICY);
+		return;
+	}
 
 	/* 2. the proxy's inbound-passthrough source, and HBONE */
 	if (mb_from_passthrough(c) || c->port == MB_HBONE_PORT) {
@@ -142,15 +145,19 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 		 * address through lo would be REDIRECTed once more, and the
 		 * accepted socket's tuple would no longer be the pair entry's). */
 		if (via_lo) {
-			if (mb_addr_is_localhost(c->dst) || (!c->is_proxy_uid && lo_return))
-				{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
+			if (mb_addr_is_localhost(c->dst) || (!c->is_proxy_uid && lo_return)) {
+				mb_bypass(c, v, MB_C_BYPASS_PROXY);
+				return;
+			}
 		} else {
 			/* another local mesh pod is captured by its inbound listener
 			 * if its inbound policy captures the port (iptables: that
 			 * pod's PREROUTING -> ISTIO_INBOUND); anything else is left
 			 * alone */
-			if (!c->target)
-				{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
+			if (!c->target) {
+				mb_bypass(c, v, MB_C_BYPASS_PROXY);
+				return;
+			}
 			if (!mb_policy_in(c->target, c->port)) {
 				v->act = MB_ACT_PASS;
 				v->counter = MB_C_BYPASS_POLICY;
@@ -172,8 +179,10 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 	}
 
 	/* 7.-9. the pod's CIDR and port lists; no policy known: capture all */
-	if (c->own && !mb_policy_out(c->own, c->dst, c->port))
-		{ mb_bypass(c, v, MB_C_BYPASS_POLICY); return; }
+	if (c->own && !mb_policy_out(c->own, c->dst, c->port)) {
+		mb_bypass(c, v, MB_C_BYPASS_POLICY);
+		return;
+	}
 
 	v->act = MB_ACT_OUT;
 	v->counter = MB_C_REDIRECT_OUT;

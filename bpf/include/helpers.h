@@ -17,7 +17,7 @@
 #if MB_DEBUG
 #define mb_dbg(fmt, ...) bpf_trace_printk(fmt, ##__VA_ARGS__)
 #else
-#define mb_dbg(fmt, ...) do { } while (0)
+#define mb_dbg(fmt, ...) ((void)0)
 #endif
 
 /* ---- addresses ----------------------------------------------------------- */
@@ -37,8 +37,8 @@ static __always_inline int mb_addr_is_v4(const struct mb_addr *a)
 
 static __always_inline int mb_addr_eq(const struct mb_addr *a, const struct mb_addr *b)
 {
-	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] &&
-	       a->ip[2] == b->ip[2] && a->ip[3] == b->ip[3];
+	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] &&
+	       a->ip[3] == b->ip[3];
 }
 
 /* 127.0.0.0/8 (mapped) or ::1 */
@@ -175,8 +175,8 @@ static __always_inline int mb_cidr_in(const struct mb_cidr *list, u8 n, const st
 
 /* Outbound steps 2-5 (step 1, excluded ports, is checked before the proxy
  * rules by the caller, as ISTIO_OUTPUT does). 1: redirect. */
-static __always_inline int mb_policy_out(const struct mb_pod_config *pc,
-					 const struct mb_addr *dst, u16 port)
+static __always_inline int mb_policy_out(const struct mb_pod_config *pc, const struct mb_addr *dst,
+					 u16 port)
 {
 	if (mb_cidr_in(pc->exclude_out_cidrs, pc->n_exclude_out_cidrs, dst))
 		return 0;
@@ -193,7 +193,8 @@ static __always_inline int mb_policy_out(const struct mb_pod_config *pc,
 static __always_inline int mb_policy_includes_loopback(const struct mb_pod_config *pc)
 {
 	for (u32 i = 0; i < MB_MAX_CIDRS; i++) {
-		if (i < pc->n_include_out_cidrs && mb_addr_is_loopback(&pc->include_out_cidrs[i].net))
+		if (i < pc->n_include_out_cidrs &&
+		    mb_addr_is_loopback(&pc->include_out_cidrs[i].net))
 			return 1;
 	}
 	return 0;
@@ -253,23 +254,23 @@ static __always_inline int mb_dns_captured(const struct mb_pod_config *pc, u64 u
 /* Fill a pair from a context's own view (sock_ops, sk_msg): local -> remote.
  * remote_port is the network-order port in the upper half of the u32 (the
  * kernel shifts it there), local_port is in host order. */
-#define mb_pair_from_ctx(p, c)                                              \
-	do {                                                                  \
-		if ((c)->family == AF_INET) {                                     \
-			mb_addr_from_v4(&(p)->sip, (c)->local_ip4);                   \
-			mb_addr_from_v4(&(p)->dip, (c)->remote_ip4);                  \
-		} else {                                                          \
-			(p)->sip.ip[0] = mb_ctx_u32(&(c)->local_ip6[0]);                           \
-			(p)->sip.ip[1] = mb_ctx_u32(&(c)->local_ip6[1]);                           \
-			(p)->sip.ip[2] = mb_ctx_u32(&(c)->local_ip6[2]);                           \
-			(p)->sip.ip[3] = mb_ctx_u32(&(c)->local_ip6[3]);                           \
-			(p)->dip.ip[0] = mb_ctx_u32(&(c)->remote_ip6[0]);                          \
-			(p)->dip.ip[1] = mb_ctx_u32(&(c)->remote_ip6[1]);                          \
-			(p)->dip.ip[2] = mb_ctx_u32(&(c)->remote_ip6[2]);                          \
-			(p)->dip.ip[3] = mb_ctx_u32(&(c)->remote_ip6[3]);                          \
-		}                                                                 \
-		(p)->sport = bpf_htons((u16)(c)->local_port);                     \
-		(p)->dport = bpf_htons((u16)bpf_ntohl((c)->remote_port));         \
+#define mb_pair_from_ctx(p, c)                                            \
+	do {                                                              \
+		if ((c)->family == AF_INET) {                             \
+			mb_addr_from_v4(&(p)->sip, (c)->local_ip4);       \
+			mb_addr_from_v4(&(p)->dip, (c)->remote_ip4);      \
+		} else {                                                  \
+			(p)->sip.ip[0] = mb_ctx_u32(&(c)->local_ip6[0]);  \
+			(p)->sip.ip[1] = mb_ctx_u32(&(c)->local_ip6[1]);  \
+			(p)->sip.ip[2] = mb_ctx_u32(&(c)->local_ip6[2]);  \
+			(p)->sip.ip[3] = mb_ctx_u32(&(c)->local_ip6[3]);  \
+			(p)->dip.ip[0] = mb_ctx_u32(&(c)->remote_ip6[0]); \
+			(p)->dip.ip[1] = mb_ctx_u32(&(c)->remote_ip6[1]); \
+			(p)->dip.ip[2] = mb_ctx_u32(&(c)->remote_ip6[2]); \
+			(p)->dip.ip[3] = mb_ctx_u32(&(c)->remote_ip6[3]); \
+		}                                                         \
+		(p)->sport = bpf_htons((u16)(c)->local_port);             \
+		(p)->dport = bpf_htons((u16)bpf_ntohl((c)->remote_port)); \
 	} while (0)
 
 static __always_inline void mb_pair_reverse(const struct mb_pair *p, struct mb_pair *r)

@@ -83,7 +83,7 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
 	} else {
 		return 1;
 	}
-	key.sport = (u16)sk->dst_port;           /* network order already */
+	key.sport = (u16)sk->dst_port; /* network order already */
 	key.dport = bpf_htons((u16)sk->src_port);
 	o = mb_pair_orig_dst.lookup(&key);
 	if (!o || !mb_pair_mine(bpf_get_netns_cookie(ctx), &key)) {

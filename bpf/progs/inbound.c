@@ -192,7 +192,8 @@ static __always_inline __u16 mb_in_to_pod(const struct mb_in_pkt *pkt, const str
 
 		if (!cfg)
 			return 0;
-		if (tcp->dest == bpf_htons(MB_OUT_PORT) || !mb_policy_in(cfg, bpf_ntohs(tcp->dest))) {
+		if (tcp->dest == bpf_htons(MB_OUT_PORT) ||
+		    !mb_policy_in(cfg, bpf_ntohs(tcp->dest))) {
 			mb_count(MB_C_XDP_BYPASS_POLICY);
 			return 0;
 		}
@@ -277,9 +278,9 @@ static __always_inline __u16 mb_in_from_pod(const struct mb_in_pkt *pkt, const s
  */
 static __always_inline void mb_xdp_set_port(__u16 *check, __u16 *field, __u16 val)
 {
-	__u32 sum = (__u16)~*check;
+	__u32 sum = (__u16)(~*check);
 
-	sum += (__u16)~*field;
+	sum += (__u16)(~*field);
 	sum += val;
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
@@ -339,8 +340,8 @@ static __always_inline int mb_tc_parse(struct __sk_buff *skb, struct mb_in_pkt *
 
 /* Write a port at off (network order) and fix the TCP checksum; for a
  * CHECKSUM_PARTIAL skb the helper leaves the seed alone, as it must. */
-static __always_inline void mb_tc_set_port(struct __sk_buff *skb, int off, int field,
-					   __u16 old, __u16 val)
+static __always_inline void mb_tc_set_port(struct __sk_buff *skb, int off, int field, __u16 old,
+					   __u16 val)
 {
 	bpf_l4_csum_replace(skb, off + offsetof(struct tcphdr, check), old, val, sizeof(val));
 	bpf_skb_store_bytes(skb, off + field, &val, sizeof(val), 0);
@@ -361,8 +362,10 @@ static __always_inline int mb_tc_rewrite(struct __sk_buff *skb, const int to_pod
 	old = to_pod ? tcp->dest : tcp->source;
 	port = to_pod ? mb_in_to_pod(&pkt, tcp) : mb_in_from_pod(&pkt, tcp);
 	if (port)
-		mb_tc_set_port(skb, off, to_pod ? offsetof(struct tcphdr, dest) :
-					      offsetof(struct tcphdr, source), old, port);
+		mb_tc_set_port(skb, off,
+			       to_pod ? offsetof(struct tcphdr, dest)
+				      : offsetof(struct tcphdr, source),
+			       old, port);
 	return TC_ACT_OK;
 }
 

@@ -58,8 +58,7 @@ static __always_inline int mb_sockhash_add(struct bpf_sock_ops *skops, struct mb
  * such a socket then runs this program. */
 static __always_inline void mb_watch_close(struct bpf_sock_ops *skops)
 {
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-					 BPF_SOCK_OPS_STATE_CB_FLAG);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
@@ -171,7 +170,7 @@ static __always_inline void mb_state_change(struct bpf_sock_ops *skops)
 	mb_pair_reverse(&p, &r);
 	o = mb_pair_orig_dst.lookup(&r);
 	if (o && (o->flags & MB_ORIGIN_F_XDP)) {
-		mb_inbound_closed(skops, &r, o);  /* never had sk_msg budgets */
+		mb_inbound_closed(skops, &r, o); /* never had sk_msg budgets */
 		return;
 	}
 	mb_skmsg_budget.delete(&p);

@@ -38,7 +38,7 @@ def test_a_missing_header_is_named(tmp_path):
         csource.assemble(prog, tmp_path)
 
 
-@pytest.mark.parametrize("source", sorted({p.source for p in loader._ALL_PROGRAMS}
+@pytest.mark.parametrize("source", sorted({p.source for p in loader.ALL_PROGRAMS}
                                           | {loader.XDP_SOURCE}))
 def test_every_program_text_has_no_local_include_left(source):
     text = csource.assemble(f"{loader.PROGS_DIR}/{source}", loader.INCLUDE_DIR)
