@@ -33,7 +33,7 @@ from bcc.libbcc import lib as bcclib
 
 from merbridge.bpf import ambient, csource, sysbpf
 from merbridge.bpf import types as t
-from merbridge.bpf.maps import Maps
+from merbridge.bpf.maps import MapBackend, Maps
 from merbridge.bpf.mesh import MARK_LISTENER_PORT, Mesh
 from merbridge.bpf.programs import PROGRAMS, Prog
 
@@ -162,8 +162,8 @@ class BccBackend:
 
 
 def _maps_of(bpf: BPF, closer=None) -> Maps:
-    backends = {name: BccBackend(bpf.get_table(name.encode()))
-                for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
+    backends: dict[str, MapBackend] = {name: BccBackend(bpf.get_table(name.encode()))
+                                       for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
     return Maps(backends, closer)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes as ct
 import socket
 import struct
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sized
 
 from merbridge.bpf import ambient
 from merbridge.bpf import types as t
@@ -104,9 +104,9 @@ def encode_policy(policy: PodPolicy) -> t.MbPodConfig:
         arr = getattr(c, field)
         for i, p in enumerate(ports):
             arr[i] = p
-    for field, src in (("include_out_cidrs", policy.include_outbound_cidrs),
-                       ("exclude_out_cidrs", policy.exclude_outbound_cidrs)):
-        cidrs = _cidrs(field, src, t.MB_MAX_CIDRS)
+    for field, cidr_src in (("include_out_cidrs", policy.include_outbound_cidrs),
+                            ("exclude_out_cidrs", policy.exclude_outbound_cidrs)):
+        cidrs = _cidrs(field, cidr_src, t.MB_MAX_CIDRS)
         setattr(c, "n_" + field, len(cidrs))
         arr = getattr(c, field)
         for i, (net, plen) in enumerate(cidrs):
@@ -385,7 +385,7 @@ class Maps:
         """Map name -> (entries in use, max_entries), for the backends that know
         their capacity (the kernel's; not DictBackend)."""
         return {name: (len(b), b.max_entries) for name, b in self.backends.items()
-                if hasattr(b, "max_entries")}
+                if isinstance(b, Sized) and hasattr(b, "max_entries")}
 
     def dump(self) -> dict[str, object]:
         """A JSON-friendly view of every map (for ``merbridge maps dump``)."""

@@ -44,7 +44,7 @@ def _program(consts: dict[str, int]) -> str:
              *[f'#include "{h.name}"' for h in HEADERS], 'int main(void) {', 'printf("{");']
     first = True
     for cname, cls in t.MIRRORS.items():
-        items = [f'\\"size\\": %zu', *[f'\\"{f}\\": %zu' for f, *_ in cls._fields_]]
+        items = ['\\"size\\": %zu', *[f'\\"{f}\\": %zu' for f, *_ in cls._fields_]]
         args = [f"sizeof(struct {cname})",
                 *[f"offsetof(struct {cname}, {f})" for f, *_ in cls._fields_]]
         sep = "" if first else ","
