@@ -8,11 +8,14 @@
     # pinned, so traffic keeps flowing while the daemon restarts.
     dp.detach(); dp.unpin()            # uninstall
 
-Each program is its own bcc object compiled from one file with -D flags from
+Each program file is its own bcc object, compiled from its text with the
+headers it includes written in (bpf/csource.py) and -D flags from
 bpf/mesh.py (never by editing C text). All of them name the maps of
 include/maps.h, which bcc opens from MB_PIN_DIR or creates and pins there, so
-every object, and every later daemon, shares the same kernel maps. Attaching
-over an earlier attachment of ours replaces it in place (see sysbpf).
+every object, and every later daemon, shares the same kernel maps. Which
+function of which file runs on which hook is bpf/programs.py's table, plus
+those of the optional features asked for (FEATURES). Attaching over an
+earlier attachment of ours replaces it in place (see sysbpf).
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import os
 import socket
 import struct
 import threading
-from dataclasses import dataclass
 from importlib.resources import files
 from typing import Iterable
 
@@ -29,10 +31,11 @@ from bcc import BPF, BPFAttachType, BPFProgType
 from bcc import table as bcc_table
 from bcc.libbcc import lib as bcclib
 
-from merbridge.bpf import sysbpf
+from merbridge.bpf import ambient, csource, sysbpf
 from merbridge.bpf import types as t
-from merbridge.bpf.maps import Maps
+from merbridge.bpf.maps import MapBackend, Maps
 from merbridge.bpf.mesh import MARK_LISTENER_PORT, Mesh
+from merbridge.bpf.programs import PROGRAMS, Prog
 
 _PKG = files("merbridge.bpf")
 INCLUDE_DIR = str(_PKG / "include")
@@ -57,72 +60,38 @@ class DatapathError(RuntimeError):
     """A load/attach/pin problem, with a message meant for the operator."""
 
 
-@dataclass(frozen=True)
-class Prog:
-    source: str          # file in bpf/progs/
-    func: str            # C function == kernel program name (<= 15 chars)
-    prog_type: int
-    attach_type: int
-    target: str          # "cgroup" or "sockhash"
+#: hook (programs.Prog.hook) -> bcc's program type and attach type
+HOOKS: dict[str, tuple[int, int]] = {
+    "cgroup/connect4": (BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET4_CONNECT),
+    "cgroup/connect6": (BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_INET6_CONNECT),
+    "cgroup/sendmsg4": (BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_UDP4_SENDMSG),
+    "cgroup/sendmsg6": (BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_UDP6_SENDMSG),
+    "cgroup/recvmsg4": (BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_UDP4_RECVMSG),
+    "cgroup/recvmsg6": (BPFProgType.CGROUP_SOCK_ADDR, BPFAttachType.CGROUP_UDP6_RECVMSG),
+    "cgroup/getpeername4": (BPFProgType.CGROUP_SOCK_ADDR,
+                            BPFAttachType.CGROUP_INET4_GETPEERNAME),
+    "cgroup/getpeername6": (BPFProgType.CGROUP_SOCK_ADDR,
+                            BPFAttachType.CGROUP_INET6_GETPEERNAME),
+    "cgroup/getsockname4": (BPFProgType.CGROUP_SOCK_ADDR,
+                            BPFAttachType.CGROUP_INET4_GETSOCKNAME),
+    "cgroup/getsockname6": (BPFProgType.CGROUP_SOCK_ADDR,
+                            BPFAttachType.CGROUP_INET6_GETSOCKNAME),
+    "cgroup/sock_release": (BPFProgType.CGROUP_SOCK, BPFAttachType.CGROUP_INET_SOCK_RELEASE),
+    "cgroup/getsockopt": (BPFProgType.CGROUP_SOCKOPT, BPFAttachType.CGROUP_GETSOCKOPT),
+    "sockops": (BPFProgType.SOCK_OPS, BPFAttachType.CGROUP_SOCK_OPS),
+    "sk_msg": (BPFProgType.SK_MSG, BPFAttachType.SK_MSG_VERDICT),
+}
 
+#: optional features: name -> their programs, loaded and attached only when a
+#: Datapath is asked for them (and detached by one that is not)
+FEATURES: dict[str, tuple[Prog, ...]] = {"ambient": ambient.PROGRAMS}
 
-PROGRAMS: tuple[Prog, ...] = (
-    Prog("connect4.c", "mb_connect4", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET4_CONNECT, "cgroup"),
-    Prog("connect6.c", "mb_connect6", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET6_CONNECT, "cgroup"),
-    Prog("sockops.c", "mb_sockops", BPFProgType.SOCK_OPS,
-         BPFAttachType.CGROUP_SOCK_OPS, "cgroup"),
-    Prog("getsockopt.c", "mb_getsockopt", BPFProgType.CGROUP_SOCKOPT,
-         BPFAttachType.CGROUP_GETSOCKOPT, "cgroup"),
-    Prog("redir.c", "mb_msg_redir", BPFProgType.SK_MSG,
-         BPFAttachType.SK_MSG_VERDICT, "sockhash"),
-) + (
-    # the app's view of a redirected socket (issue 16): getpeername answers
-    # the original destination, getsockname the pod IP; entries go with the socket
-    Prog("peername.c", "mb_peername4", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET4_GETPEERNAME, "cgroup"),
-    Prog("peername.c", "mb_peername6", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET6_GETPEERNAME, "cgroup"),
-    Prog("peername.c", "mb_sockname4", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET4_GETSOCKNAME, "cgroup"),
-    Prog("peername.c", "mb_sockname6", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET6_GETSOCKNAME, "cgroup"),
-    Prog("peername.c", "mb_sockrelease", BPFProgType.CGROUP_SOCK,
-         BPFAttachType.CGROUP_INET_SOCK_RELEASE, "cgroup"),
-    # DNS capture to the sidecar's DNS proxy (mesh.Mesh.dns_port; no-ops for a
-    # mesh without one): connect next to connect4/6, whichever runs first
-    Prog("dns.c", "mb_dnsconn4", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET4_CONNECT, "cgroup"),
-    Prog("dns.c", "mb_dnsconn6", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET6_CONNECT, "cgroup"),
-    Prog("dns.c", "mb_dnssend4", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_UDP4_SENDMSG, "cgroup"),
-    Prog("dns.c", "mb_dnssend6", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_UDP6_SENDMSG, "cgroup"),
-    Prog("dns.c", "mb_dnsrecv4", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_UDP4_RECVMSG, "cgroup"),
-    Prog("dns.c", "mb_dnsrecv6", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_UDP6_RECVMSG, "cgroup"),
-)
-CGROUP_ATTACH_TYPES = {p.attach_type: p.func for p in PROGRAMS if p.target == "cgroup"}
-OUR_NAMES = {p.func for p in PROGRAMS}
+#: every program of ours, optional ones included (what detach and attached() look for)
+ALL_PROGRAMS = PROGRAMS + tuple(p for progs in FEATURES.values() for p in progs)
+CGROUP_ATTACH_TYPES = {HOOKS[p.hook][1] for p in ALL_PROGRAMS if p.target == "cgroup"}
+OUR_NAMES = {p.func for p in ALL_PROGRAMS}
 
-# ---- ambient mode (H11, docs/ambient.md) -------------------------------------
-# Two more cgroup connect programs, loaded and attached only with
-# Datapath(ambient=True), next to connect4/6 (BPF_F_ALLOW_MULTI; neither acts
-# on the other's pods, so their order does not matter). attach() without
-# ambient detaches them, so a daemon restarted without --ambient stops it.
-AMBIENT_PROGRAMS: tuple[Prog, ...] = (
-    Prog("ambient4.c", "mb_ambient4", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET4_CONNECT, "cgroup"),
-    Prog("ambient6.c", "mb_ambient6", BPFProgType.CGROUP_SOCK_ADDR,
-         BPFAttachType.CGROUP_INET6_CONNECT, "cgroup"),
-)
-AMBIENT_NAMES = {p.func for p in AMBIENT_PROGRAMS}
-OUR_NAMES |= AMBIENT_NAMES
-
-# ---- XDP (owned by H4) ------------------------------------------------------
+# ---- the inbound rewrite on pod interfaces (tc or XDP) -----------------------
 # bpf/progs/inbound.c is not attached to a cgroup but to pod interfaces, by the
 # daemon (pyroute2 in daemon/netns.py, via daemon/podnet.py). Datapath.
 # xdp_programs() compiles it with the same cflags, so it shares the pinned
@@ -193,12 +162,15 @@ class BccBackend:
 
 
 def _maps_of(bpf: BPF, closer=None) -> Maps:
-    backends = {name: BccBackend(bpf.get_table(name.encode()))
-                for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
+    backends: dict[str, MapBackend] = {name: BccBackend(bpf.get_table(name.encode()))
+                                       for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
     return Maps(backends, closer)
 
 
 class Datapath:
+    """The datapath of one pin directory: the sidecar programs, plus those of
+    the optional features asked for (``ambient=True``: FEATURES["ambient"])."""
+
     def __init__(self, pin_dir: str, mesh: Mesh, cni_mode: bool, debug: bool = False,
                  ambient: bool = False) -> None:
         self.pin_dir = os.path.abspath(pin_dir)
@@ -206,6 +178,8 @@ class Datapath:
         self.cni_mode = cni_mode
         self.debug = debug
         self.ambient = ambient
+        self.features = ("ambient",) if ambient else ()
+        self.programs = PROGRAMS + tuple(p for f in self.features for p in FEATURES[f])
         self._objs: dict[str, BPF] = {}
         self._fns: dict[str, BPF.Function] = {}
         self._created_dir = False
@@ -226,6 +200,11 @@ class Datapath:
             "-Wno-unused-function",
         ]
 
+    def _compile(self, source: str) -> BPF:
+        """One bcc object from a file of bpf/progs/ (the caller cleans it up)."""
+        text = csource.assemble(os.path.join(PROGS_DIR, source), INCLUDE_DIR)
+        return BPF(text=text.encode(), cflags=self.cflags())
+
     def load(self) -> "Datapath":
         if self._objs:
             return self
@@ -241,13 +220,13 @@ class Datapath:
         check_pinned_layouts(self.pin_dir)
         try:
             by_source: dict[str, BPF] = {}   # several programs of one file: one compile
-            for p in PROGRAMS + (AMBIENT_PROGRAMS if self.ambient else ()):
+            for p in self.programs:
                 b = by_source.get(p.source)
                 if b is None:
-                    src = os.path.join(PROGS_DIR, p.source)
-                    b = by_source[p.source] = BPF(src_file=src.encode(), cflags=self.cflags())
-                kw = {"attach_type": p.attach_type} if p.target == "cgroup" else {}
-                self._fns[p.func] = b.load_func(p.func.encode(), p.prog_type, **kw)
+                    b = by_source[p.source] = self._compile(p.source)
+                prog_type, attach_type = HOOKS[p.hook]
+                kw = {"attach_type": attach_type} if p.target == "cgroup" else {}
+                self._fns[p.func] = b.load_func(p.func.encode(), prog_type, **kw)
                 self._objs[p.func] = b
         except Exception as e:
             self.close()
@@ -272,7 +251,7 @@ class Datapath:
             raise DatapathError("sockhash mb_sock_pair not found")
         return fd
 
-    # ---- XDP (H4) and tc: the inbound rewrite on pod interfaces --------------
+    # ---- tc and XDP: the inbound rewrite on pod interfaces ---------------------
     def _pod_programs(self, names: tuple[str, str], prog_type: int) -> tuple[int, int]:
         """The fds of ``names`` in bpf/progs/inbound.c, compiled on first use."""
         if not self._objs:
@@ -281,8 +260,7 @@ class Datapath:
             b = self._objs.get(XDP_SOURCE)
             if b is None:
                 try:
-                    b = BPF(src_file=os.path.join(PROGS_DIR, XDP_SOURCE).encode(),
-                            cflags=self.cflags())
+                    b = self._compile(XDP_SOURCE)
                 except Exception as e:
                     raise DatapathError(f"compiling {XDP_SOURCE} failed: {e}") from e
                 self._objs[XDP_SOURCE] = b
@@ -311,12 +289,13 @@ class Datapath:
             self.load()
         fd = _open_cgroup(cgroup_path)
         try:
-            for p in PROGRAMS + (AMBIENT_PROGRAMS if self.ambient else ()):
+            for p in self.programs:
                 if p.target == "cgroup":
-                    sysbpf.attach_replace(fd, self._fns[p.func].fd, p.attach_type, p.func)
-            if not self.ambient:  # ambient mode (H11): switched off since last time
-                for p in AMBIENT_PROGRAMS:
-                    sysbpf.detach_named(fd, p.attach_type, {p.func})
+                    sysbpf.attach_replace(fd, self._fns[p.func].fd, HOOKS[p.hook][1], p.func)
+            for feature, progs in FEATURES.items():  # switched off since last time
+                if feature not in self.features:
+                    for p in progs:
+                        sysbpf.detach_named(fd, HOOKS[p.hook][1], {p.func})
         except OSError as e:
             raise DatapathError(f"attaching to {cgroup_path} failed: {e}") from e
         finally:
@@ -448,9 +427,6 @@ def remove_pins(pin_dir: str, rmdir: bool = True) -> None:
             pass
 
 
-_MAPS_ONLY = '#include "maps.h"\n'
-
-
 def open_maps(pin_dir: str) -> Maps:
     """Typed handles on the maps pinned in pin_dir, without loading programs.
     Raises DatapathError if the datapath is not installed there, or was
@@ -461,5 +437,7 @@ def open_maps(pin_dir: str) -> Maps:
     check_pinned_layouts(pin_dir)
     cflags = [f"-I{INCLUDE_DIR}", f'-DMB_PIN_DIR="{os.path.abspath(pin_dir)}"',
               "-Wno-unused-function"]
-    b = BPF(text=_MAPS_ONLY.encode(), cflags=cflags)
+    # the declarations alone: maps.h compiled as the program text
+    text = csource.assemble(os.path.join(INCLUDE_DIR, "maps.h"), INCLUDE_DIR)
+    b = BPF(text=text.encode(), cflags=cflags)
     return _maps_of(b, closer=b.cleanup)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import ctypes as ct
 import socket
 import struct
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sized
 
+from merbridge.bpf import ambient
 from merbridge.bpf import types as t
 from merbridge.bpf.policy import Cidr, PodPolicy
 
@@ -103,9 +104,9 @@ def encode_policy(policy: PodPolicy) -> t.MbPodConfig:
         arr = getattr(c, field)
         for i, p in enumerate(ports):
             arr[i] = p
-    for field, src in (("include_out_cidrs", policy.include_outbound_cidrs),
-                       ("exclude_out_cidrs", policy.exclude_outbound_cidrs)):
-        cidrs = _cidrs(field, src, t.MB_MAX_CIDRS)
+    for field, cidr_src in (("include_out_cidrs", policy.include_outbound_cidrs),
+                            ("exclude_out_cidrs", policy.exclude_outbound_cidrs)):
+        cidrs = _cidrs(field, cidr_src, t.MB_MAX_CIDRS)
         setattr(c, "n_" + field, len(cidrs))
         arr = getattr(c, field)
         for i, (net, plen) in enumerate(cidrs):
@@ -358,9 +359,9 @@ class Maps:
         self.cookie_orig_dst = CookieOrigDst(backends[t.MAP_COOKIE_ORIG_DST])
         self.netns_ip = NetnsIp(backends[t.MAP_NETNS_IP])
         self.settings = Settings(backends[t.MAP_SETTINGS])
-        # ambient mode (H11): handles defined at the end of this module
-        self.cgroup_info = CgroupInfo(backends[t.MAP_CGROUP_INFO])
-        self.ambient_ips = AmbientIps(backends[t.MAP_AMBIENT_IPS])
+        # ambient mode's (bpf/ambient.py)
+        self.cgroup_info = ambient.CgroupInfo(backends[t.MAP_CGROUP_INFO])
+        self.ambient_ips = ambient.AmbientIps(backends[t.MAP_AMBIENT_IPS])
         self.skmsg_budget = SkmsgBudget(backends[t.MAP_SKMSG_BUDGET])
         self.netns_pod = NetnsPod(backends[t.MAP_NETNS_POD])
         self.in_pending = InPending(backends[t.MAP_IN_PENDING])
@@ -384,7 +385,7 @@ class Maps:
         """Map name -> (entries in use, max_entries), for the backends that know
         their capacity (the kernel's; not DictBackend)."""
         return {name: (len(b), b.max_entries) for name, b in self.backends.items()
-                if hasattr(b, "max_entries")}
+                if isinstance(b, Sized) and hasattr(b, "max_entries")}
 
     def dump(self) -> dict[str, object]:
         """A JSON-friendly view of every map (for ``merbridge maps dump``)."""
@@ -411,81 +412,3 @@ class Maps:
         if self._closer is not None:
             self._closer()
             self._closer = None
-
-
-# ==== ambient mode (H11, docs/ambient.md) ====================================
-class CgroupInfo:
-    """mb_cgroup_info: cgroup id -> the pod owning that cgroup. Written by the
-    daemon (daemon/ambient.py); read by ambient4.c/ambient6.c."""
-
-    def __init__(self, backend: MapBackend) -> None:
-        self.b = backend
-
-    @staticmethod
-    def _key(cgroup_id: int) -> bytes:
-        if not 0 < cgroup_id < 2**64:
-            raise ValueError(f"cgroup id {cgroup_id} is outside 1..2^64-1")
-        return struct.pack("=Q", cgroup_id)
-
-    @staticmethod
-    def encode(in_mesh: bool, ip4: str = "", ip6: str = "", flags: int = 0) -> t.MbCgroupInfo:
-        v = t.MbCgroupInfo()
-        for field, ip, version in (("ip4", ip4, 4), ("ip6", ip6, 6)):
-            if ip:
-                raw = t.addr_pack(ip)
-                if (raw[:12] == b"\0" * 10 + b"\xff\xff") != (version == 4):
-                    raise ValueError(f"{field} {ip!r} is not an IPv{version} address")
-                setattr(v, field, t.MbAddr.from_buffer_copy(raw))
-        v.in_mesh = 1 if in_mesh else 0
-        v.flags = flags
-        return v
-
-    def put(self, cgroup_id: int, in_mesh: bool, ip4: str = "", ip6: str = "",
-            flags: int = 0) -> None:
-        value = self.encode(in_mesh, ip4, ip6, flags)  # validate before touching the map
-        self.b.put(self._key(cgroup_id), bytes(value))
-
-    def get(self, cgroup_id: int) -> t.MbCgroupInfo | None:
-        raw = self.b.get(self._key(cgroup_id))
-        return None if raw is None else t.MbCgroupInfo.from_buffer_copy(raw)
-
-    def delete(self, cgroup_id: int) -> bool:
-        return self.b.delete(self._key(cgroup_id))
-
-    def items(self) -> list[tuple[int, t.MbCgroupInfo]]:
-        return [(struct.unpack("=Q", k)[0], t.MbCgroupInfo.from_buffer_copy(v))
-                for k, v in self.b.items()]
-
-
-class AmbientIps:
-    """mb_ambient_ips: the IPs of the ambient pods on this node (value 1)."""
-
-    def __init__(self, backend: MapBackend) -> None:
-        self.b = backend
-
-    def put(self, ip: str) -> None:
-        self.b.put(t.addr_pack(ip), struct.pack("=I", 1))
-
-    def delete(self, ip: str) -> bool:
-        return self.b.delete(t.addr_pack(ip))
-
-    def items(self) -> list[str]:
-        return [t.addr_unpack(k) for k, _ in self.b.items()]
-
-
-def ztunnel_settings(ip4: str = "", ip6: str = "") -> dict[int, int]:
-    """The mb_settings values (index -> u64) that hold the ztunnel address;
-    an empty address clears its family. ValueError for a wrong family."""
-    v4 = v6hi = v6lo = 0
-    if ip4:
-        raw = t.addr_pack(ip4)
-        if raw[:12] != b"\0" * 10 + b"\xff\xff":
-            raise ValueError(f"ztunnel IPv4 {ip4!r} is not an IPv4 address")
-        v4 = struct.unpack("=I", raw[12:])[0]   # network order as it lies in memory
-    if ip6:
-        raw = t.addr_pack(ip6)
-        if raw[:12] == b"\0" * 10 + b"\xff\xff":
-            raise ValueError(f"ztunnel IPv6 {ip6!r} is not an IPv6 address")
-        v6hi, v6lo = struct.unpack("=QQ", raw)
-    return {t.MB_SET_ZTUNNEL_IP4: v4, t.MB_SET_ZTUNNEL_IP6_HI: v6hi,
-            t.MB_SET_ZTUNNEL_IP6_LO: v6lo}

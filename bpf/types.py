@@ -1,7 +1,8 @@
-"""ctypes mirrors of bpf/include/merbridge.h, map names, and address helpers.
+"""ctypes mirrors of bpf/include/merbridge.h and ambient.h, map names, and
+address helpers.
 
-Each class here must match one struct in ``bpf/include/merbridge.h`` field for
-field; ``tests/unit/test_layout.py`` compiles the header with gcc and compares
+Each class here must match one struct in ``bpf/include/merbridge.h`` (or, for
+ambient mode, ``ambient.h``) field for field; ``tests/unit/test_layout.py`` compiles the header with gcc and compares
 sizes, offsets and constants, so a drifted mirror fails a test instead of
 corrupting a map. Standard library only: this module is imported by the
 daemon and by unit tests without bcc.
@@ -39,6 +40,15 @@ MB_SET_SKMSG_OFF = 0
 MB_SET_SKMSG_MAX_QUEUE = 1
 MB_SET_LEGACY_SEQ = 2
 MB_SET_NODE_NETNS = 3
+
+# ---- constants mirrored from ambient.h (ambient mode, docs/ambient.md) -----
+MB_MAX_CGROUPS = 4096
+MB_AMBIENT_OUT_PORT = 15001
+MB_AMBIENT_IN_PORT = 15006
+MB_CG_F_ZTUNNEL = 0x01
+MB_SET_ZTUNNEL_IP4 = 12
+MB_SET_ZTUNNEL_IP6_HI = 13
+MB_SET_ZTUNNEL_IP6_LO = 14
 
 #: counter index -> name (``MB_C_<NAME>`` in merbridge.h, lower case here)
 COUNTERS: dict[int, str] = {
@@ -88,7 +98,7 @@ XDP_COUNTERS: dict[int, str] = {
     MB_C_IN_CLOSED: "in_closed",
 }
 
-# ---- map names (maps.h); each is also the pin file name under the pin dir --
+# ---- map names (maps.h, ambient_maps.h); each is also the pin file name ------
 MAP_COOKIE_ORIG_DST = "mb_cookie_orig_dst"
 MAP_PAIR_ORIG_DST = "mb_pair_orig_dst"
 MAP_SOCK_PAIR = "mb_sock_pair"
@@ -100,11 +110,12 @@ MAP_COUNTERS = "mb_counters"
 MAP_SKMSG_BUDGET = "mb_skmsg_budget"
 MAP_NETNS_POD = "mb_netns_pod"
 MAP_SOCK_PEER = "mb_sock_peer"
+MAP_IN_PENDING = "mb_in_pending"
+MAP_CGROUP_INFO = "mb_cgroup_info"     # ambient mode
+MAP_AMBIENT_IPS = "mb_ambient_ips"     # ambient mode
 ALL_MAPS = (MAP_COOKIE_ORIG_DST, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
             MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET,
-            MAP_NETNS_POD, MAP_SOCK_PEER)
-MAP_IN_PENDING = "mb_in_pending"
-ALL_MAPS = ALL_MAPS + (MAP_IN_PENDING,)
+            MAP_NETNS_POD, MAP_SOCK_PEER, MAP_IN_PENDING, MAP_CGROUP_INFO, MAP_AMBIENT_IPS)
 
 
 class MbAddr(ct.Structure):
@@ -210,21 +221,29 @@ class MbPodConfig(ct.Structure):
     ]
 
 
+class MbCgroupInfo(ct.Structure):
+    """Must match struct mb_cgroup_info in bpf/include/ambient.h."""
+    _fields_ = [("ip4", MbAddr), ("ip6", MbAddr), ("in_mesh", ct.c_uint32),
+                ("flags", ct.c_uint32)]
+
+
 #: mirror class -> C struct name, for the layout tests
 MIRRORS: dict[str, type[ct.Structure]] = {
     "mb_addr": MbAddr, "mb_origin": MbOrigin, "mb_pair": MbPair,
     "mb_cidr": MbCidr, "mb_pod_config": MbPodConfig, "mb_netns_pod": MbNetnsPod,
-    "mb_pod_ips": MbPodIps, "mb_in_flow": MbInFlow,
+    "mb_pod_ips": MbPodIps, "mb_in_flow": MbInFlow, "mb_cgroup_info": MbCgroupInfo,
 }
 
-#: map -> mirror of its struct value (maps.h). loader.check_pinned_layouts
-#: refuses a pin whose value size is not this build's (bcc would reuse it and
-#: the verifier refuse the programs with a bare EACCES); tests/unit/
-#: test_layout.py checks that every struct-valued map of maps.h is here.
+#: map -> mirror of its struct value (maps.h, ambient_maps.h).
+#: loader.check_pinned_layouts refuses a pin whose value size is not this
+#: build's (bcc would reuse it and the verifier refuse the programs with a bare
+#: EACCES); tests/unit/test_layout.py checks that every struct-valued map of
+#: those headers is here.
 MAP_VALUES: dict[str, type[ct.Structure]] = {
     MAP_COOKIE_ORIG_DST: MbOrigin, MAP_PAIR_ORIG_DST: MbOrigin,
     MAP_LOCAL_PODS: MbPodConfig, MAP_MARK_POD_IPS: MbPodIps, MAP_NETNS_IP: MbPodIps,
     MAP_NETNS_POD: MbNetnsPod, MAP_SOCK_PEER: MbOrigin, MAP_IN_PENDING: MbInFlow,
+    MAP_CGROUP_INFO: MbCgroupInfo,
 }
 
 
@@ -247,27 +266,3 @@ def addr_unpack(raw: bytes) -> str:
         raise ValueError(f"address must be 16 bytes, got {len(raw)}")
     a = ipaddress.IPv6Address(raw)
     return str(a.ipv4_mapped) if a.ipv4_mapped is not None else str(a)
-
-
-# ==== ambient mode (H11, docs/ambient.md): mirrors of merbridge.h's ambient section
-MB_MAX_CGROUPS = 4096
-MB_AMBIENT_OUT_PORT = 15001
-MB_AMBIENT_IN_PORT = 15006
-MB_CG_F_ZTUNNEL = 0x01
-MB_SET_ZTUNNEL_IP4 = 12
-MB_SET_ZTUNNEL_IP6_HI = 13
-MB_SET_ZTUNNEL_IP6_LO = 14
-
-MAP_CGROUP_INFO = "mb_cgroup_info"
-MAP_AMBIENT_IPS = "mb_ambient_ips"
-ALL_MAPS = ALL_MAPS + (MAP_CGROUP_INFO, MAP_AMBIENT_IPS)
-
-
-class MbCgroupInfo(ct.Structure):
-    """Must match struct mb_cgroup_info in bpf/include/merbridge.h."""
-    _fields_ = [("ip4", MbAddr), ("ip6", MbAddr), ("in_mesh", ct.c_uint32),
-                ("flags", ct.c_uint32)]
-
-
-MIRRORS["mb_cgroup_info"] = MbCgroupInfo
-MAP_VALUES[MAP_CGROUP_INFO] = MbCgroupInfo

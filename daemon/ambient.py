@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from merbridge.bpf import maps as bpfmaps
+from merbridge.bpf import ambient as bpfambient
 from merbridge.bpf import types as bpft
 from merbridge.daemon import annotations as pod_annotations
 from merbridge.daemon import procwatch
@@ -244,7 +244,7 @@ class AmbientController:
         self._set_ztunnel(*p.ips)
 
     def _set_ztunnel(self, ip4: str, ip6: str) -> None:
-        for idx, value in bpfmaps.ztunnel_settings(ip4, ip6).items():
+        for idx, value in bpfambient.ztunnel_settings(ip4, ip6).items():
             self.maps.settings.set(idx, value)
         log.info("ambient: ztunnel address ipv4=%s ipv6=%s", ip4 or "-", ip6 or "-")
 

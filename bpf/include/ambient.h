@@ -1,82 +1,43 @@
-/* ambient.h: the connect-time decision of Istio ambient mode, shared by
- * bpf/progs/ambient4.c and ambient6.c (docs/ambient.md).
+/* ambient.h: what the daemon and the kernel share for Istio ambient mode
+ * (docs/ambient.md): constants and the one struct, declared here and nowhere
+ * else. Included by ambient_maps.h (so by every program) and by the host gcc
+ * in tests/unit/test_layout.py, which checks it against its ctypes mirror in
+ * bpf/types.py.
  *
- * Pure, like connect.h: no map access here (bcc rewrites map calls only in
- * the main source file). The programs look up the caller's cgroup entry
- * (mb_cgroup_info), the ztunnel address (mb_settings) and whether the
- * destination is an ambient pod (mb_ambient_ips), and apply the verdict.
- *
- * The ambient programs are separate cgroup/connect programs attached next to
- * connect4/connect6 (BPF_F_ALLOW_MULTI). They never act on a sidecar pod and
- * connect4/6 never act on an ambient pod or ztunnel (neither is a recorded
- * sidecar pod nor has the proxy's listener), so the order in which the kernel runs them does not
- * matter.
+ * A pod in Istio's ambient mesh has no sidecar: its app's connects go to the
+ * node's ztunnel, whose address the daemon keeps in mb_settings. Pods are
+ * recognised by their cgroup (bpf_get_current_cgroup_id, cgroup v2), not by a
+ * listener in their netns, because joining or leaving ambient happens by a
+ * label change on a running pod, with no CNI call. The programs
+ * (bpf/progs/ambient4.c, ambient6.c) are loaded only with --ambient; the maps
+ * (ambient_maps.h) exist in every build.
  */
 #ifndef MERBRIDGE_AMBIENT_H
 #define MERBRIDGE_AMBIENT_H
 
-#include "helpers.h"
+#include "merbridge.h"
 
-#define MB_AMB_PASS 0   /* leave the connect alone */
-#define MB_AMB_OUT  1   /* ambient pod's app -> ztunnel:MB_AMBIENT_OUT_PORT */
-#define MB_AMB_IN   2   /* host process -> ambient pod: ztunnel:MB_AMBIENT_IN_PORT */
+#define MB_MAX_CGROUPS      4096  /* mb_cgroup_info: pod + container cgroups */
+#define MB_AMBIENT_OUT_PORT 15001 /* ztunnel's outbound listener */
+#define MB_AMBIENT_IN_PORT  15006 /* ztunnel's inbound (plaintext) listener */
 
-/* The ztunnel address of dst's family from the three mb_settings values;
- * 0 when the daemon has none for that family. */
-static __always_inline int mb_ztunnel_addr(const struct mb_addr *dst, u64 v4, u64 v6hi,
-					   u64 v6lo, struct mb_addr *zt)
-{
-	if (mb_addr_is_v4(dst)) {
-		if (!(u32)v4)
-			return 0;
-		mb_addr_from_v4(zt, (u32)v4);
-		return 1;
-	}
-	if (!v6hi && !v6lo)
-		return 0;
-	/* the daemon stored the 16 bytes as two u64 in memory order */
-	zt->ip[0] = (u32)v6hi;
-	zt->ip[1] = (u32)(v6hi >> 32);
-	zt->ip[2] = (u32)v6lo;
-	zt->ip[3] = (u32)(v6lo >> 32);
-	return 1;
-}
+/* struct mb_cgroup_info.flags */
+#define MB_CG_F_ZTUNNEL 0x01 /* the node's ztunnel: never intercepted */
 
-/* The decision.
- *  self:        the caller's cgroup entry (0: not a known pod, i.e. a host
- *               process, or a pod whose cgroup the daemon has not seen yet)
- *  zt:          ztunnel's address in dst's family (valid when have_zt)
- *  dst_ambient: dst is an ambient pod on this node
- *  sidecar:     a caller without entry is in a sidecar pod (the caller's
- *               mb_sidecar_netns(), asked only then): it keeps its sidecar path
- * On MB_AMB_OUT, *bind is the pod IP of dst's family to bind (0s: none). */
-static __always_inline int mb_ambient_decide(int sidecar, const struct mb_cgroup_info *self,
-					     const struct mb_addr *dst, int have_zt,
-					     const struct mb_addr *zt, int dst_ambient,
-					     struct mb_addr *bind)
-{
-	if (!have_zt)
-		return MB_AMB_PASS;            /* no ztunnel on this node (yet) */
-	if (self) {
-		const struct mb_addr *own;
+/* mb_settings indexes holding the node's ztunnel address (0: none) */
+#define MB_SET_ZTUNNEL_IP4    12 /* IPv4, network order, in the low 32 bits */
+#define MB_SET_ZTUNNEL_IP6_HI 13 /* IPv6 bytes 0..7, as they lie in memory */
+#define MB_SET_ZTUNNEL_IP6_LO 14 /* IPv6 bytes 8..15 */
 
-		if (self->flags & MB_CG_F_ZTUNNEL)
-			return MB_AMB_PASS;    /* ztunnel itself: never intercepted */
-		if (!self->in_mesh)
-			return MB_AMB_PASS;    /* a pod outside ambient (sidecar or none) */
-		own = mb_addr_is_v4(dst) ? &self->ip4 : &self->ip6;
-		/* loopback, the pod's own IP (both stay in the pod) and ztunnel
-		 * itself are not captured (Istio's in-pod rules do the same) */
-		if (mb_addr_is_loopback(dst) || mb_addr_eq(dst, own) || mb_addr_eq(dst, zt))
-			return MB_AMB_PASS;
-		*bind = *own;
-		return MB_AMB_OUT;
-	}
-	if (!dst_ambient)
-		return MB_AMB_PASS;
-	if (sidecar)
-		return MB_AMB_PASS;            /* a sidecar pod: connect4/6 handle it */
-	return MB_AMB_IN;
-}
+/* One cgroup of a pod on this node (the pod's cgroup and each container's).
+ * Value of mb_cgroup_info, keyed by the u64 cgroup id (the inode of the
+ * cgroup v2 directory). A pod outside ambient has an entry with in_mesh 0:
+ * that tells "a pod" from "a host process". */
+struct mb_cgroup_info {
+	struct mb_addr ip4; /* the pod's IPv4 (::ffff:a.b.c.d); 0s: none */
+	struct mb_addr ip6; /* the pod's IPv6; 0s: none */
+	__u32 in_mesh;      /* 1: ambient, the app's connects go to ztunnel */
+	__u32 flags;        /* MB_CG_F_* */
+};
 
 #endif /* MERBRIDGE_AMBIENT_H */

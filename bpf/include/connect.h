@@ -1,37 +1,42 @@
-/* connect.h: the connect-time decision shared by connect4.c and connect6.c.
+/* connect.h: the sidecar's connect hook, shared by connect4.c and connect6.c.
  *
- * mb_decide() is pure: the programs look up what it needs (who is calling,
- * the caller's pod policy, the target pod's policy) and then apply its
- * verdict (counter, cookie record, address rewrite) with their own family's
- * fields. The order of the checks is istio-iptables' ISTIO_OUTPUT chain.
+ * mb_connect() is the whole program but the choice of family: it looks up
+ * what the decision needs (who is calling, the caller's pod policy, the
+ * target pod's policy), asks mb_decide() (pure; the order of the checks is
+ * istio-iptables' ISTIO_OUTPUT chain), and applies the verdict (counter,
+ * cookie record, address rewrite) through sockaddr.h's per-family loads and
+ * stores. dns.c and peername.c use the pod-IP helpers.
  */
 #ifndef MERBRIDGE_CONNECT_H
 #define MERBRIDGE_CONNECT_H
 
 #include "helpers.h"
+#include "maps.h"
+#include "pod.h"
+#include "sockaddr.h"
 
 #define MB_ACT_PASS  0
-#define MB_ACT_OUT   1   /* -> loopback : MB_OUT_PORT */
-#define MB_ACT_IN    2   /* another local pod -> same address : MB_IN_PORT */
-#define MB_ACT_IN_LO 3   /* the proxy through lo -> loopback : MB_IN_PORT */
+#define MB_ACT_OUT   1 /* -> loopback : MB_OUT_PORT */
+#define MB_ACT_IN    2 /* another local pod -> same address : MB_IN_PORT */
+#define MB_ACT_IN_LO 3 /* the proxy through lo -> loopback : MB_IN_PORT */
 
 struct mb_conn {
 	const struct mb_addr *dst;
-	const struct mb_addr *src;      /* the socket's bound source (0s: none) */
-	u16 port;                       /* destination port, host order */
-	int is_proxy;                   /* caller's UID or GID is the proxy's */
-	int is_proxy_uid;               /* caller's UID is the proxy's */
-	int ip_known;                   /* the pod IP of the connection's family is
-					 * known (legacy mode: learned) */
-	const struct mb_pod_ips *self;  /* the caller's pod IPs (0s: unknown) */
-	const struct mb_pod_config *own;     /* caller's pod policy (may be 0) */
-	const struct mb_pod_config *target;  /* dst's pod policy, proxy only (may be 0) */
+	const struct mb_addr *src; /* the socket's bound source (0s: none) */
+	u16 port;                  /* destination port, host order */
+	int is_proxy;              /* caller's UID or GID is the proxy's */
+	int is_proxy_uid;          /* caller's UID is the proxy's */
+	/* the pod IP of the connection's family is known (legacy mode: learned) */
+	int ip_known;
+	const struct mb_pod_ips *self;      /* the caller's pod IPs (0s: unknown) */
+	const struct mb_pod_config *own;    /* caller's pod policy (may be 0) */
+	const struct mb_pod_config *target; /* dst's pod policy, proxy only (may be 0) */
 };
 
 struct mb_verdict {
-	int act;        /* MB_ACT_* */
-	u32 counter;    /* MB_C_* to bump */
-	u16 flags;      /* MB_ORIGIN_F_* to record under the cookie (0: none) */
+	int act;     /* MB_ACT_* */
+	u32 counter; /* MB_C_* to bump */
+	u16 flags;   /* MB_ORIGIN_F_* to record under the cookie (0: none) */
 };
 
 /* ---- the caller's pod IPs (struct mb_pod_ips) ------------------------------ */
@@ -76,7 +81,8 @@ static __always_inline int mb_via_lo(const struct mb_conn *c)
 static __always_inline int mb_from_passthrough(const struct mb_conn *c)
 {
 	return mb_addr_is_passthrough(c->src) ||
-	       (mb_addr_is_zero(c->src) && !mb_addr_is_v4(c->dst) && mb_addr_is_passthrough(c->dst));
+	       (mb_addr_is_zero(c->src) && !mb_addr_is_v4(c->dst) &&
+		mb_addr_is_passthrough(c->dst));
 }
 
 /* A bypass that, in legacy mode with the pod IP of the connection's family
@@ -99,8 +105,10 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 	v->flags = 0;
 
 	/* 1. excludeOutboundPorts: before everything else, the proxy included */
-	if (c->own && mb_port_in(c->own->exclude_out_ports, c->own->n_exclude_out_ports, c->port))
-		{ mb_bypass(c, v, MB_C_BYPASS_POLICY); return; }
+	if (c->own && mb_port_in(c->own->exclude_out_ports, c->own->n_exclude_out_ports, c->port)) {
+		mb_bypass(c, v, MB_C_BYPASS_POLICY);
+		return;
+	}
 
 	/* 2. the proxy's inbound-passthrough source, and HBONE */
 	if (mb_from_passthrough(c) || c->port == MB_HBONE_PORT) {
@@ -137,15 +145,19 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 		 * address through lo would be REDIRECTed once more, and the
 		 * accepted socket's tuple would no longer be the pair entry's). */
 		if (via_lo) {
-			if (mb_addr_is_localhost(c->dst) || (!c->is_proxy_uid && lo_return))
-				{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
+			if (mb_addr_is_localhost(c->dst) || (!c->is_proxy_uid && lo_return)) {
+				mb_bypass(c, v, MB_C_BYPASS_PROXY);
+				return;
+			}
 		} else {
 			/* another local mesh pod is captured by its inbound listener
 			 * if its inbound policy captures the port (iptables: that
 			 * pod's PREROUTING -> ISTIO_INBOUND); anything else is left
 			 * alone */
-			if (!c->target)
-				{ mb_bypass(c, v, MB_C_BYPASS_PROXY); return; }
+			if (!c->target) {
+				mb_bypass(c, v, MB_C_BYPASS_PROXY);
+				return;
+			}
 			if (!mb_policy_in(c->target, c->port)) {
 				v->act = MB_ACT_PASS;
 				v->counter = MB_C_BYPASS_POLICY;
@@ -167,8 +179,10 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 	}
 
 	/* 7.-9. the pod's CIDR and port lists; no policy known: capture all */
-	if (c->own && !mb_policy_out(c->own, c->dst, c->port))
-		{ mb_bypass(c, v, MB_C_BYPASS_POLICY); return; }
+	if (c->own && !mb_policy_out(c->own, c->dst, c->port)) {
+		mb_bypass(c, v, MB_C_BYPASS_POLICY);
+		return;
+	}
 
 	v->act = MB_ACT_OUT;
 	v->counter = MB_C_REDIRECT_OUT;
@@ -182,6 +196,128 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 static __always_inline u32 mb_legacy_dst4(u64 seq)
 {
 	return bpf_htonl(0x7f800000u | ((u32)(seq % 0xffffeu) + 1));
+}
+
+/* The connect hook of a cgroup/connect4 (v4) or connect6 program.
+ *
+ * IPv4: an app's connect from a mesh pod goes to the sidecar's outbound
+ * listener 127.0.0.1:MB_OUT_PORT; the proxy's connect to another local mesh
+ * pod goes to that pod's MB_IN_PORT, and its call through lo (its own pod IP,
+ * 127/8 but 127.0.0.1) to its own 127.0.0.1:MB_IN_PORT, where iptables'
+ * REDIRECT would send it. The source of a call sent to loopback is bound to
+ * the pod IP when known, so the rewritten 4-tuple is unique on the node;
+ * otherwise an app's destination is spread over 127.128.0.0/12 (the
+ * "quadruple conflict" of the node-global pair maps) and the proxy's stays
+ * 127.0.0.1: its inbound listener need not be on 0.0.0.0 (the validation
+ * probe's is on 127.0.0.1), and iptables would REDIRECT another 127/8
+ * address once more.
+ *
+ * IPv6: the same to [::1]; a dual-stack socket connecting to an
+ * IPv4-mapped address goes to ::ffff:127.0.0.1 instead, because the
+ * connection will really be IPv4, and is bound to the pod's IPv4. A pure
+ * IPv6 destination without an IPv6 pod IP to bind (a pod with no IPv6
+ * address, or legacy mode before it learned it) stays unbound: IPv6 has no
+ * spare loopback addresses (docs/datapath.md, quadruple conflict). */
+static __always_inline int mb_connect(struct bpf_sock_addr *ctx, const int v4)
+{
+	struct mb_addr dst, src;
+	struct mb_conn c = {};
+	struct mb_verdict v = {};
+	struct mb_pod_ips *ip = 0, self = {};
+	u64 ugid, cookie;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	u64 netns = bpf_get_netns_cookie(ctx);
+
+	if (!mb_sidecar_pod(ctx, netns, &ip)) {
+		mb_count(MB_C_BYPASS_NOT_MESH);
+		return 1;
+	}
+	mb_sa_dst(ctx, v4, &dst);
+	mb_sa_src(ctx, v4, &src);
+	/* the connection's family: an IPv4-mapped destination on a dual-stack
+	 * socket makes an IPv4 connection */
+	int mapped = v4 || mb_addr_is_v4(&dst);
+
+	c.dst = &dst;
+	c.src = &src;
+	c.port = bpf_ntohs((u16)ctx->user_port);
+	c.self = &self;
+	if (ip) {
+		self = *ip;
+		struct mb_addr *key = mb_pod_ip_any(&self);
+
+		if (key)
+			c.own = mb_local_pods.lookup(key);
+	}
+	/* the pod IP of the connection's family (legacy mode: while it is
+	 * unknown, a connection left alone is marked LEARN); a redirected
+	 * connect is bound to it */
+	struct mb_addr *bind_ip = mb_pod_ip(&self, mapped);
+
+	c.ip_known = bind_ip != 0;
+	ugid = bpf_get_current_uid_gid();
+	c.is_proxy = mb_is_proxy(c.own, ugid, &c.is_proxy_uid);
+	/* with DNS capture, istio-iptables' proxy-UID rules leave TCP 53 alone,
+	 * its own pod's included (the lo rule excludes 53, then RETURN); while
+	 * legacy mode still learns the pod IP, mb_decide passes it (LEARN) */
+	if (MB_DNS_PORT != 0 && c.port == MB_DNS_SERVER_PORT && c.is_proxy_uid && c.ip_known &&
+	    c.own && (c.own->flags & MB_POD_F_DNS_CAPTURE))
+		return 1;
+	/* the pod's DNS queries are dns.c's (MB_POD_F_DNS_CAPTURE) */
+	if (c.port == MB_DNS_SERVER_PORT && mb_dns_captured(c.own, ugid, &src))
+		return 1;
+	if (c.is_proxy)
+		c.target = mb_local_pods.lookup(&dst);
+
+	mb_decide(&c, &v);
+	mb_count(v.counter);
+	if (v.flags) {
+		struct mb_origin o = {};
+
+		o.addr = dst;
+		o.port = bpf_htons(c.port);
+		o.flags = v.flags;
+		o.pid = bpf_get_current_pid_tgid() >> 32;
+		cookie = bpf_get_socket_cookie(ctx);
+		mb_cookie_orig_dst.update(&cookie, &o);
+		/* what the app asked for, for getpeername (peername.c) */
+		if (v.flags & MB_ORIGIN_F_REDIRECT)
+			mb_sock_peer.update(&cookie, &o);
+	}
+	if (v.act == MB_ACT_PASS)
+		return 1;
+	if (v.act == MB_ACT_IN) {
+		ctx->user_port = bpf_htons(MB_IN_PORT);
+		return 1;
+	}
+	/* MB_ACT_OUT, MB_ACT_IN_LO: to loopback */
+	ctx->user_port = bpf_htons(v.act == MB_ACT_OUT ? MB_OUT_PORT : MB_IN_PORT);
+	int bound = 0;
+
+	if (bind_ip) {
+		bound = mb_sa_bind(ctx, v4, bind_ip) == 0;
+		mb_count(bound ? MB_C_BIND_POD_IP : MB_C_BIND_FAILED);
+	}
+	struct mb_addr to = {};
+
+	if (!mapped) {
+		to.ip[3] = bpf_htonl(1); /* ::1 */
+	} else if (bound || v.act == MB_ACT_IN_LO) {
+		mb_addr_from_v4(&to, bpf_htonl(0x7f000001));
+	} else {
+		u32 idx = MB_SET_LEGACY_SEQ;
+		u64 *seq = mb_settings.lookup(&idx);
+		u64 n = 0;
+
+		if (seq)
+			n = __sync_fetch_and_add(seq, 1);
+		mb_count(MB_C_LEGACY_DST);
+		mb_addr_from_v4(&to, mb_legacy_dst4(n));
+	}
+	mb_sa_set_dst(ctx, v4, &to);
+	return 1;
 }
 
 #endif /* MERBRIDGE_CONNECT_H */

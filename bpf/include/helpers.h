@@ -2,12 +2,9 @@
  *
  * Address handling over the 16-byte form, the per-pod policy decisions (the
  * order is istio-iptables' ISTIO_OUTPUT / ISTIO_INBOUND order, documented in
- * bpf/policy.py) and the marker-listener lookup.
- *
- * No map is touched here, on purpose: bcc rewrites map calls (m.lookup(),
- * m.update(), ...) only in the main source file, and a map call left in a
- * header compiles into an indirect call the verifier rejects. So headers hold
- * pure logic over values and pointers; every map access is in bpf/progs/.
+ * bpf/policy.py) and socket 4-tuples. Pure logic over values and pointers: no
+ * map, no helper call but byte-order ones; who is calling (maps, listeners) is
+ * pod.h's.
  */
 #ifndef MERBRIDGE_HELPERS_H
 #define MERBRIDGE_HELPERS_H
@@ -20,7 +17,7 @@
 #if MB_DEBUG
 #define mb_dbg(fmt, ...) bpf_trace_printk(fmt, ##__VA_ARGS__)
 #else
-#define mb_dbg(fmt, ...) do { } while (0)
+#define mb_dbg(fmt, ...) ((void)0)
 #endif
 
 /* ---- addresses ----------------------------------------------------------- */
@@ -40,8 +37,8 @@ static __always_inline int mb_addr_is_v4(const struct mb_addr *a)
 
 static __always_inline int mb_addr_eq(const struct mb_addr *a, const struct mb_addr *b)
 {
-	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] &&
-	       a->ip[2] == b->ip[2] && a->ip[3] == b->ip[3];
+	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] &&
+	       a->ip[3] == b->ip[3];
 }
 
 /* 127.0.0.0/8 (mapped) or ::1 */
@@ -178,8 +175,8 @@ static __always_inline int mb_cidr_in(const struct mb_cidr *list, u8 n, const st
 
 /* Outbound steps 2-5 (step 1, excluded ports, is checked before the proxy
  * rules by the caller, as ISTIO_OUTPUT does). 1: redirect. */
-static __always_inline int mb_policy_out(const struct mb_pod_config *pc,
-					 const struct mb_addr *dst, u16 port)
+static __always_inline int mb_policy_out(const struct mb_pod_config *pc, const struct mb_addr *dst,
+					 u16 port)
 {
 	if (mb_cidr_in(pc->exclude_out_cidrs, pc->n_exclude_out_cidrs, dst))
 		return 0;
@@ -196,7 +193,8 @@ static __always_inline int mb_policy_out(const struct mb_pod_config *pc,
 static __always_inline int mb_policy_includes_loopback(const struct mb_pod_config *pc)
 {
 	for (u32 i = 0; i < MB_MAX_CIDRS; i++) {
-		if (i < pc->n_include_out_cidrs && mb_addr_is_loopback(&pc->include_out_cidrs[i].net))
+		if (i < pc->n_include_out_cidrs &&
+		    mb_addr_is_loopback(&pc->include_out_cidrs[i].net))
 			return 1;
 	}
 	return 0;
@@ -256,23 +254,23 @@ static __always_inline int mb_dns_captured(const struct mb_pod_config *pc, u64 u
 /* Fill a pair from a context's own view (sock_ops, sk_msg): local -> remote.
  * remote_port is the network-order port in the upper half of the u32 (the
  * kernel shifts it there), local_port is in host order. */
-#define mb_pair_from_ctx(p, c)                                              \
-	do {                                                                  \
-		if ((c)->family == AF_INET) {                                     \
-			mb_addr_from_v4(&(p)->sip, (c)->local_ip4);                   \
-			mb_addr_from_v4(&(p)->dip, (c)->remote_ip4);                  \
-		} else {                                                          \
-			(p)->sip.ip[0] = mb_ctx_u32(&(c)->local_ip6[0]);                           \
-			(p)->sip.ip[1] = mb_ctx_u32(&(c)->local_ip6[1]);                           \
-			(p)->sip.ip[2] = mb_ctx_u32(&(c)->local_ip6[2]);                           \
-			(p)->sip.ip[3] = mb_ctx_u32(&(c)->local_ip6[3]);                           \
-			(p)->dip.ip[0] = mb_ctx_u32(&(c)->remote_ip6[0]);                          \
-			(p)->dip.ip[1] = mb_ctx_u32(&(c)->remote_ip6[1]);                          \
-			(p)->dip.ip[2] = mb_ctx_u32(&(c)->remote_ip6[2]);                          \
-			(p)->dip.ip[3] = mb_ctx_u32(&(c)->remote_ip6[3]);                          \
-		}                                                                 \
-		(p)->sport = bpf_htons((u16)(c)->local_port);                     \
-		(p)->dport = bpf_htons((u16)bpf_ntohl((c)->remote_port));         \
+#define mb_pair_from_ctx(p, c)                                            \
+	do {                                                              \
+		if ((c)->family == AF_INET) {                             \
+			mb_addr_from_v4(&(p)->sip, (c)->local_ip4);       \
+			mb_addr_from_v4(&(p)->dip, (c)->remote_ip4);      \
+		} else {                                                  \
+			(p)->sip.ip[0] = mb_ctx_u32(&(c)->local_ip6[0]);  \
+			(p)->sip.ip[1] = mb_ctx_u32(&(c)->local_ip6[1]);  \
+			(p)->sip.ip[2] = mb_ctx_u32(&(c)->local_ip6[2]);  \
+			(p)->sip.ip[3] = mb_ctx_u32(&(c)->local_ip6[3]);  \
+			(p)->dip.ip[0] = mb_ctx_u32(&(c)->remote_ip6[0]); \
+			(p)->dip.ip[1] = mb_ctx_u32(&(c)->remote_ip6[1]); \
+			(p)->dip.ip[2] = mb_ctx_u32(&(c)->remote_ip6[2]); \
+			(p)->dip.ip[3] = mb_ctx_u32(&(c)->remote_ip6[3]); \
+		}                                                         \
+		(p)->sport = bpf_htons((u16)(c)->local_port);             \
+		(p)->dport = bpf_htons((u16)bpf_ntohl((c)->remote_port)); \
 	} while (0)
 
 static __always_inline void mb_pair_reverse(const struct mb_pair *p, struct mb_pair *r)
@@ -281,50 +279,6 @@ static __always_inline void mb_pair_reverse(const struct mb_pair *p, struct mb_p
 	r->dip = p->sip;
 	r->sport = p->dport;
 	r->dport = p->sport;
-}
-
-/* ---- who is calling? ------------------------------------------------------ */
-
-/* Is a TCP listener on (v4 addr4 | v6 ::addr6_last):port in the caller's
- * netns? Returns its SO_MARK + 1 (0: none). A v4 lookup also finds
- * dual-stack [::] listeners; the v6 lookup catches v6-only ones. */
-static __always_inline u64 mb_listener_mark(void *ctx, u32 addr4, u32 addr6_last, u16 port)
-{
-	struct bpf_sock_tuple t = {};
-	struct bpf_sock *sk;
-	u64 mark;
-
-	t.ipv4.daddr = addr4;
-	t.ipv4.dport = bpf_htons(port);
-	sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
-	if (!sk) {
-		__builtin_memset(&t, 0, sizeof(t));
-		t.ipv6.daddr[3] = addr6_last;
-		t.ipv6.dport = bpf_htons(port);
-		sk = bpf_sk_lookup_tcp(ctx, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
-	}
-	if (!sk)
-		return 0;
-	mark = (u64)sk->mark + 1;
-	bpf_sk_release(sk);
-	return mark;
-}
-
-/* Mesh membership probe: CNI mode looks for the daemon's marker listener on
- * MB_MARK_PORT (its SO_MARK keys mb_mark_pod_ips), legacy mode for the
- * proxy's outbound listener on 127.0.0.1 / ::1. Returns mark + 1, 0: not in
- * a mesh pod. Nothing is cached: a pod whose listener appears later is seen
- * at its next connect (upstream cached a negative answer per cgroup).
- * connect4/6 ask it only in legacy mode and never in the node's netns; in
- * CNI mode they trust no listener, only the daemon's record (mb_netns_pod,
- * docs/security.md). */
-static __always_inline u64 mb_mesh_probe(void *ctx)
-{
-#if MB_CNI_MODE
-	return mb_listener_mark(ctx, 0, 0, MB_MARK_PORT);
-#else
-	return mb_listener_mark(ctx, bpf_htonl(0x7f000001), bpf_htonl(1), MB_OUT_PORT);
-#endif
 }
 
 #endif /* MERBRIDGE_HELPERS_H */

@@ -1,10 +1,15 @@
 /* maps.h: every map of the datapath, declared once.
  *
- * Each program in bpf/progs/ is compiled by bcc as its own object; all of them
- * include this file, so they all name the same maps. Every map is pinned under
- * MB_PIN_DIR (-DMB_PIN_DIR="..." from bpf/loader.py): the first object to load
- * creates and pins a map, later objects (and a restarted daemon) reuse the pin.
- * Names are mirrored as constants in bpf/types.py.
+ * Each program file in bpf/progs/ is compiled by bcc as its own object; all of
+ * them include this file, so they all name the same maps. Every map is pinned
+ * under MB_PIN_DIR (-DMB_PIN_DIR="..." from bpf/loader.py): the first object
+ * to load creates and pins a map, later objects (and a restarted daemon) reuse
+ * the pin. Names are mirrored as constants in bpf/types.py. Ambient mode's
+ * maps are in ambient_maps.h, included at the end.
+ *
+ * Map accesses (m.lookup(&k), m.update(...)) may stand in any header of
+ * bpf/include/: bcc rewrites them only in the text it compiles, so the loader
+ * writes every header a program includes into that text (bpf/csource.py).
  */
 #ifndef MERBRIDGE_MAPS_H
 #define MERBRIDGE_MAPS_H
@@ -20,27 +25,28 @@
 /* bcc's BPF_SOCKHASH cannot be pinned; this is the same table layout with the
  * "type:pin path" section that BPF_TABLE_PINNED uses. The member names are
  * what bcc's rewriter keys on (sock_hash_update, msg_redirect_hash). */
-#define MB_SOCKHASH_PINNED(_name, _key_type, _max_entries)                     \
-	struct _name##_table_t {                                                 \
-		_key_type key;                                                       \
-		int leaf;                                                            \
-		int (*update)(_key_type *, int *);                                   \
-		int (*delete)(_key_type *);                                          \
-		int (*sock_hash_update)(void *, void *, u64);                        \
-		int (*msg_redirect_hash)(void *, void *, u64);                       \
-		int (*sk_redirect_hash)(void *, void *, u64);                        \
-		u32 max_entries;                                                     \
-	};                                                                       \
-	__attribute__((section("maps/sockhash:" MB_PIN(_name))))                 \
-	struct _name##_table_t _name = {.max_entries = (_max_entries)};          \
+#define MB_SOCKHASH_PINNED(_name, _key_type, _max_entries)                                        \
+	struct _name##_table_t {                                                                  \
+		_key_type key;                                                                    \
+		int leaf;                                                                         \
+		int (*update)(_key_type *, int *);                                                \
+		int (*delete)(_key_type *);                                                       \
+		int (*sock_hash_update)(void *, void *, u64);                                     \
+		int (*msg_redirect_hash)(void *, void *, u64);                                    \
+		int (*sk_redirect_hash)(void *, void *, u64);                                     \
+		u32 max_entries;                                                                  \
+	};                                                                                        \
+	__attribute__((section("maps/sockhash:" MB_PIN(_name)))) struct _name##_table_t _name = { \
+		.max_entries = (_max_entries)                                                     \
+	};                                                                                        \
 	BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
 
 /* Socket cookie -> original destination of a connect that was rewritten
  * (flag REDIRECT/INBOUND) or that should teach the netns its IP (LEARN).
  * Written by connect4/connect6; read and deleted by sockops when the
  * connection is established. LRU: connects that never establish age out. */
-BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst,
-		 MB_MAX_CONNS, MB_PIN(mb_cookie_orig_dst));
+BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst, MB_MAX_CONNS,
+		 MB_PIN(mb_cookie_orig_dst));
 
 /* 4-tuple of the connecting socket -> original destination.
  * Written by sockops (ACTIVE_ESTABLISHED, from mb_cookie_orig_dst) and by the
@@ -52,8 +58,8 @@ BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst,
  * closes (both kinds; an inbound flow going to TIME_WAIT moves to
  * mb_in_pending), by the inbound datapath on the pod's RST, by the daemon
  * (maps.pair_orig_dst.delete_ip) when a pod goes. */
-BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_origin, mb_pair_orig_dst,
-		 MB_MAX_CONNS, MB_PIN(mb_pair_orig_dst));
+BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_origin, mb_pair_orig_dst, MB_MAX_CONNS,
+		 MB_PIN(mb_pair_orig_dst));
 
 /* Inbound flows (bpf/progs/inbound.c) that are not established: half-open (a SYN
  * seen, the handshake not complete) or closing (the pod's socket in
@@ -62,8 +68,8 @@ BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_origin, mb_pair_orig_dst,
  * moves the flow to mb_pair_orig_dst), by sockops (a closing flow moves
  * here). LRU of its own: a SYN flood only evicts other half-open or closing
  * flows, never an established one, and never a connect/sockops entry. */
-BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_in_flow, mb_in_pending,
-		 MB_MAX_CONNS, MB_PIN(mb_in_pending));
+BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_in_flow, mb_in_pending, MB_MAX_CONNS,
+		 MB_PIN(mb_in_pending));
 
 /* 4-tuple -> local socket, for sk_msg shortcuts between two local sockets.
  * Written by sockops (both ends of an intercepted local connection); read by
@@ -81,20 +87,20 @@ MB_SOCKHASH_PINNED(mb_sock_pair, struct mb_pair, MB_MAX_CONNS);
  * passive end closes. A plain hash, not LRU: an LRU insert cost ~600 ns here
  * against ~160 ns (docs/datapath.md); if leaked entries ever fill it,
  * sockops skips the shortcut, which is slower but correct. */
-BPF_TABLE_PINNED("hash", struct mb_pair, u64, mb_skmsg_budget,
-		 MB_MAX_CONNS, MB_PIN(mb_skmsg_budget));
+BPF_TABLE_PINNED("hash", struct mb_pair, u64, mb_skmsg_budget, MB_MAX_CONNS,
+		 MB_PIN(mb_skmsg_budget));
 
 /* Pod IP -> interception policy of a mesh pod on this node.
  * Written by the daemon (maps.local_pods); read by connect4/6 (the own pod's
  * outbound policy, a target pod's inbound policy) and XDP. */
-BPF_TABLE_PINNED("hash", struct mb_addr, struct mb_pod_config, mb_local_pods,
-		 MB_MAX_PODS, MB_PIN(mb_local_pods));
+BPF_TABLE_PINNED("hash", struct mb_addr, struct mb_pod_config, mb_local_pods, MB_MAX_PODS,
+		 MB_PIN(mb_local_pods));
 
 /* SO_MARK of a pod's marker listener (port MB_MARK_PORT) -> pod IPs (one
  * per family). Written by the daemon on CNI ADD (maps.mark_pod_ips); read by
  * connect4/6 in CNI mode to learn the caller's pod IPs. */
-BPF_TABLE_PINNED("hash", u32, struct mb_pod_ips, mb_mark_pod_ips,
-		 MB_MAX_PODS, MB_PIN(mb_mark_pod_ips));
+BPF_TABLE_PINNED("hash", u32, struct mb_pod_ips, mb_mark_pod_ips, MB_MAX_PODS,
+		 MB_PIN(mb_mark_pod_ips));
 
 /* Legacy mode feedback: network namespace cookie -> that netns' pod IPs,
  * one per family (0s: not learned yet). Written by sockops when a connection
@@ -104,8 +110,7 @@ BPF_TABLE_PINNED("hash", u32, struct mb_pod_ips, mb_mark_pod_ips,
  * pod IP of the connection's family is unknown, so a dual-stack pod learns
  * both. Keyed by netns (not by pid as upstream's process_ip) so every process
  * of the pod benefits from one learned connection per family. */
-BPF_TABLE_PINNED("lru_hash", u64, struct mb_pod_ips, mb_netns_ip,
-		 MB_MAX_PODS, MB_PIN(mb_netns_ip));
+BPF_TABLE_PINNED("lru_hash", u64, struct mb_pod_ips, mb_netns_ip, MB_MAX_PODS, MB_PIN(mb_netns_ip));
 
 /* CNI mode: network namespace cookie -> {pod IPs, marker SO_MARK}: the
  * daemon's record of a pod netns, written at CNI ADD from the SO_NETNS_COOKIE
@@ -116,19 +121,32 @@ BPF_TABLE_PINNED("lru_hash", u64, struct mb_pod_ips, mb_netns_ip,
  * Nothing but the daemon writes it, so it holds at most one entry per pod; a
  * plain hash, not LRU: an LRU map may evict before it is full (per-CPU free
  * lists), and an evicted record would be a pod silently left uncaptured. */
-BPF_TABLE_PINNED("hash", u64, struct mb_netns_pod, mb_netns_pod,
-		 MB_MAX_PODS, MB_PIN(mb_netns_pod));
+BPF_TABLE_PINNED("hash", u64, struct mb_netns_pod, mb_netns_pod, MB_MAX_PODS, MB_PIN(mb_netns_pod));
 
 /* Runtime settings, index MB_SET_*. Written by the daemon (maps.settings);
  * read by sockops (MB_SET_SKMSG_OFF, MB_SET_SKMSG_MAX_QUEUE). Index
  * MB_SET_LEGACY_SEQ is connect4/6's 127.128.x.y sequence (atomic add). */
-BPF_TABLE_PINNED("array", u32, u64, mb_settings, MB_N_SETTINGS,
-		 MB_PIN(mb_settings));
+BPF_TABLE_PINNED("array", u32, u64, mb_settings, MB_N_SETTINGS, MB_PIN(mb_settings));
+
+/* The value of setting idx (0: not set). */
+static __always_inline u64 mb_setting(u32 idx)
+{
+	u64 *v = mb_settings.lookup(&idx);
+
+	return v ? *v : 0;
+}
 
 /* Per-CPU event counters, index MB_C_*. Written by every program; read by
  * maps.counters() (status, metrics, tests). */
-BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS,
-		 MB_PIN(mb_counters));
+BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS, MB_PIN(mb_counters));
+
+static __always_inline void mb_count(u32 idx)
+{
+	u64 *v = mb_counters.lookup(&idx);
+
+	if (v)
+		*v += 1;
+}
 
 /* Socket cookie -> what the app asked for, for the sockets whose address
  * the datapath rewrote: connect4/6 (flag REDIRECT, plus INBOUND for the
@@ -140,22 +158,8 @@ BPF_TABLE_PINNED("percpu_array", u32, u64, mb_counters, MB_N_COUNTERS,
  * socket is released, so a plain hash; if it is ever full, an app sees the
  * rewritten address (routing is unaffected). Pinned: the sockets' views
  * survive a daemon restart. */
-BPF_TABLE_PINNED("hash", u64, struct mb_origin, mb_sock_peer,
-		 MB_MAX_CONNS, MB_PIN(mb_sock_peer));
+BPF_TABLE_PINNED("hash", u64, struct mb_origin, mb_sock_peer, MB_MAX_CONNS, MB_PIN(mb_sock_peer));
 
-/* ==== ambient mode (H11, docs/ambient.md) ================================ */
-
-/* cgroup id -> the pod owning that cgroup (ambient or not, pod IPs, ztunnel
- * flag). Written by the daemon (daemon/ambient.py, maps.cgroup_info) from pod
- * events and process events; read by ambient4.c/ambient6.c through
- * bpf_get_current_cgroup_id(). */
-BPF_TABLE_PINNED("hash", u64, struct mb_cgroup_info, mb_cgroup_info,
-		 MB_MAX_CGROUPS, MB_PIN(mb_cgroup_info));
-
-/* IP of an ambient pod on this node -> 1. Written by the daemon
- * (maps.ambient_ips); read by ambient4.c/ambient6.c: a host process's
- * connect to such an address goes to ztunnel's inbound port. */
-BPF_TABLE_PINNED("hash", struct mb_addr, u32, mb_ambient_ips,
-		 MB_MAX_PODS, MB_PIN(mb_ambient_ips));
+#include "ambient_maps.h"
 
 #endif /* MERBRIDGE_MAPS_H */

@@ -27,56 +27,16 @@
  * whichever of the two runs first.
  */
 #include "connect.h"
-#include "sockaddr.h"
-#include "maps.h"
 
-static __always_inline void mb_count(u32 idx)
-{
-	u64 *v = mb_counters.lookup(&idx);
-
-	if (v)
-		*v += 1;
-}
-
-/* The node's own netns (the initial one, or the one the daemon runs in):
- * never a pod (docs/security.md); as connect4.c's (bcc rewrites map calls
- * only in the main file, so it cannot live in a header). */
-static __always_inline int mb_node_netns(u64 netns)
-{
-	u32 idx = MB_SET_NODE_NETNS;
-	u64 *node = mb_settings.lookup(&idx);
-
-	return netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node);
-}
-
-/* The caller's pod policy, found as connect4/6 find it (CNI mode: only the
- * daemon's record of the pod's netns, while its mark is enrolled; legacy: the
- * proxy's listener and the learned pod IP; never the node's netns).
- * 0: not a mesh pod, or not known (yet). */
+/* The caller's pod policy, found as connect4/6 find it (pod.h); 0: not a
+ * mesh pod, or not known (yet). */
 static __always_inline struct mb_pod_config *mb_caller_policy(void *ctx)
 {
 	u64 netns = bpf_get_netns_cookie(ctx);
-	struct mb_pod_ips *ip;
+	struct mb_pod_ips *ip = 0;
 
-	if (mb_node_netns(netns))
+	if (!mb_sidecar_pod(ctx, netns, &ip) || !ip)
 		return 0;
-#if MB_CNI_MODE
-	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
-
-	if (!np)
-		return 0;
-	u32 mark = np->mark;
-
-	ip = mb_mark_pod_ips.lookup(&mark);
-	if (!ip)
-		return 0;
-#else
-	if (!mb_mesh_probe(ctx))
-		return 0;
-	ip = mb_netns_ip.lookup(&netns);
-	if (!ip)
-		return 0;
-#endif
 	struct mb_pod_ips self = *ip;
 	struct mb_addr *key = mb_pod_ip_any(&self);
 
@@ -103,105 +63,77 @@ static __always_inline void mb_dns_record(void *ctx, const struct mb_addr *dst)
 	mb_count(MB_C_DNS_CAPTURED);
 }
 
-/* ---- IPv4 ------------------------------------------------------------------ */
-
-static __always_inline int mb_dns_out4(struct bpf_sock_addr *ctx)
+/* connect and sendmsg: a captured query goes to the DNS proxy on loopback
+ * (IPv6: ::1, an IPv4-mapped destination: ::ffff:127.0.0.1) */
+static __always_inline int mb_dns_out(struct bpf_sock_addr *ctx, const int v4)
 {
-	struct mb_addr dst, src;
+	struct mb_addr dst, src, proxy = {};
 
 	if (!MB_DNS_PORT || ctx->user_port != bpf_htons(MB_DNS_SERVER_PORT))
 		return 1;
 	if (ctx->protocol != IPPROTO_UDP && ctx->protocol != IPPROTO_TCP)
 		return 1;
-	mb_addr_from_v4(&dst, ctx->user_ip4);
-	mb_addr_from_v4(&src, ctx->sk->src_ip4);
+	mb_sa_dst(ctx, v4, &dst);
+	mb_sa_src(ctx, v4, &src);
 	if (!mb_dns_wanted(ctx, &src))
 		return 1;
 	mb_dns_record(ctx, &dst);
-	ctx->user_ip4 = bpf_htonl(0x7f000001);
-	ctx->user_port = bpf_htons(MB_DNS_PORT);
-	return 1;
-}
-
-int mb_dnsconn4(struct bpf_sock_addr *ctx)
-{
-	return mb_dns_out4(ctx);
-}
-
-int mb_dnssend4(struct bpf_sock_addr *ctx)
-{
-	return mb_dns_out4(ctx);
-}
-
-int mb_dnsrecv4(struct bpf_sock_addr *ctx)
-{
-	if (!MB_DNS_PORT || ctx->user_port != bpf_htons(MB_DNS_PORT) ||
-	    ctx->user_ip4 != bpf_htonl(0x7f000001))
-		return 1;
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
-
-	if (o && (o->flags & MB_ORIGIN_F_DNS) && mb_addr_is_v4(&o->addr)) {
-		ctx->user_ip4 = o->addr.ip[3];
-		ctx->user_port = o->port;
-	}
-	return 1;
-}
-
-/* ---- IPv6 (and IPv4-mapped on dual-stack sockets) --------------------------- */
-
-static __always_inline int mb_dns_out6(struct bpf_sock_addr *ctx)
-{
-	struct mb_addr dst, src;
-
-	if (!MB_DNS_PORT || ctx->user_port != bpf_htons(MB_DNS_SERVER_PORT))
-		return 1;
-	if (ctx->protocol != IPPROTO_UDP && ctx->protocol != IPPROTO_TCP)
-		return 1;
-	mb_ctx_get6(ctx, &dst);
-	src.ip[0] = ctx->sk->src_ip6[0];
-	src.ip[1] = ctx->sk->src_ip6[1];
-	src.ip[2] = ctx->sk->src_ip6[2];
-	src.ip[3] = ctx->sk->src_ip6[3];
-	if (!mb_dns_wanted(ctx, &src))
-		return 1;
-	mb_dns_record(ctx, &dst);
-	struct mb_addr proxy = {};
-
 	if (mb_addr_is_v4(&dst))
 		mb_addr_from_v4(&proxy, bpf_htonl(0x7f000001));
 	else
 		proxy.ip[3] = bpf_htonl(1);
-	mb_ctx_set6(ctx, &proxy);
+	mb_sa_set_dst(ctx, v4, &proxy);
 	ctx->user_port = bpf_htons(MB_DNS_PORT);
 	return 1;
 }
 
-int mb_dnsconn6(struct bpf_sock_addr *ctx)
-{
-	return mb_dns_out6(ctx);
-}
-
-int mb_dnssend6(struct bpf_sock_addr *ctx)
-{
-	return mb_dns_out6(ctx);
-}
-
-int mb_dnsrecv6(struct bpf_sock_addr *ctx)
+/* recvmsg: a reply from the DNS proxy comes from the server the app asked
+ * (an IPv4 socket: only an IPv4 server) */
+static __always_inline int mb_dns_in(struct bpf_sock_addr *ctx, const int v4)
 {
 	struct mb_addr from;
 
 	if (!MB_DNS_PORT || ctx->user_port != bpf_htons(MB_DNS_PORT))
 		return 1;
-	mb_ctx_get6(ctx, &from);
+	mb_sa_dst(ctx, v4, &from);
 	if (!mb_addr_is_localhost(&from))
 		return 1;
 	u64 cookie = bpf_get_socket_cookie(ctx);
 	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
 
-	if (o && (o->flags & MB_ORIGIN_F_DNS)) {
-		mb_ctx_set6(ctx, &o->addr);
+	if (o && (o->flags & MB_ORIGIN_F_DNS) && (!v4 || mb_addr_is_v4(&o->addr))) {
+		mb_sa_set_dst(ctx, v4, &o->addr);
 		ctx->user_port = o->port;
 	}
 	return 1;
+}
+
+int mb_dnsconn4(struct bpf_sock_addr *ctx)
+{
+	return mb_dns_out(ctx, 1);
+}
+
+int mb_dnssend4(struct bpf_sock_addr *ctx)
+{
+	return mb_dns_out(ctx, 1);
+}
+
+int mb_dnsrecv4(struct bpf_sock_addr *ctx)
+{
+	return mb_dns_in(ctx, 1);
+}
+
+int mb_dnsconn6(struct bpf_sock_addr *ctx)
+{
+	return mb_dns_out(ctx, 0);
+}
+
+int mb_dnssend6(struct bpf_sock_addr *ctx)
+{
+	return mb_dns_out(ctx, 0);
+}
+
+int mb_dnsrecv6(struct bpf_sock_addr *ctx)
+{
+	return mb_dns_in(ctx, 0);
 }

@@ -15,61 +15,10 @@
  * through untouched; a result larger than a page (the program only sees the
  * first page) is handed back as the kernel produced it (optlen = 0), never
  * truncated. The answer goes only to a socket of the pod the connection was
- * redirected for, or the ztunnel it went to (mb_pair_mine); never in the
+ * redirected for, or the ztunnel it went to (pod.h:mb_pair_mine); never in the
  * node's netns.
  */
-#include "ambient.h"
-#include "maps.h"
-
-static __always_inline void mb_count(u32 idx)
-{
-	u64 *v = mb_counters.lookup(&idx);
-
-	if (v)
-		*v += 1;
-}
-
-static __always_inline u64 mb_setting(u32 idx)
-{
-	u64 *v = mb_settings.lookup(&idx);
-
-	return v ? *v : 0;
-}
-
-/* May a socket of this netns read (or, closing, delete) the pair entry of
- * the connecting side's tuple k? Never in the node's netns (the initial
- * one, or the one the daemon runs in). The node's ztunnel (ambient mode)
- * receives the connections redirected to its address. Otherwise only a pod
- * -- in CNI mode a netns the daemon recorded, with its mark still enrolled
- * -- and only for a tuple that is the pod's (helpers.h:mb_pair_owned):
- * no netns claims another pod's entry by rebuilding its tuple. */
-static __always_inline int mb_pair_mine(u64 netns, const struct mb_pair *k)
-{
-	u32 idx = MB_SET_NODE_NETNS;
-	u64 *node = mb_settings.lookup(&idx);
-	struct mb_pod_ips *ips;
-	struct mb_addr zt = {};
-
-	if (netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node))
-		return 0;
-	if (mb_ztunnel_addr(&k->dip, mb_setting(MB_SET_ZTUNNEL_IP4), mb_setting(MB_SET_ZTUNNEL_IP6_HI),
-			    mb_setting(MB_SET_ZTUNNEL_IP6_LO), &zt) && mb_addr_eq(&zt, &k->dip))
-		return 1;
-#if MB_CNI_MODE
-	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
-
-	if (!np)
-		return 0;
-	u32 mark = np->mark;
-
-	ips = mb_mark_pod_ips.lookup(&mark);
-	if (!ips)
-		return 0;
-#else
-	ips = mb_netns_ip.lookup(&netns);
-#endif
-	return mb_pair_owned(ips, k, MB_CNI_MODE);
-}
+#include "pod.h"
 
 /* Coexistence with istio-iptables (docs/datapath.md): when the kernel
  * answered SO_ORIGINAL_DST itself (conntrack, retval 0), is its answer a real
@@ -134,7 +83,7 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
 	} else {
 		return 1;
 	}
-	key.sport = (u16)sk->dst_port;           /* network order already */
+	key.sport = (u16)sk->dst_port; /* network order already */
 	key.dport = bpf_htons((u16)sk->src_port);
 	o = mb_pair_orig_dst.lookup(&key);
 	if (!o || !mb_pair_mine(bpf_get_netns_cookie(ctx), &key)) {

@@ -65,14 +65,8 @@
 #include "helpers.h"
 #include "maps.h"
 
-/* Per-flow events only: a per-packet counter would cost a lookup per packet. */
-static __always_inline void mb_in_count(__u32 idx)
-{
-	__u64 *v = mb_counters.lookup(&idx);
-
-	if (v)
-		*v += 1;  /* per-CPU slot */
-}
+/* Counters (mb_count) are per flow event only: a per-packet counter would
+ * cost a lookup per packet. */
 
 /* A TCP segment's addresses (16-byte, IPv4-mapped for IPv4). */
 struct mb_in_pkt {
@@ -163,7 +157,7 @@ static __always_inline void mb_in_establish(struct mb_pair *key, const struct mb
 	if (mb_pair_orig_dst.insert(key, &orig)) {
 		old = mb_pair_orig_dst.lookup(key);
 		if (!old || !(old->flags & MB_ORIGIN_F_XDP)) {
-			mb_in_count(MB_C_IN_CONFLICT);
+			mb_count(MB_C_IN_CONFLICT);
 			return;
 		}
 		/* an older inbound flow on a reused tuple */
@@ -171,7 +165,7 @@ static __always_inline void mb_in_establish(struct mb_pair *key, const struct mb
 		old->addr = *pod;
 	}
 	mb_in_pending.delete(key);
-	mb_in_count(MB_C_IN_ESTABLISHED);
+	mb_count(MB_C_IN_ESTABLISHED);
 }
 
 /* A packet towards a pod (client:c -> pod:X). Returns the destination port
@@ -198,8 +192,9 @@ static __always_inline __u16 mb_in_to_pod(const struct mb_in_pkt *pkt, const str
 
 		if (!cfg)
 			return 0;
-		if (tcp->dest == bpf_htons(MB_OUT_PORT) || !mb_policy_in(cfg, bpf_ntohs(tcp->dest))) {
-			mb_in_count(MB_C_XDP_BYPASS_POLICY);
+		if (tcp->dest == bpf_htons(MB_OUT_PORT) ||
+		    !mb_policy_in(cfg, bpf_ntohs(tcp->dest))) {
+			mb_count(MB_C_XDP_BYPASS_POLICY);
 			return 0;
 		}
 		/* a SYN never touches mb_pair_orig_dst; BPF_ANY here: a new
@@ -207,10 +202,10 @@ static __always_inline __u16 mb_in_to_pod(const struct mb_in_pkt *pkt, const str
 		nf.port = tcp->dest;
 		nf.flags = MB_IN_F_HALF_OPEN;
 		if (mb_in_pending.update(&key, &nf)) {
-			mb_in_count(MB_C_XDP_FLOW_FAIL);
+			mb_count(MB_C_XDP_FLOW_FAIL);
 			return 0;
 		}
-		mb_in_count(MB_C_XDP_NEW_FLOW);
+		mb_count(MB_C_XDP_NEW_FLOW);
 		return bpf_htons(MB_IN_PORT);
 	}
 	o = mb_pair_orig_dst.lookup(&key);
@@ -255,7 +250,7 @@ static __always_inline __u16 mb_in_from_pod(const struct mb_in_pkt *pkt, const s
 			 * answered with a challenge ACK). */
 			if (tcp->rst) {
 				mb_pair_orig_dst.delete(&key);
-				mb_in_count(MB_C_XDP_RST_DELETE);
+				mb_count(MB_C_XDP_RST_DELETE);
 			}
 			return port;
 		}
@@ -268,7 +263,7 @@ static __always_inline __u16 mb_in_from_pod(const struct mb_in_pkt *pkt, const s
 		f->ack = bpf_htonl(bpf_ntohl(tcp->seq) + 1);
 	if (tcp->rst) {
 		mb_in_pending.delete(&key);
-		mb_in_count(MB_C_XDP_RST_DELETE);
+		mb_count(MB_C_XDP_RST_DELETE);
 	}
 	return port;
 }
@@ -283,9 +278,9 @@ static __always_inline __u16 mb_in_from_pod(const struct mb_in_pkt *pkt, const s
  */
 static __always_inline void mb_xdp_set_port(__u16 *check, __u16 *field, __u16 val)
 {
-	__u32 sum = (__u16)~*check;
+	__u32 sum = (__u16)(~*check);
 
-	sum += (__u16)~*field;
+	sum += (__u16)(~*field);
 	sum += val;
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
@@ -345,8 +340,8 @@ static __always_inline int mb_tc_parse(struct __sk_buff *skb, struct mb_in_pkt *
 
 /* Write a port at off (network order) and fix the TCP checksum; for a
  * CHECKSUM_PARTIAL skb the helper leaves the seed alone, as it must. */
-static __always_inline void mb_tc_set_port(struct __sk_buff *skb, int off, int field,
-					   __u16 old, __u16 val)
+static __always_inline void mb_tc_set_port(struct __sk_buff *skb, int off, int field, __u16 old,
+					   __u16 val)
 {
 	bpf_l4_csum_replace(skb, off + offsetof(struct tcphdr, check), old, val, sizeof(val));
 	bpf_skb_store_bytes(skb, off + field, &val, sizeof(val), 0);
@@ -367,8 +362,10 @@ static __always_inline int mb_tc_rewrite(struct __sk_buff *skb, const int to_pod
 	old = to_pod ? tcp->dest : tcp->source;
 	port = to_pod ? mb_in_to_pod(&pkt, tcp) : mb_in_from_pod(&pkt, tcp);
 	if (port)
-		mb_tc_set_port(skb, off, to_pod ? offsetof(struct tcphdr, dest) :
-					      offsetof(struct tcphdr, source), old, port);
+		mb_tc_set_port(skb, off,
+			       to_pod ? offsetof(struct tcphdr, dest)
+				      : offsetof(struct tcphdr, source),
+			       old, port);
 	return TC_ACT_OK;
 }
 

@@ -26,8 +26,6 @@
  * iptables.
  */
 #include "connect.h"
-#include "sockaddr.h"
-#include "maps.h"
 
 /* The pod IPs of the caller's network namespace as the datapath knows them
  * (0: not known). */
@@ -43,31 +41,22 @@ static __always_inline struct mb_pod_ips *mb_netns_ips(void *ctx)
 #endif
 }
 
-int mb_peername4(struct bpf_sock_addr *ctx)
+/* getpeername: the original destination (an IPv4 socket: only an IPv4 one) */
+static __always_inline int mb_peername(struct bpf_sock_addr *ctx, const int v4)
 {
 	u64 cookie = bpf_get_socket_cookie(ctx);
 	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
 
-	if (o && mb_addr_is_v4(&o->addr) && mb_peer_port_ours(o, ctx->user_port)) {
-		ctx->user_ip4 = o->addr.ip[3];
+	if (o && (!v4 || mb_addr_is_v4(&o->addr)) && mb_peer_port_ours(o, ctx->user_port)) {
+		mb_sa_set_dst(ctx, v4, &o->addr);
 		ctx->user_port = o->port;
 	}
 	return 1;
 }
 
-int mb_peername6(struct bpf_sock_addr *ctx)
-{
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
-
-	if (o && mb_peer_port_ours(o, ctx->user_port)) {
-		mb_ctx_set6(ctx, &o->addr);
-		ctx->user_port = o->port;
-	}
-	return 1;
-}
-
-int mb_sockname4(struct bpf_sock_addr *ctx)
+/* getsockname: a loopback local address becomes the pod IP of the
+ * connection's family (IPv4-mapped for a mapped destination) */
+static __always_inline int mb_sockname(struct bpf_sock_addr *ctx, const int v4)
 {
 	u64 cookie = bpf_get_socket_cookie(ctx);
 	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
@@ -75,38 +64,39 @@ int mb_sockname4(struct bpf_sock_addr *ctx)
 
 	if (!o || mb_addr_is_loopback(&o->addr))
 		return 1;
-	mb_addr_from_v4(&local, ctx->user_ip4);
-	if (!mb_addr_is_loopback(&local))
-		return 1;
-	struct mb_pod_ips *ips = mb_netns_ips(ctx);
-
-	if (ips && !mb_addr_is_zero(&ips->ip4))
-		ctx->user_ip4 = ips->ip4.ip[3];
-	return 1;
-}
-
-int mb_sockname6(struct bpf_sock_addr *ctx)
-{
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
-	struct mb_addr local;
-
-	if (!o || mb_addr_is_loopback(&o->addr))
-		return 1;
-	mb_ctx_get6(ctx, &local);
+	mb_sa_dst(ctx, v4, &local);
 	if (!mb_addr_is_loopback(&local))
 		return 1;
 	struct mb_pod_ips *ips = mb_netns_ips(ctx);
 
 	if (!ips)
 		return 1;
-	/* the family of the connection: IPv4-mapped for a mapped destination */
-	struct mb_addr *pod = mb_addr_is_v4(&o->addr) ? &ips->ip4 : &ips->ip6;
+	struct mb_addr *pod = v4 || mb_addr_is_v4(&o->addr) ? &ips->ip4 : &ips->ip6;
 
 	if (mb_addr_is_zero(pod))
 		return 1;
-	mb_ctx_set6(ctx, pod);
+	mb_sa_set_dst(ctx, v4, pod);
 	return 1;
+}
+
+int mb_peername4(struct bpf_sock_addr *ctx)
+{
+	return mb_peername(ctx, 1);
+}
+
+int mb_peername6(struct bpf_sock_addr *ctx)
+{
+	return mb_peername(ctx, 0);
+}
+
+int mb_sockname4(struct bpf_sock_addr *ctx)
+{
+	return mb_sockname(ctx, 1);
+}
+
+int mb_sockname6(struct bpf_sock_addr *ctx)
+{
+	return mb_sockname(ctx, 0);
 }
 
 int mb_sockrelease(struct bpf_sock *sk)

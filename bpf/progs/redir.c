@@ -23,14 +23,6 @@
 #include "helpers.h"
 #include "maps.h"
 
-static __always_inline void mb_count(u32 idx)
-{
-	u64 *v = mb_counters.lookup(&idx);
-
-	if (v)
-		*v += 1;
-}
-
 int mb_msg_redir(struct sk_msg_md *msg)
 {
 	struct mb_pair p = {}, peer = {};

@@ -24,34 +24,20 @@
  * tuple. Putting both local ends into the sockhash lets redir.c hand data
  * from one socket straight to its peer.
  */
-#include "ambient.h"
-#include "maps.h"
-
-static __always_inline void mb_count(u32 idx)
-{
-	u64 *v = mb_counters.lookup(&idx);
-
-	if (v)
-		*v += 1;
-}
+#include "pod.h"
 
 /* An established socket of an intercepted connection enters the sockhash,
  * with its sk_msg budget (redir.c), unless MB_SET_SKMSG_OFF. 1: added. */
 static __always_inline int mb_sockhash_add(struct bpf_sock_ops *skops, struct mb_pair *p)
 {
-	u32 idx = MB_SET_SKMSG_OFF;
-	u64 *set = mb_settings.lookup(&idx);
-
-	if (set && *set)
+	if (mb_setting(MB_SET_SKMSG_OFF))
 		return 0;
 	/* the sk_msg budget first: redir.c treats a socket without one as
 	 * "normal path", so the order only matters for the first message */
-	u64 budget = MB_SKMSG_MAX_QUEUE_DEFAULT;
+	u64 budget = mb_setting(MB_SET_SKMSG_MAX_QUEUE);
 
-	idx = MB_SET_SKMSG_MAX_QUEUE;
-	set = mb_settings.lookup(&idx);
-	if (set && *set)
-		budget = *set;
+	if (!budget)
+		budget = MB_SKMSG_MAX_QUEUE_DEFAULT;
 	if (mb_skmsg_budget.update(p, &budget)) {
 		/* budget map full (leaked entries): no shortcut, still correct */
 		mb_count(MB_C_SOCKHASH_FAILED);
@@ -72,8 +58,7 @@ static __always_inline int mb_sockhash_add(struct bpf_sock_ops *skops, struct mb
  * such a socket then runs this program. */
 static __always_inline void mb_watch_close(struct bpf_sock_ops *skops)
 {
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-					 BPF_SOCK_OPS_STATE_CB_FLAG);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
@@ -116,48 +101,6 @@ static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
 	mb_pair_orig_dst.update(&p, &origin);
 	mb_count(MB_C_PAIR_RECORDED);
 	mb_sockhash_add(skops, &p);
-}
-
-static __always_inline u64 mb_setting(u32 idx)
-{
-	u64 *v = mb_settings.lookup(&idx);
-
-	return v ? *v : 0;
-}
-
-/* May a socket of this netns read (or, closing, delete) the pair entry of
- * the connecting side's tuple k? Never in the node's netns (the initial
- * one, or the one the daemon runs in). The node's ztunnel (ambient mode)
- * receives the connections redirected to its address. Otherwise only a pod
- * -- in CNI mode a netns the daemon recorded, with its mark still enrolled
- * -- and only for a tuple that is the pod's (helpers.h:mb_pair_owned):
- * no netns claims another pod's entry by rebuilding its tuple. */
-static __always_inline int mb_pair_mine(u64 netns, const struct mb_pair *k)
-{
-	u32 idx = MB_SET_NODE_NETNS;
-	u64 *node = mb_settings.lookup(&idx);
-	struct mb_pod_ips *ips;
-	struct mb_addr zt = {};
-
-	if (netns == bpf_get_netns_cookie(0) || (node && *node && netns == *node))
-		return 0;
-	if (mb_ztunnel_addr(&k->dip, mb_setting(MB_SET_ZTUNNEL_IP4), mb_setting(MB_SET_ZTUNNEL_IP6_HI),
-			    mb_setting(MB_SET_ZTUNNEL_IP6_LO), &zt) && mb_addr_eq(&zt, &k->dip))
-		return 1;
-#if MB_CNI_MODE
-	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
-
-	if (!np)
-		return 0;
-	u32 mark = np->mark;
-
-	ips = mb_mark_pod_ips.lookup(&mark);
-	if (!ips)
-		return 0;
-#else
-	ips = mb_netns_ip.lookup(&netns);
-#endif
-	return mb_pair_owned(ips, k, MB_CNI_MODE);
 }
 
 static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
@@ -227,7 +170,7 @@ static __always_inline void mb_state_change(struct bpf_sock_ops *skops)
 	mb_pair_reverse(&p, &r);
 	o = mb_pair_orig_dst.lookup(&r);
 	if (o && (o->flags & MB_ORIGIN_F_XDP)) {
-		mb_inbound_closed(skops, &r, o);  /* never had sk_msg budgets */
+		mb_inbound_closed(skops, &r, o); /* never had sk_msg budgets */
 		return;
 	}
 	mb_skmsg_budget.delete(&p);

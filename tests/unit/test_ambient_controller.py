@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from merbridge.bpf import ambient as bpfambient
 from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as bpft
 from merbridge.daemon import procwatch
@@ -108,11 +109,11 @@ def test_map_encodings():
     with pytest.raises(ValueError):
         m.cgroup_info.put(8, True, "fd00::5")          # wrong family
     assert m.cgroup_info.get(8) is None
-    s = bpfmaps.ztunnel_settings("10.1.2.3", "fd00::1")
+    s = bpfambient.ztunnel_settings("10.1.2.3", "fd00::1")
     assert struct.pack("=I", s[bpft.MB_SET_ZTUNNEL_IP4]) == bytes([10, 1, 2, 3])
     assert struct.pack("=QQ", s[bpft.MB_SET_ZTUNNEL_IP6_HI], s[bpft.MB_SET_ZTUNNEL_IP6_LO]) == \
         bpft.addr_pack("fd00::1")
-    assert set(bpfmaps.ztunnel_settings().values()) == {0}
+    assert set(bpfambient.ztunnel_settings().values()) == {0}
 
 
 class Tree:
@@ -185,7 +186,7 @@ def test_ztunnel_address_and_flag(env):
     base = tree.pod(uid)
     z = pod("ztunnel-1", "istio-system", uid, ("10.0.0.2", "fd00::2"), labels={"app": "ztunnel"})
     ctl.on_pod_event("ADDED", z)
-    assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP4) == bpfmaps.ztunnel_settings("10.0.0.2")[
+    assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP4) == bpfambient.ztunnel_settings("10.0.0.2")[
         bpft.MB_SET_ZTUNNEL_IP4]
     assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP6_HI) != 0
     assert m.cgroup_info.get(tree.id(base)).flags & bpft.MB_CG_F_ZTUNNEL
@@ -209,7 +210,7 @@ def test_ztunnel_impostor_gets_no_redirect_target_and_no_flag(env):
     assert m.ambient_ips.items() == ["10.0.0.66"]
     ctl.on_pod_event("ADDED", pod("ztunnel-1", "istio-system", real, ("10.0.0.2",),
                                   labels={"app": "ztunnel"}))
-    assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP4) == bpfmaps.ztunnel_settings("10.0.0.2")[
+    assert m.settings.get(bpft.MB_SET_ZTUNNEL_IP4) == bpfambient.ztunnel_settings("10.0.0.2")[
         bpft.MB_SET_ZTUNNEL_IP4]
     assert ctl.ztunnel_uid == real
 

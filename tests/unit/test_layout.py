@@ -1,9 +1,11 @@
-"""The ctypes mirrors in bpf/types.py match bpf/include/merbridge.h.
+"""The ctypes mirrors in bpf/types.py match bpf/include/merbridge.h and
+ambient.h.
 
-gcc compiles a small program against the header that prints sizeof/offsetof
+gcc compiles a small program against the headers that prints sizeof/offsetof
 of every mirrored struct and the value of every shared constant as JSON; the
-test compares that with the mirrors; maps.h's struct-valued maps must be in
-the pinned-layout guard (types.MAP_VALUES). No root, no bcc.
+test compares that with the mirrors; the struct-valued maps of maps.h and
+ambient_maps.h must be in the pinned-layout guard (types.MAP_VALUES). No
+root, no bcc.
 """
 import ctypes as ct
 import json
@@ -19,8 +21,13 @@ from merbridge.bpf import maps as bpfmaps
 from merbridge.bpf import types as t
 
 INCLUDE = Path(t.__file__).parent / "include"
-HEADER = INCLUDE / "merbridge.h"
-MAPS_H = INCLUDE / "maps.h"
+#: the headers that declare what the daemon and the kernel share
+HEADERS = (INCLUDE / "merbridge.h", INCLUDE / "ambient.h")
+MAPS_HEADERS = (INCLUDE / "maps.h", INCLUDE / "ambient_maps.h")
+
+
+def _text(paths) -> str:
+    return "".join(p.read_text() for p in paths)
 
 
 def _constants() -> dict[str, int]:
@@ -33,8 +40,8 @@ def _constants() -> dict[str, int]:
 
 
 def _program(consts: dict[str, int]) -> str:
-    lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "merbridge.h"',
-             'int main(void) {', 'printf("{");']
+    lines = ['#include <stdio.h>', '#include <stddef.h>',
+             *[f'#include "{h.name}"' for h in HEADERS], 'int main(void) {', 'printf("{");']
     first = True
     for cname, cls in t.MIRRORS.items():
         items = ['\\"size\\": %zu', *[f'\\"{f}\\": %zu' for f, *_ in cls._fields_]]
@@ -75,8 +82,8 @@ def test_constants(c_view):
 
 
 def test_every_header_constant_is_mirrored():
-    """A new MB_ constant or counter in the header must show up in types.py."""
-    text = HEADER.read_text()
+    """A new MB_ constant or counter in the headers must show up in types.py."""
+    text = _text(HEADERS)
     defined = set(re.findall(r"#define (MB_[A-Z0-9_]+) ", text))
     config = {"MB_OUT_PORT", "MB_IN_PORT", "MB_PROXY_UID", "MB_PROXY_GID", "MB_MESH",
               "MB_CNI_MODE", "MB_DEBUG", "MB_MARK_PORT", "MB_HBONE_PORT",
@@ -86,24 +93,34 @@ def test_every_header_constant_is_mirrored():
 
 
 def test_every_header_struct_is_mirrored():
-    """A new struct mb_* in the header must get a ctypes mirror in types.py
+    """A new struct mb_* in the headers must get a ctypes mirror in types.py
     (registered in MIRRORS), or test_struct_layout would never see it."""
-    declared = set(re.findall(r"^struct (mb_[a-z0-9_]+) \{", HEADER.read_text(), re.M))
+    declared = set(re.findall(r"^struct (mb_[a-z0-9_]+) \{", _text(HEADERS), re.M))
     assert declared, "no struct found: has the header's style changed?"
     assert declared - set(t.MIRRORS) == set()
     assert set(t.MIRRORS) - declared == set()   # and no mirror of a struct that is gone
 
 
 def test_every_struct_valued_map_is_guarded_against_old_pins():
-    """Each map of maps.h whose value is a struct mb_* is in types.MAP_VALUES
-    with the mirror of that very struct: loader.check_pinned_layouts then
+    """Each map of maps.h and ambient_maps.h whose value is a struct mb_* is
+    in types.MAP_VALUES with the mirror of that very struct: loader.check_pinned_layouts then
     refuses a pin an older build left with other value sizes (mb_netns_ip
     once held one mb_addr per netns, now a struct mb_pod_ips)."""
     pattern = r'BPF_TABLE_PINNED\(\s*"\w+",\s*[\w ]+?,\s*struct (mb_\w+),\s*(mb_\w+),'
-    declared = {name: cname for cname, name in re.findall(pattern, MAPS_H.read_text())}
+    declared = {name: cname for cname, name in re.findall(pattern, _text(MAPS_HEADERS))}
     assert declared[t.MAP_NETNS_IP] == "mb_pod_ips"
+    assert declared[t.MAP_CGROUP_INFO] == "mb_cgroup_info"
     mirrors = {cls: cname for cname, cls in t.MIRRORS.items()}
     assert {name: mirrors[cls] for name, cls in t.MAP_VALUES.items()} == declared
+
+
+def test_every_declared_map_is_named():
+    """types.ALL_MAPS (pins removed, checked by open_maps, handed to Maps) is
+    exactly the maps the headers declare."""
+    text = _text(MAPS_HEADERS)
+    declared = set(re.findall(r'BPF_TABLE_PINNED\(\s*"\w+",\s*[\w ]+?,\s*[\w ]+?,\s*(mb_\w+),', text))
+    declared |= set(re.findall(r"^MB_SOCKHASH_PINNED\((mb_\w+),", text, re.M))
+    assert declared == set(t.ALL_MAPS)
 
 
 def test_pod_ips_one_per_family():
