@@ -13,6 +13,7 @@ uses the same code against the kernel.
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import socket
 import struct
 from typing import Iterable, Iterator, Protocol, Sized
@@ -115,6 +116,15 @@ def encode_policy(policy: PodPolicy) -> t.MbPodConfig:
     return c
 
 
+@functools.lru_cache(maxsize=4096)
+def policy_value(policy: PodPolicy) -> bytes:
+    """The bytes ``mb_local_pods`` holds for ``policy``, encoded once per
+    distinct policy (PodPolicy is frozen and hashable): checking a pod's
+    policy against the datapath's limits before any write and writing it for
+    each of the pod's IPs is one encoding. Raises PolicyTooLarge."""
+    return bytes(encode_policy(policy))
+
+
 def decode_policy(c: t.MbPodConfig) -> PodPolicy:
     """struct mb_pod_config -> PodPolicy (inverse of encode_policy)."""
     def ports(field: str) -> frozenset[int]:
@@ -149,8 +159,8 @@ class LocalPods:
         self.b = backend
 
     def put(self, ip: str, policy: PodPolicy) -> None:
-        value = encode_policy(policy)  # validate before touching the map
-        self.b.put(t.addr_pack(ip), bytes(value))
+        value = policy_value(policy)  # validate before touching the map
+        self.b.put(t.addr_pack(ip), value)
 
     def get(self, ip: str) -> PodPolicy | None:
         raw = self.b.get(t.addr_pack(ip))

@@ -51,7 +51,7 @@ def bad_pod(pod: dict, exc: Exception) -> CniError:
 def policy(pod: dict, mesh: Mesh) -> PodPolicy:
     try:
         result = pod_annotations.pod_policy(pod, mesh)
-        bpfmaps.encode_policy(result)  # the datapath's limits, before any write
+        bpfmaps.policy_value(result)  # the datapath's limits, before any write (encoded once)
         return result
     except BAD_MANIFEST as exc:
         raise bad_pod(pod, exc) from exc

@@ -240,6 +240,23 @@ def test_add_enrols_everything_and_del_removes_it(world):
     assert [str(p.sip) for p, _ in w.maps.pair_orig_dst.items()] == ["10.240.0.77"]
 
 
+def test_a_dual_stack_add_encodes_the_policy_once(world, monkeypatch):
+    """Checked against the datapath's limits before any write, then written for
+    both IPs: one encoding (bpf.maps.policy_value)."""
+    from merbridge.bpf import maps as bpfmaps
+    calls = []
+    real = bpfmaps.encode_policy
+    monkeypatch.setattr(bpfmaps, "encode_policy", lambda p: calls.append(p) or real(p))
+    bpfmaps.policy_value.cache_clear()
+    w = world
+    pod = meshed_pod()
+    pod["status"]["podIPs"].append({"ip": "fd00::5"})
+    w.pods[("default", "web")] = pod
+    w.reg.add(att(w, ips=("10.240.0.5", "fd00::5")))
+    assert sorted(lp(w)) == ["10.240.0.5", "fd00::5"]
+    assert len(calls) == 1
+
+
 def test_del_uses_the_key_add_chose_even_after_restart(world):
     w = world
     w.pods[("default", "web")] = meshed_pod()
