@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Iterable
 
 _LOCAL = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -21,6 +22,12 @@ _LOCAL = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 def assemble(path: str | Path, include_dir: str | Path) -> str:
     """The text of the C file at path with its bpf/include/ headers inlined.
     FileNotFoundError for a quoted include that is not in include_dir."""
+    return assemble_many([path], include_dir)
+
+
+def assemble_many(paths: Iterable[str | Path], include_dir: str | Path) -> str:
+    """The C files at paths, one after the other, as one text (one compile):
+    each header written once, before the first file that includes it."""
     include_dir = Path(include_dir)
     seen: set[Path] = set()
     out: list[str] = []
@@ -42,5 +49,6 @@ def assemble(path: str | Path, include_dir: str | Path) -> str:
             emit(header)
             out.append(f'#line {n + 1} "{p}"')
 
-    emit(Path(path))
+    for path in paths:
+        emit(Path(path))
     return "\n".join(out) + "\n"

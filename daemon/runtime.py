@@ -179,8 +179,12 @@ class Daemon:
                                         ambient=getattr(cfg, "ambient", False))
         self.datapath.load()
         if cfg.cni_mode:
-            # compile XDP now (~1 s), before we say ready, not in the first pod's ADD
-            self.datapath.xdp_programs()
+            # verify the inbound hook's programs now, before we say ready, not in
+            # the first pod's ADD (load() compiled both hooks' with the rest)
+            if cfg.inbound_hook == "tc":
+                self.datapath.tc_programs()
+            else:
+                self.datapath.xdp_programs()
         self.datapath.attach(cfg.cgroup_path)
         log.info("datapath loaded and attached pins=%s cgroup=%s (%s)", cfg.bpffs_path,
                  cfg.cgroup_path, getattr(cfg, "cgroup_reason", "") or "--cgroup-path")

@@ -7,6 +7,7 @@ import pytest
 
 from merbridge.bpf import csource, loader, programs
 from merbridge.bpf import ambient
+from merbridge.bpf.mesh import MESHES
 
 
 def test_headers_are_written_in_once_with_line_marks(tmp_path):
@@ -29,6 +30,35 @@ def test_headers_are_written_in_once_with_line_marks(tmp_path):
         "",                             # so does b.h's, written already
         "int main;",
     ]
+
+
+def test_several_files_are_one_text_with_each_header_once(tmp_path):
+    inc = tmp_path / "include"
+    inc.mkdir()
+    (inc / "maps.h").write_text("int m;\n")
+    one, two = tmp_path / "one.c", tmp_path / "two.c"
+    one.write_text('#include "maps.h"\nint f1;\n')
+    two.write_text('#include "maps.h"\nint f2;\n')
+    text = csource.assemble_many([one, two], inc)
+    assert text.count("int m;") == 1
+    assert text.index("int m;") < text.index("int f1;") < text.index("int f2;")
+    assert f'#line 1 "{two}"' in text
+
+
+@pytest.mark.parametrize("cni_mode", [True, False])
+def test_the_loader_compiles_its_sources_as_one_text(cni_mode):
+    """load() compiles one text; in CNI mode inbound.c is part of it."""
+    dp = loader.Datapath("/nonexistent", MESHES["istio"], cni_mode=cni_mode,
+                         ambient=True)
+    sources = dp.sources()
+    assert len(sources) == len(set(sources))
+    assert {p.source for p in dp.programs} <= set(sources)
+    assert (loader.XDP_SOURCE in sources) == cni_mode
+    text = csource.assemble_many([f"{loader.PROGS_DIR}/{s}" for s in sources],
+                                 loader.INCLUDE_DIR)
+    assert text.count("BPF_TABLE_PINNED(") == \
+        csource.assemble(f"{loader.PROGS_DIR}/redir.c", loader.INCLUDE_DIR).count(
+            "BPF_TABLE_PINNED(")                    # every map declared once
 
 
 def test_a_missing_header_is_named(tmp_path):
