@@ -167,9 +167,12 @@ def markdown(results: dict, img_prefix: str = "") -> str:
         L.append("## Targets\n")
         L.append("The \"no-interception bound\" is mode `explicit`: the same sidecars, the "
                  "client addressing its sidecar and each sidecar the next hop by a static "
-                 "address, with no hook, NAT or conntrack on the path. No interception method "
-                 "can beat it, so a target above the bound cannot be met by any datapath "
-                 "with these proxies.\n")
+                 "address, with no hook, NAT or conntrack on the path, over ordinary TCP. "
+                 "Interception can only add cost to that path; a datapath beats it only by "
+                 "taking TCP out of the path, as sk_msg does between local sockets "
+                 "(keep-alive same node). Where sk_msg cannot pay off (a connection per "
+                 "request: the psocks cost more than the few bytes they carry), a target "
+                 "above the bound cannot be met by any interception with these proxies.\n")
         L.append("| target | figure | met |\n|---|---|---|")
         for t in tg:
             L.append(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |")

@@ -22,8 +22,10 @@ Modes:
   no interception at all: the client addresses its own sidecar on 127.0.0.1,
   which forwards to the server pod's inbound listener by a static address,
   which forwards to the app from 127.0.0.6. No hook, no NAT, no conntrack
-  entry is on the path, so no interception method can beat it: it is the
-  bound that says how much of a gap to iptables interception can close.
+  entry is on the path: interception can only add to its cost, unless it
+  takes TCP out of the path (sk_msg between local sockets). It bounds what
+  any interception can reach where sk_msg does not pay off (a connection
+  per request).
 
 A fresh topology per (repetition, mode) keeps modes from leaking state into
 each other (conntrack, nat tables, sockets in TIME_WAIT).
