@@ -1,5 +1,8 @@
 """Compile, load, pin and attach the datapath: the only module importing bcc.
 
+(Just over 450 lines: bcc stays in this one module, so everything that
+touches a bcc object -- compile, load, pins, attach -- is here.)
+
     with Datapath("/sys/fs/bpf/merbridge", mesh.get("istio"), cni_mode=True) as dp:
         dp.load()                      # compiles bpf/progs/*.c, creates or reuses the pins
         dp.attach("/sys/fs/cgroup/unified/kubepods")

@@ -1,6 +1,9 @@
 """Ambient mode end to end: pods join and leave the mesh by label, with no
 restart and no CNI call, and their traffic goes to the node's ztunnel.
 
+(Over 450 lines: one module-scoped topology -- ztunnel stand-in, datapath,
+pods -- serves every case; split files would each build it again.)
+
 Topology (one lab node, datapath attached to the lab's cgroup, CNI mode and
 ambient on): a ztunnel stand-in in its own netns with its own address
 (haproxy for IPv4 and the lab's sidecar6.py for IPv6, both reading

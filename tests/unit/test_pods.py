@@ -1,5 +1,8 @@
 """The pod registry's state machine against in-memory maps and a fake podnet.
 
+(Over 450 lines: the registry is one state machine, pods.py, and its fake
+PodNet and world are shared by every case; a split would import them around.)
+
 Everything the registry writes is observable here: the dict-backed maps, the
 fake podnet's open listeners and XDP attachments, and the state file.
 """
