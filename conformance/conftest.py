@@ -32,18 +32,14 @@ from merbridge.cni.zipapp import build_zipapp
 from merbridge.daemon.cniserver import CniServer
 from merbridge.lab.cgroups import CGROUP_ROOT, make_cgroup, remove_cgroup
 from merbridge.lab.node import DaemonError, RealDaemon
+from merbridge.lab.testing import skip_root_tests_unless_root
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def pytest_collection_modifyitems(config, items):
     # tests/conftest.py skips root tests for tests/ only; do the same here
-    if os.geteuid() == 0:
-        return
-    skip = pytest.mark.skip(reason="needs root")
-    for item in items:
-        if "root" in item.keywords and str(item.fspath).startswith(HERE):
-            item.add_marker(skip)
+    skip_root_tests_unless_root(items, under=HERE)
 
 
 # -- namespaces ---------------------------------------------------------------
