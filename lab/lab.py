@@ -135,7 +135,7 @@ class Pod:
                        proc: subprocess.Popen | None = None, log: str | None = None) -> None:
         """Wait until something listens on ``port`` (optionally on ``addr``), via ss;
         fail early, with ``log``'s tail, if ``proc`` exits."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * labconfig.READY_SCALE
         while True:
             socks = netns.listening(self.ns)
             if any(p == port and (addr is None or a == addr) for a, p in socks):
@@ -277,7 +277,7 @@ class Sidecar:
                      **match) -> list[dict]:
         """Wait for at least ``count`` entries (from the ``since``-th on) whose
         fields equal ``match``; returns those found by then."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * labconfig.READY_SCALE
         while True:
             found = [e for e in self.entries(since)
                      if all(e.get(k) == v for k, v in match.items())]

@@ -13,6 +13,7 @@ records the destination it saw per connection: what the tests compare.
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Iterable
 
 from merbridge.bpf.mesh import MESHES
@@ -23,6 +24,19 @@ ISTIO = MESHES["istio"]
 # (option logasap). %[dst]/%[dst_port] are the frontend connection's
 # destination, which haproxy fills from SO_ORIGINAL_DST when the kernel (or our
 # getsockopt hook) answers it.
+#: the vm tier (tests/vm) emulates its CPU, where everything starts tens of
+#: times slower: the lab's waits for a process to come up (a listener, a log
+#: line, the daemon's readiness) are multiplied by this
+READY_SCALE = float(os.environ.get("MERBRIDGE_TEST_READY_SCALE", "1"))
+
+#: the global lines every lab haproxy starts with. haproxy 2.6 loads the whole
+#: system CA store (~150 files) at start for its built-in HTTP client unless told
+#: not to verify: 74 ms of 84 here, and seconds under the vm tier's emulation
+HAPROXY_GLOBAL = """\
+    maxconn 4096
+    httpclient.ssl.verify none
+"""
+
 LOG_FORMAT = ("mb fe=%ft src=%ci sport=%cp dst=%[dst] dport=%[dst_port] "
               "bsrc=%bi bsport=%bp server=%si sdport=%sp term=%ts")
 
@@ -39,8 +53,7 @@ def sidecar(mode: str = "tcp", out_port: int = ISTIO.out_port, in_port: int = IS
         raise ValueError(f"sidecar mode must be tcp or http, not {mode!r}")
     return f"""\
 global
-    maxconn 4096
-    nbthread {threads}
+{HAPROXY_GLOBAL}    nbthread {threads}
     log stdout format raw local0
 defaults
     mode {mode}
@@ -69,8 +82,7 @@ def http_app(port: int, threads: int = 1) -> str:
     """A fast HTTP app for load tests: answers ``peer=<src>`` on [::]:port (v4+v6)."""
     return f"""\
 global
-    maxconn 4096
-    nbthread {threads}
+{HAPROXY_GLOBAL}    nbthread {threads}
 defaults
     mode http
     timeout connect 3s

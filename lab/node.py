@@ -25,12 +25,9 @@ import time
 import uuid
 from typing import Sequence
 
-from merbridge.lab import cgroups
+from merbridge.lab import cgroups, labconfig
 from merbridge.lab.lab import LabError, uninterrupted
 
-#: the vm tier (tests/vm) emulates its CPU: bcc's compile at the daemon's start
-#: takes minutes there, so it stretches the wait for readiness (and only that)
-READY_SCALE = float(os.environ.get("MERBRIDGE_TEST_READY_SCALE", "1"))
 #: the venv's console script (sys.executable is the venv's python, not its target)
 MERBRIDGE = os.path.join(os.path.dirname(sys.executable), "merbridge")
 
@@ -153,7 +150,7 @@ class RealDaemon:
         """Wait until ``proc`` (default: the latest start) is ready; the seconds
         since its start. DaemonError when it exits or takes longer."""
         proc = proc or self.proc
-        timeout = (timeout or 120) * READY_SCALE
+        timeout = (timeout or 120) * labconfig.READY_SCALE
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:

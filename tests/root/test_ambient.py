@@ -42,7 +42,7 @@ APP = 8080
 def ztunnel_cfg(ip4: str) -> str:
     return f"""\
 global
-    log stdout format raw local0
+{labconfig.HAPROXY_GLOBAL}    log stdout format raw local0
 defaults
     mode tcp
     log global

@@ -1,4 +1,6 @@
 """The lab's generated texts: istio-iptables rules and the sidecar log format."""
+import subprocess
+
 import pytest
 
 from merbridge.lab import labconfig
@@ -63,3 +65,20 @@ def test_log_line_round_trip():
                  "server": "10.1.0.3", "sdport": 8080, "term": "--"}
     assert labconfig.parse_log_line("[NOTICE] haproxy started\n") is None
     assert labconfig.LOG_FORMAT in labconfig.sidecar()
+
+
+@pytest.mark.parametrize("text", [labconfig.sidecar(), labconfig.sidecar(mode="http", threads=2),
+                                  labconfig.http_app(8080)],
+                         ids=["sidecar-tcp", "sidecar-http", "http-app"])
+def test_haproxy_accepts_the_config_and_loads_no_ca_store(tmp_path, text):
+    """Every lab haproxy starts without reading the system CA store: 150-odd
+    files that made its start take seconds in the vm tier's emulated CPU."""
+    cfg = tmp_path / "h.cfg"
+    cfg.write_text(text)
+    trace = tmp_path / "trace"
+    res = subprocess.run(["strace", "-f", "-e", "trace=openat", "-o", str(trace),
+                          "haproxy", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    opened = trace.read_text()
+    assert "/etc/resolv.conf" in opened      # the trace saw haproxy's start
+    assert "/ssl/certs/" not in opened
