@@ -222,3 +222,32 @@ def test_tc_detach_keeps_somebody_elses_filter_and_removes_its_own_qdisc(pod):
     finally:
         dp.close()
         dp.unpin()
+
+
+def test_rtnl_answers_each_request_of_a_batch_in_order(pod):
+    """Rtnl.exchange sends several requests at once and reports each one's
+    errno in order; a refused request does not stop the ones after it; a
+    dump ends at NLMSG_DONE; pod_addresses reads through it too."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.rtnl import RTM_GETLINK
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+    pod_ns, _ = pod
+
+    def get(**match):
+        msg = ifinfmsg()
+        if "ifname" in match:
+            msg["attrs"] = [("IFLA_IFNAME", match["ifname"])]
+        else:
+            msg["index"] = match["index"]
+        return msg, RTM_GETLINK, NLM_F_REQUEST | NLM_F_ACK
+
+    with netns.rtnl_at(pod_ns) as rtnl:
+        answers = rtnl.exchange([get(ifname="eth0"), get(ifname="nope0"), get(ifname="lo")],
+                                ifinfmsg)
+        assert [code for code, _ in answers] == [0, 19, 0]    # ENODEV in the middle
+        assert [len(r) for _, r in answers] == [1, 0, 1]
+        assert answers[0][1][0].get_attr("IFLA_IFNAME") == "eth0"
+        assert answers[2][1][0].get_attr("IFLA_IFNAME") == "lo"
+        again = rtnl.request(*get(index=answers[0][1][0]["index"])[:2], cls=ifinfmsg)
+        assert again[0].get_attr("IFLA_IFNAME") == "eth0"    # the same socket goes on
+    assert netns.pod_addresses(pod_ns, "eth0") == ["10.231.1.2", "fd00:231:1::2"]
