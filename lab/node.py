@@ -43,13 +43,15 @@ class RealDaemon:
     ``netns``: a netns path to run in (None: ours). ``args``: further flags of
     every start. ``private_netns``: look for pods' namespaces only where a test
     puts them (``--netns-dir=<root>/netns --proc-path=``), not among the host's.
-    ``conf_dir``/``bin_dir``: the CNI dirs, when they are not ours under root.
+    ``conf_dir``/``bin_dir``: the CNI dirs, when they are not ours under root;
+    ``state_dir`` likewise (a node keeps it on tmpfs: /var/run/merbridge).
     """
 
     def __init__(self, pin_dir: str | None = None, cgroup: str | None = None, *,
                  root: str | None = None, netns: str | None = None, cni_mode: bool = True,
                  node_name: str = "lab", args: Sequence[str] = (), private_netns: bool = True,
-                 conf_dir: str | None = None, bin_dir: str | None = None) -> None:
+                 conf_dir: str | None = None, bin_dir: str | None = None,
+                 state_dir: str | None = None) -> None:
         tag = uuid.uuid4().hex[:8]
         self.procs: list[subprocess.Popen] = []
         self._own_root, self._own_pins, self._own_cgroup = root is None, pin_dir is None, False
@@ -60,7 +62,7 @@ class RealDaemon:
         self.args, self.private_netns = tuple(args), private_netns
         self.bin_dir = bin_dir or os.path.join(self.root, "bin")
         self.conf_dir = conf_dir or os.path.join(self.root, "net.d")
-        self.state_dir = os.path.join(self.root, "state")
+        self.state_dir = state_dir or os.path.join(self.root, "state")
         self.pods_dir = os.path.join(self.root, "pods")
         self.socket = os.path.join(self.root, "cni.sock")
         self.started = 0.0
