@@ -115,40 +115,58 @@ def load_dir(directory: str, cache: dict | None = None) -> dict[str, dict]:
     return load_all(directory, cache)[0]
 
 
-def load_all(directory: str, cache: dict | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+def load_all(directory: str, cache: dict | None = None, changed: set[str] | None = None
+             ) -> tuple[dict[str, dict], dict[str, dict]]:
     """(namespace/name -> pod, name -> namespace) for every valid Pod and
     Namespace in the directory (sorted file order; the first definition wins).
 
     ``cache`` (path -> (stat key, objects)), kept by the caller between calls,
     skips parsing files whose inode, size, mtime and ctime are unchanged, so
     one new manifest among a thousand costs one parse, not a thousand.
+
+    ``changed`` (with ``cache``): the names inotify reported since the cache
+    was filled, and the only ones that can have changed. The directory is not
+    listed and the other files are neither stat()ed nor parsed again: one
+    event among a thousand manifests costs one file, not a thousand stat()s
+    and the re-parse of every file still inside the racy window.
     """
     pods: dict[str, dict] = {}
     namespaces: dict[str, dict] = {}
     origin: dict[str, str] = {}
     seen: set[str] = set()
     now = time.time_ns()
-    for name in sorted(os.listdir(directory)):
+    if changed is None or cache is None:
+        names = sorted(os.listdir(directory))
+        changed = None
+    else:
+        names = sorted({os.path.basename(path) for path in cache} | changed)
+    for name in names:
         path = os.path.join(directory, name)
-        if name.startswith(".") or not name.endswith(SUFFIXES) or not os.path.isfile(path):
+        if name.startswith(".") or not name.endswith(SUFFIXES):
             continue
-        seen.add(path)
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         hit = cache.get(path) if cache is not None else None
-        if hit is not None and hit[0] == stamp and now - st.st_ctime_ns > RACY_S * 1e9:
+        if changed is not None and hit is not None and name not in changed:
+            seen.add(path)
             found = hit[1]
+        elif not os.path.isfile(path):
+            continue
         else:
+            seen.add(path)
             try:
-                found = load_file(path)
-            except ValueError as exc:
-                found = []
-                log.warning("skipping %s: %s", path, exc)
-            if cache is not None:
-                cache[path] = (stamp, found)
+                st = os.stat(path)
+            except OSError:
+                continue
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if hit is not None and hit[0] == stamp and now - st.st_ctime_ns > RACY_S * 1e9:
+                found = hit[1]
+            else:
+                try:
+                    found = load_file(path)
+                except ValueError as exc:
+                    found = []
+                    log.warning("skipping %s: %s", path, exc)
+                if cache is not None:
+                    cache[path] = (stamp, found)
         for obj in found:
             meta = obj["metadata"]
             if obj.get("kind") == "Namespace":
@@ -205,11 +223,26 @@ class PodsDirSource:
     def _run(self) -> None:
         assert self._ino is not None
         while not self._stop.is_set():
-            if self._relevant(self._ino.read()):
+            events = self._ino.read()
+            if self._relevant(events):
                 try:
-                    self.rescan()
+                    self.rescan(self._changed(events))
                 except OSError as exc:
                     log.error("cannot read --pods-dir %s: %s", self.pods_dir, exc)
+
+    def _changed(self, events: list[inotify.Event]) -> set[str] | None:
+        """The names these events can have changed, or None for "read it all":
+        a lost event (queue overflow), the directory itself, a directory or a
+        symlink among the names (a ConfigMap volume swaps its ..data symlink,
+        and every visible file changes through it without an event of its own)."""
+        names = set()
+        for ev in events:
+            if (ev.mask & (inotify.IN_Q_OVERFLOW | inotify.IN_ISDIR | inotify.IN_DELETE_SELF
+                           | inotify.IN_MOVE_SELF | inotify.IN_IGNORED) or not ev.name
+                    or os.path.islink(os.path.join(self.pods_dir, ev.name))):
+                return None
+            names.add(ev.name)
+        return names
 
     def _relevant(self, events: list[inotify.Event]) -> bool:
         # A new regular file is read when its writer closes it (IN_CLOSE_WRITE),
@@ -218,14 +251,15 @@ class PodsDirSource:
         return any(not ev.mask & inotify.IN_CREATE
                    or os.path.islink(os.path.join(self.pods_dir, ev.name)) for ev in events)
 
-    def rescan(self) -> None:
-        """Re-read the directory and emit the differences.
+    def rescan(self, changed: set[str] | None = None) -> None:
+        """Re-read the directory (only the files named in ``changed``, when
+        given: see ``load_all``) and emit the differences.
 
         The callbacks run after ``_lock`` is released (a callback may call
         ``get()``/``snapshot()``, or wait for a lock whose holder calls them),
         under ``_rescan``, so two rescans never interleave their events."""
         with self._rescan:
-            pods, namespaces = load_all(self.pods_dir, self._files)
+            pods, namespaces = load_all(self.pods_dir, self._files, changed)
             with self._lock:
                 ns_events = _diff(self._namespaces, namespaces) if self._on_namespace else []
                 pod_events = _diff(self._pods, pods)

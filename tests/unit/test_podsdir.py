@@ -263,3 +263,53 @@ def test_duplicate_namespace_is_skipped(tmp_path, caplog):
     assert pods == {}
     assert namespaces["shop"]["metadata"]["labels"] == {"istio.io/dataplane-mode": "ambient"}
     assert "skipping namespace shop in" in caplog.text and "already defined in" in caplog.text
+
+
+def test_load_all_with_changed_names_reads_only_those(tmp_path, monkeypatch):
+    """With the names inotify reported, the other files are neither stat()ed
+    nor parsed again, even inside the racy window; the result is the full scan's."""
+    def pod(name, ip):
+        return json.dumps({"apiVersion": "v1", "kind": "Pod", "status": {"podIP": ip},
+                           "metadata": {"name": name, "namespace": "ns"}})
+
+    for i in range(5):
+        (tmp_path / f"p{i}.json").write_text(pod(f"p{i}", f"10.0.0.{i}"))
+    cache: dict = {}
+    podsdir.load_all(str(tmp_path), cache)            # all just written: racy
+    parsed, stats = [], []
+    real_load, real_stat = podsdir.load_file, os.stat
+    monkeypatch.setattr(podsdir, "load_file", lambda p: parsed.append(os.path.basename(p))
+                        or real_load(p))
+    (tmp_path / "new.json").write_text(pod("new", "10.0.0.9"))
+    (tmp_path / "p1.json").write_text(pod("p1", "10.0.0.8"))
+    (tmp_path / "p2.json").unlink()
+    monkeypatch.setattr(podsdir.os, "stat", lambda p, *a, **k: stats.append(p)
+                        or real_stat(p, *a, **k))
+    pods, _ = podsdir.load_all(str(tmp_path), cache, {"new.json", "p1.json", "p2.json",
+                                                     ".new.json.tmp"})
+    monkeypatch.undo()
+    assert sorted(parsed) == ["new.json", "p1.json"]
+    assert {os.path.basename(p) for p in stats} == {"new.json", "p1.json", "p2.json"}
+    assert pods == podsdir.load_all(str(tmp_path))[0]
+    assert sorted(pods) == ["ns/new", "ns/p0", "ns/p1", "ns/p3", "ns/p4"]
+    assert pods["ns/p1"]["status"]["podIP"] == "10.0.0.8"
+    assert set(cache) == {str(tmp_path / n) for n in ("p0.json", "p1.json", "p3.json",
+                                                      "p4.json", "new.json")}
+
+
+def test_an_event_reads_only_its_file(tmp_path, source, monkeypatch):
+    """Atomic writes (a dot temp file renamed into place) of one manifest
+    among many: the watcher parses that one file."""
+    for i in range(20):
+        (tmp_path / f"p{i}.yaml").write_text(POD_A.replace("name: a", f"name: p{i}"))
+    rec = Recorder()
+    source(rec)
+    assert len(rec.wait_len(20)) == 20
+    parsed = []
+    real = podsdir.load_file
+    monkeypatch.setattr(podsdir, "load_file", lambda p: parsed.append(os.path.basename(p))
+                        or real(p))
+    write_atomic(tmp_path / "p3.yaml", POD_A.replace("name: a", "name: p3")
+                 .replace("10.244.0.5", "10.244.0.33"))
+    assert rec.wait_len(21)[20] == ("MODIFIED", "shop/p3")
+    assert set(parsed) == {"p3.yaml"}
