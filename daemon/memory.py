@@ -38,6 +38,8 @@ def _glibc():
         libc.mallinfo2.argtypes = []
         libc.malloc_trim.restype = ctypes.c_int
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.madvise.restype = ctypes.c_int
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     except (OSError, AttributeError):
         return None
     return libc
@@ -71,6 +73,35 @@ def heap() -> Heap | None:
 def trim() -> bool:
     """Give free heap pages back to the kernel; True if any were."""
     return bool(_libc.malloc_trim(0)) if _libc is not None else False
+
+
+#: madvise(2) advice (linux/mman.h, Linux 5.4): reclaim these pages now
+MADV_PAGEOUT = 21
+#: the compiler bcc runs at start (libLLVM, libclang-cpp): ~85 MB of its code
+#: stay resident in the daemon's RSS after the compile, unused until another one
+COMPILER_LIBS = ("libLLVM", "libclang")
+
+
+def page_out_code(libs: tuple[str, ...] = COMPILER_LIBS, maps: str = "/proc/self/maps") -> int:
+    """Ask the kernel to reclaim the resident pages of the read-only mappings
+    (code, constants) of ``libs``; the bytes advised. Nothing is lost: the
+    pages are clean copies of the library files (or, for a relocated
+    read-only segment, kept as they are where they cannot be reclaimed), and
+    fault back in if a later compile needs them. 0 without glibc, or on a
+    kernel without MADV_PAGEOUT (EINVAL)."""
+    if _libc is None:
+        return 0
+    advised = 0
+    with open(maps) as f:
+        for line in f:
+            fields = line.split()
+            if (len(fields) < 6 or "w" in fields[1]
+                    or not any(lib in fields[5].rsplit("/", 1)[-1] for lib in libs)):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if _libc.madvise(start, end - start, MADV_PAGEOUT) == 0:
+                advised += end - start
+    return advised
 
 
 class Trimmer:
