@@ -112,7 +112,7 @@ def one_run(cni_mode: bool, reloads: int, inbound: bool) -> tuple[float, dict[st
                 kinds[n] = (loader.BPF.SCHED_CLS, -1)
         out: dict[str, dict] = {}
         for name, (prog_type, attach_type) in kinds.items():
-            b = d._objs.get(name) or d._objs[loader.XDP_SOURCE]
+            b = d._objs[name if name in d._objs else loader.XDP_SOURCE]
             row = {"load_ms": walls[name], **prog_info(d._fns[name].fd)}
             insns = b.dump_func(name.encode())
             lic = loader.bcclib.bpf_module_license(b.module)

@@ -168,7 +168,11 @@ static __always_inline int mb_pair_owned(const struct mb_pod_ips *ips, const str
 	return !strict && !mb_pod_ips_family_known(ips, a);
 }
 
-/* ---- list scans (no jumps: see above) ------------------------------------ */
+/* ---- list scans (no jumps: see above) ------------------------------------
+ *
+ * The scan loops stay plain loops of short bodies: clang's loop vectorizer,
+ * left on, made mb_connect4 spill past the 512-byte BPF stack, and unrolled
+ * each would be MB_MAX_* copies of its body. */
 
 /* The network-order mask of the first bits of a 32-bit word, bits clamped
  * to 0..32 (a 64-bit shift: 32 gives all ones, 0 none). */
