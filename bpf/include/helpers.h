@@ -27,9 +27,10 @@
  * value, each early return, is a jump, and the verifier walks the rest of
  * the program once for each way it could not prune, so the ways of
  * successive jumps multiply. So these helpers answer 0 or 1 with arithmetic
- * only, and the caller tests the answer once. That took the verifier's walk of mb_connect6 from ~350,000
- * instructions (~1 s of every daemon start) to ~56,000 (docs/datapath.md,
- * "Loading and attaching"; scripts/verifier-stats.py measures it). */
+ * only, and the caller tests the answer once. That took the verifier's walk
+ * of mb_connect6 from ~350,000 instructions (~1 s of every daemon start) to
+ * ~56,000 (docs/datapath.md, "Loading and attaching";
+ * scripts/verifier-stats.py measures it). */
 
 /* Hides x's value from clang, which would otherwise turn the arithmetic
  * around it back into comparisons, and so into jumps. */
