@@ -20,6 +20,49 @@
 #define mb_dbg(fmt, ...) ((void)0)
 #endif
 
+/* ---- tests without jumps ------------------------------------------------- *
+ *
+ * Every connect runs the address tests and the scans of the pod's port and
+ * CIDR lists below. BPF has no conditional move: each comparison used as a
+ * value, each early return, is a jump, and the verifier walks the rest of
+ * the program once for each way it could not prune, so the ways of
+ * successive jumps multiply. So these helpers answer 0 or 1 with arithmetic
+ * only, and the caller tests the answer once. That took the verifier's walk
+ * of mb_connect6 from ~350,000 instructions (~1 s of every daemon start) to
+ * ~56,000 (docs/datapath.md, "Loading and attaching";
+ * scripts/verifier-stats.py measures it). */
+
+/* Hides x's value from clang, which would otherwise turn the arithmetic
+ * around it back into comparisons, and so into jumps. */
+#define mb_opaque(x) asm volatile("" : "+r"(x))
+
+/* 1 if x == 0, else 0 */
+static __always_inline u32 mb_is_zero32(u32 x)
+{
+	u32 nz = x | -x; /* top bit set unless x == 0 */
+
+	mb_opaque(nz);
+	return (nz >> 31) ^ 1;
+}
+
+/* 1 if x < y, else 0, for x, y < 2^31 */
+static __always_inline u32 mb_lt31(u32 x, u32 y)
+{
+	u32 d = x - y;
+
+	mb_opaque(d);
+	return d >> 31;
+}
+
+/* max(x, 0) */
+static __always_inline s32 mb_pos(s32 x)
+{
+	s32 sign = x >> 31; /* -1 if x < 0, else 0 */
+
+	mb_opaque(sign);
+	return x & ~sign;
+}
+
 /* ---- addresses ----------------------------------------------------------- */
 
 static __always_inline void mb_addr_from_v4(struct mb_addr *a, u32 ip4)
@@ -30,46 +73,52 @@ static __always_inline void mb_addr_from_v4(struct mb_addr *a, u32 ip4)
 	a->ip[3] = ip4;
 }
 
-static __always_inline int mb_addr_is_v4(const struct mb_addr *a)
+static __always_inline u32 mb_addr_is_v4(const struct mb_addr *a)
 {
-	return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == bpf_htonl(0x0000ffff);
+	return mb_is_zero32(a->ip[0] | a->ip[1] | (a->ip[2] ^ bpf_htonl(0x0000ffff)));
 }
 
-static __always_inline int mb_addr_eq(const struct mb_addr *a, const struct mb_addr *b)
+static __always_inline u32 mb_addr_eq(const struct mb_addr *a, const struct mb_addr *b)
 {
-	return a->ip[0] == b->ip[0] && a->ip[1] == b->ip[1] && a->ip[2] == b->ip[2] &&
-	       a->ip[3] == b->ip[3];
+	return mb_is_zero32((a->ip[0] ^ b->ip[0]) | (a->ip[1] ^ b->ip[1]) | (a->ip[2] ^ b->ip[2]) |
+			    (a->ip[3] ^ b->ip[3]));
+}
+
+/* ::x, the last word (network order) given */
+static __always_inline u32 mb_addr_is_v6_low(const struct mb_addr *a, u32 low)
+{
+	return mb_is_zero32(a->ip[0] | a->ip[1] | a->ip[2] | (a->ip[3] ^ low));
 }
 
 /* 127.0.0.0/8 (mapped) or ::1 */
-static __always_inline int mb_addr_is_loopback(const struct mb_addr *a)
+static __always_inline u32 mb_addr_is_loopback(const struct mb_addr *a)
 {
-	if (mb_addr_is_v4(a))
-		return (bpf_ntohl(a->ip[3]) >> 24) == 127;
-	return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == 0 && a->ip[3] == bpf_htonl(1);
+	u32 lo4 = mb_is_zero32((a->ip[3] & bpf_htonl(0xff000000)) ^ bpf_htonl(0x7f000000));
+
+	return (mb_addr_is_v4(a) & lo4) | mb_addr_is_v6_low(a, bpf_htonl(1));
 }
 
-static __always_inline int mb_addr_is_zero(const struct mb_addr *a)
+static __always_inline u32 mb_addr_is_zero(const struct mb_addr *a)
 {
-	return (a->ip[0] | a->ip[1] | a->ip[2] | a->ip[3]) == 0;
+	return mb_is_zero32(a->ip[0] | a->ip[1] | a->ip[2] | a->ip[3]);
 }
 
 /* 127.0.0.1 (mapped) or ::1: the loopback address istio-iptables' proxy
  * rules leave alone (-o lo ! -d 127.0.0.1/32, ! -d ::1/128) */
-static __always_inline int mb_addr_is_localhost(const struct mb_addr *a)
+static __always_inline u32 mb_addr_is_localhost(const struct mb_addr *a)
 {
-	if (mb_addr_is_v4(a))
-		return a->ip[3] == bpf_htonl(0x7f000001);
-	return mb_addr_is_loopback(a);
+	u32 v4 = mb_addr_is_v4(a) & mb_is_zero32(a->ip[3] ^ bpf_htonl(0x7f000001));
+
+	return v4 | mb_addr_is_v6_low(a, bpf_htonl(1));
 }
 
 /* The source the proxy binds for inbound passthrough: 127.0.0.6 or ::6.
  * Connections from it are never rewritten (Istio: -o lo -s 127.0.0.6 RETURN). */
-static __always_inline int mb_addr_is_passthrough(const struct mb_addr *a)
+static __always_inline u32 mb_addr_is_passthrough(const struct mb_addr *a)
 {
-	if (mb_addr_is_v4(a))
-		return a->ip[3] == bpf_htonl(0x7f000006);
-	return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == 0 && a->ip[3] == bpf_htonl(6);
+	u32 v4 = mb_addr_is_v4(a) & mb_is_zero32(a->ip[3] ^ bpf_htonl(0x7f000006));
+
+	return v4 | mb_addr_is_v6_low(a, bpf_htonl(6));
 }
 
 /* fe80::/10: an interface's own link-local address, never a pod IP */
@@ -120,55 +169,65 @@ static __always_inline int mb_pair_owned(const struct mb_pod_ips *ips, const str
 	return !strict && !mb_pod_ips_family_known(ips, a);
 }
 
-/* An IPv4 CIDR is stored as ::ffff:a.b.c.d/96+n; any other is an IPv6 one,
- * which never matches an IPv4 address, even ::/0: Istio keeps the families
- * apart (IPv6 ranges go to ip6tables only). */
-static __always_inline int mb_cidr_match(const struct mb_cidr *c, const struct mb_addr *a)
+/* ---- list scans (no jumps: see above) ------------------------------------
+ *
+ * The scan loops stay plain loops of short bodies: clang's loop vectorizer,
+ * left on, made mb_connect4 spill past the 512-byte BPF stack, and unrolled
+ * each would be MB_MAX_* copies of its body. */
+
+/* The network-order mask of the first bits of a 32-bit word, bits clamped
+ * to 0..32 (a 64-bit shift: 32 gives all ones, 0 none). */
+static __always_inline u32 mb_word_mask(s32 bits)
 {
-	int bits = c->prefixlen;
+	s32 pos = mb_pos(bits);
+	s32 k = pos - mb_pos(pos - 32); /* min(pos, 32) */
 
-	if (mb_addr_is_v4(a) && !(bits >= 96 && mb_addr_is_v4(&c->net)))
-		return 0;
-
-#pragma unroll
-	for (int i = 0; i < 4; i++) {
-		u32 mask;
-
-		if (bits <= 0)
-			break;
-		mask = bits >= 32 ? 0xffffffffu : bpf_htonl(~0u << (32 - bits));
-		if ((a->ip[i] & mask) != c->net.ip[i])
-			return 0;
-		bits -= 32;
-	}
-	return 1;
+	return bpf_htonl((u32)(0xffffffff00000000ull >> k));
 }
 
-/* Is port among the first n entries of list (MB_MAX_PORTS long)?
- * Written for the verifier of every program type (connect, XDP): the trip
- * count is the constant MB_MAX_PORTS and the loop never exits at n. If it
- * did (for (i = 0; i < n; i++)), clang would turn the index into a pointer
- * walk bounded only by the u8 count, which the verifier cannot prove stays
- * inside the map value (seen in XDP, where the old asm barrier did not
- * help). The count is only compared, never used to index. */
-static __always_inline int mb_port_in(const u16 *list, u8 n, u16 port)
+/* Is a in c? An IPv4 CIDR is stored as ::ffff:a.b.c.d/96+n; any other is an
+ * IPv6 one, which never matches an IPv4 address, even ::/0: Istio keeps the
+ * families apart (IPv6 ranges go to ip6tables only). An IPv6 address never
+ * matches an IPv4 CIDR: its first 96 bits are not ::ffff:0:0. Only the
+ * prefix's bits are compared (bpf/maps.py stores the net with its host bits
+ * zero anyway). */
+static __always_inline u32 mb_cidr_match(const struct mb_cidr *c, const struct mb_addr *a)
 {
-	for (u32 i = 0; i < MB_MAX_PORTS; i++) {
-		if (list[i] == port && i < n)
-			return 1;
-	}
-	return 0;
+	s32 bits = c->prefixlen;
+	u32 diff = 0;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		diff |= (a->ip[i] ^ c->net.ip[i]) & mb_word_mask(bits - 32 * i);
+	/* an IPv4 address against a prefix shorter than /96: an IPv6 CIDR */
+	return mb_is_zero32(diff) & ~(mb_addr_is_v4(a) & mb_lt31(bits, 96));
+}
+
+/* Is port among the first n entries of list (MB_MAX_PORTS long)? The trip
+ * count is the constant MB_MAX_PORTS and the count is only compared, never
+ * used to index: a loop to n would let clang walk a pointer bounded only by
+ * the u8 count, which the verifier cannot prove stays inside the map value
+ * (seen in XDP). */
+static __always_inline u32 mb_port_in(const u16 *list, u8 n, u16 port)
+{
+	u32 found = 0;
+
+#pragma clang loop unroll(disable) vectorize(disable) interleave(disable)
+	for (u32 i = 0; i < MB_MAX_PORTS; i++)
+		found |= mb_lt31(i, n) & mb_is_zero32(list[i] ^ port);
+	return found;
 }
 
 /* Is a in one of the first n CIDRs of list (MB_MAX_CIDRS long)? Same loop
- * shape as mb_port_in; the count is checked before the (costlier) match. */
-static __always_inline int mb_cidr_in(const struct mb_cidr *list, u8 n, const struct mb_addr *a)
+ * shape as mb_port_in. */
+static __always_inline u32 mb_cidr_in(const struct mb_cidr *list, u8 n, const struct mb_addr *a)
 {
-	for (u32 i = 0; i < MB_MAX_CIDRS; i++) {
-		if (i < n && mb_cidr_match(&list[i], a))
-			return 1;
-	}
-	return 0;
+	u32 found = 0;
+
+#pragma clang loop unroll(disable) vectorize(disable) interleave(disable)
+	for (u32 i = 0; i < MB_MAX_CIDRS; i++)
+		found |= mb_lt31(i, n) & mb_cidr_match(&list[i], a);
+	return found;
 }
 
 /* ---- policy (bpf/policy.py) ----------------------------------------------- */
@@ -189,15 +248,17 @@ static __always_inline int mb_policy_out(const struct mb_pod_config *pc, const s
 
 /* Does includeOutboundIPRanges name a loopback address (istio-iptables'
  * HasLoopBackIP, either family)? Then istio-iptables leaves out its
- * "-o lo -m owner ! --uid-owner|--gid-owner P -j RETURN" rules. */
-static __always_inline int mb_policy_includes_loopback(const struct mb_pod_config *pc)
+ * "-o lo -m owner ! --uid-owner|--gid-owner P -j RETURN" rules. A scan of
+ * mb_cidr_in's shape: mb_addr_is_loopback has no jumps. */
+static __always_inline u32 mb_policy_includes_loopback(const struct mb_pod_config *pc)
 {
-	for (u32 i = 0; i < MB_MAX_CIDRS; i++) {
-		if (i < pc->n_include_out_cidrs &&
-		    mb_addr_is_loopback(&pc->include_out_cidrs[i].net))
-			return 1;
-	}
-	return 0;
+	u32 found = 0;
+
+#pragma clang loop unroll(disable) vectorize(disable) interleave(disable)
+	for (u32 i = 0; i < MB_MAX_CIDRS; i++)
+		found |= mb_lt31(i, pc->n_include_out_cidrs) &
+			 mb_addr_is_loopback(&pc->include_out_cidrs[i].net);
+	return found;
 }
 
 /* Inbound: would a connection to this pod's port be captured? 1: redirect. */

@@ -23,6 +23,7 @@ import pytest
 from hookenv import PROBE, Pod, datapath, sh
 from merbridge.bpf import loader, mesh
 from merbridge.bpf import types as t
+from merbridge.bpf.maps import encode_policy
 from merbridge.bpf.policy import PodPolicy
 from merbridge.lab import labconfig
 
@@ -246,6 +247,96 @@ def _cidr(ip: str, plen: int) -> tuple[bytes, int]:
 def test_outbound_policy(dp, pod, policy, port, expect):
     dp.maps.local_pods.put(POD4, policy)
     assert pod.connect(DST4, port)["reply"]["tag"] == expect
+
+
+# Where each family's connect lands: (destination, port, not redirected, redirected).
+# The pod has only an IPv4 pod IP, whose policy applies to every connect.
+CIDR_DST = {"v4": (DST4, 8080, "direct", "proxy"), "v6": (DST6, 8081, "direct6", "proxy6"),
+            "mapped": (f"::ffff:{DST4}", 8080, "direct", "proxy")}
+
+
+# (CIDR, destination family, in it?): each family against each, whole and
+# partial words of the 16-byte form (IPv4 /n is ::ffff:a.b.c.d/96+n)
+@pytest.mark.parametrize("cidr,family,inside", [
+    (("10.231.0.2", 32), "v4", True),
+    (("10.231.0.3", 32), "v4", False),
+    (("10.231.0.0", 20), "v4", True),
+    (("10.231.16.0", 20), "v4", False),
+    (("0.0.0.0", 0), "v4", True),
+    (("10.231.0.0", 20), "mapped", True),
+    (("10.231.16.0", 20), "mapped", False),
+    # an IPv4 range never matches IPv6 ...
+    (("0.0.0.0", 0), "v6", False),
+    # ... nor an IPv6 range IPv4, even ::/0 or ::/96 (Istio: ip6tables only)
+    (("::", 0), "v4", False),
+    (("::", 96), "v4", False),
+    (("::", 0), "mapped", False),
+    (("::", 0), "v6", True),
+    (("fd00::", 20), "v6", True),
+    (("fd00:1000::", 20), "v6", False),
+    (("fd00:231::", 100), "v6", True),
+    (("fd00:231::1000:0", 100), "v6", False),
+    (("fd00:231::", 64), "v6", True),
+    (("fd00:232::", 64), "v6", False),
+    ((DST6, 128), "v6", True),
+    (("fd00:231::3", 128), "v6", False),
+    (("fd01:231::2", 128), "v6", False),
+], ids=lambda v: "/".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_cidr_match_per_family(dp, pod, cidr, family, inside):
+    dst, port, direct, proxy = CIDR_DST[family]
+    dp.maps.local_pods.put(POD4, PodPolicy(exclude_outbound_cidrs=(_cidr(*cidr),)))
+    assert pod.connect(dst, port)["reply"]["tag"] == (direct if inside else proxy)
+    dp.maps.local_pods.put(POD4, PodPolicy(include_outbound_all=False,
+                                           include_outbound_cidrs=(_cidr(*cidr),)))
+    assert pod.connect(dst, port)["reply"]["tag"] == (proxy if inside else direct)
+
+
+def _counted(policy: PodPolicy, field: str, n: int, entries: tuple = ()) -> bytes:
+    """policy's mb_pod_config with list ``field`` (optionally its first
+    entries rewritten) counted as n long: the entries past n stay in the value."""
+    c = encode_policy(policy)
+    arr = getattr(c, field)
+    for i, e in enumerate(entries):
+        arr[i] = e
+    setattr(c, "n_" + field, n)
+    return bytes(c)
+
+
+def test_list_entries_past_the_count_are_ignored(dp, pod):
+    """Only the first n_* entries of a list are the pod's: one past the
+    count that would match changes nothing, in every list connect reads."""
+    def put(value: bytes) -> None:
+        dp.maps.local_pods.b.put(t.addr_pack(POD4), value)
+
+    def tag(dst: str, port: int) -> str:
+        return pod.connect(dst, port)["reply"]["tag"]
+
+    cases = ((DST4, 8080, "direct", "proxy", (_cidr("10.9.0.0", 16), _cidr(DST4, 32))),
+             (DST6, 8081, "direct6", "proxy6", (_cidr("fd00:9::", 32), _cidr("fd00:231::", 64))))
+    for dst, port, direct, proxy, cidrs in cases:
+        for n, listed in ((1, False), (2, True)):
+            put(_counted(PodPolicy(exclude_outbound_cidrs=cidrs), "exclude_out_cidrs", n))
+            assert tag(dst, port) == (direct if listed else proxy)
+            put(_counted(PodPolicy(include_outbound_all=False, include_outbound_cidrs=cidrs),
+                         "include_out_cidrs", n))
+            assert tag(dst, port) == (proxy if listed else direct)
+    ports = frozenset({9999, 8080})
+    for n, listed in ((1, False), (2, True)):
+        put(_counted(PodPolicy(exclude_outbound_ports=ports), "exclude_out_ports", n, (9999, 8080)))
+        assert tag(DST4, 8080) == ("direct" if listed else "proxy")
+        put(_counted(PodPolicy(include_outbound_all=False, include_outbound_ports=ports),
+                     "include_out_ports", n, (9999, 8080)))
+        assert tag(DST4, 8080) == ("proxy" if listed else "direct")
+    # a loopback range past the count: the lo RETURN stays (an app's call to
+    # its own pod IP is direct); within it, either family's drops it
+    for lo in (_cidr("127.0.0.1", 32), _cidr("::1", 128)):
+        include = (_cidr(POD4, 32), lo)
+        put(_counted(PodPolicy(include_outbound_all=False, include_outbound_cidrs=include),
+                     "include_out_cidrs", 1))
+        assert tag(POD4, 8080) == "direct"
+        put(_counted(PodPolicy(include_outbound_all=False, include_outbound_cidrs=include),
+                     "include_out_cidrs", 2))
+        assert tag(POD4, 8080) == "proxy"
 
 
 def test_proxy_to_local_pod_goes_to_its_inbound_listener(dp, pod):
