@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -38,6 +39,8 @@ LIBCNI_CACHE = "/var/lib/cni/results"
 RUNTIME_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: a tmpfs for the daemon's state dir, as a node's /var/run
 STATE_TMPFS = "/dev/shm"
+#: kill -9 / remembered ADD / restart rounds
+RESTARTS = 3
 #: pods that stay enrolled while the sequential and concurrent ADD/DELs run
 RESIDENTS = 4
 
@@ -146,6 +149,37 @@ def _measure(node: CniNode, n_seq: int, n_conc: int) -> dict:
     return out
 
 
+def _restarts(node: CniNode, d, reps: int) -> dict:
+    """Pods started while the daemon was killed: ``kill -9``, a pod's ADD
+    (the plugin passes it through and remembers it: fail-open), then a new
+    ``merbridge run``; seconds from that process's start until the state file
+    says the pod is enrolled. The pod is deleted again once the daemon is ready."""
+    def check(op, res, pod):
+        if res.returncode != 0:
+            raise BenchError(f"cnitool {op} {pod}: rc={res.returncode} "
+                             f"{(res.stderr or res.stdout).strip()[-400:]}")
+
+    times = []
+    for i in range(reps):
+        name = f"rst-{i}"
+        d.stop(sig=signal.SIGKILL)
+        pod = node.new_pod(3000 + i)
+        check("add", node.cnitool("add", pod, name)[1], pod)
+        d.start(wait=False)
+        while not any(r.get("name") == name and r.get("phase") == "enrolled"
+                      for r in d.records().values()):
+            if d.proc.poll() is not None:
+                raise BenchError(f"merbridge run exited rc={d.proc.returncode}: {d.tail()}")
+            if time.perf_counter() - d.started > 120:
+                raise BenchError(f"{name} not enrolled 120 s after the start: {d.tail()}")
+            time.sleep(0.01)
+        times.append(time.perf_counter() - d.started)
+        d.wait_ready()
+        check("del", node.cnitool("del", pod, name)[1], pod)
+    return {"enrolled_after_start_s": times, "max_s": max(times),
+            "median_s": sorted(times)[len(times) // 2]}
+
+
 def run(a, workdir: str) -> dict:
     if shutil.which("cnitool") is None:
         raise BenchError("cnitool not found (scripts/prepare-host builds it)")
@@ -159,6 +193,7 @@ def run(a, workdir: str) -> dict:
     finally:
         node.close()
     notes = []
+    restart: dict = {}
     try:
         from merbridge.lab.node import RealDaemon
         node = CniNode(workdir, "chained")
@@ -174,11 +209,14 @@ def run(a, workdir: str) -> dict:
                 # networked, as a kubelet's pods do in the API server
                 for name in ([f"seq-{i}" for i in range(n_seq)]
                              + [f"conc-{i}" for i in range(n_conc)]
-                             + [f"res-{i}" for i in range(RESIDENTS)]):
+                             + [f"res-{i}" for i in range(RESIDENTS)]
+                             + [f"rst-{i}" for i in range(RESTARTS)]):
                     d.publish(bench_pod(name))
                 d.start()          # ready: merbridge-cni is chained into node.conflist
                 log("cni: bridge + host-local + merbridge-cni -> daemon")
                 chains["bridge+merbridge"] = _measure(node, n_seq, n_conc)
+                log(f"cni: {RESTARTS} x kill -9, a pod's ADD, merbridge run")
+                restart = _restarts(node, d, RESTARTS)
                 maps = d.maps()
                 try:
                     chains["bridge+merbridge"]["daemon_enrolled"] = len(maps.mark_pod_ips.items())
@@ -193,9 +231,15 @@ def run(a, workdir: str) -> dict:
         notes.append(f"chained merbridge-cni not measured: {e}")
     out = {"chains": {c: {op: st for op, st in v.items() if isinstance(st, dict)}
                       for c, v in chains.items()},
-           "sequential": n_seq, "concurrent": n_conc, "notes": notes}
+           "sequential": n_seq, "concurrent": n_conc, "notes": notes,
+           "restart": restart}
     b = chains.get("bridge", {}).get("add", {}).get("p50")
     m = chains.get("bridge+merbridge", {}).get("add", {}).get("p50")
     if b and m:
         out["ratio_add_p50"] = m / b
+    key = f"add x{n_conc} concurrent"
+    b, m = (chains.get(c, {}).get(key, {}) for c in ("bridge", "bridge+merbridge"))
+    if b.get("wall_ms") and m.get("wall_ms"):
+        out["ratio_concurrent_wall"] = m["wall_ms"] / b["wall_ms"]
+        out["ratio_concurrent_p50"] = m["p50"] / b["p50"]
     return out
