@@ -1,5 +1,6 @@
 """daemon/memory.py: malloc's accounting and the trimmer, in this process."""
 import ctypes
+import os
 import gc
 import time
 
@@ -88,3 +89,47 @@ def test_cni_requests_that_change_pods_poke_the_trimmer():
     assert len(pokes) == 3   # read-only requests leave the heap alone
     assert [c[:2] for c in counted] == [("ADD", "ok"), ("DEL", "ok"), ("GC", "ok"),
                                         ("CHECK", "error"), ("STATUS", "ok")]
+
+
+def _rss_kb(path):
+    """Rss of this process's mappings of ``path`` (kB), from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_page_out_code_reclaims_read_only_mappings_and_spares_written_ones():
+    """The compiler's code pages leave the RSS; a private mapping we wrote to
+    is not touched (its bytes stay), nor is any other library."""
+    import mmap
+    here = os.path.dirname(os.path.abspath(__file__))   # a disk, not tmpfs
+    size = 4 << 20
+    paths = [os.path.join(here, f".mbtest-{os.getpid()}-{name}") for name in ("ro", "rw")]
+    try:
+        for p in paths:
+            with open(p, "wb") as f:
+                f.write(os.urandom(size))
+        with open(paths[0], "rb") as ro_f, open(paths[1], "r+b") as rw_f:
+            ro = mmap.mmap(ro_f.fileno(), size, prot=mmap.PROT_READ)
+            rw = mmap.mmap(rw_f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                sum(ro[i] for i in range(0, size, 4096))            # resident
+                rw[0:size] = b"\x5a" * size                           # ours alone, written
+                assert _rss_kb(paths[0]) >= size // 1024 - 64
+                advised = memory.page_out_code(libs=(os.path.basename(paths[0]),
+                                                     os.path.basename(paths[1])))
+                assert advised == size                                # the read-only one only
+                assert _rss_kb(paths[0]) < 512
+                assert rw[0:size] == b"\x5a" * size
+            finally:
+                ro.close()
+                rw.close()
+    finally:
+        for p in paths:
+            os.unlink(p)
