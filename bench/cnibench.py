@@ -97,12 +97,14 @@ class CniNode:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _measure(node: CniNode, n_seq: int, n_conc: int) -> dict:
-    def check(op, res, pod):
-        if res.returncode != 0:
-            raise BenchError(f"cnitool {op} {pod}: rc={res.returncode} "
-                             f"{(res.stderr or res.stdout).strip()[-400:]}")
+def check(op: str, res: subprocess.CompletedProcess, pod: str) -> None:
+    """A cnitool run that failed stops the benchmark, with the plugin's words."""
+    if res.returncode != 0:
+        raise BenchError(f"cnitool {op} {pod}: rc={res.returncode} "
+                         f"{(res.stderr or res.stdout).strip()[-400:]}")
 
+
+def _measure(node: CniNode, n_seq: int, n_conc: int) -> dict:
     # a node's other pods: with none enrolled, every sequential ADD would be
     # the node's first XDP attachment and every DEL its last (11-16 ms each
     # here, against 0.6 ms while other interfaces have XDP programs), which a
@@ -154,11 +156,6 @@ def _restarts(node: CniNode, d, reps: int) -> dict:
     (the plugin passes it through and remembers it: fail-open), then a new
     ``merbridge run``; seconds from that process's start until the state file
     says the pod is enrolled. The pod is deleted again once the daemon is ready."""
-    def check(op, res, pod):
-        if res.returncode != 0:
-            raise BenchError(f"cnitool {op} {pod}: rc={res.returncode} "
-                             f"{(res.stderr or res.stdout).strip()[-400:]}")
-
     times = []
     for i in range(reps):
         name = f"rst-{i}"

@@ -51,6 +51,8 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
+from pyroute2.netlink.rtnl.tcmsg.sched_bpf import TCA_BPF_FLAG_ACT_DIRECT
+from pyroute2.protocols import ETH_P_ALL
 
 from merbridge.bpf.mesh import MARK_LISTENER_PORT
 
@@ -533,8 +535,6 @@ def peer_of(netns_path: str, ifname: str, peer_netns: str | None = None) -> str:
 TC_PRIO = 0x4D42                 # "MB"
 TC_HANDLE = 1
 TC_PARENTS = {"to_pod": 0xFFFFFFF3, "from_pod": 0xFFFFFFF2}   # clsact egress / ingress
-_ETH_P_ALL = 0x0003
-_TCA_BPF_FLAG_ACT_DIRECT = 1
 
 
 def _filter_msg(index: int, parent: int, kind: str | None = None) -> tcmsg:
@@ -543,14 +543,14 @@ def _filter_msg(index: int, parent: int, kind: str | None = None) -> tcmsg:
     msg["index"], msg["parent"] = index, parent
     if kind is not None:
         msg["handle"] = TC_HANDLE
-        msg["info"] = _socket.htons(_ETH_P_ALL) | (TC_PRIO << 16)
+        msg["info"] = _socket.htons(ETH_P_ALL) | (TC_PRIO << 16)
         msg["attrs"] = [("TCA_KIND", kind)]
     return msg
 
 
 def _clsact_msg(index: int) -> tcmsg:
     msg = tcmsg()
-    msg["index"], msg["handle"], msg["parent"] = index, 0xFFFF0000, TC_H_CLSACT
+    msg["index"], msg["handle"], msg["parent"] = index, TC_H_CLSACT & 0xFFFF0000, TC_H_CLSACT
     msg["attrs"] = [("TCA_KIND", "clsact")]
     return msg
 
@@ -628,7 +628,7 @@ def attach_tc(netns_path: str, ifname: str, to_pod_fd: int, from_pod_fd: int,
             msg = _filter_msg(index, parent, "bpf")
             msg["attrs"].append(("TCA_OPTIONS", {"attrs": [
                 ("TCA_BPF_CLASSID", 1), ("TCA_BPF_FD", fd), ("TCA_BPF_NAME", name),
-                ("TCA_BPF_FLAGS", _TCA_BPF_FLAG_ACT_DIRECT)]}))
+                ("TCA_BPF_FLAGS", TCA_BPF_FLAG_ACT_DIRECT)]}))
             steps.append((msg, RTM_NEWTFILTER,
                           NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE))
         # EEXIST for the qdisc: ours from before, or somebody else's

@@ -213,7 +213,8 @@ class Daemon:
         log.info("datapath loaded and attached pins=%s cgroup=%s (%s)", cfg.bpffs_path,
                  cfg.cgroup_path, getattr(cfg, "cgroup_reason", "") or "--cgroup-path")
         # every program is compiled and verified: the compiler's code can go
-        log.debug("paged out %d bytes of compiler code", memory.page_out_code())
+        paged = memory.page_out_code()
+        log.debug("paged out %d bytes of compiler code", paged)
 
         from merbridge.daemon import metrics
         self.metrics = metrics.Metrics()
