@@ -33,7 +33,6 @@ from dataclasses import dataclass
 # tests/unit/test_features.py checks them against the UAPI header
 PROG_SCHED_CLS = 3
 PROG_XDP = 6
-PROG_CGROUP_SOCK = 9
 PROG_SOCK_OPS = 13
 PROG_SK_MSG = 16
 PROG_CGROUP_SOCK_ADDR = 18
@@ -50,7 +49,6 @@ ATTACH_INET4_GETPEERNAME = 29
 ATTACH_INET6_GETPEERNAME = 30
 ATTACH_INET4_GETSOCKNAME = 31
 ATTACH_INET6_GETSOCKNAME = 32
-ATTACH_CGROUP_INET_SOCK_RELEASE = 34
 
 FUNC_SKB_STORE_BYTES = 9
 FUNC_L4_CSUM_REPLACE = 11
@@ -65,6 +63,7 @@ FUNC_GET_CURRENT_CGROUP_ID = 80
 FUNC_SK_LOOKUP_TCP = 84
 FUNC_SKB_PULL_DATA = 39
 FUNC_GET_NETNS_COOKIE = 122
+FUNC_SK_STORAGE_GET = 107
 
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h
 
@@ -122,15 +121,17 @@ FEATURES: tuple[Feature, ...] = (
     *_hook("recvmsg", (5, 2), ATTACH_UDP4_RECVMSG, ATTACH_UDP6_RECVMSG),
     *_hook("getpeername", (5, 8), ATTACH_INET4_GETPEERNAME, ATTACH_INET6_GETPEERNAME),
     *_hook("getsockname", (5, 8), ATTACH_INET4_GETSOCKNAME, ATTACH_INET6_GETSOCKNAME),
-    Feature("cgroup sock_release programs (program type cgroup_sock)", (5, 9),
-            "peername.c (a released socket's entry is forgotten)", PROG_CGROUP_SOCK,
-            ATTACH_CGROUP_INET_SOCK_RELEASE),
+    *_connect("bpf_sk_storage_get", (5, 3), FUNC_SK_STORAGE_GET,
+              "connect4/6, dns.c, peername.c (a socket's original destination, "
+              "mb_sock_origin)"),
     Feature("program type sock_ops", (4, 13), "sockops (record socket pairs)", PROG_SOCK_OPS),
     _sockops("bpf_sock_ops_cb_flags_set", (4, 16), FUNC_SOCK_OPS_CB_FLAGS_SET,
              "close callbacks clean the pair maps"),
     _sockops("bpf_sock_hash_update", (4, 18), FUNC_SOCK_HASH_UPDATE, "the sk_msg shortcut's sockhash"),
     _sockops("bpf_get_socket_cookie", (4, 19), FUNC_GET_SOCKET_COOKIE,
              "original destination by socket cookie"),
+    _sockops("bpf_sk_storage_get", (5, 3), FUNC_SK_STORAGE_GET,
+             "the connecting socket's original destination (mb_sock_origin)"),
     _sockops("bpf_get_netns_cookie", (5, 15), FUNC_GET_NETNS_COOKIE,
              "legacy mode learns each pod's IPs by netns"),
     Feature("bpf_msg_redirect_hash in sk_msg programs", (4, 18),

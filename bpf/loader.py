@@ -166,7 +166,7 @@ class BccBackend:
 
 def _maps_of(bpf: BPF, closer=None) -> Maps:
     backends: dict[str, MapBackend] = {name: BccBackend(bpf.get_table(name.encode()))
-                                       for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
+                                       for name in t.ALL_MAPS if name not in t.SOCKET_MAPS}
     return Maps(backends, closer)
 
 
@@ -433,7 +433,7 @@ def check_pinned_layouts(pin_dir: str) -> None:
 
 
 def remove_pins(pin_dir: str, rmdir: bool = True) -> None:
-    for name in t.ALL_MAPS:
+    for name in t.ALL_MAPS + t.RETIRED_MAPS:
         try:
             os.unlink(os.path.join(pin_dir, name))
         except FileNotFoundError:

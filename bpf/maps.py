@@ -273,18 +273,6 @@ class InPending:
         return sum(self.b.delete(k) for k in doomed)
 
 
-class CookieOrigDst(_Origins):
-    """mb_cookie_orig_dst: socket cookie -> original destination (short-lived)."""
-
-    def items(self) -> list[tuple[int, t.MbOrigin]]:
-        return [(struct.unpack("=Q", k)[0], o) for k, o in self.raw_items()]
-
-
-class SockPeer(CookieOrigDst):
-    """mb_sock_peer: socket cookie -> what the app asked for (a redirected
-    socket's original destination, a DNS query's server); deleted with the socket."""
-
-
 class NetnsIp(_PodIpsValues):
     """mb_netns_ip (legacy mode feedback): netns cookie -> the pod IPs sockops
     learned so far, at most one per family (struct mb_pod_ips). ``items``
@@ -366,7 +354,6 @@ class Maps:
         self.local_pods = LocalPods(backends[t.MAP_LOCAL_PODS])
         self.mark_pod_ips = MarkPodIps(backends[t.MAP_MARK_POD_IPS])
         self.pair_orig_dst = PairOrigDst(backends[t.MAP_PAIR_ORIG_DST])
-        self.cookie_orig_dst = CookieOrigDst(backends[t.MAP_COOKIE_ORIG_DST])
         self.netns_ip = NetnsIp(backends[t.MAP_NETNS_IP])
         self.settings = Settings(backends[t.MAP_SETTINGS])
         # ambient mode's (bpf/ambient.py)
@@ -375,7 +362,6 @@ class Maps:
         self.skmsg_budget = SkmsgBudget(backends[t.MAP_SKMSG_BUDGET])
         self.netns_pod = NetnsPod(backends[t.MAP_NETNS_POD])
         self.in_pending = InPending(backends[t.MAP_IN_PENDING])
-        self.sock_peer = SockPeer(backends[t.MAP_SOCK_PEER])
         self._closer = closer
 
     def counters(self) -> dict[str, int]:
@@ -405,7 +391,6 @@ class Maps:
             t.MAP_LOCAL_PODS: {ip: repr(p) for ip, p in self.local_pods.items()},
             t.MAP_MARK_POD_IPS: {str(k): list(ips) for k, ips in self.mark_pod_ips.all_items()},
             t.MAP_PAIR_ORIG_DST: {str(p): origin(o) for p, o in self.pair_orig_dst.items()},
-            t.MAP_COOKIE_ORIG_DST: {str(c): origin(o) for c, o in self.cookie_orig_dst.items()},
             t.MAP_NETNS_IP: {str(c): list(ips) for c, ips in self.netns_ip.all_items()},
             t.MAP_NETNS_POD: {str(c): {"ips": list(ips), "mark": m}
                               for c, ips, m in self.netns_pod.all_items()},
@@ -414,7 +399,6 @@ class Maps:
             t.MAP_IN_PENDING: {str(p): {"port": socket.ntohs(f.port), "flags": f.flags,
                                         "ack": socket.ntohl(f.ack)}
                                for p, f in self.in_pending.items()},
-            t.MAP_SOCK_PEER: {str(c): origin(o) for c, o in self.sock_peer.items()},
             t.MAP_COUNTERS: self.counters(),
         }
 

@@ -30,12 +30,12 @@ PROGRAMS: tuple[Prog, ...] = (
     Prog("getsockopt.c", "mb_getsockopt", "cgroup/getsockopt"),
     Prog("redir.c", "mb_msg_redir", "sk_msg"),
     # the app's view of a redirected socket (issue 16): getpeername answers
-    # the original destination, getsockname the pod IP; entries go with the socket
+    # the original destination, getsockname the pod IP (mb_sock_origin, which
+    # goes with the socket)
     Prog("peername.c", "mb_peername4", "cgroup/getpeername4"),
     Prog("peername.c", "mb_peername6", "cgroup/getpeername6"),
     Prog("peername.c", "mb_sockname4", "cgroup/getsockname4"),
     Prog("peername.c", "mb_sockname6", "cgroup/getsockname6"),
-    Prog("peername.c", "mb_sockrelease", "cgroup/sock_release"),
     # DNS capture to the sidecar's DNS proxy (mesh.Mesh.dns_port; no-ops for a
     # mesh without one): connect next to connect4/6, whichever runs first
     Prog("dns.c", "mb_dnsconn4", "cgroup/connect4"),

@@ -99,7 +99,7 @@ XDP_COUNTERS: dict[int, str] = {
 }
 
 # ---- map names (maps.h, ambient_maps.h); each is also the pin file name ------
-MAP_COOKIE_ORIG_DST = "mb_cookie_orig_dst"
+MAP_SOCK_ORIGIN = "mb_sock_origin"
 MAP_PAIR_ORIG_DST = "mb_pair_orig_dst"
 MAP_SOCK_PAIR = "mb_sock_pair"
 MAP_LOCAL_PODS = "mb_local_pods"
@@ -109,13 +109,17 @@ MAP_SETTINGS = "mb_settings"
 MAP_COUNTERS = "mb_counters"
 MAP_SKMSG_BUDGET = "mb_skmsg_budget"
 MAP_NETNS_POD = "mb_netns_pod"
-MAP_SOCK_PEER = "mb_sock_peer"
 MAP_IN_PENDING = "mb_in_pending"
 MAP_CGROUP_INFO = "mb_cgroup_info"     # ambient mode
 MAP_AMBIENT_IPS = "mb_ambient_ips"     # ambient mode
-ALL_MAPS = (MAP_COOKIE_ORIG_DST, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
+ALL_MAPS = (MAP_SOCK_ORIGIN, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
             MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET,
-            MAP_NETNS_POD, MAP_SOCK_PEER, MAP_IN_PENDING, MAP_CGROUP_INFO, MAP_AMBIENT_IPS)
+            MAP_NETNS_POD, MAP_IN_PENDING, MAP_CGROUP_INFO, MAP_AMBIENT_IPS)
+#: maps only the kernel can walk (a sockhash holds sockets; an sk_storage map's
+#: entries live in the sockets): pinned and unpinned, never opened as a table
+SOCKET_MAPS = (MAP_SOCK_PAIR, MAP_SOCK_ORIGIN)
+#: pins of maps earlier versions had, removed with the others
+RETIRED_MAPS = ("mb_cookie_orig_dst", "mb_sock_peer")
 
 
 class MbAddr(ct.Structure):
@@ -240,9 +244,9 @@ MIRRORS: dict[str, type[ct.Structure]] = {
 #: EACCES); tests/unit/test_layout.py checks that every struct-valued map of
 #: those headers is here.
 MAP_VALUES: dict[str, type[ct.Structure]] = {
-    MAP_COOKIE_ORIG_DST: MbOrigin, MAP_PAIR_ORIG_DST: MbOrigin,
+    MAP_SOCK_ORIGIN: MbOrigin, MAP_PAIR_ORIG_DST: MbOrigin,
     MAP_LOCAL_PODS: MbPodConfig, MAP_MARK_POD_IPS: MbPodIps, MAP_NETNS_IP: MbPodIps,
-    MAP_NETNS_POD: MbNetnsPod, MAP_SOCK_PEER: MbOrigin, MAP_IN_PENDING: MbInFlow,
+    MAP_NETNS_POD: MbNetnsPod, MAP_IN_PENDING: MbInFlow,
     MAP_CGROUP_INFO: MbCgroupInfo,
 }
 

@@ -35,7 +35,7 @@ PROGRAM_TYPES = {
     "xdp": "XDP on pod veths (CNI mode)",
 }
 #: the map types of bpf/include/maps.h
-MAP_TYPES = ("hash", "lru_hash", "array", "percpu_array", "sockhash")
+MAP_TYPES = ("hash", "lru_hash", "array", "percpu_array", "sockhash", "sk_storage")
 #: capabilities the daemon needs (bit numbers of linux/capability.h): loading
 #: and attaching cgroup/XDP programs and pinning (CAP_SYS_ADMIN covers CAP_BPF
 #: and CAP_PERFMON on every kernel), netlink, SO_MARK and ethtool (CAP_NET_ADMIN)

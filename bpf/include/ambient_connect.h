@@ -92,7 +92,7 @@ static __always_inline int mb_ambient_connect(struct bpf_sock_addr *ctx, const i
 	struct mb_cgroup_info *self;
 	struct mb_origin o = {};
 	int have_zt, act, dst_ambient = 0;
-	u64 cg, cookie;
+	u64 cg;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
@@ -113,8 +113,7 @@ static __always_inline int mb_ambient_connect(struct bpf_sock_addr *ctx, const i
 	o.port = (u16)ctx->user_port;
 	o.flags = MB_ORIGIN_F_REDIRECT;
 	o.pid = bpf_get_current_pid_tgid() >> 32;
-	cookie = bpf_get_socket_cookie(ctx);
-	mb_cookie_orig_dst.update(&cookie, &o);
+	mb_origin_set(ctx->sk, &o);
 	if (act == MB_AMB_OUT && !mb_addr_is_zero(&bind))
 		mb_sa_bind(ctx, v4, &bind);
 	mb_sa_set_dst(ctx, v4, &zt);

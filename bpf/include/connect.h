@@ -4,8 +4,8 @@
  * what the decision needs (who is calling, the caller's pod policy, the
  * target pod's policy), asks mb_decide() (pure; the order of the checks is
  * istio-iptables' ISTIO_OUTPUT chain), and applies the verdict (counter,
- * cookie record, address rewrite) through sockaddr.h's per-family loads and
- * stores. dns.c and peername.c use the pod-IP helpers.
+ * the socket's origin record, address rewrite) through sockaddr.h's
+ * per-family loads and stores. dns.c and peername.c use the pod-IP helpers.
  */
 #ifndef MERBRIDGE_CONNECT_H
 #define MERBRIDGE_CONNECT_H
@@ -36,7 +36,7 @@ struct mb_conn {
 struct mb_verdict {
 	int act;     /* MB_ACT_* */
 	u32 counter; /* MB_C_* to bump */
-	u16 flags;   /* MB_ORIGIN_F_* to record under the cookie (0: none) */
+	u16 flags;   /* MB_ORIGIN_F_* to record in mb_sock_origin (0: none) */
 };
 
 /* ---- the caller's pod IPs (struct mb_pod_ips) ------------------------------ */
@@ -102,10 +102,13 @@ static __always_inline void mb_bypass(const struct mb_conn *c, struct mb_verdict
 /* Called only for callers inside a mesh pod. */
 static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict *v)
 {
+	/* the caller's policy where it has outbound lists to scan (0: none) */
+	const struct mb_pod_config *lists = mb_out_lists(c->own);
+
 	v->flags = 0;
 
 	/* 1. excludeOutboundPorts: before everything else, the proxy included */
-	if (c->own && mb_port_in(c->own->exclude_out_ports, c->own->n_exclude_out_ports, c->port)) {
+	if (lists && mb_port_in(lists->exclude_out_ports, lists->n_exclude_out_ports, c->port)) {
 		mb_bypass(c, v, MB_C_BYPASS_POLICY);
 		return;
 	}
@@ -121,7 +124,7 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 	int via_lo = mb_via_lo(c);
 	/* "-o lo -m owner ! --uid-owner P -j RETURN" (and the same for the
 	 * GID), unless includeOutboundIPRanges names a loopback address */
-	int lo_return = !(c->own && mb_policy_includes_loopback(c->own));
+	int lo_return = !(lists && mb_policy_includes_loopback(lists));
 
 	/* 3./4. the proxy (UID or GID) */
 	if (c->is_proxy) {
@@ -178,8 +181,10 @@ static __always_inline void mb_decide(const struct mb_conn *c, struct mb_verdict
 		return;
 	}
 
-	/* 7.-9. the pod's CIDR and port lists; no policy known: capture all */
-	if (c->own && !mb_policy_out(c->own, c->dst, c->port)) {
+	/* 7.-9. the pod's CIDR and port lists (without any, includeOutboundIPRanges
+	 * is "*" or empty); no policy known: capture all */
+	if (c->own && !(lists ? mb_policy_out(lists, c->dst, c->port)
+			      : !!(c->own->flags & MB_POD_F_INCLUDE_OUT_ALL))) {
 		mb_bypass(c, v, MB_C_BYPASS_POLICY);
 		return;
 	}
@@ -224,7 +229,7 @@ static __always_inline int mb_connect(struct bpf_sock_addr *ctx, const int v4)
 	struct mb_conn c = {};
 	struct mb_verdict v = {};
 	struct mb_pod_ips *ip = 0, self = {};
-	u64 ugid, cookie;
+	u64 ugid;
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return 1;
@@ -274,17 +279,22 @@ static __always_inline int mb_connect(struct bpf_sock_addr *ctx, const int v4)
 	mb_decide(&c, &v);
 	mb_count(v.counter);
 	if (v.flags) {
+		/* for sockops (the pair entry, LEARN) and getpeername */
 		struct mb_origin o = {};
 
 		o.addr = dst;
 		o.port = bpf_htons(c.port);
 		o.flags = v.flags;
 		o.pid = bpf_get_current_pid_tgid() >> 32;
-		cookie = bpf_get_socket_cookie(ctx);
-		mb_cookie_orig_dst.update(&cookie, &o);
-		/* what the app asked for, for getpeername (peername.c) */
-		if (v.flags & MB_ORIGIN_F_REDIRECT)
-			mb_sock_peer.update(&cookie, &o);
+		mb_origin_set(ctx->sk, &o);
+	} else {
+		/* a socket connecting again after a failed, rewritten connect
+		 * drops that record; dns.c's own (this very connect, when it ran
+		 * first) stays, guarded by the DNS proxy's port */
+		struct mb_origin *old = mb_origin_of(ctx->sk);
+
+		if (old)
+			old->flags &= MB_ORIGIN_F_DNS;
 	}
 	if (v.act == MB_ACT_PASS)
 		return 1;

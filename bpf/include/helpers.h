@@ -232,6 +232,19 @@ static __always_inline u32 mb_cidr_in(const struct mb_cidr *list, u8 n, const st
 
 /* ---- policy (bpf/policy.py) ----------------------------------------------- */
 
+/* The pod's policy if it has an outbound port or CIDR list, else 0. Istio's
+ * default (includeOutboundIPRanges "*", nothing excluded) has none: its
+ * decisions skip every scan below, which always walk all MB_MAX_* slots. */
+static __always_inline const struct mb_pod_config *mb_out_lists(const struct mb_pod_config *pc)
+{
+	if (!pc)
+		return 0;
+	u32 n = (u32)pc->n_exclude_out_ports | pc->n_exclude_out_cidrs | pc->n_include_out_ports |
+		pc->n_include_out_cidrs;
+
+	return n ? pc : 0;
+}
+
 /* Outbound steps 2-5 (step 1, excluded ports, is checked before the proxy
  * rules by the caller, as ISTIO_OUTPUT does). 1: redirect. */
 static __always_inline int mb_policy_out(const struct mb_pod_config *pc, const struct mb_addr *dst,

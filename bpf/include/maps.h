@@ -41,15 +41,43 @@
 	};                                                                                        \
 	BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
 
-/* Socket cookie -> original destination of a connect that was rewritten
- * (flag REDIRECT/INBOUND) or that should teach the netns its IP (LEARN).
- * Written by connect4/connect6; read and deleted by sockops when the
- * connection is established. LRU: connects that never establish age out. */
-BPF_TABLE_PINNED("lru_hash", u64, struct mb_origin, mb_cookie_orig_dst, MB_MAX_CONNS,
-		 MB_PIN(mb_cookie_orig_dst));
+/* A socket -> where its connection was really going, kept in the socket
+ * itself (sk_storage: the kernel frees it with the socket, so nothing has to
+ * clean up after a closed socket and no program runs at release).
+ * Written by connect4/6 and ambient4/6 for a connect they rewrote (flag
+ * REDIRECT, plus INBOUND for the proxy's) or that should teach the netns its
+ * IP (legacy, flag LEARN), and by dns.c for a DNS socket (flag DNS: a TCP or
+ * connected UDP one, or the last query an unconnected UDP socket sent).
+ * Read by sockops when the connection is established (the original
+ * destination moves to mb_pair_orig_dst, keyed by the final 4-tuple), by
+ * peername.c (getpeername answers the original destination, getsockname the
+ * pod IP, as under iptables' NAT) and by dns.c's recvmsg (a reply from the
+ * DNS proxy comes from the server the app asked). A connect that is left
+ * alone clears the entry of an earlier, failed one. Pinned: the sockets'
+ * views survive a daemon restart. */
+BPF_TABLE_PINNED("sk_storage", int, struct mb_origin, mb_sock_origin, 0, MB_PIN(mb_sock_origin),
+		 BPF_F_NO_PREALLOC);
+
+/* The mb_sock_origin entry of a socket (sk: a struct bpf_sock the program
+ * may pass to bpf_sk_storage_get; 0: none). */
+static __always_inline struct mb_origin *mb_origin_of(struct bpf_sock *sk)
+{
+	return mb_sock_origin.sk_storage_get(sk, 0, 0);
+}
+
+/* Record *o as sk's origin (1: recorded; 0: no memory for it) */
+static __always_inline int mb_origin_set(struct bpf_sock *sk, const struct mb_origin *o)
+{
+	struct mb_origin *s = mb_sock_origin.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (!s)
+		return 0;
+	*s = *o;
+	return 1;
+}
 
 /* 4-tuple of the connecting socket -> original destination.
- * Written by sockops (ACTIVE_ESTABLISHED, from mb_cookie_orig_dst) and by the
+ * Written by sockops (ACTIVE_ESTABLISHED, from mb_sock_origin) and by the
  * inbound datapath, bpf/progs/inbound.c (key {client ip, client port, pod ip,
  * MB_IN_PORT}, flag XDP), only for an established flow (the client's ACK
  * matched the pod's SYN-ACK) and never over an entry without the flag.
@@ -147,18 +175,6 @@ static __always_inline void mb_count(u32 idx)
 	if (v)
 		*v += 1;
 }
-
-/* Socket cookie -> what the app asked for, for the sockets whose address
- * the datapath rewrote: connect4/6 (flag REDIRECT, plus INBOUND for the
- * proxy's) and dns.c (flag DNS: a TCP or connected UDP DNS socket, or the
- * last query an unconnected UDP socket sent). Read by peername.c
- * (getpeername answers the original destination, getsockname the pod IP,
- * as under iptables' NAT) and by dns.c's recvmsg (a reply from the DNS proxy
- * comes from the server the app asked). Deleted by peername.c when the
- * socket is released, so a plain hash; if it is ever full, an app sees the
- * rewritten address (routing is unaffected). Pinned: the sockets' views
- * survive a daemon restart. */
-BPF_TABLE_PINNED("hash", u64, struct mb_origin, mb_sock_peer, MB_MAX_CONNS, MB_PIN(mb_sock_peer));
 
 #include "ambient_maps.h"
 

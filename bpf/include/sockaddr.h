@@ -83,9 +83,10 @@ static __always_inline int mb_sa_bind(struct bpf_sock_addr *ctx, const int v4,
 }
 
 /* Does a socket whose real peer port is port (network order) still carry
- * the rewrite its mb_sock_peer entry records? A REDIRECT went to the proxy's
- * outbound or inbound port, a DNS query to the DNS proxy. Guards against a
- * socket connected again elsewhere after its first connect failed. */
+ * the rewrite its mb_sock_origin entry records? A REDIRECT went to the proxy's
+ * outbound or inbound port (ambient's to ztunnel's, the same 15001 and 15006
+ * for Istio), a DNS query to the DNS proxy. Guards against a socket
+ * connected again elsewhere after its first connect failed. */
 static __always_inline int mb_peer_port_ours(const struct mb_origin *o, u32 port)
 {
 	if (o->flags & MB_ORIGIN_F_DNS)

@@ -6,7 +6,7 @@
  *          is a caller without cgroup entry a sidecar pod?; mb_cgroup_info
  *          (the caller's cgroup: ambient pod, other pod, ztunnel), mb_settings
  *          (MB_SET_ZTUNNEL_IP4), mb_ambient_ips.
- * Writes:  mb_cookie_orig_dst (original destination, for sockops ->
+ * Writes:  mb_sock_origin (original destination, for sockops ->
  *          mb_pair_orig_dst -> ztunnel's SO_ORIGINAL_DST).
  * Why: in Istio's ambient mesh a pod has no sidecar; its app's connects go to
  * the node's ztunnel (port 15001, bound to the pod IP so ztunnel knows who

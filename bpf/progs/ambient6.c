@@ -7,7 +7,7 @@
  *          mb_settings (MB_SET_ZTUNNEL_IP4 for IPv4-mapped
  *          destinations of dual-stack sockets, MB_SET_ZTUNNEL_IP6_HI/LO for
  *          IPv6 ones), mb_ambient_ips.
- * Writes:  mb_cookie_orig_dst.
+ * Writes:  mb_sock_origin.
  * Why: an IPv6 connect of an ambient pod goes to ztunnel's IPv6 address, an
  * IPv4-mapped one (the connection will really be IPv4) to ztunnel's IPv4 in
  * mapped form. Without a ztunnel address of that family nothing is changed.

@@ -5,9 +5,8 @@
  *          (legacy): the caller's pod IP; mb_local_pods: the caller's and the
  *          target's policy; mb_settings: the legacy destination sequence
  *          (atomic add), MB_SET_NODE_NETNS.
- * Writes:  mb_cookie_orig_dst, mb_sock_peer
- *          (socket cookie -> original destination, for sockops and
- *          peername.c), mb_counters.
+ * Writes:  mb_sock_origin (the socket's original destination, for sockops
+ *          and peername.c), mb_counters.
  * Why: this replaces istio-iptables' nat OUTPUT chain for IPv4 TCP: an app's
  * connect from a mesh pod goes to the sidecar's outbound listener, the
  * proxy's to a local pod's inbound listener. The program is connect.h's

@@ -4,7 +4,7 @@
  * Reads:   mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy),
  *          mb_local_pods, mb_settings (legacy destination sequence;
  *          MB_SET_NODE_NETNS).
- * Writes:  mb_cookie_orig_dst, mb_sock_peer, mb_counters.
+ * Writes:  mb_sock_origin, mb_counters.
  * Why: the IPv6 twin of connect4.c (connect.h:mb_connect over IPv6 fields):
  * an app's connect goes to [::1]:MB_OUT_PORT, the proxy's call through lo to
  * [::1]:MB_IN_PORT; a dual-stack socket connecting to an IPv4-mapped address

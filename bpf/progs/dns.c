@@ -7,8 +7,8 @@
  * Reads:   mb_netns_pod + mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy):
  *          the caller's pod; mb_local_pods: its policy (MB_POD_F_DNS_CAPTURE,
  *          proxy UID/GID, excluded ports).
- * Writes:  mb_sock_peer
- *          (socket cookie -> the server the app asked, flag DNS),
+ * Writes:  mb_sock_origin
+ *          (the socket -> the server the app asked, flag DNS),
  *          mb_counters (MB_C_DNS_CAPTURED).
  * Why: Istio's DNS proxying (ISTIO_META_DNS_CAPTURE="true" in the istio-proxy
  * container's env; the daemon sets MB_POD_F_DNS_CAPTURE from it) is, with
@@ -19,7 +19,7 @@
  * mb_dns_captured). The REDIRECT goes to 127.0.0.1 (IPv6: ::1; an
  * IPv4-mapped destination on a dual-stack socket: ::ffff:127.0.0.1), and
  * conntrack gives replies the server's address back; here recvmsg does
- * that from mb_sock_peer, and peername.c answers getpeername. An
+ * that from mb_sock_origin, and peername.c answers getpeername. An
  * unconnected socket's replies are attributed to the server of its latest
  * query (the kernel keeps no per-datagram state for us; resolvers accept a
  * reply from any of their servers).
@@ -50,16 +50,15 @@ static __always_inline int mb_dns_wanted(void *ctx, const struct mb_addr *src)
 	return mb_dns_captured(pc, bpf_get_current_uid_gid(), src);
 }
 
-static __always_inline void mb_dns_record(void *ctx, const struct mb_addr *dst)
+static __always_inline void mb_dns_record(struct bpf_sock_addr *ctx, const struct mb_addr *dst)
 {
 	struct mb_origin o = {};
-	u64 cookie = bpf_get_socket_cookie(ctx);
 
 	o.addr = *dst;
 	o.port = bpf_htons(MB_DNS_SERVER_PORT);
 	o.flags = MB_ORIGIN_F_DNS;
 	o.pid = bpf_get_current_pid_tgid() >> 32;
-	mb_sock_peer.update(&cookie, &o);
+	mb_origin_set(ctx->sk, &o);
 	mb_count(MB_C_DNS_CAPTURED);
 }
 
@@ -98,8 +97,7 @@ static __always_inline int mb_dns_in(struct bpf_sock_addr *ctx, const int v4)
 	mb_sa_dst(ctx, v4, &from);
 	if (!mb_addr_is_localhost(&from))
 		return 1;
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
+	struct mb_origin *o = mb_origin_of(ctx->sk);
 
 	if (o && (o->flags & MB_ORIGIN_F_DNS) && (!v4 || mb_addr_is_v4(&o->addr))) {
 		mb_sa_set_dst(ctx, v4, &o->addr);

@@ -4,17 +4,17 @@
  * Programs (Datapath.attach, the cgroup v2 directory holding the pods):
  *   mb_peername4/6  cgroup/getpeername4/6 (BPF_CGROUP_INET{4,6}_GETPEERNAME)
  *   mb_sockname4/6  cgroup/getsockname4/6 (BPF_CGROUP_INET{4,6}_GETSOCKNAME)
- *   mb_sockrelease  cgroup/sock_release (BPF_CGROUP_INET_SOCK_RELEASE)
- * Reads:   mb_sock_peer (written by connect4/6 and dns.c), mb_netns_pod +
- *          mb_mark_pod_ips (CNI mode) or mb_netns_ip (legacy): the pod IPs.
- * Writes:  mb_sock_peer (deleted when the socket is released).
+ * Reads:   mb_sock_origin (written by connect4/6, ambient4/6 and dns.c; it
+ *          goes with the socket), mb_netns_pod (CNI mode) or mb_netns_ip
+ *          (legacy): the pod IPs.
  * Why: istio-iptables REDIRECTs in nat OUTPUT and conntrack hides it from
  * the app: a socket that connected to 10.0.1.7:8080 has that peer and the
  * pod IP as its local address. connect4/6 and dns.c rewrite the socket's
  * own destination instead (127.0.0.1:15001, the peer pod's :15006, the DNS
  * proxy), so without these programs getpeername() would answer the proxy's
- * port. A socket with no mb_sock_peer entry (not redirected, or the proxy's
- * accepted sockets, the server app's) is never touched.
+ * port. A socket without an mb_sock_origin entry that says REDIRECT or DNS
+ * (not redirected, or the proxy's accepted sockets, the server app's) is
+ * never touched.
  *
  * getsockname: the local port is the one the app got (the ephemeral port, as
  * with iptables); the address is already the pod IP where connect4/6 bound
@@ -41,11 +41,18 @@ static __always_inline struct mb_pod_ips *mb_netns_ips(void *ctx)
 #endif
 }
 
+/* The socket's origin if its address was rewritten (0: it was not) */
+static __always_inline struct mb_origin *mb_rewritten(struct bpf_sock_addr *ctx)
+{
+	struct mb_origin *o = mb_origin_of(ctx->sk);
+
+	return o && (o->flags & (MB_ORIGIN_F_REDIRECT | MB_ORIGIN_F_DNS)) ? o : 0;
+}
+
 /* getpeername: the original destination (an IPv4 socket: only an IPv4 one) */
 static __always_inline int mb_peername(struct bpf_sock_addr *ctx, const int v4)
 {
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
+	struct mb_origin *o = mb_rewritten(ctx);
 
 	if (o && (!v4 || mb_addr_is_v4(&o->addr)) && mb_peer_port_ours(o, ctx->user_port)) {
 		mb_sa_set_dst(ctx, v4, &o->addr);
@@ -58,8 +65,7 @@ static __always_inline int mb_peername(struct bpf_sock_addr *ctx, const int v4)
  * connection's family (IPv4-mapped for a mapped destination) */
 static __always_inline int mb_sockname(struct bpf_sock_addr *ctx, const int v4)
 {
-	u64 cookie = bpf_get_socket_cookie(ctx);
-	struct mb_origin *o = mb_sock_peer.lookup(&cookie);
+	struct mb_origin *o = mb_rewritten(ctx);
 	struct mb_addr local;
 
 	if (!o || mb_addr_is_loopback(&o->addr))
@@ -97,20 +103,4 @@ int mb_sockname4(struct bpf_sock_addr *ctx)
 int mb_sockname6(struct bpf_sock_addr *ctx)
 {
 	return mb_sockname(ctx, 0);
-}
-
-int mb_sockrelease(struct bpf_sock *sk)
-{
-	u64 cookie;
-
-	/* every TCP and UDP socket: its peer port says nothing reliable here (a
-	 * failed connect, shutdown or AF_UNSPEC connect zero it), and an entry
-	 * must never outlive its socket in this plain hash */
-	if (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_UDP)
-		return 1;
-	cookie = bpf_get_socket_cookie(sk);
-	/* most released sockets have no entry: a lookup is cheaper than a delete */
-	if (mb_sock_peer.lookup(&cookie))
-		mb_sock_peer.delete(&cookie);
-	return 1;
 }

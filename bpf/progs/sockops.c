@@ -1,7 +1,7 @@
 /* sockops.c: cgroup/sock_ops (BPF_CGROUP_SOCK_OPS), program mb_sockops.
  *
  * Attach point: the cgroup v2 directory holding the pods (Datapath.attach).
- * Reads:   mb_cookie_orig_dst (what connect4/6 decided for this socket),
+ * Reads:   mb_sock_origin (what connect4/6 decided for this socket),
  *          mb_netns_ip (legacy: the pod IPs learned so far),
  *          mb_settings (MB_SET_SKMSG_OFF: keep new connections out of the
  *          sockhash, so sk_msg never touches them; MB_SET_SKMSG_MAX_QUEUE:
@@ -14,13 +14,13 @@
  *          their mb_skmsg_budget entries,
  *          mb_netns_ip (legacy feedback: the pod IP of the learning
  *          connection's family, the other family's kept), mb_counters;
- *          deletes the mb_cookie_orig_dst entry it consumed and, when an
- *          accepting socket closes, the mb_pair_orig_dst entry it was
+ *          when an accepting socket closes, deletes the mb_pair_orig_dst
+ *          entry it was
  *          answered from (an inbound flow of inbound.c going to
  *          TIME_WAIT moves to mb_in_pending instead).
- * Why: connect only knows a socket cookie; the proxy that accepts the
- * connection only knows its 4-tuple. Once established, the connecting side's
- * tuple is final, so the original destination moves from the cookie to the
+ * Why: connect only knows its socket; the proxy that accepts the connection
+ * only knows its 4-tuple. Once established, the connecting side's tuple is
+ * final, so the original destination is copied from the socket to the
  * tuple. Putting both local ends into the sockhash lets redir.c hand data
  * from one socket straight to its peer.
  */
@@ -64,20 +64,19 @@ static __always_inline void mb_watch_close(struct bpf_sock_ops *skops)
 static __always_inline void mb_active_established(struct bpf_sock_ops *skops)
 {
 	struct mb_pair p = {};
-	struct mb_origin *o, origin;
-	u64 cookie;
+	struct mb_origin *o = 0, origin;
+	struct bpf_sock *sk = skops->sk;
 
 	mb_pair_from_ctx(&p, skops);
-	cookie = bpf_get_socket_cookie(skops);
-	o = mb_cookie_orig_dst.lookup(&cookie);
-	if (!o) {
+	if (sk)
+		o = mb_origin_of(sk);
+	if (!o || !(o->flags & (MB_ORIGIN_F_REDIRECT | MB_ORIGIN_F_LEARN))) {
 		/* the proxy's inbound passthrough to the app */
 		if (mb_addr_is_passthrough(&p.sip))
 			mb_sockhash_add(skops, &p);
 		return;
 	}
 	origin = *o;
-	mb_cookie_orig_dst.delete(&cookie);
 	if (origin.flags & MB_ORIGIN_F_LEARN) {
 		/* legacy: a non-rewritten connection of a mesh pod shows the
 		 * pod's own address of its family as its source. It fills that

@@ -4,7 +4,7 @@ Under istio-iptables (nat OUTPUT REDIRECT, conntrack reverses it) an app that
 connects to B:8080 sees B:8080 as its peer and its pod IP with an ephemeral
 port as its local address. merbridge rewrites the socket's destination at
 connect (127.0.0.1:15001), so bpf/progs/peername.c answers getpeername and
-getsockname from mb_sock_peer. Each case is run twice in the same topology,
+getsockname from mb_sock_origin. Each case is run twice in the same topology,
 once under the real Istio rules (no eBPF) and once under merbridge (no
 iptables), and the app's getsockname/getpeername, before and after the
 server closed, and what the server app saw must be the same. Sockets that
@@ -189,15 +189,12 @@ def test_app_sees_what_iptables_would_show(views, case):
 
 def test_redirected_sockets_really_were_redirected(views):
     """The comparison means something: under merbridge the mesh cases went
-    through A's sidecar by our rewrite (one redirect_out each), and while
-    their sockets lived mb_sock_peer held them (deleted on release)."""
+    through A's sidecar by our rewrite (one redirect_out each)."""
     cases = views["cases"]
     assert views["moved"]["redirect_out"] == 6
     # the server app was reached through B's sidecar in the mesh cases
     for name in ("mesh-ipv4", "mesh-ipv6", "mesh-v4-mapped"):
         assert cases[name][1]["reply"]["peer"][0] in ("127.0.0.6", "::6")
-    e = views["env"]
-    assert dict(e.dp.maps.sock_peer.items()) == {}   # every socket was released
 
 
 @contextlib.contextmanager
@@ -252,10 +249,28 @@ time.sleep(3600)
 """
 
 
-def test_failed_redirected_connect_leaves_no_entry(views):
+# connect to argv[1]:argv[2] (refused), then the same socket to argv[3]:argv[4]
+RECONNECT = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+try:  # blocking: a failed blocking connect disconnects the socket for another
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    first = "connected"
+except OSError as e:
+    first = type(e).__name__
+s.connect((sys.argv[3], int(sys.argv[4])))
+s.sendall(b"hello\n")
+reply = json.loads(s.makefile().readline())
+print(json.dumps({"first": first, "peer": list(s.getpeername()), "reply": reply}), flush=True)
+"""
+
+
+def test_a_socket_connecting_again_after_a_failed_redirect_is_left_alone(views):
     """A redirected connect that fails (no outbound listener: the sidecar is
-    down) is released like any socket; its mb_sock_peer entry goes with it,
-    even though the failed connect zeroed the socket's peer."""
+    down) leaves its record in the socket (mb_sock_origin). When the same
+    socket then connects where nothing is redirected (its own pod through
+    lo), the record must not follow it: getpeername answers the real peer,
+    and sockops records no pair and adds no sk_msg shortcut for it."""
     e = views["env"]
     d = e.lab.add_pod("d")
     enrol(e.dp, d, 4, PodPolicy(status_port=ISTIO.status_port), e.cni_mode, e.closers)
@@ -264,8 +279,15 @@ def test_failed_redirected_connect_leaves_no_entry(views):
         # one on [::1], which the IPv4 connect's rewrite cannot reach
         d.spawn([PYTHON, "-I", "-c", V6_ONLY_LISTENER, str(ISTIO.out_port)])
         d.wait_listening(ISTIO.out_port, "::1")
-    before = e.dp.maps.counters()["redirect_out"]
-    r = d.connect(e.lab.pods["c"].ip4, 8080)
-    assert not r.ok and "Refused" in (r.error or "")
-    assert e.dp.maps.counters()["redirect_out"] == before + 1
-    assert dict(e.dp.maps.sock_peer.items()) == {}
+    d.start_app(9090)
+    before = e.dp.maps.counters()
+    res = d.run([PYTHON, "-I", "-c", RECONNECT, e.lab.pods["c"].ip4, "8080", "127.0.0.1",
+                 "9090"])
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    after = e.dp.maps.counters()
+    assert out["first"] == "ConnectionRefusedError"
+    assert after["redirect_out"] == before["redirect_out"] + 1
+    assert out["peer"] == ["127.0.0.1", 9090] and out["reply"]["pod"] == "d"
+    assert after["pair_recorded"] == before["pair_recorded"]
+    assert after["sockhash_add"] == before["sockhash_add"]

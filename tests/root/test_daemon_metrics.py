@@ -51,7 +51,7 @@ def assert_occupancy(env: Env, m: dict[str, float]) -> None:
         assert m[f'merbridge_map_capacity{{map="{name}"}}'] == capacity, name
     # every map the daemon owns is there (the sockhash has no typed handle)
     assert {k for k in m if k.startswith("merbridge_map_capacity")} == {
-        f'merbridge_map_capacity{{map="{n}"}}' for n in t.ALL_MAPS if n != t.MAP_SOCK_PAIR}
+        f'merbridge_map_capacity{{map="{n}"}}' for n in t.ALL_MAPS if n not in t.SOCKET_MAPS}
 
 
 def counted(env: Env, proc) -> dict[str, float]:

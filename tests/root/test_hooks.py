@@ -595,7 +595,6 @@ def test_bcc_layouts_match_mirrors(dp):
     b = next(iter(dp._objs.values()))
     for name, key, leaf in [(t.MAP_PAIR_ORIG_DST, t.MbPair, t.MbOrigin),
                             (t.MAP_LOCAL_PODS, t.MbAddr, t.MbPodConfig),
-                            (t.MAP_COOKIE_ORIG_DST, None, t.MbOrigin),
                             (t.MAP_NETNS_IP, None, t.MbPodIps)]:
         table = b.get_table(name.encode())
         for mine, theirs in ((key, table.Key), (leaf, table.Leaf)):

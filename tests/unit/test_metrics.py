@@ -162,7 +162,7 @@ def test_map_occupancy_of_the_typed_handles(served):
         def __len__(self):
             return len(self.data)
 
-    backends = {name: Sized() for name in t.ALL_MAPS if name != t.MAP_SOCK_PAIR}
+    backends = {name: Sized() for name in t.ALL_MAPS if name not in t.SOCKET_MAPS}
     backends[t.MAP_SETTINGS] = bpfmaps.DictBackend()    # capacity unknown: left out
     maps = bpfmaps.Maps(backends)
     maps.local_pods.put("10.0.0.5", bpfmaps.PodPolicy())
