@@ -38,7 +38,7 @@ from merbridge.bpf import ambient, csource, sysbpf
 from merbridge.bpf import types as t
 from merbridge.bpf.maps import MapBackend, Maps
 from merbridge.bpf.mesh import MARK_LISTENER_PORT, Mesh
-from merbridge.bpf.programs import PROGRAMS, Prog
+from merbridge.bpf.programs import PROGRAMS, RETIRED, Prog
 
 _PKG = files("merbridge.bpf")
 INCLUDE_DIR = str(_PKG / "include")
@@ -89,8 +89,9 @@ HOOKS: dict[str, tuple[int, int]] = {
 #: Datapath is asked for them (and detached by one that is not)
 FEATURES: dict[str, tuple[Prog, ...]] = {"ambient": ambient.PROGRAMS}
 
-#: every program of ours, optional ones included (what detach and attached() look for)
-ALL_PROGRAMS = PROGRAMS + tuple(p for progs in FEATURES.values() for p in progs)
+#: every program of ours, optional and retired ones included (what detach and
+#: attached() look for)
+ALL_PROGRAMS = PROGRAMS + tuple(p for progs in FEATURES.values() for p in progs) + RETIRED
 CGROUP_ATTACH_TYPES = {HOOKS[p.hook][1] for p in ALL_PROGRAMS if p.target == "cgroup"}
 OUR_NAMES = {p.func for p in ALL_PROGRAMS}
 
@@ -310,10 +311,10 @@ class Datapath:
             for p in self.programs:
                 if p.target == "cgroup":
                     sysbpf.attach_replace(fd, self._fns[p.func].fd, HOOKS[p.hook][1], p.func)
-            for feature, progs in FEATURES.items():  # switched off since last time
-                if feature not in self.features:
-                    for p in progs:
-                        sysbpf.detach_named(fd, HOOKS[p.hook][1], {p.func})
+            switched_off = [p for f, progs in FEATURES.items() if f not in self.features
+                            for p in progs]
+            for p in switched_off + list(RETIRED):
+                sysbpf.detach_named(fd, HOOKS[p.hook][1], {p.func})
         except OSError as e:
             raise DatapathError(f"attaching to {cgroup_path} failed: {e}") from e
         finally:

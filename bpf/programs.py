@@ -45,3 +45,11 @@ PROGRAMS: tuple[Prog, ...] = (
     Prog("dns.c", "mb_dnsrecv4", "cgroup/recvmsg4"),
     Prog("dns.c", "mb_dnsrecv6", "cgroup/recvmsg6"),
 )
+
+#: programs earlier versions attached and this one no longer has: a new attach
+#: detaches them (a daemon killed before its clean stop left them), and detach
+#: and attached() count them as ours
+RETIRED: tuple[Prog, ...] = (
+    # until 2026-12-07: forgot mb_sock_peer entries (now sk_storage, mb_sock_origin)
+    Prog("peername.c", "mb_sockrelease", "cgroup/sock_release"),
+)

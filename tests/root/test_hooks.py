@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 from hookenv import PROBE, Pod, datapath, sh
-from merbridge.bpf import loader, mesh
+from merbridge.bpf import loader, mesh, sysbpf
 from merbridge.bpf import types as t
 from merbridge.bpf.maps import encode_policy
 from merbridge.bpf.policy import PodPolicy
@@ -643,6 +643,40 @@ def test_reload_replaces_and_unpin_leaves_nothing():
             if d is not None:
                 d.close()
         loader.detach_cgroup(p.cgroup)
+        loader.remove_pins(pin)
+        p.close()
+
+
+def test_attach_detaches_a_retired_program_an_older_version_left():
+    """A daemon of an older version killed before its clean stop leaves its
+    programs attached. Those this version no longer has (programs.RETIRED:
+    the sock_release program of mb_sock_peer) go at the next attach; before,
+    they count as ours for attached() and detach."""
+    from bcc import BPF
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    p = Pod(v4=[POD4, DST4])
+    old = dp = None
+    try:
+        prog_type, attach_type = loader.HOOKS["cgroup/sock_release"]
+        old = BPF(text=b"int mb_sockrelease(struct bpf_sock *sk) { return 1; }")
+        fn = old.load_func(b"mb_sockrelease", prog_type, attach_type=attach_type)
+        fd = os.open(p.cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sysbpf.attach_replace(fd, fn.fd, attach_type, "mb_sockrelease")
+        finally:
+            os.close(fd)
+        assert [a.name for a in loader.attached(p.cgroup)] == ["mb_sockrelease"]
+        dp = loader.Datapath(pin, ISTIO, cni_mode=True).load()
+        dp.attach(p.cgroup)
+        names = sorted(a.name for a in loader.attached(p.cgroup))
+        assert names == sorted(prog.func for prog in loader.PROGRAMS if prog.target == "cgroup")
+        assert "mb_sockrelease" not in _bpftool_cgroup(p.cgroup)
+    finally:
+        loader.detach_cgroup(p.cgroup)
+        if dp is not None:
+            dp.close()
+        if old is not None:
+            old.cleanup()
         loader.remove_pins(pin)
         p.close()
 
