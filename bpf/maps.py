@@ -12,7 +12,6 @@ uses the same code against the kernel.
 """
 from __future__ import annotations
 
-import ctypes as ct
 import functools
 import socket
 import struct
@@ -220,9 +219,8 @@ class MarkPodIps(_PodIpsValues):
         return self.b.delete(self._key(key))
 
 
-class _Origins:
-    """A map whose values are struct mb_origin."""
-    key_type: type[ct.Structure] | None = None
+class PairOrigDst:
+    """mb_pair_orig_dst: connecting 4-tuple -> original destination."""
 
     def __init__(self, backend: MapBackend) -> None:
         self.b = backend
@@ -230,10 +228,6 @@ class _Origins:
     def raw_items(self) -> Iterator[tuple[bytes, t.MbOrigin]]:
         for k, v in self.b.items():
             yield k, t.MbOrigin.from_buffer_copy(v)
-
-
-class PairOrigDst(_Origins):
-    """mb_pair_orig_dst: connecting 4-tuple -> original destination."""
 
     def items(self) -> list[tuple[t.MbPair, t.MbOrigin]]:
         return [(t.MbPair.from_buffer_copy(k), o) for k, o in self.raw_items()]

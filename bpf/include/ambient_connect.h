@@ -90,7 +90,6 @@ static __always_inline int mb_ambient_connect(struct bpf_sock_addr *ctx, const i
 {
 	struct mb_addr dst, zt = {}, bind = {};
 	struct mb_cgroup_info *self;
-	struct mb_origin o = {};
 	int have_zt, act, dst_ambient = 0;
 	u64 cg;
 
@@ -109,11 +108,7 @@ static __always_inline int mb_ambient_connect(struct bpf_sock_addr *ctx, const i
 	if (act == MB_AMB_PASS)
 		return 1;
 
-	o.addr = dst;
-	o.port = (u16)ctx->user_port;
-	o.flags = MB_ORIGIN_F_REDIRECT;
-	o.pid = bpf_get_current_pid_tgid() >> 32;
-	mb_origin_set(ctx->sk, &o);
+	mb_origin_record(ctx->sk, &dst, (u16)ctx->user_port, MB_ORIGIN_F_REDIRECT);
 	if (act == MB_AMB_OUT && !mb_addr_is_zero(&bind))
 		mb_sa_bind(ctx, v4, &bind);
 	mb_sa_set_dst(ctx, v4, &zt);

@@ -280,13 +280,7 @@ static __always_inline int mb_connect(struct bpf_sock_addr *ctx, const int v4)
 	mb_count(v.counter);
 	if (v.flags) {
 		/* for sockops (the pair entry, LEARN) and getpeername */
-		struct mb_origin o = {};
-
-		o.addr = dst;
-		o.port = bpf_htons(c.port);
-		o.flags = v.flags;
-		o.pid = bpf_get_current_pid_tgid() >> 32;
-		mb_origin_set(ctx->sk, &o);
+		mb_origin_record(ctx->sk, &dst, bpf_htons(c.port), v.flags);
 	} else {
 		/* a socket connecting again after a failed, rewritten connect
 		 * drops that record; dns.c's own (this very connect, when it ran

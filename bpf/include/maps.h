@@ -65,15 +65,21 @@ static __always_inline struct mb_origin *mb_origin_of(struct bpf_sock *sk)
 	return mb_sock_origin.sk_storage_get(sk, 0, 0);
 }
 
-/* Record *o as sk's origin (1: recorded; 0: no memory for it) */
-static __always_inline int mb_origin_set(struct bpf_sock *sk, const struct mb_origin *o)
+/* Record in sk where the calling process was really going (port in network
+ * order, flags MB_ORIGIN_F_*). Without memory for the entry nothing is
+ * recorded: the app then sees the rewritten address, and the proxy gets no
+ * SO_ORIGINAL_DST for the connection. */
+static __always_inline void mb_origin_record(struct bpf_sock *sk, const struct mb_addr *addr,
+					     u16 port, u16 flags)
 {
-	struct mb_origin *s = mb_sock_origin.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	struct mb_origin *o = mb_sock_origin.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 
-	if (!s)
-		return 0;
-	*s = *o;
-	return 1;
+	if (!o)
+		return;
+	o->addr = *addr;
+	o->port = port;
+	o->flags = flags;
+	o->pid = bpf_get_current_pid_tgid() >> 32;
 }
 
 /* 4-tuple of the connecting socket -> original destination.

@@ -52,13 +52,7 @@ static __always_inline int mb_dns_wanted(void *ctx, const struct mb_addr *src)
 
 static __always_inline void mb_dns_record(struct bpf_sock_addr *ctx, const struct mb_addr *dst)
 {
-	struct mb_origin o = {};
-
-	o.addr = *dst;
-	o.port = bpf_htons(MB_DNS_SERVER_PORT);
-	o.flags = MB_ORIGIN_F_DNS;
-	o.pid = bpf_get_current_pid_tgid() >> 32;
-	mb_origin_set(ctx->sk, &o);
+	mb_origin_record(ctx->sk, dst, bpf_htons(MB_DNS_SERVER_PORT), MB_ORIGIN_F_DNS);
 	mb_count(MB_C_DNS_CAPTURED);
 }
 
