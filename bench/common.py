@@ -114,6 +114,25 @@ def machine() -> dict:
 
 # -- kernel knobs ---------------------------------------------------------
 
+def host_cpu() -> dict:
+    """Whole-host CPU time and context switches so far (/proc/stat): every
+    process of a bench topology (load generator, both sidecars, the app)
+    and the kernel work they cause run on this host's CPUs."""
+    out = {"busy_s": 0.0, "idle_s": 0.0, "ctxt": 0}
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name == "cpu":
+                ticks = [int(x) for x in fields[:8]]   # user .. steal; guest is inside user
+                idle = ticks[3] + ticks[4]            # idle + iowait
+                out["busy_s"] = (sum(ticks) - idle) / hz
+                out["idle_s"] = idle / hz
+            elif name == "ctxt":
+                out["ctxt"] = int(fields[0])
+    return out
+
+
 def read_sysctl(key: str) -> str:
     with open("/proc/sys/" + key.replace(".", "/")) as f:
         return f.read().strip()

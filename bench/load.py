@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 
-from common import BenchError
+from common import BenchError, host_cpu
 
 #: the load generator runs as an ordinary user: never the proxy's UID 1337
 CLIENT_UID = 1000
@@ -73,7 +73,9 @@ def wrk(pod, url: str, conns: int, duration: float, close: bool, workdir: str,
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(url)
+    before = host_cpu()
     res = pod.run(argv, uid=CLIENT_UID, timeout=duration + 30)
+    after = host_cpu()
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("{")), None)
     if res.returncode != 0 or line is None:
         raise BenchError(f"wrk failed (rc={res.returncode}): {res.stderr.strip()[-300:]} "
@@ -82,6 +84,15 @@ def wrk(pod, url: str, conns: int, duration: float, close: bool, workdir: str,
     secs = out["duration_us"] / 1e6
     out["rps"] = out["requests"] / secs if secs else 0.0
     out["errors"] = sum(out[k] for k in out if k.startswith("err_"))
+    # what each request cost the whole host (wrk's start and exit included:
+    # a few ms against seconds of load), and how much of the CPUs was left
+    # idle: at few connections a chain of wake-ups, not CPU, sets the rate
+    busy = after["busy_s"] - before["busy_s"]
+    idle = after["idle_s"] - before["idle_s"]
+    if out["requests"]:
+        out["cpu_us_per_req"] = busy * 1e6 / out["requests"]
+        out["ctxt_per_req"] = (after["ctxt"] - before["ctxt"]) / out["requests"]
+    out["idle_share"] = idle / (busy + idle) if busy + idle else 0.0
     return out
 
 

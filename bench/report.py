@@ -31,6 +31,10 @@ def load_summary(results: dict) -> dict:
     for key, rs in _group(results.get("load", {}).get("runs", []),
                           ("mode", "where", "close", "conns")).items():
         out[key] = {m: summarize(r[m] for r in rs) for m in ("rps", "p50_us", "p99_us")}
+        # host CPU per request (runs before 2026-12-08 did not record it)
+        for m in ("cpu_us_per_req", "ctxt_per_req", "idle_share"):
+            if all(m in r for r in rs):
+                out[key][m] = summarize(r[m] for r in rs)
         out[key]["errors"] = sum(r.get("errors", 0) for r in rs)
     return out
 
@@ -83,6 +87,11 @@ def targets(results: dict) -> list[dict]:
                 value += (f"; no-interception bound: req/s "
                           f"x{bound['rps']['median'] / base['rps']['median']:.2f}, p99 "
                           f"x{bound['p99_us']['median'] / base['p99_us']['median']:.2f}")
+            if "cpu_us_per_req" in v and "cpu_us_per_req" in base:
+                c, cb = v["cpu_us_per_req"], base["cpu_us_per_req"]
+                value += (f"; CPU per request "
+                          f"{ratio_text(c['median'] / cb['median'], level(c, cb))}, "
+                          f"CPUs idle {v['idle_share']['median'] * 100:.0f} %")
             rows.append({"target": f"{mode} vs iptables, {where}-node, {CONN[close]}, c={conns}",
                          "kind": "load", "mode": mode, "where": where, "close": close,
                          "conns": conns, "rps_ratio": rr, "p99_ratio": pr, "rps_level": rl,
@@ -213,6 +222,28 @@ def markdown(results: dict, img_prefix: str = "") -> str:
             v = s[key]
             L.append(f"| {where}-node | {CONN[close]} | {conns} | {mode} | {_ms(v['rps'])} | "
                      f"{_ms(v['p50_us'])} | {_ms(v['p99_us'])} | {v['errors']} |")
+        L.append("")
+
+    cpu = {k: v for k, v in s.items() if "cpu_us_per_req" in v}
+    if cpu:
+        L.append("## What each request cost the host (same runs)\n")
+        L.append("All CPU time of the host while wrk ran (/proc/stat: wrk, both sidecars, "
+                 "the app and the kernel work they cause) per request served, the context "
+                 "switches per request, and the share of the two CPUs left idle. A rate "
+                 "set by CPU leaves little idle; a rate set by a chain of wake-ups (each "
+                 "request waits for wrk, the sidecars and the app in turn) leaves the CPUs "
+                 "idle between them, whatever each hop costs.\n")
+        L.append("| placement | connection | conns | mode | CPU µs per request | "
+                 "context switches per request | CPUs idle % |")
+        L.append("|---|---|---:|---|---:|---:|---:|")
+        order = {mo: i for i, mo in enumerate(LABEL)}
+        for key in sorted(cpu, key=lambda k: (k[1] != "same", k[2], k[3], order.get(k[0], 9))):
+            mode, where, close, conns = key
+            v = cpu[key]
+            idle = v["idle_share"]
+            L.append(f"| {where}-node | {CONN[close]} | {conns} | {mode} | "
+                     f"{_ms(v['cpu_us_per_req'])} | {_f(v['ctxt_per_req']['median'], 2)} | "
+                     f"{_f(idle['median'] * 100, 0)} |")
         L.append("")
 
     failed = results.get("load", {}).get("failed", [])
