@@ -236,6 +236,10 @@ class Datapath:
         elif not _in_bpffs(self.pin_dir):
             raise DatapathError(f"{self.pin_dir} is not on a bpf filesystem")
         check_pinned_layouts(self.pin_dir)
+        # maps an older version pinned and this one no longer has: no
+        # program of this version uses them (an older one still running
+        # keeps its map through its own reference)
+        _unpin(self.pin_dir, t.RETIRED_MAPS)
         try:
             sources = self.sources()
             b = self._compile(sources)
@@ -433,12 +437,16 @@ def check_pinned_layouts(pin_dir: str) -> None:
                 f"under {pin_dir}) before loading this one")
 
 
-def remove_pins(pin_dir: str, rmdir: bool = True) -> None:
-    for name in t.ALL_MAPS + t.RETIRED_MAPS:
+def _unpin(pin_dir: str, names: tuple[str, ...]) -> None:
+    for name in names:
         try:
             os.unlink(os.path.join(pin_dir, name))
         except FileNotFoundError:
             pass
+
+
+def remove_pins(pin_dir: str, rmdir: bool = True) -> None:
+    _unpin(pin_dir, t.ALL_MAPS + t.RETIRED_MAPS)
     if rmdir:
         try:
             os.rmdir(pin_dir)

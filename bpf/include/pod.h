@@ -76,6 +76,18 @@ static __always_inline struct mb_pod_ips *mb_enrolled_ips(u64 netns)
 	return mb_mark_pod_ips.lookup(&mark);
 }
 
+/* The pod IPs of netns as the datapath knows them (0: not a pod): CNI mode,
+ * an enrolled pod's (mb_enrolled_ips); legacy mode, what sockops learned so
+ * far (one address per family, zeros until then). */
+static __always_inline struct mb_pod_ips *mb_known_ips(u64 netns)
+{
+#if MB_CNI_MODE
+	return mb_enrolled_ips(netns);
+#else
+	return mb_netns_ip.lookup(&netns);
+#endif
+}
+
 /* Is the caller (in netns) in a sidecar pod? 1: yes, and *ips holds its
  * IPs: CNI mode, always; legacy mode, what sockops learned so far (0 until
  * then, one address per family). */
@@ -83,15 +95,12 @@ static __always_inline int mb_sidecar_pod(void *ctx, u64 netns, struct mb_pod_ip
 {
 	if (mb_node_netns(netns))
 		return 0;
-#if MB_CNI_MODE
-	*ips = mb_enrolled_ips(netns);
-	return *ips != 0;
-#else
+#if !MB_CNI_MODE
 	if (!mb_mesh_probe(ctx))
 		return 0;
-	*ips = mb_netns_ip.lookup(&netns);
-	return 1;
 #endif
+	*ips = mb_known_ips(netns);
+	return !MB_CNI_MODE || *ips != 0;
 }
 
 /* May a socket of this netns read (or, closing, delete) the pair entry of
@@ -110,13 +119,9 @@ static __always_inline int mb_pair_mine(u64 netns, const struct mb_pair *k)
 		return 0;
 	if (mb_ztunnel_addr(&k->dip, &zt) && mb_addr_eq(&zt, &k->dip))
 		return 1;
-#if MB_CNI_MODE
-	ips = mb_enrolled_ips(netns);
-	if (!ips)
+	ips = mb_known_ips(netns);
+	if (MB_CNI_MODE && !ips)
 		return 0;
-#else
-	ips = mb_netns_ip.lookup(&netns);
-#endif
 	return mb_pair_owned(ips, k, MB_CNI_MODE);
 }
 

@@ -5,8 +5,9 @@
  *   mb_peername4/6  cgroup/getpeername4/6 (BPF_CGROUP_INET{4,6}_GETPEERNAME)
  *   mb_sockname4/6  cgroup/getsockname4/6 (BPF_CGROUP_INET{4,6}_GETSOCKNAME)
  * Reads:   mb_sock_origin (written by connect4/6, ambient4/6 and dns.c; it
- *          goes with the socket), mb_netns_pod (CNI mode) or mb_netns_ip
- *          (legacy): the pod IPs.
+ *          goes with the socket); the pod IPs from mb_netns_pod and
+ *          mb_mark_pod_ips (CNI mode: an enrolled pod's) or mb_netns_ip
+ *          (legacy), as pod.h:mb_known_ips reads them.
  * Why: istio-iptables REDIRECTs in nat OUTPUT and conntrack hides it from
  * the app: a socket that connected to 10.0.1.7:8080 has that peer and the
  * pod IP as its local address. connect4/6 and dns.c rewrite the socket's
@@ -26,20 +27,6 @@
  * iptables.
  */
 #include "connect.h"
-
-/* The pod IPs of the caller's network namespace as the datapath knows them
- * (0: not known). */
-static __always_inline struct mb_pod_ips *mb_netns_ips(void *ctx)
-{
-	u64 netns = bpf_get_netns_cookie(ctx);
-#if MB_CNI_MODE
-	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
-
-	return np ? &np->ips : 0;
-#else
-	return mb_netns_ip.lookup(&netns);
-#endif
-}
 
 /* The socket's origin if its address was rewritten (0: it was not) */
 static __always_inline struct mb_origin *mb_rewritten(struct bpf_sock_addr *ctx)
@@ -73,7 +60,7 @@ static __always_inline int mb_sockname(struct bpf_sock_addr *ctx, const int v4)
 	mb_sa_dst(ctx, v4, &local);
 	if (!mb_addr_is_loopback(&local))
 		return 1;
-	struct mb_pod_ips *ips = mb_netns_ips(ctx);
+	struct mb_pod_ips *ips = mb_known_ips(bpf_get_netns_cookie(ctx));
 
 	if (!ips)
 		return 1;

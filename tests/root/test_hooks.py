@@ -681,6 +681,28 @@ def test_attach_detaches_a_retired_program_an_older_version_left():
         p.close()
 
 
+def test_load_unpins_the_maps_an_older_version_left():
+    """mb_skmsg_budget (a hash keyed by 4-tuple until the sk_msg budget moved
+    into the socket) stays pinned after an upgrade unless the new version
+    removes it: the next load does, and leaves the maps of this version."""
+    pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
+    os.mkdir(pin)
+    old = os.path.join(pin, "mb_skmsg_budget")
+    assert "mb_skmsg_budget" in t.RETIRED_MAPS
+    dp = None
+    try:
+        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "36",
+                        "value", "8", "entries", "1024", "name", "mb_skmsg_budget"],
+                       check=True, capture_output=True)
+        dp = loader.Datapath(pin, ISTIO, cni_mode=True).load()
+        assert not os.path.exists(old)
+        assert sorted(os.listdir(pin)) == sorted(t.ALL_MAPS)
+    finally:
+        if dp is not None:
+            dp.close()
+        loader.remove_pins(pin)
+
+
 @pytest.mark.parametrize("name,kind,key_size", [(t.MAP_MARK_POD_IPS, "hash", "4"),
                                                 (t.MAP_NETNS_IP, "lru_hash", "8")])
 def test_pin_of_an_older_layout_is_a_clear_error(name, kind, key_size):
