@@ -10,6 +10,7 @@ iperf3 same-node with socket memory sampling.
 from __future__ import annotations
 
 import load
+import micro
 import topo
 from common import BenchError, log
 
@@ -25,12 +26,15 @@ def placements(mode: str, wanted: list[str]) -> list[str]:
 
 
 def run(a, workdir: str) -> dict:
-    runs, lat, bulk, checks, counters, failed = [], [], [], [], [], []
+    runs, lat, bulk, checks, counters, failed, handoffs = [], [], [], [], [], [], []
     nodes = 2 if "cross" in a.where else 1
     bulk_s = 1.0 if a.quick else 3.0
+    wakeup = micro.build(workdir, "wakeup")
     for rep in range(a.reps):
         k = rep % len(a.modes)
         order = a.modes[k:] + a.modes[:k]
+        # what the chain of wake-ups of a request costs whatever the datapath
+        handoffs.append(micro.handoff_ns(wakeup))
         for mode in order:
             log(f"rep {rep + 1}/{a.reps} mode {mode}")
             try:
@@ -41,7 +45,8 @@ def run(a, workdir: str) -> dict:
                 failed.append({"rep": rep, "mode": mode, "error": str(e)})
     if failed and not runs:
         raise BenchError("every mode failed: " + "; ".join(f["error"] for f in failed))
-    return {"load": {"runs": runs, "checks": checks, "counters": counters, "failed": failed},
+    return {"load": {"runs": runs, "checks": checks, "counters": counters, "failed": failed,
+                     "handoff_ns": handoffs},
             "latency": {"runs": lat, "conns": RATE_CONNS, "interval_ms": RATE_INTERVAL_MS},
             "bulk": {"runs": bulk, "seconds": bulk_s}}
 

@@ -38,13 +38,22 @@ from merbridge.lab.lab import Lab
 CASES = ("bare", "hooked-loopback", "hooked-redirect")
 
 
-def build(workdir: str) -> str:
-    exe = os.path.join(workdir, "connect_bench")
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "connect_bench.c")
+def build(workdir: str, name: str = "connect_bench") -> str:
+    """gcc -O2 bench/<name>.c into workdir; the executable's path."""
+    exe = os.path.join(workdir, name)
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.c")
     res = subprocess.run(["gcc", "-O2", "-o", exe, src], capture_output=True, text=True)
     if res.returncode != 0:
-        raise BenchError(f"gcc connect_bench.c: {res.stderr.strip()[-400:]}")
+        raise BenchError(f"gcc {name}.c: {res.stderr.strip()[-400:]}")
     return exe
+
+
+def handoff_ns(exe: str, round_trips: int = 20000) -> float:
+    """One wake-up hand-off between two processes on this host (bench/wakeup.c)."""
+    res = subprocess.run([exe, str(round_trips)], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise BenchError(f"wakeup: rc={res.returncode} {res.stderr.strip()[-200:]}")
+    return float(json.loads(res.stdout)["ns_per_handoff"])
 
 
 def _run(exe: str, ns: str, cgroup: str, n: int, dst: str, dport: int) -> dict:

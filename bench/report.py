@@ -233,6 +233,14 @@ def markdown(results: dict, img_prefix: str = "") -> str:
                  "set by CPU leaves little idle; a rate set by a chain of wake-ups (each "
                  "request waits for wrk, the sidecars and the app in turn) leaves the CPUs "
                  "idle between them, whatever each hop costs.\n")
+        ho = results.get("load", {}).get("handoff_ns")
+        if ho:
+            st = summarize(ho)
+            L.append(f"One hand-off between two processes (bench/wakeup.c: a byte over a pipe "
+                     f"and back, one wakes the other) costs {_f(st['median'] / 1000, 1)} µs "
+                     f"here (median of {len(ho)}, one per repetition, range "
+                     f"{_f(st['min'] / 1000, 1)}–{_f(st['max'] / 1000, 1)} µs): a request "
+                     "pays that per context switch above, in latency, on any datapath.\n")
         L.append("| placement | connection | conns | mode | CPU µs per request | "
                  "context switches per request | CPUs idle % |")
         L.append("|---|---|---:|---|---:|---:|---:|")
