@@ -312,6 +312,18 @@ class NetnsPod:
         return [(cookie, ips[0], mark) for cookie, ips, mark in self.all_items()]
 
 
+class SkmsgBudget:
+    """mb_skmsg_budget: a sockhash socket's 4-tuple -> bytes it may still
+    redirect through sk_msg (0: on the normal path for good)."""
+
+    def __init__(self, backend: MapBackend) -> None:
+        self.b = backend
+
+    def items(self) -> list[tuple[t.MbPair, int]]:
+        return [(t.MbPair.from_buffer_copy(k), struct.unpack("=Q", v)[0])
+                for k, v in self.b.items()]
+
+
 class Settings:
     """mb_settings: u64 knobs at MB_SET_* indexes."""
 
@@ -341,6 +353,7 @@ class Maps:
         # ambient mode's (bpf/ambient.py)
         self.cgroup_info = ambient.CgroupInfo(backends[t.MAP_CGROUP_INFO])
         self.ambient_ips = ambient.AmbientIps(backends[t.MAP_AMBIENT_IPS])
+        self.skmsg_budget = SkmsgBudget(backends[t.MAP_SKMSG_BUDGET])
         self.netns_pod = NetnsPod(backends[t.MAP_NETNS_POD])
         self.in_pending = InPending(backends[t.MAP_IN_PENDING])
         self._closer = closer
@@ -376,6 +389,7 @@ class Maps:
             t.MAP_NETNS_POD: {str(c): {"ips": list(ips), "mark": m}
                               for c, ips, m in self.netns_pod.all_items()},
             t.MAP_SETTINGS: {str(i): self.settings.get(i) for i in range(t.MB_N_SETTINGS)},
+            t.MAP_SKMSG_BUDGET: {str(p): left for p, left in self.skmsg_budget.items()},
             t.MAP_IN_PENDING: {str(p): {"port": socket.ntohs(f.port), "flags": f.flags,
                                         "ack": socket.ntohl(f.ack)}
                                for p, f in self.in_pending.items()},

@@ -107,19 +107,19 @@ MAP_MARK_POD_IPS = "mb_mark_pod_ips"
 MAP_NETNS_IP = "mb_netns_ip"
 MAP_SETTINGS = "mb_settings"
 MAP_COUNTERS = "mb_counters"
-MAP_SOCK_BUDGET = "mb_sock_budget"
+MAP_SKMSG_BUDGET = "mb_skmsg_budget"
 MAP_NETNS_POD = "mb_netns_pod"
 MAP_IN_PENDING = "mb_in_pending"
 MAP_CGROUP_INFO = "mb_cgroup_info"     # ambient mode
 MAP_AMBIENT_IPS = "mb_ambient_ips"     # ambient mode
 ALL_MAPS = (MAP_SOCK_ORIGIN, MAP_PAIR_ORIG_DST, MAP_SOCK_PAIR, MAP_LOCAL_PODS,
-            MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SOCK_BUDGET,
+            MAP_MARK_POD_IPS, MAP_NETNS_IP, MAP_SETTINGS, MAP_COUNTERS, MAP_SKMSG_BUDGET,
             MAP_NETNS_POD, MAP_IN_PENDING, MAP_CGROUP_INFO, MAP_AMBIENT_IPS)
 #: maps only the kernel can walk (a sockhash holds sockets; an sk_storage map's
 #: entries live in the sockets): pinned and unpinned, never opened as a table
-SOCKET_MAPS = (MAP_SOCK_PAIR, MAP_SOCK_ORIGIN, MAP_SOCK_BUDGET)
-#: pins of maps earlier versions had, removed with the others
-RETIRED_MAPS = ("mb_cookie_orig_dst", "mb_sock_peer", "mb_skmsg_budget")
+SOCKET_MAPS = (MAP_SOCK_PAIR, MAP_SOCK_ORIGIN)
+#: pins of maps earlier versions had: removed at load and with the others
+RETIRED_MAPS = ("mb_cookie_orig_dst", "mb_sock_peer")
 
 
 class MbAddr(ct.Structure):

@@ -110,17 +110,19 @@ BPF_TABLE_PINNED("lru_hash", struct mb_pair, struct mb_in_flow, mb_in_pending, M
  * redir.c (sk_msg, attached to this map). The kernel drops closed sockets. */
 MB_SOCKHASH_PINNED(mb_sock_pair, struct mb_pair, MB_MAX_CONNS);
 
-/* A socket in mb_sock_pair -> bytes it may still hand to its peer through
- * sk_msg, kept in the socket (socket-local storage, freed with it).
- * Written by sockops when the socket enters the sockhash; decremented by
+/* 4-tuple of a socket in mb_sock_pair -> bytes it may still hand to its
+ * peer through sk_msg. Written by sockops (BPF_ANY, when the socket enters
+ * the sockhash: a reused tuple starts with a fresh budget); decremented by
  * redir.c, which sets it to 0 for good once a message does not fit or the
  * redirect fails. 0 or no entry means the normal TCP path: a connection may
  * go from redirect to normal once, never back, because the receiver drains
  * its psock queue (older, redirected bytes) before its receive queue (newer,
- * normal-path bytes). Nothing deletes it and nothing can leak: each socket
- * starts with none, and there is no capacity for old connections to use up. */
-BPF_TABLE_PINNED("sk_storage", int, u64, mb_sock_budget, 0, MB_PIN(mb_sock_budget),
-		 BPF_F_NO_PREALLOC);
+ * normal-path bytes). Both ends' entries are deleted by sockops when the
+ * passive end closes. A plain hash, not LRU: an LRU insert cost ~600 ns here
+ * against ~160 ns (docs/datapath.md); if leaked entries ever fill it,
+ * sockops skips the shortcut, which is slower but correct. */
+BPF_TABLE_PINNED("hash", struct mb_pair, u64, mb_skmsg_budget, MB_MAX_CONNS,
+		 MB_PIN(mb_skmsg_budget));
 
 /* Pod IP -> interception policy of a mesh pod on this node.
  * Written by the daemon (maps.local_pods); read by connect4/6 (the own pod's

@@ -3,8 +3,8 @@
  * Attach point: the sockhash mb_sock_pair (Datapath.attach), so it runs for
  * every sendmsg on a socket that sockops put into the sockhash.
  * Reads:   mb_sock_pair (the peer, by the reversed 4-tuple).
- * Writes:  mb_sock_budget (bytes this socket may still redirect, kept in
- *          the socket), mb_counters.
+ * Writes:  mb_skmsg_budget (bytes this socket may still redirect),
+ *          mb_counters.
  * Why: both ends of an intercepted local connection (app <-> sidecar,
  * sidecar <-> sidecar on one node, sidecar <-> app) are on this host, so the
  * payload can go straight onto the peer's receive queue (BPF_F_INGRESS)
@@ -31,9 +31,10 @@ int mb_msg_redir(struct sk_msg_md *msg)
 
 	if (msg->family != AF_INET && msg->family != AF_INET6)
 		return SK_PASS;
-	left = mb_sock_budget.sk_storage_get(msg->sk, 0, 0);
+	mb_pair_from_ctx(&p, msg);
+	left = mb_skmsg_budget.lookup(&p);
 	if (!left || *left == 0) {
-		/* never set, or already on the normal path */
+		/* evicted, never set, or already on the normal path */
 		mb_count(MB_C_MSG_PASS);
 		return SK_PASS;
 	}
@@ -46,7 +47,6 @@ int mb_msg_redir(struct sk_msg_md *msg)
 		mb_count(MB_C_MSG_PASS);
 		return SK_PASS;
 	}
-	mb_pair_from_ctx(&p, msg);
 	mb_pair_reverse(&p, &peer);
 	long ret = mb_sock_pair.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
 	if (ret != SK_PASS) {

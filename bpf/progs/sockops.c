@@ -11,7 +11,7 @@
  *          socket's netns the pod whose pair entry it matches?).
  * Writes:  mb_pair_orig_dst (4-tuple -> original destination, for
  *          getsockopt), mb_sock_pair (both local ends, for sk_msg) and
- *          their mb_sock_budget (in the socket),
+ *          their mb_skmsg_budget entries,
  *          mb_netns_ip (legacy feedback: the pod IP of the learning
  *          connection's family, the other family's kept), mb_counters;
  *          when an accepting socket closes, deletes the mb_pair_orig_dst
@@ -27,38 +27,34 @@
 #include "pod.h"
 
 /* An established socket of an intercepted connection enters the sockhash,
- * with its sk_msg budget (redir.c), unless MB_SET_SKMSG_OFF. */
-static __always_inline void mb_sockhash_add(struct bpf_sock_ops *skops, struct mb_pair *p)
+ * with its sk_msg budget (redir.c), unless MB_SET_SKMSG_OFF. 1: added. */
+static __always_inline int mb_sockhash_add(struct bpf_sock_ops *skops, struct mb_pair *p)
 {
-	struct bpf_sock *sk = skops->sk;
-	u64 *left;
-
-	if (!sk || mb_setting(MB_SET_SKMSG_OFF))
-		return;
+	if (mb_setting(MB_SET_SKMSG_OFF))
+		return 0;
 	/* the sk_msg budget first: redir.c treats a socket without one as
 	 * "normal path", so the order only matters for the first message */
-	left = mb_sock_budget.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!left) {
-		/* no memory for it: no shortcut, still correct */
-		mb_count(MB_C_SOCKHASH_FAILED);
-		return;
-	}
-	*left = mb_setting(MB_SET_SKMSG_MAX_QUEUE);
-	if (!*left)
-		*left = MB_SKMSG_MAX_QUEUE_DEFAULT;
-	/* (a separate statement: bcc's rewrite of the map call ends in ';') */
-	int ret = mb_sock_pair.sock_hash_update(skops, p, BPF_NOEXIST);
+	u64 budget = mb_setting(MB_SET_SKMSG_MAX_QUEUE);
 
-	if (ret) {
-		*left = 0;
+	if (!budget)
+		budget = MB_SKMSG_MAX_QUEUE_DEFAULT;
+	if (mb_skmsg_budget.update(p, &budget)) {
+		/* budget map full (leaked entries): no shortcut, still correct */
 		mb_count(MB_C_SOCKHASH_FAILED);
-		return;
+		return 0;
+	}
+	int ret = mb_sock_pair.sock_hash_update(skops, p, BPF_NOEXIST);
+	if (ret) {
+		mb_skmsg_budget.delete(p);
+		mb_count(MB_C_SOCKHASH_FAILED);
+		return 0;
 	}
 	mb_count(MB_C_SOCKHASH_ADD);
+	return 1;
 }
 
-/* STATE_CB on a passive socket of ours: its close drops the connection's
- * pair entry (mb_state_change). Set only where needed, since every state change of
+/* STATE_CB on a passive socket of ours: its close cleans up after both ends
+ * (mb_state_change). Set only where needed, since every state change of
  * such a socket then runs this program. */
 static __always_inline void mb_watch_close(struct bpf_sock_ops *skops)
 {
@@ -131,9 +127,9 @@ static __always_inline void mb_passive_established(struct bpf_sock_ops *skops)
 		if (!(o->flags & MB_ORIGIN_F_XDP))
 			mb_sockhash_add(skops, &p);
 	} else if (mb_addr_is_passthrough(&p.dip)) {
-		/* the app accepting the proxy's inbound passthrough: nothing
-		 * to clean up at close (its budget goes with the socket) */
-		mb_sockhash_add(skops, &p);
+		/* the app accepting the proxy's inbound passthrough */
+		if (mb_sockhash_add(skops, &p))
+			mb_watch_close(skops);
 	}
 }
 
@@ -160,9 +156,10 @@ static __always_inline void mb_inbound_closed(struct bpf_sock_ops *skops, struct
 }
 
 /* A passive socket of ours closed (only those enable STATE_CB). Nobody will
- * ask for its original destination again: drop the pair entry, so the LRU
- * map never fills up with dead connections (a full LRU map makes every
- * insert evict). */
+ * ask for its original destination again, and neither end of the
+ * connection sends any more: drop the pair entry (not XDP's) and both ends'
+ * sk_msg budgets, so these LRU maps never fill up with dead connections
+ * (a full LRU map makes every insert evict). */
 static __always_inline void mb_state_change(struct bpf_sock_ops *skops)
 {
 	struct mb_pair p = {}, r = {};
@@ -171,14 +168,16 @@ static __always_inline void mb_state_change(struct bpf_sock_ops *skops)
 	mb_pair_from_ctx(&p, skops);
 	mb_pair_reverse(&p, &r);
 	o = mb_pair_orig_dst.lookup(&r);
-	if (!o)
-		return;
-	if (o->flags & MB_ORIGIN_F_XDP) {
-		mb_inbound_closed(skops, &r, o);
+	if (o && (o->flags & MB_ORIGIN_F_XDP)) {
+		mb_inbound_closed(skops, &r, o); /* never had sk_msg budgets */
 		return;
 	}
-	mb_pair_orig_dst.delete(&r);
-	mb_count(MB_C_PAIR_DELETED);
+	mb_skmsg_budget.delete(&p);
+	mb_skmsg_budget.delete(&r);
+	if (o) {
+		mb_pair_orig_dst.delete(&r);
+		mb_count(MB_C_PAIR_DELETED);
+	}
 }
 
 /* sock_ops runs for every event of every TCP socket in the cgroup (about a

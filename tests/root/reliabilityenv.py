@@ -270,12 +270,13 @@ class Observer:
     @staticmethod
     def flows(maps, ips) -> list[str]:
         """Flow state that mentions one of ``ips``: ``mb_pair_orig_dst`` entries
-        (tuple or recorded origin) and ``mb_in_pending`` tuples. (A socket's
-        sk_msg budget lives in the socket and cannot outlive it.)"""
+        (tuple or recorded origin), ``mb_in_pending`` and ``mb_skmsg_budget`` tuples."""
         ips = {str(t.MbAddr.of(ip)) for ip in ips}
         out = [f"pair_orig_dst {pair} orig {o.addr}" for pair, o in maps.pair_orig_dst.items()
                if ips & {str(pair.sip), str(pair.dip), str(o.addr)}]
-        return out + [f"in_pending {pair}" for pair, _ in maps.in_pending.items()
+        out += [f"in_pending {pair}" for pair, _ in maps.in_pending.items()
+                if ips & {str(pair.sip), str(pair.dip)}]
+        return out + [f"skmsg_budget {pair}" for pair, _ in maps.skmsg_budget.items()
                       if ips & {str(pair.sip), str(pair.dip)}]
 
     def xdp_on_pod(self, ns: str) -> tuple[int, int]:

@@ -682,17 +682,18 @@ def test_attach_detaches_a_retired_program_an_older_version_left():
 
 
 def test_load_unpins_the_maps_an_older_version_left():
-    """mb_skmsg_budget (a hash keyed by 4-tuple until the sk_msg budget moved
-    into the socket) stays pinned after an upgrade unless the new version
-    removes it: the next load does, and leaves the maps of this version."""
+    """mb_sock_peer (a hash keyed by socket cookie until a socket's original
+    destination moved into the socket) stays pinned after an upgrade unless
+    the new version removes it: the next load does, and leaves the maps of
+    this version."""
     pin = f"/sys/fs/bpf/mbt-{uuid.uuid4().hex[:10]}"
     os.mkdir(pin)
-    old = os.path.join(pin, "mb_skmsg_budget")
-    assert "mb_skmsg_budget" in t.RETIRED_MAPS
+    old = os.path.join(pin, "mb_sock_peer")
+    assert "mb_sock_peer" in t.RETIRED_MAPS
     dp = None
     try:
-        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "36",
-                        "value", "8", "entries", "1024", "name", "mb_skmsg_budget"],
+        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "8",
+                        "value", "40", "entries", "1024", "name", "mb_sock_peer"],
                        check=True, capture_output=True)
         dp = loader.Datapath(pin, ISTIO, cni_mode=True).load()
         assert not os.path.exists(old)
