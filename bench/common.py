@@ -112,8 +112,6 @@ def machine() -> dict:
     return info
 
 
-# -- kernel knobs ---------------------------------------------------------
-
 def host_cpu() -> dict:
     """Whole-host CPU time and context switches so far (/proc/stat): every
     process of a bench topology (load generator, both sidecars, the app)
@@ -132,6 +130,8 @@ def host_cpu() -> dict:
                 out["ctxt"] = int(fields[0])
     return out
 
+
+# -- kernel knobs ---------------------------------------------------------
 
 def read_sysctl(key: str) -> str:
     with open("/proc/sys/" + key.replace(".", "/")) as f:
@@ -172,6 +172,16 @@ def prog_stats(prog_id: int) -> dict:
     p = bpftool_json("prog", "show", "id", str(prog_id))
     return {"id": prog_id, "name": p.get("name"), "type": p.get("type"),
             "run_time_ns": p.get("run_time_ns", 0), "run_cnt": p.get("run_cnt", 0)}
+
+
+def build_c(workdir: str, name: str) -> str:
+    """gcc -O2 bench/<name>.c into workdir; the executable's path."""
+    exe = os.path.join(workdir, name)
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.c")
+    res = subprocess.run(["gcc", "-O2", "-o", exe, src], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BenchError(f"gcc {name}.c: {res.stderr.strip()[-400:]}")
+    return exe
 
 
 def timed(argv: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:

@@ -18,7 +18,7 @@ import subprocess
 import threading
 import time
 
-from common import BenchError, host_cpu
+from common import BenchError, build_c, host_cpu
 
 #: the load generator runs as an ordinary user: never the proxy's UID 1337
 CLIENT_UID = 1000
@@ -94,6 +94,16 @@ def wrk(pod, url: str, conns: int, duration: float, close: bool, workdir: str,
         out["ctxt_per_req"] = (after["ctxt"] - before["ctxt"]) / out["requests"]
     out["idle_share"] = idle / (busy + idle) if busy + idle else 0.0
     return out
+
+
+def handoff_ns(workdir: str, round_trips: int = 20000) -> float:
+    """One wake-up hand-off between two processes on this host (bench/wakeup.c):
+    what each context switch of a request costs in latency, on any datapath."""
+    exe = build_c(workdir, "wakeup")
+    res = subprocess.run([exe, str(round_trips)], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise BenchError(f"wakeup: rc={res.returncode} {res.stderr.strip()[-200:]}")
+    return float(json.loads(res.stdout)["ns_per_handoff"])
 
 
 # -- bulk transfer and socket memory -------------------------------------

@@ -10,7 +10,6 @@ iperf3 same-node with socket memory sampling.
 from __future__ import annotations
 
 import load
-import micro
 import topo
 from common import BenchError, log
 
@@ -29,12 +28,11 @@ def run(a, workdir: str) -> dict:
     runs, lat, bulk, checks, counters, failed, handoffs = [], [], [], [], [], [], []
     nodes = 2 if "cross" in a.where else 1
     bulk_s = 1.0 if a.quick else 3.0
-    wakeup = micro.build(workdir, "wakeup")
     for rep in range(a.reps):
         k = rep % len(a.modes)
         order = a.modes[k:] + a.modes[:k]
         # what the chain of wake-ups of a request costs whatever the datapath
-        handoffs.append(micro.handoff_ns(wakeup))
+        handoffs.append(load.handoff_ns(workdir))
         for mode in order:
             log(f"rep {rep + 1}/{a.reps} mode {mode}")
             try:

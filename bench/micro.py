@@ -38,24 +38,6 @@ from merbridge.lab.lab import Lab
 CASES = ("bare", "hooked-loopback", "hooked-redirect")
 
 
-def build(workdir: str, name: str = "connect_bench") -> str:
-    """gcc -O2 bench/<name>.c into workdir; the executable's path."""
-    exe = os.path.join(workdir, name)
-    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.c")
-    res = subprocess.run(["gcc", "-O2", "-o", exe, src], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BenchError(f"gcc {name}.c: {res.stderr.strip()[-400:]}")
-    return exe
-
-
-def handoff_ns(exe: str, round_trips: int = 20000) -> float:
-    """One wake-up hand-off between two processes on this host (bench/wakeup.c)."""
-    res = subprocess.run([exe, str(round_trips)], capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise BenchError(f"wakeup: rc={res.returncode} {res.stderr.strip()[-200:]}")
-    return float(json.loads(res.stdout)["ns_per_handoff"])
-
-
 def _run(exe: str, ns: str, cgroup: str, n: int, dst: str, dport: int) -> dict:
     argv = netns.command([exe, str(n), "127.0.0.1", "15001", dst, str(dport)], ns=ns,
                          cgroup=cgroup, uid=1000)
@@ -97,7 +79,7 @@ def run(a, workdir: str) -> dict:
     total = 20_000 if a.quick else 90_000
     rounds = 8 if a.quick else 30
     per = total // rounds
-    exe = build(workdir)
+    exe = common.build_c(workdir, "connect_bench")
     os.chmod(exe, 0o755)
     lab = Lab(prefix="mbb", nodes_count=1)
     bare = None

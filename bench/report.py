@@ -176,6 +176,13 @@ def _ms(st):
     return f"{_f(st['median'])} ({_f(sp, 0)} %)" if sp is not None else _f(st["median"])
 
 
+def _table_order(keys):
+    """(mode, where, close, conns) keys as the load tables list them: same node
+    first, keep-alive first, by connections, modes in LABEL's order."""
+    order = {mo: i for i, mo in enumerate(LABEL)}
+    return sorted(keys, key=lambda k: (k[1] != "same", k[2], k[3], order.get(k[0], 9)))
+
+
 def markdown(results: dict, img_prefix: str = "") -> str:
     m = results.get("machine", {})
     cfg = results.get("config", {})
@@ -216,8 +223,7 @@ def markdown(results: dict, img_prefix: str = "") -> str:
             L.append(f"![req/s]({img_prefix}bench-rps.png) ![p99]({img_prefix}bench-p99.png)\n")
         L.append("| placement | connection | conns | mode | req/s | p50 µs | p99 µs | errors |")
         L.append("|---|---|---:|---|---:|---:|---:|---:|")
-        order = {mo: i for i, mo in enumerate(LABEL)}
-        for key in sorted(s, key=lambda k: (k[1] != "same", k[2], k[3], order.get(k[0], 9))):
+        for key in _table_order(s):
             mode, where, close, conns = key
             v = s[key]
             L.append(f"| {where}-node | {CONN[close]} | {conns} | {mode} | {_ms(v['rps'])} | "
@@ -244,8 +250,7 @@ def markdown(results: dict, img_prefix: str = "") -> str:
         L.append("| placement | connection | conns | mode | CPU µs per request | "
                  "context switches per request | CPUs idle % |")
         L.append("|---|---|---:|---|---:|---:|---:|")
-        order = {mo: i for i, mo in enumerate(LABEL)}
-        for key in sorted(cpu, key=lambda k: (k[1] != "same", k[2], k[3], order.get(k[0], 9))):
+        for key in _table_order(cpu):
             mode, where, close, conns = key
             v = cpu[key]
             idle = v["idle_share"]

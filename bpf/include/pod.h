@@ -62,11 +62,14 @@ static __always_inline int mb_node_netns(u64 netns)
 	return netns == bpf_get_netns_cookie(0) || (node && netns == node);
 }
 
-/* CNI mode: the pod IPs of a netns the daemon recorded (mb_netns_pod: the
- * SO_NETNS_COOKIE of the marker socket it opened there at CNI ADD), while
- * the pod's mark is still enrolled in mb_mark_pod_ips. 0: no such pod. */
-static __always_inline struct mb_pod_ips *mb_enrolled_ips(u64 netns)
+/* The pod IPs of netns as the datapath knows them (0: not a pod). CNI mode:
+ * a netns the daemon recorded (mb_netns_pod: the SO_NETNS_COOKIE of the
+ * marker socket it opened there at CNI ADD), while the pod's mark is still
+ * enrolled in mb_mark_pod_ips. Legacy mode: what sockops learned so far (one
+ * address per family, zeros until then). */
+static __always_inline struct mb_pod_ips *mb_known_ips(u64 netns)
 {
+#if MB_CNI_MODE
 	struct mb_netns_pod *np = mb_netns_pod.lookup(&netns);
 
 	if (!np)
@@ -74,15 +77,6 @@ static __always_inline struct mb_pod_ips *mb_enrolled_ips(u64 netns)
 	u32 mark = np->mark;
 
 	return mb_mark_pod_ips.lookup(&mark);
-}
-
-/* The pod IPs of netns as the datapath knows them (0: not a pod): CNI mode,
- * an enrolled pod's (mb_enrolled_ips); legacy mode, what sockops learned so
- * far (one address per family, zeros until then). */
-static __always_inline struct mb_pod_ips *mb_known_ips(u64 netns)
-{
-#if MB_CNI_MODE
-	return mb_enrolled_ips(netns);
 #else
 	return mb_netns_ip.lookup(&netns);
 #endif
